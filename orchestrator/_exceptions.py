@@ -1,0 +1,134 @@
+"""Every error parjobs raises, drawn in one place.
+
+Each class names a situation a user can act on; the message says what to do. Callers catch
+`ParjobsError` for "anything parjobs refused" or a leaf class for one specific refusal.
+"""
+
+from __future__ import annotations
+
+
+class ParjobsError(Exception):
+    """Base of every error parjobs raises on purpose."""
+
+
+class ConfigurationError(ParjobsError):
+    """A setting is missing or wrong, or a needed server/binary is not available."""
+
+
+# --- keys and cryptography -------------------------------------------------------------------
+
+
+class CryptoError(ParjobsError):
+    """A cryptographic check failed."""
+
+
+class WrongKeyError(CryptoError):
+    """The private key given is not the one the payload was sealed for."""
+
+
+class TamperedError(CryptoError):
+    """A sealed payload or the metadata bound to it was changed after sealing."""
+
+
+class PassphraseError(CryptoError):
+    """The passphrase is wrong, or the passphrase-protected blob is corrupt."""
+
+
+class KeyFileError(CryptoError):
+    """A key file is missing, unreadable or not a parjobs key file."""
+
+
+# --- object keys -------------------------------------------------------------------------------
+
+
+class ObjectKeyError(ParjobsError, ValueError):
+    """An object key is empty, too long, absolute, or tries to climb out of its prefix."""
+
+
+# --- PARs ---------------------------------------------------------------------------------------
+
+
+class PARError(ParjobsError):
+    """A pre-authenticated request cannot be used as asked."""
+
+
+class InvalidPARError(PARError, ValueError):
+    """The PAR's kind and permissions are an illegal combination, or a required field is missing."""
+
+
+class NullPARError(PARError):
+    """The PAR is null (made with no arguments) and grants nothing."""
+
+
+class PARExpiredError(PARError):
+    """The PAR has expired (or is within its safety buffer of expiring)."""
+
+
+class PARPermissionError(PARError, PermissionError):
+    """The PAR does not grant this operation (for example a write through a read-only PAR)."""
+
+
+class PARClosedError(PARError):
+    """The PAR was closed; closing again or using it is refused."""
+
+
+class PARDataError(PARError, ValueError):
+    """A serialised PAR (`to_data` output) is corrupt or not a PAR at all."""
+
+
+# --- transfers through PARs ---------------------------------------------------------------------
+
+
+class TransferError(ParjobsError):
+    """Moving bytes through a PAR failed."""
+
+
+class LocalFileNotFoundError(TransferError, FileNotFoundError):
+    """The local file to upload does not exist."""
+
+
+class UploadTooLargeError(TransferError):
+    """The upload is bigger than the PAR allows; nothing was stored."""
+
+
+class UploadTooSmallError(TransferError):
+    """The upload is smaller than the PAR's minimum size; nothing was stored."""
+
+
+class OutsidePrefixError(TransferError, PermissionError):
+    """A bucket write PAR was asked to write a key outside its prefix."""
+
+
+class IntegrityError(TransferError):
+    """The bytes received do not match their checksum; the partial result was discarded."""
+
+
+class RemoteRejectedError(TransferError):
+    """The S3 server refused the request; `code` and `status` say why."""
+
+    def __init__(self, message: str, *, status: int, code: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class RemoteObjectNotFoundError(TransferError):
+    """The object the PAR points at does not exist (yet)."""
+
+
+# --- the object store (service side) ------------------------------------------------------------
+
+
+class ObjectStoreError(ParjobsError):
+    """The object store refused or failed an operation."""
+
+
+class ObjectExistsError(ObjectStoreError):
+    """A conditional create lost: the object already exists."""
+
+
+class ObjectNotFoundError(ObjectStoreError, KeyError):
+    """No object at that key."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else "object not found"
