@@ -65,7 +65,7 @@ def test_passphrase_round_trip_and_wrong_passphrase() -> None:
 
 @pytest.mark.parametrize("blob", [b"", b"PJP1", b"XXXX" + bytes(60)])
 def test_corrupt_passphrase_blob_is_refused(blob: bytes) -> None:
-    with pytest.raises(PassphraseError, match="corrupt|truncated"):
+    with pytest.raises(PassphraseError, match=r"corrupt|truncated"):
         decrypt_with_passphrase(blob, "pw")
 
 
