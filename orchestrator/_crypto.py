@@ -20,7 +20,7 @@ from orchestrator._exceptions import PassphraseError, TamperedError
 
 _SUITE = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
 
-# scrypt cost: ~50 ms on these machines; the blob records it so it can be raised later.
+# scrypt cost: ~90 ms per derivation on these machines; the blob records it, so it can be raised.
 _SCRYPT_LOG2_N = 15
 _SCRYPT_R = 8
 _SCRYPT_P = 1
