@@ -132,3 +132,43 @@ class ObjectNotFoundError(ObjectStoreError, KeyError):
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return str(self.args[0]) if self.args else "object not found"
+
+
+# --- jobs and their event log -------------------------------------------------------------------
+
+
+class JobError(ParjobsError):
+    """A job's event log refused an event, or cannot be read."""
+
+
+class IllegalTransitionError(JobError):
+    """The event is not legal in the job's current state; `legal` lists what would be."""
+
+    def __init__(
+        self, message: str, *, job_uid: str, state: str | None, event_type: str, legal: list[str]
+    ) -> None:
+        super().__init__(message)
+        self.job_uid = job_uid
+        self.state = state  # None: the job has no events yet
+        self.event_type = event_type
+        self.legal = legal
+
+
+class EventSequenceError(JobError):
+    """The event does not continue this job's log: another job's, or its seq is not last + 1."""
+
+
+class AppendConflictError(JobError):
+    """Another writer appended this sequence number first; reload the log and retry."""
+
+
+class JobExistsError(AppendConflictError):
+    """A job with this uid was already created."""
+
+
+class JobNotFoundError(JobError, LookupError):
+    """No events are stored for this job uid."""
+
+
+class EventLogCorruptError(JobError):
+    """A stored event is unreadable, or is not the event its key says it is."""

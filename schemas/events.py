@@ -1,0 +1,174 @@
+"""Wire forms of a job's event log: the events, their envelope, and the state they fold into.
+
+The log is the truth: a `JobSheetState` is never stored, only computed from the `JobEvent`s (see
+`orchestrator._jobstate`). Each payload carries a `type` tag, so a reader can tell every event
+apart from the JSON alone, and an unknown tag is a validation error rather than a silent skip.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import AwareDatetime, Field, JsonValue, field_validator
+
+from schemas._base import WireModel
+from schemas.par import PARData, PARKind, Sha256Hex, Uid
+
+Actor = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]*(:[A-Za-z0-9._-]+)?$", max_length=200)]
+"""Who appended an event: a role, optionally with an id (`access`, `compute`, `user:<fp>`)."""
+
+
+class JobState(StrEnum):
+    """Where a job is in its life; the last four are terminal."""
+
+    SUBMITTED = "submitted"  # accepted and paid for; no service contracted yet
+    STORAGE_CONTRACTED = "storage_contracted"  # upload and bucket-write PARs minted
+    READY = "ready"  # run PAR minted too: waiting for the user's input and start
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"  # stopped by the user, before or during the run
+    EXPIRED = "expired"  # input or start did not come before the deadline
+
+
+class JobRequest(WireModel):
+    """What the user asks for (what their authorisation signs)."""
+
+    calculation: str = Field(min_length=1, max_length=200)
+    parameters: dict[str, JsonValue] = Field(default_factory=dict)
+    input_sha256: Sha256Hex | None = None  # if given, the upload PAR accepts only this content
+
+
+class OutputFile(WireModel):
+    """One file a run wrote, keyed relative to the job's output prefix."""
+
+    key: str = Field(min_length=1, max_length=1024)
+    size: int = Field(ge=0)
+    sha256: Sha256Hex
+
+
+def _require_par(par: PARData, kind: PARKind, flag: str, role: str) -> PARData:
+    # Catches a swapped or wrongly minted PAR when the event is built, not when a user uses it.
+    if par.kind is not kind or not getattr(par, flag):
+        raise ValueError(f"the {role} must be a {kind.value} PAR with {flag} set")
+    return par
+
+
+class Submitted(WireModel):
+    type: Literal["submitted"] = "submitted"
+    request: JobRequest
+    user: Sha256Hex  # fingerprint of the user's key pair: the PARs are sealed for it
+    expires_at: AwareDatetime  # input and start must come before this; the PARs expire then
+
+
+class StorageContracted(WireModel):
+    """The PARs themselves travel (sealed), so the log alone can answer the user."""
+
+    type: Literal["storage_contracted"] = "storage_contracted"
+    upload_par: PARData  # object write of the input, sealed for the user
+    output_par: PARData  # bucket write of the output prefix, sealed for the compute service
+
+    @field_validator("upload_par")
+    @classmethod
+    def _upload_writes_an_object(cls, par: PARData) -> PARData:
+        return _require_par(par, PARKind.OBJECT, "is_writeable", "upload PAR")
+
+    @field_validator("output_par")
+    @classmethod
+    def _output_writes_a_bucket(cls, par: PARData) -> PARData:
+        return _require_par(par, PARKind.BUCKET, "is_writeable", "output PAR")
+
+
+class ComputeContracted(WireModel):
+    type: Literal["compute_contracted"] = "compute_contracted"
+    run_par: PARData  # execute the calculation, sealed for the user
+
+    @field_validator("run_par")
+    @classmethod
+    def _run_executes(cls, par: PARData) -> PARData:
+        return _require_par(par, PARKind.CALCULATION, "is_executable", "run PAR")
+
+
+class RunStarted(WireModel):
+    type: Literal["run_started"] = "run_started"
+
+
+class Progress(WireModel):
+    type: Literal["progress"] = "progress"
+    message: str
+    fraction: float | None = Field(default=None, ge=0.0, le=1.0)
+
+
+class Completed(WireModel):
+    type: Literal["completed"] = "completed"
+    outputs: tuple[OutputFile, ...] = ()
+    summary: str = ""
+
+
+class Failed(WireModel):
+    type: Literal["failed"] = "failed"
+    reason: str = Field(min_length=1)
+
+
+class Cancelled(WireModel):
+    type: Literal["cancelled"] = "cancelled"
+    reason: str = ""
+
+
+class Expired(WireModel):
+    type: Literal["expired"] = "expired"
+
+
+EventPayload = Annotated[
+    Submitted
+    | StorageContracted
+    | ComputeContracted
+    | RunStarted
+    | Progress
+    | Completed
+    | Failed
+    | Cancelled
+    | Expired,
+    Field(discriminator="type"),
+]
+
+
+def new_event_id() -> str:
+    return uuid.uuid4().hex
+
+
+class JobEvent(WireModel):
+    """One entry of a job's log: event `seq` of job `job_uid`."""
+
+    schema_version: Literal[1] = 1
+    event_id: Uid = Field(default_factory=new_event_id)  # consumers de-duplicate by it
+    job_uid: Uid
+    seq: int = Field(ge=1)
+    time: AwareDatetime = Field(default_factory=lambda: datetime.now(UTC))
+    actor: Actor
+    payload: EventPayload
+
+
+class JobSheetState(WireModel):
+    """A job as its events leave it: the fold of its log up to event `seq`."""
+
+    schema_version: Literal[1] = 1
+    job_uid: Uid
+    state: JobState
+    seq: int = Field(ge=1)
+    request: JobRequest
+    user: Sha256Hex
+    expires_at: AwareDatetime
+    created_at: AwareDatetime
+    updated_at: AwareDatetime
+    upload_par: PARData | None = None
+    output_par: PARData | None = None
+    run_par: PARData | None = None
+    progress: str | None = None  # the last progress message
+    fraction: float | None = None  # the last progress fraction reported
+    outputs: tuple[OutputFile, ...] = ()
+    summary: str | None = None
+    reason: str | None = None  # why it failed or was cancelled
