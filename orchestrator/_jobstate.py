@@ -111,11 +111,12 @@ def _next_state(sheet: JobSheetState | None, job_uid: str, payload: EventPayload
 def _changes(event: JobEvent) -> dict[str, Any]:
     """The fields of the sheet `event` sets, besides state, seq and updated_at."""
     match event.payload:
-        case Submitted(request=request, user=user, expires_at=expires_at):
+        case Submitted(request=request, user=user, user_key=user_key, expires_at=expires_at):
             return {
                 "job_uid": event.job_uid,
                 "request": request,
                 "user": user,
+                "user_key": user_key,
                 "expires_at": expires_at,
                 "created_at": event.time,
             }

@@ -15,6 +15,7 @@ from typing import Annotated, Literal
 from pydantic import AwareDatetime, Field, JsonValue, field_validator
 
 from schemas._base import WireModel
+from schemas.keys import PublicKeyData
 from schemas.par import PARData, PARKind, Sha256Hex, Uid
 
 Actor = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]*(:[A-Za-z0-9._-]+)?$", max_length=200)]
@@ -61,6 +62,7 @@ class Submitted(WireModel):
     type: Literal["submitted"] = "submitted"
     request: JobRequest
     user: Sha256Hex  # fingerprint of the user's key pair: the PARs are sealed for it
+    user_key: PublicKeyData  # the key pair's public half, to seal the user's PARs with
     expires_at: AwareDatetime  # input and start must come before this; the PARs expire then
 
 
@@ -161,6 +163,7 @@ class JobSheetState(WireModel):
     seq: int = Field(ge=1)
     request: JobRequest
     user: Sha256Hex
+    user_key: PublicKeyData
     expires_at: AwareDatetime
     created_at: AwareDatetime
     updated_at: AwareDatetime

@@ -29,6 +29,7 @@ from schemas.events import (
     StorageContracted,
     Submitted,
 )
+from schemas.keys import PublicKeyData
 from schemas.par import PARData, PARKind
 
 JOB = "a" * 32
@@ -55,7 +56,10 @@ OUTPUT = make_par(PARKind.BUCKET, writeable=True)
 RUN = make_par(PARKind.CALCULATION, executable=True)
 REQUEST = JobRequest(calculation="checksum", parameters={"algo": "sha256", "n": [1, 2.5, None]})
 OUTPUTS = (OutputFile(key="summary.json", size=12, sha256="0" * 64),)
-SUBMITTED = Submitted(request=REQUEST, user=USER, expires_at=T0 + timedelta(hours=1))
+USER_KEY = PublicKeyData(name="user", x25519=bytes(32), ed25519=bytes(32))
+SUBMITTED = Submitted(
+    request=REQUEST, user=USER, user_key=USER_KEY, expires_at=T0 + timedelta(hours=1)
+)
 
 SAMPLES: dict[str, EventPayload] = {
     "submitted": SUBMITTED,
@@ -145,7 +149,7 @@ def test_terminal_states_accept_nothing() -> None:
 def test_happy_path_to_completed_step_by_step() -> None:
     sheet = apply(None, event(1, SAMPLES["submitted"], actor=f"user:{USER}"))
     assert (sheet.state, sheet.seq, sheet.job_uid) == (JobState.SUBMITTED, 1, JOB)
-    assert (sheet.request, sheet.user) == (REQUEST, USER)
+    assert (sheet.request, sheet.user, sheet.user_key) == (REQUEST, USER, USER_KEY)
     assert sheet.created_at == sheet.updated_at == T0 + timedelta(seconds=1)
     assert sheet.expires_at == T0 + timedelta(hours=1)
 
