@@ -8,6 +8,7 @@ Events are never rewritten, so whatever a reader has seen stays true.
 
 from __future__ import annotations
 
+import hashlib
 import random
 import re
 
@@ -181,3 +182,12 @@ class EventLog:
             f"job {job_uid}: still losing the race to append after {max_attempts} attempts; "
             "too many writers at once, retry later"
         )
+
+
+def step_event_id(job_uid: str, step: str) -> str:
+    """The event id of a step that happens at most once per job (e.g. "storage_contracted").
+
+    Derived, not random: a redelivered message that redoes the step appends nothing new, because
+    `EventLog.transition` finds this id already in the log.
+    """
+    return hashlib.sha256(f"{job_uid}|{step}".encode()).hexdigest()[:32]

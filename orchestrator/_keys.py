@@ -51,7 +51,7 @@ class PublicKeys:
         return True
 
     def to_data(self) -> dict[str, Any]:
-        return self._wire().model_dump(mode="json")
+        return self.to_wire().model_dump(mode="json")
 
     @classmethod
     def from_data(cls, data: dict[str, Any]) -> PublicKeys:
@@ -59,15 +59,15 @@ class PublicKeys:
             wire = PublicKeyData.model_validate(data)
         except ValidationError as exc:
             raise KeyFileError(f"not a parjobs public key: {exc.error_count()} problem(s)") from exc
-        return cls._from_wire(wire)
+        return cls.from_wire(wire)
 
-    def _wire(self) -> PublicKeyData:
+    def to_wire(self) -> PublicKeyData:
         return PublicKeyData(
             name=self.name, x25519=_raw(self.sealing), ed25519=_raw(self.verifying)
         )
 
     @classmethod
-    def _from_wire(cls, wire: PublicKeyData) -> PublicKeys:
+    def from_wire(cls, wire: PublicKeyData) -> PublicKeys:
         return cls(
             wire.name,
             X25519PublicKey.from_public_bytes(wire.x25519),
@@ -107,7 +107,7 @@ class KeyPair:
     def to_file_data(self, passphrase: str) -> KeyFileData:
         secret = self.sealing.private_bytes_raw() + self.signing.private_bytes_raw()
         protected = encrypt_with_passphrase(secret, passphrase, aad=_KEY_FILE_AAD)
-        return KeyFileData(public=self.public._wire(), protected=protected)
+        return KeyFileData(public=self.public.to_wire(), protected=protected)
 
     @classmethod
     def from_file_data(cls, data: KeyFileData, passphrase: str) -> KeyPair:
@@ -119,7 +119,7 @@ class KeyPair:
             X25519PrivateKey.from_private_bytes(secret[:32]),
             Ed25519PrivateKey.from_private_bytes(secret[32:]),
         )
-        if pair.public != PublicKeys._from_wire(data.public):
+        if pair.public != PublicKeys.from_wire(data.public):
             raise CryptoError("the key file's public and private parts do not belong together")
         return pair
 

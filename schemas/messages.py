@@ -1,0 +1,109 @@
+"""Wire forms of what crosses RabbitMQ: one versioned envelope, a discriminated body.
+
+Events (a `JobEvent`) go to the events exchange and the stream; commands and queries go to a
+service's queue; replies come back on the caller's reply queue. Every body carries a `type` tag, so
+an unknown or malformed message is a validation error, dead-lettered with its reason.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Literal
+
+from pydantic import AwareDatetime, Field
+
+from schemas._base import WireModel
+from schemas.events import JobEvent, JobRequest, JobSheetState
+from schemas.keys import PublicKeyData
+from schemas.par import PARData, Uid
+
+
+class EventPublished(WireModel):
+    """A job event, as published after it was appended to the job's log."""
+
+    type: Literal["event"] = "event"
+    event: JobEvent
+
+
+class SubmitJob(WireModel):
+    """User → access: run `request` for the holder of `user_key`."""
+
+    type: Literal["submit_job"] = "submit_job"
+    request: JobRequest
+    user_key: PublicKeyData
+    lifetime_s: int | None = Field(default=None, ge=1, le=7 * 24 * 3600)
+
+
+class GetJob(WireModel):
+    """User → access: the job's current sheet, and optionally its events."""
+
+    type: Literal["get_job"] = "get_job"
+    job_uid: Uid
+    with_events: bool = False
+
+
+class GetOutputs(WireModel):
+    """User → access: a read PAR (sealed for the job's user) over the job's outputs."""
+
+    type: Literal["get_outputs"] = "get_outputs"
+    job_uid: Uid
+
+
+class RunCommand(WireModel):
+    """PAR holder → compute: start, stop or ask about the run a calculation PAR grants."""
+
+    type: Literal["run_command"] = "run_command"
+    action: Literal["start", "stop", "status"]
+    run_url: str = Field(min_length=1, max_length=500)
+
+
+class JobReply(WireModel):
+    type: Literal["job"] = "job"
+    sheet: JobSheetState
+    events: tuple[JobEvent, ...] = ()
+
+
+class OutputsReply(WireModel):
+    type: Literal["outputs"] = "outputs"
+    read_par: PARData
+
+
+class RunReply(WireModel):
+    type: Literal["run"] = "run"
+    job_uid: Uid
+    state: str
+    accepted: bool
+    detail: str = ""
+
+
+class ErrorReply(WireModel):
+    """A refused request: `error` names the parjobs exception class, `detail` says why."""
+
+    type: Literal["error"] = "error"
+    error: str
+    detail: str
+
+
+MessageBody = Annotated[
+    EventPublished
+    | SubmitJob
+    | GetJob
+    | GetOutputs
+    | RunCommand
+    | JobReply
+    | OutputsReply
+    | RunReply
+    | ErrorReply,
+    Field(discriminator="type"),
+]
+
+
+class Envelope(WireModel):
+    """Every message parjobs sends: versioned, identified, timed, attributed."""
+
+    schema_version: Literal[1] = 1
+    message_id: str = Field(default_factory=lambda: uuid.uuid4().hex, pattern=r"^[0-9a-f]{32}$")
+    sent_at: AwareDatetime = Field(default_factory=lambda: datetime.now(UTC))
+    sender: str = Field(min_length=1, max_length=200)
+    body: MessageBody

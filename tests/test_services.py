@@ -1,0 +1,136 @@
+"""The services' logic on a real SeaweedFS, without RabbitMQ: submit, contract, expire, outputs."""
+
+from __future__ import annotations
+
+import uuid
+
+import anyio
+import pytest
+
+from orchestrator import KeyPair, ObjectStore, PARIssuer, PARRegistry
+from orchestrator._access_service import AccessService, JobNotCompletedError
+from orchestrator._eventlog import EventLog
+from orchestrator._exceptions import JobNotFoundError
+from orchestrator._jobkeys import JobKeys
+from schemas.events import JobRequest, JobState, StorageContracted
+from schemas.messages import GetJob, GetOutputs, JobReply, SubmitJob
+from workers.storage import StorageWorker
+
+pytestmark = pytest.mark.integration
+
+
+class Services:
+    def __init__(self, store: ObjectStore, prefix: str) -> None:
+        self.keys = JobKeys(prefix)
+        self.log = EventLog(store, self.keys.jobs)
+        registry = PARRegistry(store, root=f"{prefix}registry/")
+        self.user = KeyPair.generate("user")
+        self.compute_key = KeyPair.generate("compute")
+        self.access = AccessService(
+            store, self.log, PARIssuer(store, registry, name="access"), self.keys
+        )
+        self.storage = StorageWorker(
+            self.log, PARIssuer(store, registry, name="storage"), self.compute_key.public, self.keys
+        )
+
+    def submit_command(self, lifetime_s: int | None = None) -> SubmitJob:
+        return SubmitJob(
+            request=JobRequest(calculation="checksum"),
+            user_key=self.user.public.to_wire(),
+            lifetime_s=lifetime_s,
+        )
+
+
+@pytest.fixture
+def services(store: ObjectStore, prefix: str) -> Services:
+    return Services(store, prefix)
+
+
+def _sheet(reply: object) -> JobReply:
+    assert isinstance(reply, JobReply)
+    return reply
+
+
+async def test_submit_is_idempotent_per_message(services: Services) -> None:
+    command, message_id = services.submit_command(), uuid.uuid4().hex
+    first = await services.access.submit(command, message_id=message_id)
+    again = await services.access.submit(command, message_id=message_id)
+    assert _sheet(first.reply).sheet.job_uid == _sheet(again.reply).sheet.job_uid
+    job_uid = _sheet(first.reply).sheet.job_uid
+    assert len(await services.log.read(job_uid)) == 1
+    assert first.events[0].event_id == again.events[0].event_id
+    other = await services.access.submit(command, message_id=uuid.uuid4().hex)
+    assert _sheet(other.reply).sheet.job_uid != job_uid
+
+
+async def test_storage_contracts_once_even_when_redelivered(services: Services) -> None:
+    submitted = (
+        await services.access.submit(services.submit_command(), message_id=uuid.uuid4().hex)
+    ).events[0]
+    contracted = await services.storage.on_submitted(submitted)
+    assert contracted is not None
+    assert isinstance(contracted.payload, StorageContracted)
+    again = await services.storage.on_submitted(submitted)
+    assert again == contracted  # the same event, to publish again; no second PAR minted
+    sheet = await services.log.load(submitted.job_uid)
+    assert sheet.state is JobState.STORAGE_CONTRACTED
+    assert sheet.upload_par is not None
+    assert sheet.upload_par.recipient == services.user.fingerprint
+    assert sheet.output_par is not None
+    assert sheet.output_par.recipient == services.compute_key.fingerprint
+    assert sheet.output_par.expires_at <= sheet.expires_at
+
+
+async def test_get_job_and_unknown_job(services: Services) -> None:
+    submitted = (
+        await services.access.submit(services.submit_command(), message_id=uuid.uuid4().hex)
+    ).events[0]
+    reply = _sheet(
+        (await services.access.get(GetJob(job_uid=submitted.job_uid, with_events=True))).reply
+    )
+    assert reply.sheet.state is JobState.SUBMITTED
+    assert [e.event_id for e in reply.events] == [submitted.event_id]
+    with pytest.raises(JobNotFoundError):
+        await services.access.get(GetJob(job_uid="0" * 32))
+
+
+async def test_outputs_only_once_completed(services: Services) -> None:
+    submitted = (
+        await services.access.submit(services.submit_command(), message_id=uuid.uuid4().hex)
+    ).events[0]
+    with pytest.raises(JobNotCompletedError, match="submitted"):
+        await services.access.outputs(GetOutputs(job_uid=submitted.job_uid))
+
+
+async def test_sweep_expires_waiting_jobs_past_their_deadline(services: Services) -> None:
+    short = (
+        await services.access.submit(
+            services.submit_command(lifetime_s=3), message_id=uuid.uuid4().hex
+        )
+    ).events[0]
+    long = (
+        await services.access.submit(services.submit_command(), message_id=uuid.uuid4().hex)
+    ).events[0]
+    contracted = await services.storage.on_submitted(short)
+    assert contracted is not None
+    await anyio.sleep(3.1)
+    expired = await services.access.sweep()
+    assert [e.job_uid for e in expired] == [short.job_uid]
+    assert (await services.log.load(short.job_uid)).state is JobState.EXPIRED
+    assert (await services.log.load(long.job_uid)).state is JobState.SUBMITTED
+    # The next sweep forgets the ended job and expires nothing twice.
+    assert await services.access.sweep() == []
+    # A redelivered `submitted` finds the old contract: nothing new is minted or appended.
+    assert await services.storage.on_submitted(short) == contracted
+    assert (await services.log.load(short.job_uid)).state is JobState.EXPIRED
+
+
+async def test_no_contract_after_expiry(services: Services) -> None:
+    submitted = (
+        await services.access.submit(
+            services.submit_command(lifetime_s=1), message_id=uuid.uuid4().hex
+        )
+    ).events[0]
+    await anyio.sleep(1.1)
+    await services.access.sweep()
+    assert await services.storage.on_submitted(submitted) is None

@@ -1,0 +1,74 @@
+"""The storage worker's logic: on `submitted`, contract storage for the job.
+
+It mints the upload PAR (write `jobs/<uid>/input`, sealed for the user, pinned to the input's
+SHA-256 when the request names one) and the bucket-write PAR (`jobs/<uid>/output/`, sealed for the
+compute service), both expiring at the job's deadline, and appends `storage_contracted`.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from orchestrator._eventlog import EventLog, step_event_id
+from orchestrator._issuer import PARIssuer
+from orchestrator._jobkeys import JobKeys
+from orchestrator._jobstate import fold
+from orchestrator._keys import PublicKeys
+from schemas.events import JobEvent, JobState, StorageContracted, Submitted
+
+MAX_INPUT_BYTES = 5 * 2**30  # one presigned PUT carries at most 5 GiB
+MAX_OUTPUT_BYTES = 2**30  # per output object; S3 enforces it through the POST policy
+
+
+class StorageWorker:
+    def __init__(
+        self,
+        log: EventLog,
+        issuer: PARIssuer,
+        compute_key: PublicKeys,
+        keys: JobKeys,
+        *,
+        actor: str = "storage",
+        max_output_bytes: int = MAX_OUTPUT_BYTES,
+    ) -> None:
+        self._log = log
+        self._issuer = issuer
+        self._compute_key = compute_key
+        self._keys = keys
+        self._actor = actor
+        self._max_output_bytes = max_output_bytes
+
+    async def on_submitted(self, event: JobEvent) -> JobEvent | None:
+        """Contract storage once per job; a redelivery mints nothing and returns the logged event
+        (to publish again); None if the job has moved on without us (expired, cancelled)."""
+        if not isinstance(event.payload, Submitted):
+            return None
+        job_uid = event.job_uid
+        event_id = step_event_id(job_uid, "storage_contracted")
+        events = await self._log.read(job_uid)
+        for logged in events:
+            if logged.event_id == event_id:
+                return logged
+        sheet = fold(events)
+        # Whole seconds, rounded down: the PARs must not outlive the job's deadline.
+        remaining = timedelta(seconds=int((sheet.expires_at - datetime.now(UTC)).total_seconds()))
+        if sheet.state is not JobState.SUBMITTED or remaining < timedelta(seconds=1):
+            return None
+        user = PublicKeys.from_wire(sheet.user_key)
+        upload = await self._issuer.object_par(
+            self._keys.input(job_uid),
+            user,
+            readable=False,
+            writeable=True,
+            lifetime=remaining,
+            max_size=MAX_INPUT_BYTES,
+            sha256=sheet.request.input_sha256,
+        )
+        output = await self._issuer.bucket_write_par(
+            self._keys.output_prefix(job_uid),
+            self._compute_key,
+            max_size=self._max_output_bytes,
+            lifetime=remaining,
+        )
+        payload = StorageContracted(upload_par=upload.data, output_par=output.data)
+        return await self._log.transition(job_uid, self._actor, payload, event_id=event_id)
