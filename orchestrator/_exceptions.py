@@ -172,3 +172,98 @@ class JobNotFoundError(JobError, LookupError):
 
 class EventLogCorruptError(JobError):
     """A stored event is unreadable, or is not the event its key says it is."""
+
+
+# --- calculations -------------------------------------------------------------------------------
+
+
+class CalculationError(ParjobsError):
+    """A calculation cannot be found, loaded, parameterised or launched."""
+
+
+class UnknownCalculationError(CalculationError, LookupError):
+    """No calculation has this name; `available` lists the names that exist."""
+
+    def __init__(self, message: str, *, name: str, available: list[str]) -> None:
+        super().__init__(message)
+        self.name = name
+        self.available = available
+
+
+class DuplicateCalculationError(CalculationError):
+    """Two calculations (for example from two distributions) claim the same name."""
+
+
+class CalculationLoadError(CalculationError):
+    """An entry point of `parjobs.calculations` fails to import, or is not a valid calculation."""
+
+
+class InvalidParametersError(CalculationError, ValueError):
+    """The parameters do not fit the calculation's model; `errors` holds pydantic's details."""
+
+    def __init__(self, message: str, *, calculation: str, errors: list[dict[str, object]]) -> None:
+        super().__init__(message)
+        self.calculation = calculation
+        self.errors = errors
+
+
+class CalculationLaunchError(CalculationError):
+    """The calculation's program cannot be started (not found on the child's PATH)."""
+
+
+# --- the broker (RabbitMQ) ----------------------------------------------------------------------
+
+
+class BrokerError(ParjobsError):
+    """RabbitMQ refused or failed an operation."""
+
+
+class BrokerUnavailableError(BrokerError):
+    """RabbitMQ cannot be reached, or the connection stayed down past the operation's deadline."""
+
+
+class TopologyError(BrokerError):
+    """An exchange or queue is missing, or exists with other arguments than the ones declared."""
+
+
+class PublishError(BrokerError):
+    """The broker did not take responsibility for a published message."""
+
+    def __init__(self, message: str, *, exchange: str, routing_key: str) -> None:
+        super().__init__(message)
+        self.exchange = exchange
+        self.routing_key = routing_key
+
+
+class UnroutableError(PublishError):
+    """No queue is bound for the routing key, or the exchange does not exist: nothing was stored."""
+
+
+class PublishNackedError(PublishError):
+    """The broker refused the message (a negative confirm), e.g. a full reject-publish queue."""
+
+
+class RequestTimeoutError(BrokerError, TimeoutError):
+    """No reply to a request arrived in time."""
+
+
+class StreamStalledError(BrokerError, TimeoutError):
+    """A stream read stopped receiving messages before it reached the stream's tail."""
+
+
+class PoisonMessageError(ParjobsError):
+    """Raised by a message handler: this message can never succeed, so dead-letter it (once).
+
+    The message is the reason recorded with the dead letter; `code` classifies it.
+    """
+
+    code = "poison"
+
+
+class InvalidMessageError(PoisonMessageError, ValueError):
+    """A message is not JSON ("undecodable"), fails validation ("invalid"), or has an unknown type
+    ("unknown-type"); `code` says which."""
+
+    def __init__(self, message: str, *, code: str = "invalid") -> None:
+        super().__init__(message)
+        self.code = code

@@ -6,6 +6,7 @@ import uuid
 
 import anyio
 import pytest
+from pydantic import JsonValue
 
 from orchestrator import KeyPair, ObjectStore, PARIssuer, PARRegistry
 from orchestrator._access_service import AccessService, JobNotCompletedError
@@ -14,6 +15,8 @@ from orchestrator._exceptions import JobNotFoundError
 from orchestrator._jobkeys import JobKeys
 from schemas.events import JobRequest, JobState, StorageContracted
 from schemas.messages import GetJob, GetOutputs, JobReply, SubmitJob
+from workers.calculations import CalculationRegistry
+from workers.compute import ComputeWorker
 from workers.storage import StorageWorker
 
 pytestmark = pytest.mark.integration
@@ -23,7 +26,7 @@ class Services:
     def __init__(self, store: ObjectStore, prefix: str) -> None:
         self.keys = JobKeys(prefix)
         self.log = EventLog(store, self.keys.jobs)
-        registry = PARRegistry(store, root=f"{prefix}registry/")
+        self.registry = registry = PARRegistry(store, root=f"{prefix}registry/")
         self.user = KeyPair.generate("user")
         self.compute_key = KeyPair.generate("compute")
         self.access = AccessService(
@@ -32,10 +35,26 @@ class Services:
         self.storage = StorageWorker(
             self.log, PARIssuer(store, registry, name="storage"), self.compute_key.public, self.keys
         )
+        self.compute = ComputeWorker(
+            store,
+            self.log,
+            PARIssuer(store, registry, name="compute"),
+            registry,
+            CalculationRegistry.from_entry_points(),
+            self.keys,
+            self.compute_key,
+            time_limit_s=20,
+        )
 
-    def submit_command(self, lifetime_s: int | None = None) -> SubmitJob:
+    def submit_command(
+        self,
+        lifetime_s: int | None = None,
+        *,
+        calculation: str = "checksum",
+        parameters: dict[str, JsonValue] | None = None,
+    ) -> SubmitJob:
         return SubmitJob(
-            request=JobRequest(calculation="checksum"),
+            request=JobRequest(calculation=calculation, parameters=parameters or {}),
             user_key=self.user.public.to_wire(),
             lifetime_s=lifetime_s,
         )

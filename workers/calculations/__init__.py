@@ -1,0 +1,44 @@
+"""Calculations a compute worker can run, and the runner that runs them in a child process.
+
+A `Calculation` validates its parameters and describes its run as an argv; `run_calculation`
+runs that argv with limits, a clean environment and streamed output. Built-ins and third-party
+calculations are found through the `parjobs.calculations` entry-point group.
+"""
+
+from workers.calculations._command import Command, CommandParams, CommandSettings
+from workers.calculations._registry import (
+    ENTRY_POINT_GROUP,
+    Calculation,
+    CalculationParams,
+    CalculationRegistry,
+    Invocation,
+    Price,
+)
+from workers.calculations._runner import (
+    DEFAULT_STOP_GRACE_S,
+    OutputCallback,
+    RunHandle,
+    RunOutcome,
+    Stream,
+    run_calculation,
+)
+from workers.calculations._sandbox import DEFAULT_MEMORY_LIMIT
+
+__all__ = [
+    "DEFAULT_MEMORY_LIMIT",
+    "DEFAULT_STOP_GRACE_S",
+    "ENTRY_POINT_GROUP",
+    "Calculation",
+    "CalculationParams",
+    "CalculationRegistry",
+    "Command",
+    "CommandParams",
+    "CommandSettings",
+    "Invocation",
+    "OutputCallback",
+    "Price",
+    "RunHandle",
+    "RunOutcome",
+    "Stream",
+    "run_calculation",
+]

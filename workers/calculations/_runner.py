@@ -1,0 +1,329 @@
+"""Runs a calculation's argv in a child process and reports how it ended.
+
+The child gets its own session (so one signal reaches every process it started), a clean
+environment, memory and CPU limits (see `_sandbox`), and a wall-clock limit enforced here. Its
+stdout and stderr lines go to a callback as they are printed.
+
+The child is spawned with `subprocess.Popen` and watched through a pidfd rather than with
+`anyio.open_process`: asyncio's child watcher reaps with `waitpid`, which throws away the child's
+resource usage, and the CPU seconds are what a run is charged for. Reaping it ourselves with
+`os.wait4` keeps them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import resource
+import signal
+import subprocess
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
+from typing import IO, Literal, NamedTuple
+
+import anyio
+from pydantic import BaseModel, ConfigDict
+
+from workers.calculations._sandbox import DEFAULT_MEMORY_LIMIT, clean_environment, limited_argv
+
+Stream = Literal["stdout", "stderr"]
+OutputCallback = Callable[[Stream, str], Awaitable[None]]
+
+DEFAULT_STOP_GRACE_S = 5.0
+_MAX_LINE_BYTES = 64 * 1024  # a longer line (or binary output) is passed on in pieces
+_DRAIN_S = 2.0  # after the exit, how long a process that left the session may hold our pipes
+# What allocation failures look like on stderr (Python, C, C++, Go, Rust): RLIMIT_AS makes
+# allocation fail in the child rather than killing it, so this is the sign the limit was hit.
+_ALLOCATION_FAILURES = (
+    "MemoryError",
+    "Cannot allocate memory",
+    "std::bad_alloc",
+    "out of memory",
+    "memory allocation of",
+)
+
+
+class RunOutcome(BaseModel):
+    """How a run ended. `exit_code` is None when a signal ended it (then `signal` says which)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    exit_code: int | None
+    signal: int | None
+    timed_out: bool
+    """The wall-clock limit passed and the process group was killed."""
+    stopped: bool
+    """`RunHandle.stop()` was asked for while the child ran."""
+    memory_exceeded: bool
+    """Best effort: the child reported an allocation failure on stderr."""
+    cpu_seconds: float
+    """User + system CPU time of the child and of the descendants it waited for."""
+    wall_seconds: float
+    outputs: tuple[str, ...]
+    """Regular files in the output directory (relative, `/`-separated, sorted). Symlinks are
+    left out: following one would upload whatever it points at on the worker's disk."""
+
+    @property
+    def succeeded(self) -> bool:
+        return self.exit_code == 0 and not (self.timed_out or self.stopped)
+
+    @property
+    def reason(self) -> str | None:
+        """Why the run failed, in words for a user; None if it succeeded."""
+        if self.succeeded:
+            return None
+        if self.stopped:
+            return "stopped on request"
+        if self.timed_out:
+            return f"time limit reached after {self.wall_seconds:.1f} s"
+        if self.memory_exceeded:
+            return "memory limit reached"
+        if self.signal == signal.SIGXCPU:
+            return f"CPU time limit reached after {self.cpu_seconds:.1f} CPU seconds"
+        if self.signal is not None:
+            return f"killed by {signal.Signals(self.signal).name}"
+        return f"exited with code {self.exit_code}"
+
+
+class RunHandle:
+    """Lets another task stop a run. One handle per run; pass it to `run_calculation`."""
+
+    def __init__(self) -> None:
+        self._requested = anyio.Event()
+        self._finished = anyio.Event()
+        self._grace_s = DEFAULT_STOP_GRACE_S
+
+    async def stop(self, grace_s: float = DEFAULT_STOP_GRACE_S) -> None:
+        """SIGTERM to the run's whole process group, SIGKILL after `grace_s` if anything is left;
+        returns once the child has ended (also when called from the run's `on_output`).
+        Stopping before the run starts stops it as soon as it starts."""
+        if not self._requested.is_set():
+            self._grace_s = grace_s
+            self._requested.set()
+        await self._finished.wait()
+
+
+async def run_calculation(
+    argv: Sequence[str],
+    *,
+    workdir: Path,
+    time_limit_s: float,
+    on_output: OutputCallback,
+    memory_limit_bytes: int = DEFAULT_MEMORY_LIMIT,
+    cpu_limit_s: int | None = None,
+    env: Mapping[str, str] | None = None,
+    output_dir: Path | None = None,
+    handle: RunHandle | None = None,
+) -> RunOutcome:
+    """Run `argv` in `workdir` (created if needed, with `tmp/` for TMPDIR) and report the outcome.
+
+    `cpu_limit_s` (RLIMIT_CPU) defaults to the time limit, rounded up, so even an orphan cannot
+    burn more; a caller may set it lower to cap what a run can cost. `output_dir` defaults to
+    `workdir/output`. Cancelling the caller kills the child's process group at once; so does an
+    exception from `on_output`, which then propagates (in an ExceptionGroup).
+    """
+    handle = handle or RunHandle()
+    try:
+        started = time.monotonic()
+        child = _spawn(
+            argv,
+            workdir=workdir,
+            output_dir=output_dir,
+            env=env,
+            memory_limit_bytes=memory_limit_bytes,
+            cpu_limit_s=cpu_limit_s if cpu_limit_s is not None else max(1, math.ceil(time_limit_s)),
+        )
+        try:
+            ending = await child.supervise(time_limit_s, handle, on_output)
+        finally:
+            child.close()
+    finally:
+        handle._finished.set()
+    return RunOutcome(
+        exit_code=os.WEXITSTATUS(ending.status) if os.WIFEXITED(ending.status) else None,
+        signal=os.WTERMSIG(ending.status) if os.WIFSIGNALED(ending.status) else None,
+        timed_out=ending.timed_out,
+        stopped=ending.stopped,
+        memory_exceeded=ending.memory_exceeded,
+        cpu_seconds=ending.usage.ru_utime + ending.usage.ru_stime,
+        wall_seconds=ending.at - started,
+        outputs=_regular_files(child.output_dir),
+    )
+
+
+def _spawn(
+    argv: Sequence[str],
+    *,
+    workdir: Path,
+    output_dir: Path | None,
+    env: Mapping[str, str] | None,
+    memory_limit_bytes: int,
+    cpu_limit_s: int,
+) -> _Child:
+    # Synchronous and on the event loop's thread on purpose: mkdir and fork+exec take about a
+    # millisecond, and the child's PR_SET_PDEATHSIG fires when the *thread* that forked it ends,
+    # so spawning from a pooled worker thread would kill the child when that thread retires.
+    workdir = workdir.absolute()
+    output_dir = (output_dir or workdir / "output").absolute()
+    for directory in (workdir, workdir / "tmp", output_dir):
+        directory.mkdir(parents=True, exist_ok=True)
+    child_env = clean_environment(workdir, env)
+    command = limited_argv(
+        argv, env=child_env, memory_limit_bytes=memory_limit_bytes, cpu_limit_s=cpu_limit_s
+    )
+    # Not a shell, and the argv comes from a Calculation, never from the user directly.
+    process = subprocess.Popen(  # noqa: S603
+        command,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=workdir,
+        env=child_env,
+        start_new_session=True,
+    )
+    return _Child(process, output_dir)
+
+
+class _Ending(NamedTuple):
+    status: int  # as from wait4
+    usage: resource.struct_rusage
+    at: float  # time.monotonic() when reaped
+    timed_out: bool
+    stopped: bool
+    memory_exceeded: bool
+
+
+class _Child:
+    """One spawned child: its pidfd, its process group, its pipes."""
+
+    def __init__(self, process: subprocess.Popen[bytes], output_dir: Path) -> None:
+        self._process = process
+        self.output_dir = output_dir
+        self._pidfd = os.pidfd_open(process.pid)
+        self._reaped = False
+        self._memory_exceeded = False
+        self._drain_deadline = math.inf
+        self._pipe_waits: set[anyio.CancelScope] = set()
+
+    async def supervise(
+        self, time_limit_s: float, handle: RunHandle, on_output: OutputCallback
+    ) -> _Ending:
+        assert self._process.stdout is not None
+        assert self._process.stderr is not None
+        timed_out = stopped = False
+        try:
+            async with anyio.create_task_group() as pumps:
+                pumps.start_soon(self._pump, self._process.stdout, "stdout", on_output)
+                pumps.start_soon(self._pump, self._process.stderr, "stderr", on_output)
+                async with anyio.create_task_group() as watch:
+                    watch.start_soon(self._stop_on_request, handle)
+                    with anyio.move_on_after(time_limit_s) as limit:
+                        await self._exited()
+                    if limit.cancelled_caught:
+                        timed_out = True
+                        self._signal_group(signal.SIGKILL)
+                        await self._exited()
+                    stopped = handle._requested.is_set()
+                    watch.cancel_scope.cancel()
+                status, usage = self._reap()
+                reaped_at = time.monotonic()
+                handle._finished.set()  # before draining: stop() may be awaited by on_output
+                self._stop_waiting_for_pipes_after(_DRAIN_S)
+        finally:
+            if not self._reaped:  # cancelled, or on_output failed: nothing may outlive the run
+                with anyio.CancelScope(shield=True):
+                    self._signal_group(signal.SIGKILL)
+                    await self._exited()
+                    self._reap()
+        return _Ending(status, usage, reaped_at, timed_out, stopped, self._memory_exceeded)
+
+    async def _stop_on_request(self, handle: RunHandle) -> None:
+        await handle._requested.wait()
+        self._signal_group(signal.SIGTERM)
+        await anyio.sleep(handle._grace_s)
+        self._signal_group(signal.SIGKILL)
+
+    async def _exited(self) -> None:
+        """Wait until the child has exited (a zombie: its pid, and so its group id, stay ours)."""
+        await anyio.wait_readable(self._pidfd)
+
+    def _signal_group(self, sig: signal.Signals) -> None:
+        # Safe until reaped: the zombie keeps the pid, so the group id cannot name anyone else.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self._process.pid, sig)
+
+    def _reap(self) -> tuple[int, resource.struct_rusage]:
+        # Whatever the child left running in its session goes with it.
+        self._signal_group(signal.SIGKILL)
+        _, status, usage = os.wait4(self._process.pid, 0)
+        self._reaped = True
+        self._process.returncode = os.waitstatus_to_exitcode(status)  # Popen must not reap again
+        return status, usage
+
+    def _stop_waiting_for_pipes_after(self, seconds: float) -> None:
+        # Once the group is dead its pipes end at once, unless a process that left the session
+        # (setsid) still holds them: waiting for that one is given up after `seconds`. Only the
+        # waits are limited, never on_output, so no line already printed is lost.
+        self._drain_deadline = anyio.current_time() + seconds
+        for scope in self._pipe_waits:
+            scope.deadline = self._drain_deadline
+
+    async def _readable(self, fd: int) -> bool:
+        with anyio.CancelScope(deadline=self._drain_deadline) as scope:
+            self._pipe_waits.add(scope)
+            try:
+                await anyio.wait_readable(fd)
+            finally:
+                self._pipe_waits.discard(scope)
+        return not scope.cancelled_caught
+
+    async def _pump(self, pipe: IO[bytes], stream: Stream, on_output: OutputCallback) -> None:
+        fd = pipe.fileno()
+        os.set_blocking(fd, False)
+        pending = b""
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                if await self._readable(fd):
+                    continue
+                break
+            if not chunk:
+                break
+            *lines, pending = (pending + chunk).split(b"\n")
+            for line in lines:
+                for piece in _pieces(line):
+                    await self._emit(piece, stream, on_output)
+            while len(pending) >= _MAX_LINE_BYTES:
+                await self._emit(pending[:_MAX_LINE_BYTES], stream, on_output)
+                pending = pending[_MAX_LINE_BYTES:]
+        if pending:
+            await self._emit(pending, stream, on_output)
+
+    async def _emit(self, raw: bytes, stream: Stream, on_output: OutputCallback) -> None:
+        line = raw.rstrip(b"\r").decode("utf-8", errors="replace")
+        if stream == "stderr" and any(marker in line for marker in _ALLOCATION_FAILURES):
+            self._memory_exceeded = True
+        await on_output(stream, line)
+
+    def close(self) -> None:
+        os.close(self._pidfd)
+        for pipe in (self._process.stdout, self._process.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+def _pieces(line: bytes) -> list[bytes]:
+    return [line[at : at + _MAX_LINE_BYTES] for at in range(0, len(line), _MAX_LINE_BYTES)] or [b""]
+
+
+def _regular_files(root: Path) -> tuple[str, ...]:
+    found = []
+    for directory, _, names in os.walk(root):  # does not descend into symlinked directories
+        for name in names:
+            path = Path(directory, name)
+            if path.is_file() and not path.is_symlink():
+                found.append(path.relative_to(root).as_posix())
+    return tuple(sorted(found))

@@ -1,0 +1,282 @@
+"""The compute worker's logic: contract the run PAR, then start, stop and run calculations.
+
+On `storage_contracted` it checks the calculation and its parameters, mints the run PAR (execute,
+sealed for the user) and appends `compute_contracted`. A `start` through the run PAR is checked
+against the issuer's registry (the capability's proof, not expired, not closed) and claimed once
+with a conditional create, so a run PAR starts at most one run. The run happens in a sandboxed
+subprocess (`workers.calculations`); its output lines become `progress` events, its files are
+written through the job's bucket-write PAR, and the job ends completed, failed or cancelled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import tempfile
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import anyio
+
+from orchestrator._access import BucketWriter
+from orchestrator._eventlog import EventLog, step_event_id
+from orchestrator._exceptions import (
+    CalculationError,
+    JobError,
+    ObjectExistsError,
+    PARExpiredError,
+    PARPermissionError,
+)
+from orchestrator._issuer import PARIssuer
+from orchestrator._jobkeys import JobKeys
+from orchestrator._jobstate import fold
+from orchestrator._keys import KeyPair, PublicKeys
+from orchestrator._objectstore import ObjectStore
+from orchestrator._par import PAR
+from orchestrator._par_rules import capability_proof
+from orchestrator._registry import PARRegistry
+from orchestrator._transfer import PARTransport
+from schemas.events import (
+    Cancelled,
+    Completed,
+    ComputeContracted,
+    EventPayload,
+    Failed,
+    JobEvent,
+    JobSheetState,
+    JobState,
+    OutputFile,
+    Progress,
+    RunStarted,
+    StorageContracted,
+)
+from schemas.messages import RunReply
+from schemas.par import Capability
+from workers.calculations import (
+    CalculationRegistry,
+    Invocation,
+    RunHandle,
+    RunOutcome,
+    Stream,
+    run_calculation,
+)
+
+_RUN_URL = re.compile(r"^parjobs-run://[^/]+/(?P<uid>[0-9a-f]{32})\?token=[A-Za-z0-9_-]+$")
+PROGRESS_INTERVAL = 0.5  # seconds: output lines are coalesced so the log is not flooded
+STOP_POLL_INTERVAL = 0.5
+
+Publish = Callable[[JobEvent], Awaitable[None]]
+
+
+class RunRefusedError(JobError):
+    """The run PAR was valid but the run cannot start (or stop) now; `detail` says why."""
+
+
+class ComputeWorker:
+    def __init__(
+        self,
+        store: ObjectStore,
+        log: EventLog,
+        issuer: PARIssuer,
+        registry: PARRegistry,
+        calculations: CalculationRegistry,
+        keys: JobKeys,
+        compute_key: KeyPair,
+        *,
+        actor: str = "compute",
+        time_limit_s: float = 600,
+        memory_limit_bytes: int = 2**30,
+    ) -> None:
+        self._store = store
+        self._log = log
+        self._issuer = issuer
+        self._registry = registry
+        self._calculations = calculations
+        self._keys = keys
+        self._compute_key = compute_key
+        self._actor = actor
+        self._time_limit_s = time_limit_s
+        self._memory_limit_bytes = memory_limit_bytes
+
+    # --- contracting -----------------------------------------------------------------------------
+
+    async def on_storage_contracted(self, event: JobEvent) -> JobEvent | None:
+        """Mint the run PAR once per job (a redelivery returns the logged event)."""
+        if not isinstance(event.payload, StorageContracted):
+            return None
+        job_uid = event.job_uid
+        events = await self._log.read(job_uid)
+        done = {step_event_id(job_uid, step) for step in ("compute_contracted", "rejected")}
+        for logged in events:
+            if logged.event_id in done:
+                return logged
+        sheet = fold(events)
+        remaining = timedelta(seconds=int((sheet.expires_at - datetime.now(UTC)).total_seconds()))
+        if sheet.state is not JobState.STORAGE_CONTRACTED or remaining < timedelta(seconds=1):
+            return None
+        try:
+            self._calculations.validate(sheet.request.calculation, sheet.request.parameters)
+        except CalculationError as exc:
+            failed = Failed(reason=f"rejected by compute: {exc}")
+            return await self._append(job_uid, failed, step_event_id(job_uid, "rejected"))
+        user = PublicKeys.from_wire(sheet.user_key)
+        run_par = await self._issuer.calculation_par(job_uid, user, lifetime=remaining)
+        contracted = ComputeContracted(run_par=run_par.data)
+        return await self._append(job_uid, contracted, step_event_id(job_uid, "compute_contracted"))
+
+    # --- the run PAR's commands -----------------------------------------------------------------
+
+    async def authorise(self, run_url: str) -> tuple[str, str]:
+        """(job uid, run PAR uid) if `run_url` is a live run capability issued here."""
+        match = _RUN_URL.match(run_url)
+        if match is None:
+            raise PARPermissionError("not a parjobs run capability")
+        par_uid = match["uid"]
+        record = await self._registry.verify(par_uid, capability_proof(Capability(run_url=run_url)))
+        if record.expires_at <= datetime.now(UTC):
+            raise PARExpiredError(f"run PAR {par_uid} expired at {record.expires_at.isoformat()}")
+        job_uid = record.driver_details.get("resource")
+        if job_uid is None:
+            raise PARPermissionError(f"run PAR {par_uid} names no job")
+        return job_uid, par_uid
+
+    async def status(self, run_url: str) -> RunReply:
+        job_uid, _ = await self.authorise(run_url)
+        sheet = await self._log.load(job_uid)
+        return RunReply(
+            job_uid=job_uid, state=sheet.state.value, accepted=True, detail=sheet.progress or ""
+        )
+
+    async def stop(self, run_url: str) -> tuple[RunReply, JobEvent | None]:
+        """Cancel a job not yet started; ask the running worker to stop a running one."""
+        job_uid, par_uid = await self.authorise(run_url)
+        sheet = await self._log.load(job_uid)
+        if sheet.state is JobState.READY:
+            event = await self._append(
+                job_uid,
+                Cancelled(reason="stopped before it started"),
+                step_event_id(job_uid, "cancelled"),
+            )
+            return RunReply(job_uid=job_uid, state="cancelled", accepted=True), event
+        if sheet.state is JobState.RUNNING:
+            await self._store.put(self._keys.stop_request(par_uid), b"")
+            return RunReply(
+                job_uid=job_uid, state="running", accepted=True, detail="stopping"
+            ), None
+        raise RunRefusedError(f"job {job_uid} is {sheet.state.value}: there is nothing to stop")
+
+    async def claim(self, run_url: str, *, message_id: str) -> tuple[JobSheetState, str, JobEvent]:
+        """Check a start and claim the run PAR for it; returns (sheet, run PAR uid, run_started).
+
+        A run PAR starts one run: the claim is a conditional create holding the start message's
+        id, so only a redelivery of that same message (after a crash) may resume it.
+        """
+        job_uid, par_uid = await self.authorise(run_url)
+        sheet = await self._log.load(job_uid)
+        if sheet.state is JobState.READY:
+            if await self._store.head(self._keys.input(job_uid)) is None:
+                raise RunRefusedError(f"job {job_uid} has no input yet: upload it first")
+            with contextlib.suppress(ObjectExistsError):  # whose claim it is: checked below
+                await self._store.put_if_absent(self._keys.run_claim(par_uid), message_id.encode())
+        elif sheet.state is not JobState.RUNNING:
+            raise RunRefusedError(f"job {job_uid} is {sheet.state.value}: it cannot start")
+        claimed_by = (await self._store.get(self._keys.run_claim(par_uid))).decode()
+        if claimed_by != message_id:
+            raise RunRefusedError(f"run PAR {par_uid} was already used to start job {job_uid}")
+        started = await self._append(job_uid, RunStarted(), step_event_id(job_uid, "run_started"))
+        return await self._log.load(job_uid), par_uid, started
+
+    # --- running ---------------------------------------------------------------------------------
+
+    async def run(self, sheet: JobSheetState, par_uid: str, publish: Publish) -> JobEvent:
+        """Run the job's calculation to its end; returns the final event (already published)."""
+        job_uid = sheet.job_uid
+        with tempfile.TemporaryDirectory(prefix=f"parjobs-run-{job_uid[:8]}-") as scratch:
+            workdir = Path(scratch)
+            input_path, output_dir = workdir / "input", workdir / "output"
+            output_dir.mkdir()
+            url = await self._store.presign_get(self._keys.input(job_uid), 300)
+            async with PARTransport() as transport:
+                await transport.download_to_file(
+                    url, input_path, expected_sha256=sheet.request.input_sha256
+                )
+            invocation = self._calculations.invocation(
+                sheet.request.calculation,
+                sheet.request.parameters,
+                input_path=input_path,
+                output_dir=output_dir,
+            )
+            outcome = await self._run_watched(
+                job_uid, par_uid, invocation, workdir / "run", output_dir, publish
+            )
+            final = await self._final_payload(sheet, outcome, output_dir)
+        event = await self._append(job_uid, final, step_event_id(job_uid, "ended"))
+        await publish(event)
+        return event
+
+    async def _run_watched(
+        self,
+        job_uid: str,
+        par_uid: str,
+        invocation: Invocation,
+        workdir: Path,
+        output_dir: Path,
+        publish: Publish,
+    ) -> RunOutcome:
+        """Run while coalescing output lines into progress events and watching for a stop."""
+        latest: list[str] = []
+        handle = RunHandle()
+
+        async def on_output(stream: Stream, line: str) -> None:
+            latest.append(f"{stream}: {line}"[:500])
+
+        async def report_progress() -> None:
+            while True:
+                await anyio.sleep(PROGRESS_INTERVAL)
+                if latest:
+                    message, latest[:] = latest[-1], []
+                    await publish(await self._append(job_uid, Progress(message=message), None))
+
+        async def watch_stop() -> None:
+            # The stop may have been asked on another worker: the request lives in the store.
+            while await self._store.head(self._keys.stop_request(par_uid)) is None:  # noqa: ASYNC110 - polls S3, not a local flag
+                await anyio.sleep(STOP_POLL_INTERVAL)
+            await handle.stop()
+
+        await anyio.Path(workdir).mkdir()
+        async with anyio.create_task_group() as group:
+            group.start_soon(report_progress)
+            group.start_soon(watch_stop)
+            outcome = await run_calculation(
+                list(invocation.argv),
+                workdir=workdir,
+                output_dir=output_dir,
+                time_limit_s=self._time_limit_s,
+                memory_limit_bytes=self._memory_limit_bytes,
+                on_output=on_output,
+                env=invocation.env,
+                handle=handle,
+            )
+            group.cancel_scope.cancel()
+        return outcome
+
+    async def _final_payload(
+        self, sheet: JobSheetState, outcome: RunOutcome, output_dir: Path
+    ) -> EventPayload:
+        if outcome.stopped:
+            return Cancelled(reason="stopped through the run PAR")
+        if outcome.reason is not None:
+            return Failed(reason=outcome.reason)
+        if sheet.output_par is None:
+            return Failed(reason="no bucket-write PAR was contracted for the outputs")
+        writer = BucketWriter(PAR(sheet.output_par), self._compute_key)
+        outputs = []
+        # Only what the runner listed: regular files, never a symlink out of the sandbox.
+        for key in outcome.outputs:
+            sent = await writer.set_object_from_file(key, output_dir / key)
+            outputs.append(OutputFile(key=key, size=sent.size, sha256=sent.sha256))
+        return Completed(outputs=tuple(outputs), summary=f"{len(outputs)} output file(s)")
+
+    async def _append(self, job_uid: str, payload: EventPayload, event_id: str | None) -> JobEvent:
+        return await self._log.transition(job_uid, self._actor, payload, event_id=event_id)
