@@ -11,7 +11,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from orchestrator._eventlog import EventLog, step_event_id
-from orchestrator._exceptions import IllegalTransitionError, JobError, JobNotFoundError
+from orchestrator._exceptions import (
+    IllegalTransitionError,
+    JobError,
+    JobNotCompletedError,
+    JobNotFoundError,
+)
 from orchestrator._issuer import PARIssuer
 from orchestrator._jobkeys import JobKeys
 from orchestrator._jobstate import fold, is_terminal
@@ -24,10 +29,6 @@ DEFAULT_JOB_LIFETIME = timedelta(hours=1)
 # States in which a job waits for its user; past its deadline it expires (a running job is
 # bounded by its calculation's time limit instead).
 _WAITING = frozenset({JobState.SUBMITTED, JobState.STORAGE_CONTRACTED, JobState.READY})
-
-
-class JobNotCompletedError(JobError):
-    """Outputs are only handed out once a job has completed."""
 
 
 @dataclass

@@ -10,18 +10,28 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from orchestrator._exceptions import ConfigurationError
+from schemas.messages import RunAction, RunReply
 from schemas.par import PARState
 
 
+@runtime_checkable
 class PARControl(Protocol):
     async def close(self, uid: str, proof: str) -> None:
         """Close PAR `uid` for whoever proves possession with `proof` (the capability checksum)."""
 
     async def state(self, uid: str) -> PARState:
         """Whether PAR `uid` is open, closed or expired, as its issuer sees it."""
+
+
+@runtime_checkable
+class RunService(PARControl, Protocol):
+    """A `PARControl` that also reaches the compute service, to act on calculation PARs."""
+
+    async def run_command(self, action: RunAction, run_url: str) -> RunReply:
+        """Send `action` for the run `run_url` grants; the compute service's answer."""
 
 
 _current: ContextVar[PARControl | None] = ContextVar("parjobs_par_control", default=None)

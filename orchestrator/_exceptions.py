@@ -170,6 +170,14 @@ class JobNotFoundError(JobError, LookupError):
     """No events are stored for this job uid."""
 
 
+class JobNotCompletedError(JobError):
+    """Outputs are only handed out once a job has completed."""
+
+
+class RunRefusedError(JobError):
+    """The run PAR is valid but the run cannot start or stop now; the message says why."""
+
+
 class EventLogCorruptError(JobError):
     """A stored event is unreadable, or is not the event its key says it is."""
 

@@ -15,11 +15,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import anyio
 from pydantic import ValidationError
 
 from orchestrator import _crypto, _par_rules
-from orchestrator._control import PARControl, resolve_par_control
+from orchestrator._control import PARControl, RunService, resolve_par_control
 from orchestrator._exceptions import (
+    ConfigurationError,
     NullPARError,
     PARClosedError,
     PARDataError,
@@ -29,8 +31,10 @@ from orchestrator._exceptions import (
     WrongKeyError,
 )
 from orchestrator._keys import KeyPair, PublicKeys
-from schemas.par import Capability, PARData, PARKind, PARState
+from schemas.messages import RunReply
+from schemas.par import Capability, PARData, PARKind
 
+_ENDED = frozenset({"completed", "failed", "cancelled", "expired"})
 _PROTECTED_FIELD = "protected_par"
 _PROTECTED_AAD = b"parjobs-par-data-v1"
 
@@ -254,16 +258,39 @@ class PAR:
 
 @dataclass(frozen=True)
 class RunControl:
-    """What `PAR.execute` returns: the holder's handle on one run of a calculation.
+    """What `PAR.execute` returns: the holder's handle on the run a calculation PAR grants.
 
-    It carries the opened run capability; the compute service checks it (not expired, not closed,
-    not reused) before acting on it.
+    It carries the opened run capability; the compute service checks it (signature in the
+    issuer's registry, not expired, not closed, not used for another run) before acting.
     """
 
     par: PAR
     run_url: str
     control: PARControl
 
-    async def status(self) -> PARState:
-        """The run capability's state at its issuer: open, closed or expired."""
-        return await self.control.state(self.par.uid)
+    def _runs(self) -> RunService:
+        if not isinstance(self.control, RunService):
+            raise ConfigurationError(
+                "starting or stopping a run needs a connection to parjobs: use a "
+                "ParjobsClient as the PAR control"
+            )
+        return self.control
+
+    async def start(self) -> RunReply:
+        """Start the calculation (the job's input must be uploaded first)."""
+        return await self._runs().run_command("start", self.run_url)
+
+    async def stop(self) -> RunReply:
+        """Stop the run (or cancel the job if it has not started)."""
+        return await self._runs().run_command("stop", self.run_url)
+
+    async def status(self) -> RunReply:
+        """The job's state and its last progress message."""
+        return await self._runs().run_command("status", self.run_url)
+
+    async def wait(self, *, timeout: float = 3600, poll_interval: float = 0.5) -> RunReply:  # noqa: ASYNC109
+        """Poll `status` until the job has ended; TimeoutError after `timeout` seconds."""
+        with anyio.fail_after(timeout):
+            while (reply := await self.status()).state not in _ENDED:
+                await anyio.sleep(poll_interval)
+        return reply

@@ -16,7 +16,7 @@ from pydantic import AwareDatetime, Field
 from schemas._base import WireModel
 from schemas.events import JobEvent, JobRequest, JobSheetState
 from schemas.keys import PublicKeyData
-from schemas.par import PARData, Uid
+from schemas.par import PARData, PARState, Sha256Hex, Uid
 
 
 class EventPublished(WireModel):
@@ -50,12 +50,34 @@ class GetOutputs(WireModel):
     job_uid: Uid
 
 
+RunAction = Literal["start", "stop", "status"]
+
+
 class RunCommand(WireModel):
     """PAR holder → compute: start, stop or ask about the run a calculation PAR grants."""
 
     type: Literal["run_command"] = "run_command"
-    action: Literal["start", "stop", "status"]
+    action: RunAction
     run_url: str = Field(min_length=1, max_length=500)
+
+
+class ClosePAR(WireModel):
+    """PAR holder → access: close PAR `uid`, proving possession with the capability's checksum."""
+
+    type: Literal["close_par"] = "close_par"
+    uid: Uid
+    proof: Sha256Hex
+
+
+class GetPARState(WireModel):
+    type: Literal["get_par_state"] = "get_par_state"
+    uid: Uid
+
+
+class PARStateReply(WireModel):
+    type: Literal["par_state"] = "par_state"
+    uid: Uid
+    state: PARState
 
 
 class JobReply(WireModel):
@@ -91,6 +113,9 @@ MessageBody = Annotated[
     | GetJob
     | GetOutputs
     | RunCommand
+    | ClosePAR
+    | GetPARState
+    | PARStateReply
     | JobReply
     | OutputsReply
     | RunReply

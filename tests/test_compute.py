@@ -10,11 +10,10 @@ import pytest
 from pydantic import JsonValue
 
 from orchestrator import PAR, BucketReader, ObjectStore, ObjectWriter, PARPermissionError
-from orchestrator._exceptions import PARClosedError
+from orchestrator._exceptions import PARClosedError, RunRefusedError
 from schemas.events import Completed, ComputeContracted, Failed, JobEvent, JobState
 from schemas.messages import GetOutputs, OutputsReply
 from tests.test_services import Services
-from workers.compute import RunRefusedError
 
 pytestmark = pytest.mark.integration
 

@@ -118,15 +118,16 @@ async def test_unknown_par_is_an_error(registry: PARRegistry) -> None:
         await registry.state("f" * 32)
 
 
-async def test_run_control_reports_state(
+async def test_run_control_needs_a_run_service(
     issuer: PARIssuer, registry: PARRegistry, user: KeyPair
 ) -> None:
     par = await issuer.calculation_par("job-1", user.public)
     run = par.execute(user, control=registry)
     assert run.run_url.startswith(f"parjobs-run://storage/{par.uid}?token=")
-    assert await run.status() is PARState.OPEN
+    with pytest.raises(ConfigurationError, match="ParjobsClient"):
+        await run.start()
     await par.close(user, control=registry)
-    assert await run.status() is PARState.CLOSED
+    assert await registry.state(par.uid) is PARState.CLOSED
     with pytest.raises(PARClosedError):
         par.execute(user, control=registry)
 

@@ -9,9 +9,9 @@ import pytest
 from pydantic import JsonValue
 
 from orchestrator import KeyPair, ObjectStore, PARIssuer, PARRegistry
-from orchestrator._access_service import AccessService, JobNotCompletedError
+from orchestrator._access_service import AccessService
 from orchestrator._eventlog import EventLog
-from orchestrator._exceptions import JobNotFoundError
+from orchestrator._exceptions import JobNotCompletedError, JobNotFoundError
 from orchestrator._jobkeys import JobKeys
 from schemas.events import JobRequest, JobState, StorageContracted
 from schemas.messages import GetJob, GetOutputs, JobReply, SubmitJob

@@ -23,10 +23,10 @@ from orchestrator._access import BucketWriter
 from orchestrator._eventlog import EventLog, step_event_id
 from orchestrator._exceptions import (
     CalculationError,
-    JobError,
     ObjectExistsError,
     PARExpiredError,
     PARPermissionError,
+    RunRefusedError,
 )
 from orchestrator._issuer import PARIssuer
 from orchestrator._jobkeys import JobKeys
@@ -67,10 +67,6 @@ PROGRESS_INTERVAL = 0.5  # seconds: output lines are coalesced so the log is not
 STOP_POLL_INTERVAL = 0.5
 
 Publish = Callable[[JobEvent], Awaitable[None]]
-
-
-class RunRefusedError(JobError):
-    """The run PAR was valid but the run cannot start (or stop) now; `detail` says why."""
 
 
 class ComputeWorker:
@@ -240,7 +236,9 @@ class ComputeWorker:
 
         async def watch_stop() -> None:
             # The stop may have been asked on another worker: the request lives in the store.
-            while await self._store.head(self._keys.stop_request(par_uid)) is None:  # noqa: ASYNC110 - polls S3, not a local flag
+            while (
+                await self._store.head(self._keys.stop_request(par_uid)) is None
+            ):  # polls S3: the stop may come from elsewhere
                 await anyio.sleep(STOP_POLL_INTERVAL)
             await handle.stop()
 
