@@ -8,6 +8,7 @@ verifies, their owner.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,19 @@ class PublicKeys:
         except ValidationError as exc:
             raise KeyFileError(f"not a parjobs public key: {exc.error_count()} problem(s)") from exc
         return cls.from_wire(wire)
+
+    @classmethod
+    def load(cls, path: Path) -> PublicKeys:
+        """Public keys from a `.pub` file, or the clear public half of a key file."""
+        try:
+            document = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise KeyFileError(f"cannot read public keys from {path}: {exc}") from exc
+        if isinstance(document, dict) and document.get("kind") == "parjobs-keypair":
+            document = document.get("public")
+        if not isinstance(document, dict):
+            raise KeyFileError(f"{path} holds no parjobs public key")
+        return cls.from_data(document)
 
     def to_wire(self) -> PublicKeyData:
         return PublicKeyData(

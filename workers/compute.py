@@ -183,6 +183,10 @@ class ComputeWorker:
         started = await self._append(job_uid, RunStarted(), step_event_id(job_uid, "run_started"))
         return await self._log.load(job_uid), par_uid, started
 
+    @staticmethod
+    def started_reply(sheet: JobSheetState) -> RunReply:
+        return RunReply(job_uid=sheet.job_uid, state=sheet.state.value, accepted=True)
+
     # --- running ---------------------------------------------------------------------------------
 
     async def run(self, sheet: JobSheetState, par_uid: str, publish: Publish) -> JobEvent:

@@ -61,6 +61,30 @@ def demo() -> None:
     anyio.run(run_par_demo, console)
 
 
+def _daemon(role: str) -> None:
+    from workers.daemons import run_daemon  # the daemons' imports stay out of client commands
+
+    anyio.run(run_daemon, role)
+
+
+@app.command()
+def access() -> None:
+    """The access service daemon: submits jobs, answers about them, expires idle ones."""
+    _daemon("access")
+
+
+@app.command()
+def storage() -> None:
+    """The storage daemon: mints each job's upload and output PARs."""
+    _daemon("storage")
+
+
+@app.command()
+def compute() -> None:
+    """The compute daemon: mints run PARs and runs calculations."""
+    _daemon("compute")
+
+
 @app.command("s3")
 def s3_server() -> None:
     """Run a local SeaweedFS with auth on until Ctrl-C; prints the settings to export."""
