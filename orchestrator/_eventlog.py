@@ -50,6 +50,15 @@ class EventLog:
     def event_key(self, job_uid: str, seq: int) -> str:
         return f"{self.events_prefix(job_uid)}{seq:010d}.json"
 
+    async def job_uids(self) -> list[str]:
+        """Every job that has a log here, sorted."""
+        found = set()
+        for info in await self._store.list(self._root):
+            uid, _, rest = info.key.removeprefix(self._root).partition("/")
+            if rest.startswith("events/"):
+                found.add(uid)
+        return sorted(found)
+
     async def read(self, job_uid: str, *, after: int = 0) -> list[JobEvent]:
         """The job's events with seq > `after`, in seq order; [] if there are none."""
         prefix = self.events_prefix(job_uid)

@@ -1,0 +1,88 @@
+"""`JobSheet`: the complete record of one job, as on the seed page, over the job's event log.
+
+The log is the truth: a JobSheet holds the request it was made with and, once the job exists,
+the state folded from its events. `request_services` is the seed's flow: submit through the
+access service, wait for storage and compute to contract, return the upload PAR, the run PAR and
+their expiry.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from orchestrator._client import ParjobsClient
+from orchestrator._eventlog import EventLog
+from orchestrator._exceptions import JobError
+from orchestrator._keys import PublicKeys
+from orchestrator._par import PAR
+from schemas.events import JobRequest, JobSheetState
+
+
+class JobSheet:
+    """`JobSheet(job)` is a job not yet submitted (null); `load` gives one that exists."""
+
+    def __init__(self, job: JobRequest | None = None, *, state: JobSheetState | None = None):
+        if state is not None and job is not None and state.request != job:
+            raise JobError("the job request and the job's state disagree")
+        self._job = state.request if state is not None else job
+        self._state = state
+
+    def job(self) -> JobRequest | None:
+        """The original job request."""
+        return self._job
+
+    def is_null(self) -> bool:
+        """True until the job exists (it has a uid and a log)."""
+        return self._state is None
+
+    def uid(self) -> str | None:
+        return self._state.job_uid if self._state is not None else None
+
+    def state(self) -> JobSheetState | None:
+        """The job as its events leave it (None while null)."""
+        return self._state
+
+    def to_data(self) -> dict[str, Any]:
+        return {
+            "job": self._job.model_dump(mode="json") if self._job is not None else None,
+            "state": self._state.model_dump(mode="json") if self._state is not None else None,
+        }
+
+    @classmethod
+    def from_data(cls, data: dict[str, Any]) -> JobSheet:
+        try:
+            job = JobRequest.model_validate(data["job"]) if data.get("job") else None
+            state = JobSheetState.model_validate(data["state"]) if data.get("state") else None
+        except (ValidationError, TypeError, AttributeError) as exc:
+            raise JobError(f"not JobSheet data: {exc}") from exc
+        return cls(job, state=state)
+
+    @classmethod
+    async def load(cls, uid: str, log: EventLog) -> JobSheet:
+        """The JobSheet of job `uid`, folded from its log in the object store."""
+        return cls(state=await log.load(uid))
+
+    async def request_services(
+        self, client: ParjobsClient, user: PublicKeys, *, lifetime_s: int | None = None
+    ) -> tuple[PAR, PAR, datetime]:
+        """Contract storage and compute: (upload PAR, run PAR, expiry), both sealed for `user`."""
+        if not self.is_null():
+            raise JobError(f"job {self.uid()} was already submitted")
+        if self._job is None:
+            raise JobError("a JobSheet needs a job request before it can request services")
+        job_uid, upload, run, expires_at = await client.request_services(
+            self._job, user, lifetime_s=lifetime_s
+        )
+        self._state = (await client.job(job_uid)).sheet
+        return upload, run, expires_at
+
+    async def refresh(self, client: ParjobsClient) -> JobSheetState:
+        """Fetch the job's current state from the access service."""
+        uid = self.uid()
+        if uid is None:
+            raise JobError("a null JobSheet has nothing to refresh")
+        self._state = (await client.job(uid)).sheet
+        return self._state
