@@ -11,10 +11,12 @@ import anyio
 import typer
 from rich.console import Console
 
-from orchestrator._demo import run_par_demo
 from orchestrator._exceptions import ParjobsError
 from orchestrator._keys import KeyPair
+from orchestrator._pardemo import run_par_demo
 from orchestrator._seaweed import LocalSeaweed
+from orchestrator.cli import _jobs as jobs
+from orchestrator.cli import _ops as ops
 
 app = typer.Typer(
     help="parjobs: jobs over RabbitMQ, data through encrypted expiring PARs.",
@@ -57,6 +59,14 @@ def keys_show(path: Annotated[Path, typer.Argument(help="A key file from `keys n
 
 @app.command()
 def demo() -> None:
+    """A whole job end to end: local SeaweedFS, the three daemons, submit, run, fetch, replay."""
+    from orchestrator.cli._demo import run_job_demo
+
+    anyio.run(run_job_demo)
+
+
+@app.command("par-demo")
+def par_demo() -> None:
     """PAR round trip on a real S3 server: mint, seal, upload, read back, expire, close."""
     anyio.run(run_par_demo, console)
 
@@ -101,6 +111,16 @@ def s3_server() -> None:
             await anyio.sleep_forever()
 
     anyio.run(serve)
+
+
+app.command()(jobs.submit)
+app.command()(jobs.status)
+app.command()(jobs.watch)
+app.command()(jobs.events)
+app.command()(jobs.fetch)
+app.command()(ops.dev)
+app.command()(ops.replay)
+app.add_typer(ops.dlq_app, name="dlq")
 
 
 def main() -> None:

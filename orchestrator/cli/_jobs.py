@@ -1,0 +1,209 @@
+"""The user's commands: submit a job, follow it, read its timeline, fetch its outputs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated
+
+import anyio
+import typer
+from pydantic import JsonValue
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from orchestrator._access import BucketReader, ObjectWriter
+from orchestrator._client import ENDED, ParjobsClient
+from orchestrator._exceptions import IntegrityError
+from orchestrator._keys import KeyPair
+from orchestrator.cli._common import client_session, console, load_key
+from schemas.events import (
+    Cancelled,
+    Completed,
+    ComputeContracted,
+    Failed,
+    JobEvent,
+    JobRequest,
+    JobSheetState,
+    Progress,
+    StorageContracted,
+    Submitted,
+)
+
+KeyOption = Annotated[Path, typer.Option("--key", help="Your key file (parjobs keys new).")]
+
+
+def _parameters(params: list[str], params_json: str | None) -> dict[str, JsonValue]:
+    parsed: dict[str, JsonValue] = json.loads(params_json) if params_json else {}
+    for item in params:
+        name, sep, raw = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"{item!r} is not NAME=VALUE")
+        try:
+            parsed[name] = json.loads(raw)  # numbers, booleans, lists...
+        except json.JSONDecodeError:
+            parsed[name] = raw  # ... anything else is a string
+    return parsed
+
+
+def _describe(event: JobEvent) -> str:
+    match event.payload:
+        case Submitted(request=request):
+            return f"{request.calculation} {json.dumps(request.parameters)}"
+        case StorageContracted(upload_par=upload, output_par=output):
+            return f"upload PAR {upload.uid[:8]}…, output PAR {output.uid[:8]}…"
+        case ComputeContracted(run_par=run_par):
+            return f"run PAR {run_par.uid[:8]}…"
+        case Progress(message=message):
+            return message
+        case Completed(outputs=outputs):
+            return ", ".join(f"{o.key} ({o.size} B)" for o in outputs) or "no outputs"
+        case Failed(reason=reason) | Cancelled(reason=reason):
+            return reason
+        case _:
+            return ""
+
+
+def timeline(events: tuple[JobEvent, ...] | list[JobEvent]) -> Table:
+    table = Table("seq", "time", "actor", "event", "detail")
+    for event in events:
+        when = event.time.strftime("%H:%M:%S.%f")[:-3]
+        table.add_row(str(event.seq), when, event.actor, event.payload.type, _describe(event))
+    return table
+
+
+async def watch_job(client: ParjobsClient, job_uid: str, *, poll: float = 0.3) -> JobSheetState:
+    """A live progress bar of the job until it ends; its final state."""
+    columns = (TextColumn("[bold]{task.fields[state]}"), BarColumn(), TimeElapsedColumn())
+    with Progress(*columns, TextColumn("{task.description}"), console=console) as bar:
+        task = bar.add_task("", total=1.0, state="…")
+        while True:
+            sheet = (await client.job(job_uid)).sheet
+            done = 1.0 if sheet.state in ENDED else sheet.fraction
+            bar.update(
+                task,
+                completed=done or 0,
+                state=sheet.state.value,
+                description=(sheet.progress or "")[:60],
+            )
+            if sheet.state in ENDED:
+                return sheet
+            await anyio.sleep(poll)
+
+
+async def fetch_outputs(
+    client: ParjobsClient, key: KeyPair, job_uid: str, target: Path
+) -> list[Path]:
+    """Download every output through a read PAR, each checked against its recorded SHA-256."""
+    events = (await client.job(job_uid, with_events=True)).events
+    completed = [e.payload for e in events if isinstance(e.payload, Completed)]
+    expected = {o.key: o.sha256 for o in completed[-1].outputs} if completed else {}
+    reader = BucketReader(await client.outputs(job_uid), key)
+    await anyio.Path(target).mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in reader.list_keys():
+        if name not in expected:
+            raise IntegrityError(f"output {name!r} is not among those the job recorded")
+        path = target / name
+        await anyio.Path(path.parent).mkdir(parents=True, exist_ok=True)
+        await reader.get_object_as_file(name, path, expected_sha256=expected[name])
+        written.append(path)
+    return written
+
+
+def submit(
+    calculation: Annotated[str, typer.Argument(help="A calculation's name, e.g. checksum.")],
+    input_file: Annotated[Path, typer.Argument(help="The job's input file.", exists=True)],
+    key: KeyOption,
+    param: Annotated[list[str], typer.Option("--param", "-p", help="NAME=VALUE")] = [],  # noqa: B006 - typer's way
+    params_json: Annotated[str | None, typer.Option(help="Parameters as a JSON object.")] = None,
+    output: Annotated[Path | None, typer.Option(help="Download outputs here.")] = None,
+    lifetime: Annotated[int | None, typer.Option(help="Seconds before the job expires.")] = None,
+    watch: Annotated[bool, typer.Option(help="Follow the job until it ends.")] = True,
+) -> None:
+    """Submit a job, upload its input through the upload PAR and start it through the run PAR."""
+    user = load_key(key)
+    digest = hashlib.sha256(input_file.read_bytes()).hexdigest()
+    request = JobRequest(
+        calculation=calculation, parameters=_parameters(param, params_json), input_sha256=digest
+    )
+
+    async def run() -> None:
+        async with client_session() as client:
+            job_uid, upload, run_par, expires = await client.request_services(
+                request, user.public, lifetime_s=lifetime
+            )
+            console.print(f"job [bold]{job_uid}[/] ready; PARs expire {expires:%Y-%m-%d %H:%M:%S}Z")
+            await ObjectWriter(upload, user).set_object_from_file(input_file)
+            await run_par.execute(user, control=client).start()
+            console.print("input uploaded through the upload PAR; run started through the run PAR")
+            if not watch:
+                return
+            final = await watch_job(client, job_uid)
+            console.print(f"job {job_uid} {final.state.value} {final.reason or ''}")
+            if output is not None and final.state.value == "completed":
+                for path in await fetch_outputs(client, user, job_uid, output):
+                    console.print(f"  {path}")
+
+    anyio.run(run)
+
+
+def status(job_uid: Annotated[str, typer.Argument(help="The job's uid.")]) -> None:
+    """The job's state, last progress, expiry and outputs."""
+
+    async def run() -> None:
+        async with client_session() as client:
+            sheet = (await client.job(job_uid)).sheet
+        console.print_json(
+            json.dumps(
+                {
+                    "job": sheet.job_uid,
+                    "state": sheet.state.value,
+                    "calculation": sheet.request.calculation,
+                    "progress": sheet.progress,
+                    "expires_at": sheet.expires_at.isoformat(),
+                    "outputs": [o.key for o in sheet.outputs],
+                    "reason": sheet.reason,
+                }
+            )
+        )
+
+    anyio.run(run)
+
+
+def watch(job_uid: Annotated[str, typer.Argument(help="The job's uid.")]) -> None:
+    """A live progress bar until the job ends."""
+
+    async def run() -> None:
+        async with client_session() as client:
+            final = await watch_job(client, job_uid)
+        console.print(f"job {job_uid} {final.state.value} {final.reason or ''}")
+
+    anyio.run(run)
+
+
+def events(job_uid: Annotated[str, typer.Argument(help="The job's uid.")]) -> None:
+    """The job's timeline: every event of its log."""
+
+    async def run() -> None:
+        async with client_session() as client:
+            console.print(timeline((await client.job(job_uid, with_events=True)).events))
+
+    anyio.run(run)
+
+
+def fetch(
+    job_uid: Annotated[str, typer.Argument(help="The job's uid.")],
+    directory: Annotated[Path, typer.Argument(help="Where to write the outputs.")],
+    key: KeyOption,
+) -> None:
+    """Download a completed job's outputs (SHA-256 checked) through a read PAR."""
+    user = load_key(key)
+
+    async def run() -> None:
+        async with client_session() as client:
+            for path in await fetch_outputs(client, user, job_uid, directory):
+                console.print(f"{path}")
+
+    anyio.run(run)

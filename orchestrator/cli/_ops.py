@@ -1,0 +1,128 @@
+"""Operators' commands: run everything locally, replay the log, look after dead letters."""
+
+from __future__ import annotations
+
+from contextlib import AsyncExitStack
+from typing import Annotated
+
+import anyio
+import typer
+from rich.table import Table
+
+from orchestrator._broker import Broker
+from orchestrator._eventlog import EventLog
+from orchestrator._jobkeys import JobKeys
+from orchestrator._objectstore import ObjectStore
+from orchestrator._replay import replay as replay_jobs
+from orchestrator._seaweed import LocalSeaweed
+from orchestrator._settings import AMQPSettings, S3Settings, ServiceSettings
+from orchestrator.cli._common import console
+from schemas.events import JobSheetState
+from workers.cluster import LocalCluster
+
+dlq_app = typer.Typer(help="The dead-letter queue: what could not be processed, and why.")
+
+
+async def local_s3(stack: AsyncExitStack) -> S3Settings:
+    """The configured S3 server, or a local SeaweedFS started for as long as `stack` lives."""
+    settings = S3Settings()
+    if settings.endpoint_url is not None:
+        return settings
+    seaweed = await stack.enter_async_context(LocalSeaweed())
+    console.print(f"SeaweedFS at {seaweed.endpoint_url} (auth on; data in {seaweed.dir})")
+    return seaweed.settings
+
+
+def dev() -> None:
+    """access, storage and compute daemons plus a local SeaweedFS, until Ctrl-C."""
+
+    async def run() -> None:
+        async with AsyncExitStack() as stack:
+            s3 = await local_s3(stack)
+            prefix = AMQPSettings().prefix
+            cluster = await stack.enter_async_context(
+                LocalCluster(s3, prefix=prefix, keep_dir=True)
+            )
+            console.print(f"daemons ready (broker prefix {prefix!r}); logs in {cluster.dir}")
+            console.print("in another shell, for `parjobs submit|status|watch|events|fetch`:")
+            console.print(f"  export PARJOBS_PREFIX={prefix}")
+            console.print("Ctrl-C stops everything")
+            await anyio.sleep_forever()
+
+    anyio.run(run)
+
+
+def _at(sheet: JobSheetState | None) -> str:
+    return f"{sheet.state.value}@{sheet.seq}" if sheet is not None else "-"
+
+
+def replay(
+    show_all: Annotated[bool, typer.Option("--all", help="List agreeing jobs too.")] = False,
+) -> None:
+    """Rebuild every JobSheet from the events stream and from the stored log; report divergence."""
+
+    async def run() -> int:
+        keys = JobKeys(ServiceSettings().data_root)
+        async with (
+            ObjectStore(S3Settings()) as store,
+            Broker(AMQPSettings(), name="replay") as broker,
+        ):
+            results = await replay_jobs(EventLog(store, keys.jobs), broker)
+        table = Table("job", "stored", "streamed", "verdict")
+        for result in results:
+            if show_all or not result.ok:
+                stored = (
+                    f"{result.stored.state.value}@{result.stored.seq}" if result.stored else "-"
+                )
+                streamed = (
+                    f"{result.streamed.state.value}@{result.streamed.seq}"
+                    if result.streamed
+                    else "-"
+                )
+                verdict = "agrees" if result.ok else "; ".join(result.problems)
+                table.add_row(result.job_uid, stored, streamed, verdict)
+        console.print(table)
+        diverged = sum(not result.ok for result in results)
+        console.print(f"{len(results)} job(s) replayed, {diverged} diverge")
+        return diverged
+
+    if anyio.run(run):
+        raise typer.Exit(1)
+
+
+@dlq_app.command("list")
+def dlq_list(limit: Annotated[int, typer.Option(help="At most this many.")] = 100) -> None:
+    """Dead letters, oldest first, with their reason (they stay in the queue)."""
+
+    async def run() -> None:
+        async with Broker(AMQPSettings(), name="parjobs-dlq") as broker:
+            letters = await broker.dead_letters(limit)
+        table = Table("message id", "why", "from queue", "when", "reason")
+        for letter in letters:
+            when = letter.dead_lettered_at.isoformat() if letter.dead_lettered_at else "-"
+            table.add_row(
+                letter.message_id or "-",
+                letter.code.value,
+                letter.original_queue or "-",
+                when,
+                letter.reason[:80],
+            )
+        console.print(table)
+
+    anyio.run(run)
+
+
+@dlq_app.command("redrive")
+def dlq_redrive(
+    message_ids: Annotated[list[str] | None, typer.Argument(help="Ids from `dlq list`.")] = None,
+    every: Annotated[bool, typer.Option("--all", help="Every dead letter.")] = False,
+) -> None:
+    """Send dead letters back to the queue they came from."""
+    if not every and not message_ids:
+        raise typer.BadParameter("name message ids, or pass --all")
+
+    async def run() -> int:
+        async with Broker(AMQPSettings(), name="parjobs-dlq") as broker:
+            return await broker.redrive("all" if every else list(message_ids or []))
+
+    console.print(f"re-drove {anyio.run(run)} message(s)")
