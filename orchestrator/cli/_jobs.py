@@ -10,7 +10,7 @@ from typing import Annotated
 import anyio
 import typer
 from pydantic import JsonValue
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich import progress as bars
 from rich.table import Table
 
 from orchestrator._access import BucketReader, ObjectWriter
@@ -75,8 +75,12 @@ def timeline(events: tuple[JobEvent, ...] | list[JobEvent]) -> Table:
 
 async def watch_job(client: ParjobsClient, job_uid: str, *, poll: float = 0.3) -> JobSheetState:
     """A live progress bar of the job until it ends; its final state."""
-    columns = (TextColumn("[bold]{task.fields[state]}"), BarColumn(), TimeElapsedColumn())
-    with Progress(*columns, TextColumn("{task.description}"), console=console) as bar:
+    columns = (
+        bars.TextColumn("[bold]{task.fields[state]}"),
+        bars.BarColumn(),
+        bars.TimeElapsedColumn(),
+    )
+    with bars.Progress(*columns, bars.TextColumn("{task.description}"), console=console) as bar:
         task = bar.add_task("", total=1.0, state="…")
         while True:
             sheet = (await client.job(job_uid)).sheet
