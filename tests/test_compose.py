@@ -12,7 +12,11 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-CREDENTIALS = {"PARJOBS_S3_ACCESS_KEY_ID": "id", "PARJOBS_S3_SECRET_ACCESS_KEY": "secret"}
+CREDENTIALS = {
+    "PARJOBS_S3_ACCESS_KEY_ID": "id",
+    "PARJOBS_S3_SECRET_ACCESS_KEY": "secret",
+    "PARJOBS_KEY_PASSPHRASE": "passphrase",
+}
 
 
 def _compose_binary() -> str:
@@ -63,6 +67,9 @@ def test_services_and_their_dependencies(rendered: dict[str, Any]) -> None:
         assert service["depends_on"]["rabbitmq"]["condition"] == "service_healthy"
         assert service["depends_on"]["seaweedfs"]["condition"] == "service_healthy"
         assert service["environment"]["PARJOBS_S3_ACCESS_KEY_ID"] == "id"
+        assert service["environment"]["PARJOBS_COMPUTE_KEY_FILE"] == "/run/secrets/compute-key"
+        assert [secret["source"] for secret in service["secrets"]] == ["compute-key"]
+        assert "/readyz" in " ".join(service["healthcheck"]["test"])
 
 
 def test_seaweedfs_runs_with_auth_on(rendered: dict[str, Any]) -> None:
