@@ -14,7 +14,7 @@ import contextlib
 import re
 import tempfile
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
@@ -30,7 +30,6 @@ from orchestrator._exceptions import (
 )
 from orchestrator._issuer import PARIssuer
 from orchestrator._jobkeys import JobKeys
-from orchestrator._jobstate import fold
 from orchestrator._keys import KeyPair, PublicKeys
 from orchestrator._objectstore import ObjectStore
 from orchestrator._par import PAR
@@ -53,6 +52,7 @@ from schemas.events import (
 )
 from schemas.messages import RunReply
 from schemas.par import Capability
+from workers._steps import due_step
 from workers.calculations import (
     CalculationRegistry,
     Invocation,
@@ -102,22 +102,19 @@ class ComputeWorker:
         if not isinstance(event.payload, StorageContracted):
             return None
         job_uid = event.job_uid
-        events = await self._log.read(job_uid)
-        done = {step_event_id(job_uid, step) for step in ("compute_contracted", "rejected")}
-        for logged in events:
-            if logged.event_id in done:
-                return logged
-        sheet = fold(events)
-        remaining = timedelta(seconds=int((sheet.expires_at - datetime.now(UTC)).total_seconds()))
-        if sheet.state is not JobState.STORAGE_CONTRACTED or remaining < timedelta(seconds=1):
-            return None
+        step = await due_step(
+            self._log, job_uid, JobState.STORAGE_CONTRACTED, "compute_contracted", "rejected"
+        )
+        if step.done is not None or step.sheet is None:
+            return step.done
+        sheet = step.sheet
         try:
             self._calculations.validate(sheet.request.calculation, sheet.request.parameters)
         except CalculationError as exc:
             failed = Failed(reason=f"rejected by compute: {exc}")
             return await self._append(job_uid, failed, step_event_id(job_uid, "rejected"))
         user = PublicKeys.from_wire(sheet.user_key)
-        run_par = await self._issuer.calculation_par(job_uid, user, lifetime=remaining)
+        run_par = await self._issuer.calculation_par(job_uid, user, lifetime=step.remaining)
         contracted = ComputeContracted(run_par=run_par.data)
         return await self._append(job_uid, contracted, step_event_id(job_uid, "compute_contracted"))
 

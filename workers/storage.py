@@ -7,14 +7,12 @@ compute service), both expiring at the job's deadline, and appends `storage_cont
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
-
 from orchestrator._eventlog import EventLog, step_event_id
 from orchestrator._issuer import PARIssuer
 from orchestrator._jobkeys import JobKeys
-from orchestrator._jobstate import fold
 from orchestrator._keys import PublicKeys
 from schemas.events import JobEvent, JobState, StorageContracted, Submitted
+from workers._steps import due_step
 
 MAX_INPUT_BYTES = 5 * 2**30  # one presigned PUT carries at most 5 GiB
 MAX_OUTPUT_BYTES = 2**30  # per output object; S3 enforces it through the POST policy
@@ -44,16 +42,10 @@ class StorageWorker:
         if not isinstance(event.payload, Submitted):
             return None
         job_uid = event.job_uid
-        event_id = step_event_id(job_uid, "storage_contracted")
-        events = await self._log.read(job_uid)
-        for logged in events:
-            if logged.event_id == event_id:
-                return logged
-        sheet = fold(events)
-        # Whole seconds, rounded down: the PARs must not outlive the job's deadline.
-        remaining = timedelta(seconds=int((sheet.expires_at - datetime.now(UTC)).total_seconds()))
-        if sheet.state is not JobState.SUBMITTED or remaining < timedelta(seconds=1):
-            return None
+        step = await due_step(self._log, job_uid, JobState.SUBMITTED, "storage_contracted")
+        if step.done is not None or step.sheet is None:
+            return step.done
+        sheet, remaining = step.sheet, step.remaining
         user = PublicKeys.from_wire(sheet.user_key)
         upload = await self._issuer.object_par(
             self._keys.input(job_uid),
@@ -71,4 +63,5 @@ class StorageWorker:
             lifetime=remaining,
         )
         payload = StorageContracted(upload_par=upload.data, output_par=output.data)
+        event_id = step_event_id(job_uid, "storage_contracted")
         return await self._log.transition(job_uid, self._actor, payload, event_id=event_id)
