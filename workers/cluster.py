@@ -37,7 +37,8 @@ def _free_port() -> int:
         return port
 
 
-def _s3_environment(s3: S3Settings) -> dict[str, str]:
+def s3_environment(s3: S3Settings) -> dict[str, str]:
+    """`s3` as the PARJOBS_S3_* variables a daemon (or `parjobs replay`) reads."""
     access_key, secret_key = s3.require_credentials()
     env = {
         "PARJOBS_S3_ENDPOINT_URL": s3.require_endpoint(),
@@ -74,6 +75,10 @@ class LocalCluster:
         self._environment: dict[str, str] = {}
 
     @property
+    def data_root(self) -> str:
+        return self._overrides.get("PARJOBS_DATA_ROOT", "")
+
+    @property
     def amqp(self) -> AMQPSettings:
         return AMQPSettings(prefix=self.prefix)
 
@@ -98,7 +103,7 @@ class LocalCluster:
         KeyPair.generate("compute").save(key_file, passphrase)
         self._environment = {
             **os.environ,
-            **_s3_environment(self.s3),
+            **s3_environment(self.s3),
             "PARJOBS_PREFIX": self.prefix,
             "PARJOBS_COMPUTE_KEY_FILE": str(key_file),
             "PARJOBS_KEY_PASSPHRASE": passphrase,

@@ -1,0 +1,103 @@
+"""The `parjobs` commands, run as a user would, against the three daemons (LocalCluster)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from orchestrator._seaweed import LocalSeaweed
+from workers.cluster import LocalCluster, s3_environment
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+async def cluster(seaweed: LocalSeaweed) -> AsyncIterator[LocalCluster]:
+    overrides = {"PARJOBS_DATA_ROOT": f"cli-{uuid.uuid4().hex[:8]}/"}
+    prefix = f"pjcli{uuid.uuid4().hex[:8]}"
+    async with LocalCluster(seaweed.settings, prefix=prefix, overrides=overrides) as running:
+        yield running
+
+
+def parjobs(
+    cluster: LocalCluster, *args: str, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        **s3_environment(cluster.s3),
+        "PARJOBS_PREFIX": cluster.prefix,
+        "PARJOBS_PASSPHRASE": "cli test passphrase",
+        "PARJOBS_DATA_ROOT": cluster.data_root,
+        "COLUMNS": "200",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if check:
+        assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def test_submit_status_events_fetch_replay(cluster: LocalCluster, tmp_path: Path) -> None:
+    key = tmp_path / "me.key"
+    parjobs(cluster, "keys", "new", str(key), "--name", "me")
+    assert (tmp_path / "me.key.pub").exists()
+    data = tmp_path / "data.txt"
+    data.write_text("one\ntwo\nthree\n")
+    out = tmp_path / "out"
+    submitted = parjobs(
+        cluster, "submit", "checksum", str(data), "--key", str(key), "--output", str(out)
+    )
+    job_uid = submitted.stdout.split("job ", 1)[1].split()[0]
+    assert "completed" in submitted.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["size_bytes"] == 14
+    assert summary["lines"] == 3
+
+    status = json.loads(parjobs(cluster, "status", job_uid).stdout)
+    assert status["state"] == "completed"
+    assert status["outputs"] == ["summary.json"]
+    timeline = parjobs(cluster, "events", job_uid).stdout
+    for event in (
+        "submitted",
+        "storage_contracted",
+        "compute_contracted",
+        "run_started",
+        "completed",
+    ):
+        assert event in timeline
+    again = tmp_path / "again"
+    parjobs(cluster, "fetch", job_uid, str(again), "--key", str(key))
+    assert (again / "summary.json").read_bytes() == (out / "summary.json").read_bytes()
+    replayed = parjobs(cluster, "replay")
+    assert "0 diverge" in replayed.stdout
+
+
+def test_errors_are_specific(cluster: LocalCluster, tmp_path: Path) -> None:
+    key = tmp_path / "me.key"
+    parjobs(cluster, "keys", "new", str(key))
+    missing = parjobs(cluster, "status", "0" * 32, check=False)
+    assert missing.returncode == 2
+    assert "JobNotFoundError" in missing.stdout or "no job" in missing.stdout
+    data = tmp_path / "d"
+    data.write_text("x")
+    unknown = parjobs(cluster, "submit", "no-such-calc", str(data), "--key", str(key), check=False)
+    assert unknown.returncode == 2
+    assert "no-such-calc" in unknown.stdout
+
+
+def test_dlq_list_runs(cluster: LocalCluster) -> None:
+    listed = parjobs(cluster, "dlq", "list")
+    assert "message id" in listed.stdout
