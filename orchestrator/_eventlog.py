@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import random
 import re
+from collections import OrderedDict
 
 import anyio
 from pydantic import TypeAdapter, ValidationError
@@ -32,6 +33,7 @@ DEFAULT_MAX_ATTEMPTS = 20  # 8 writers hammering one job needed up to 12 on Seaw
 _BACKOFF_BASE = 0.01  # seconds: the first lost race waits up to this, doubling per loss
 _BACKOFF_CAP = 0.5
 _READ_CONCURRENCY = 16  # GETs in flight while reading one log
+_CACHED_JOBS = 4096  # logs kept in memory (least recently read dropped first)
 _EVENT_NAME = re.compile(r"(\d{10})\.json")
 _UID = TypeAdapter(Uid)
 
@@ -42,6 +44,7 @@ class EventLog:
     def __init__(self, store: ObjectStore, root: str = "jobs/") -> None:
         self._store = store
         self._root = validate_prefix(root)
+        self._cache: OrderedDict[str, list[JobEvent]] = OrderedDict()  # job uid -> events 1..n
 
     def events_prefix(self, job_uid: str) -> str:
         # Validated, so a job uid can never steer a key outside its own folder.
@@ -60,10 +63,31 @@ class EventLog:
         return sorted(found)
 
     async def read(self, job_uid: str, *, after: int = 0) -> list[JobEvent]:
-        """The job's events with seq > `after`, in seq order; [] if there are none."""
+        """The job's events with seq > `after`, in seq order; [] if there are none.
+
+        Events are never rewritten, so those already read (from seq 1 on) are kept in a bounded
+        cache and only newer ones are listed and fetched: a poll costs one LIST, not a GET per
+        event of the whole history.
+        """
+        known = self._cache.get(job_uid, [])
+        fresh = await self._read_stored(job_uid, after=max(after, len(known)))
+        if after <= len(known) and all(e.seq == len(known) + i for i, e in enumerate(fresh, 1)):
+            known = known + fresh
+            self._remember(job_uid, known)
+            return known[after:]
+        return fresh
+
+    def _remember(self, job_uid: str, events: list[JobEvent]) -> None:
+        self._cache[job_uid] = events
+        self._cache.move_to_end(job_uid)
+        while len(self._cache) > _CACHED_JOBS:
+            self._cache.popitem(last=False)
+
+    async def _read_stored(self, job_uid: str, *, after: int) -> list[JobEvent]:
         prefix = self.events_prefix(job_uid)
+        start_after = self.event_key(job_uid, after) if after else None
         seqs: list[int] = []
-        for info in await self._store.list(prefix):
+        for info in await self._store.list(prefix, start_after=start_after):
             name = _EVENT_NAME.fullmatch(info.key.removeprefix(prefix))
             if name is None:
                 raise EventLogCorruptError(f"{info.key!r} is in job {job_uid}'s log but no event")

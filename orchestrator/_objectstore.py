@@ -234,12 +234,18 @@ class ObjectStore:
             )
         return PresignedPost(url=post["url"], fields=post["fields"])
 
-    async def list(self, prefix: str = "") -> builtins.list[ObjectInfo]:
-        """Every object under `prefix`, sorted by key."""
+    async def list(
+        self, prefix: str = "", *, start_after: str | None = None
+    ) -> builtins.list[ObjectInfo]:
+        """Every object under `prefix` (only keys after `start_after`, if given), sorted by key."""
         found: builtins.list[ObjectInfo] = []
         with _s3_errors(prefix):
             pages = self._s3.get_paginator("list_objects_v2")
-            async for page in pages.paginate(Bucket=self.bucket, Prefix=prefix):
+            # An empty StartAfter means "from the first key", as S3 defines it.
+            listing = pages.paginate(
+                Bucket=self.bucket, Prefix=prefix, StartAfter=start_after or ""
+            )
+            async for page in listing:
                 found.extend(
                     ObjectInfo(key=obj["Key"], size=obj["Size"], etag=_strip_etag(obj["ETag"]))
                     for obj in page.get("Contents", [])
