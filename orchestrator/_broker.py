@@ -323,13 +323,15 @@ class Broker:
         follow: bool = False,
         prefetch: int = 256,
         idle_timeout: float = 2.0,
+        skip_invalid: bool = False,
     ) -> AsyncIterator[StreamRecord[T]]:
         """Validated records of `stream` from `offset`, in order.
 
         Stops after a record for which `until` is true, or (unless `follow`) after the record at
         the stream's tail as of the call. An empty stream costs `idle_timeout` seconds to notice;
         a read that stalls that long before reaching the tail raises StreamStalledError. A record
-        that does not validate raises InvalidMessageError naming its offset.
+        that does not validate raises InvalidMessageError naming its offset, or with
+        `skip_invalid` is logged and passed over (an audit should not stop at one bad record).
         """
         return _streams.read_stream(
             self._require(),
@@ -340,6 +342,7 @@ class Broker:
             follow=follow,
             prefetch=prefetch,
             idle_timeout=idle_timeout,
+            skip_invalid=skip_invalid,
         )
 
     # --- dead letters ---------------------------------------------------------------------------

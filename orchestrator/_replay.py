@@ -75,7 +75,8 @@ def compare(job_uid: str, stored: list[JobEvent], streamed: Iterable[JobEvent]) 
 async def streamed_events(broker: Broker) -> dict[str, list[JobEvent]]:
     """Every job event on the stream, from its first offset to its current tail, by job."""
     by_job: dict[str, list[JobEvent]] = defaultdict(list)
-    async for record in broker.read_stream(broker.topology.events_stream, _ENVELOPE):
+    stream = broker.topology.events_stream
+    async for record in broker.read_stream(stream, _ENVELOPE, skip_invalid=True):
         if isinstance(record.value.body, EventPublished):
             event = record.value.body.event
             by_job[event.job_uid].append(event)

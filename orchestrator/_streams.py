@@ -12,6 +12,7 @@ after the last message.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     )
     from pydantic import TypeAdapter
 
+log = logging.getLogger("parjobs.broker")
 T = TypeVar("T")
 StreamOffset = Literal["first", "last", "next"] | int | datetime
 """Where to start: the first retained message, the last chunk, only new messages, an absolute
@@ -118,6 +120,7 @@ async def read_stream(
     follow: bool,
     prefetch: int,
     idle_timeout: float,
+    skip_invalid: bool = False,
 ) -> AsyncIterator[StreamRecord[T]]:
     """Validated records from `offset` on; see `Broker.read_stream`."""
     tail: int | None = None
@@ -148,10 +151,15 @@ async def read_stream(
             try:
                 value = decode(adapter, message.body)
             except InvalidMessageError as exc:
-                raise InvalidMessageError(
-                    f"stream {stream}, offset {at}: {exc} (resume from offset {at + 1})",
-                    code=exc.code,
-                ) from exc
+                where = f"stream {stream}, offset {at}: {exc}"
+                if not skip_invalid:
+                    raise InvalidMessageError(
+                        f"{where} (resume from offset {at + 1})", code=exc.code
+                    ) from exc
+                log.warning("skipped an invalid record: %s", where)
+                if tail is not None and at >= tail:
+                    return
+                continue
             record = StreamRecord(
                 value=value,
                 offset=at,

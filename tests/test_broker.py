@@ -466,6 +466,23 @@ async def test_stream_reads_every_event_from_the_first_in_order(broker: Broker) 
 
 
 @pytest.mark.integration
+async def test_stream_invalid_record_stops_a_read_unless_skipped(
+    broker: Broker, raw_channel: AbstractChannel
+) -> None:
+    stream = broker.topology.events_stream
+    await broker.publish(broker.topology.events, "job.a", Ping(n=1))
+    events = await raw_channel.get_exchange(broker.topology.events.name)
+    await events.publish(aio_pika.Message(b"not json"), routing_key="job.a")
+    await broker.publish(broker.topology.events, "job.a", Ping(n=2))
+    with pytest.raises(InvalidMessageError, match="resume from offset"):
+        _ = [record async for record in broker.read_stream(stream, MESSAGES)]
+    skipped = [
+        record.value async for record in broker.read_stream(stream, MESSAGES, skip_invalid=True)
+    ]
+    assert skipped == [Ping(n=1), Ping(n=2)]
+
+
+@pytest.mark.integration
 async def test_stream_follow_sees_new_events(broker: Broker) -> None:
     stream = broker.topology.events_stream
     await broker.publish(broker.topology.events, "job.a", Ping(n=0))

@@ -22,7 +22,10 @@ pytestmark = pytest.mark.integration
 async def cluster(seaweed: LocalSeaweed) -> AsyncIterator[LocalCluster]:
     overrides = {"PARJOBS_DATA_ROOT": f"cli-{uuid.uuid4().hex[:8]}/"}
     prefix = f"pjcli{uuid.uuid4().hex[:8]}"
-    async with LocalCluster(seaweed.settings, prefix=prefix, overrides=overrides) as running:
+    cluster = LocalCluster(
+        seaweed.settings, prefix=prefix, overrides=overrides, delete_topology=True
+    )
+    async with cluster as running:
         yield running
 
 

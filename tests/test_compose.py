@@ -54,7 +54,7 @@ def test_compose_file_is_valid() -> None:
 def test_missing_s3_credentials_are_a_clear_error() -> None:
     result = _config({}, "--quiet")
     assert result.returncode != 0
-    assert "required variable PARJOBS_S3_" in result.stderr
+    assert "required variable PARJOBS_" in result.stderr
 
 
 def test_services_and_their_dependencies(rendered: dict[str, Any]) -> None:

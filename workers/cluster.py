@@ -26,6 +26,7 @@ import httpx
 from orchestrator._exceptions import ConfigurationError
 from orchestrator._keys import KeyPair
 from orchestrator._settings import AMQPSettings, S3Settings
+from workers.daemons import delete_topology
 
 ROLES = ("access", "storage", "compute")
 
@@ -63,8 +64,10 @@ class LocalCluster:
         overrides: dict[str, str] | None = None,
         ready_timeout: float = 30.0,
         keep_dir: bool = False,
+        delete_topology: bool = False,
     ) -> None:
         self.keep_dir = keep_dir
+        self.delete_topology = delete_topology  # for throwaway prefixes: leave the broker clean
         self.s3 = s3
         self.prefix = prefix
         self._overrides = dict(overrides or {})
@@ -183,3 +186,5 @@ class LocalCluster:
                 process.wait()
         if not self.keep_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
+        if self.delete_topology:
+            await delete_topology(self.amqp)

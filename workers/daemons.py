@@ -6,10 +6,12 @@ broker: validate, act, publish the appended events, reply, and ack (by returning
 
 from __future__ import annotations
 
+import itertools
 import logging
 from datetime import timedelta
 from pathlib import Path
 
+import aio_pika
 import anyio
 from anyio.abc import TaskGroup
 
@@ -18,6 +20,8 @@ from orchestrator._consumer import IncomingMeta
 from orchestrator._exceptions import ConfigurationError, InvalidMessageError, ParjobsError
 from orchestrator._issuer import PARIssuer
 from orchestrator._keys import KeyPair, PublicKeys
+from orchestrator._settings import AMQPSettings
+from orchestrator._topology import QueueSpec, Topology
 from schemas.messages import (
     ClosePAR,
     Envelope,
@@ -35,6 +39,34 @@ from workers.compute import ComputeWorker
 from workers.storage import StorageWorker
 
 log = logging.getLogger("parjobs.service")
+
+
+def service_queues(topology: Topology) -> dict[str, tuple[QueueSpec, ...]]:
+    """The queues each daemon consumes (declared by it; deleted by `delete_topology`)."""
+    return {
+        "access": (topology.rpc_queue("access"),),
+        "storage": (topology.work_queue("storage", events=["job.*.submitted"]),),
+        "compute": (
+            topology.work_queue("compute", events=["job.*.storage_contracted"]),
+            topology.rpc_queue("compute"),
+            topology.rpc_queue("runs"),
+        ),
+    }
+
+
+async def delete_topology(settings: AMQPSettings) -> None:
+    """Delete every queue and exchange of `settings.prefix` (reply queues go with connections).
+
+    For throwaway prefixes (the demo, tests); a deployment keeps its queues.
+    """
+    topology = Topology(settings.prefix, settings.delivery_limit)
+    queues = [*topology.shared_queues, *itertools.chain(*service_queues(topology).values())]
+    connection = await aio_pika.connect(settings.amqp_url.get_secret_value())
+    async with connection, connection.channel() as channel:
+        for queue in queues:
+            await channel.queue_delete(queue.name)
+        for exchange in topology.exchanges:
+            await channel.exchange_delete(exchange.name)
 
 
 def _compute_key_file(context: ServiceContext) -> Path:
@@ -107,7 +139,7 @@ async def setup_access(context: ServiceContext, group: TaskGroup) -> None:
                 log.exception("expiry sweep failed; retrying at the next interval")
             await anyio.sleep(settings.sweep_interval_s)
 
-    queue = context.broker.topology.rpc_queue("access")
+    (queue,) = service_queues(context.broker.topology)["access"]
     await context.broker.declare(queue)
     await context.broker.consume(queue, ENVELOPE, handle)
     group.start_soon(sweep)
@@ -130,7 +162,7 @@ async def setup_storage(context: ServiceContext, group: TaskGroup) -> None:
         if contracted is not None:
             await context.publish_event(contracted)
 
-    queue = context.broker.topology.work_queue("storage", events=["job.*.submitted"])
+    (queue,) = service_queues(context.broker.topology)["storage"]
     await context.broker.declare(queue)
     await context.broker.consume(queue, ENVELOPE, handle)
 
@@ -184,7 +216,21 @@ async def setup_compute(context: ServiceContext, group: TaskGroup) -> None:
             return
         await context.reply(meta, reply)
 
+    # Start messages being handled here, by message id. A second delivery of one while the first
+    # runs (a publisher's resend after a lost confirm) waits for it to end, then its claim finds
+    # the job ended, so it starts no second run (or resumes the job if the first was cancelled).
+    starting: dict[str, anyio.Lock] = {}
+
     async def on_start(envelope: Envelope, meta: IncomingMeta) -> None:
+        lock = starting.setdefault(envelope.message_id, anyio.Lock())
+        try:
+            async with lock:
+                await start(envelope, meta)
+        finally:
+            if not lock.locked() and lock.statistics().tasks_waiting == 0:
+                starting.pop(envelope.message_id, None)
+
+    async def start(envelope: Envelope, meta: IncomingMeta) -> None:
         # The message stays unacked for the whole run: if this daemon dies, the broker hands it
         # to the next one, whose claim recognises the same message and runs the job again.
         command = run_command(envelope)
@@ -202,8 +248,7 @@ async def setup_compute(context: ServiceContext, group: TaskGroup) -> None:
             await context.reply(meta, worker.started_reply(sheet))
         await worker.run(sheet, par_uid, context.publish_event)
 
-    contracts = topology.work_queue("compute", events=["job.*.storage_contracted"])
-    control, runs = topology.rpc_queue("compute"), topology.rpc_queue("runs")
+    contracts, control, runs = service_queues(topology)["compute"]
     await context.broker.declare(contracts, control, runs)
     await context.broker.consume(contracts, ENVELOPE, on_contract)
     await context.broker.consume(control, ENVELOPE, on_control)

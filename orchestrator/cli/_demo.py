@@ -45,7 +45,8 @@ async def run_job_demo() -> None:
     prefix = f"demo{secrets.token_hex(4)}"
     async with AsyncExitStack() as stack:
         s3 = await local_s3(stack)
-        cluster = await stack.enter_async_context(LocalCluster(s3, prefix=prefix))
+        cluster = LocalCluster(s3, prefix=prefix, delete_topology=True)
+        await stack.enter_async_context(cluster)
         console.print(f"access, storage, compute daemons ready as separate processes ({prefix})")
         broker = await stack.enter_async_context(Broker(cluster.amqp, name="parjobs-demo"))
         client = ParjobsClient(broker, sender="demo")

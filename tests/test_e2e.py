@@ -1,0 +1,830 @@
+"""End to end: the three daemons as separate processes (`LocalCluster`) on the real RabbitMQ and
+the session's SeaweedFS, driven the way a user drives them (a `ParjobsClient`, PARs, S3).
+
+One cluster serves the module; tests that kill, stop or disconnect daemons, or need other settings,
+start a cluster of their own. Every cluster has its own broker prefix and data root, removed
+afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import secrets
+import signal
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import anyio
+import httpx
+import pytest
+from pydantic import JsonValue, TypeAdapter
+
+from orchestrator import PAR, BucketReader, KeyPair, ObjectWriter
+from orchestrator._broker import Broker
+from orchestrator._client import ParjobsClient
+from orchestrator._dlq import CODE_HEADER, REASON_HEADER, DeadLetter, DeadLetterReason
+from orchestrator._exceptions import PARExpiredError, RunRefusedError, WrongKeyError
+from orchestrator._objectstore import ObjectStore
+from orchestrator._par import RunControl
+from orchestrator._seaweed import LocalSeaweed
+from orchestrator._topology import Topology
+from orchestrator._transfer import PARTransport
+from schemas.events import Completed, JobEvent, JobRequest, JobSheetState, JobState
+from schemas.messages import Envelope, ErrorReply, EventPublished, RunCommand, RunReply
+from tests.conftest import RabbitMQCtl
+from workers.cluster import ROLES, LocalCluster
+from workers.daemons import delete_topology
+
+pytestmark = pytest.mark.integration
+
+ENVELOPE = TypeAdapter(Envelope)
+HAPPY_PATH = ("submitted", "storage_contracted", "compute_contracted", "run_started", "completed")
+
+
+# --- clusters -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Harness:
+    """A running cluster and a user of it: their key pair, a client, a broker connection."""
+
+    cluster: LocalCluster
+    broker: Broker
+    client: ParjobsClient
+    store: ObjectStore
+    root: str  # the cluster's PARJOBS_DATA_ROOT
+    user: KeyPair
+
+    @property
+    def topology(self) -> Topology:
+        return self.broker.topology
+
+    # --- a user's steps --------------------------------------------------------------------------
+
+    async def ready_job(
+        self,
+        calculation: str = "checksum",
+        parameters: dict[str, JsonValue] | None = None,
+        *,
+        lifetime_s: int | None = None,
+        poll_interval: float = 0.2,
+    ) -> tuple[str, PAR, PAR]:
+        """Submit and wait until storage and compute contracted: (job uid, upload, run PAR)."""
+        request = JobRequest(calculation=calculation, parameters=parameters or {})
+        sheet = await self.client.submit(request, self.user.public, lifetime_s=lifetime_s)
+        ready = await self.client.wait_until(
+            sheet.job_uid, frozenset({JobState.READY}), timeout=60, poll_interval=poll_interval
+        )
+        assert ready.state is JobState.READY, f"{ready.state}: {ready.reason}"
+        assert ready.upload_par is not None
+        assert ready.run_par is not None
+        return ready.job_uid, PAR(ready.upload_par), PAR(ready.run_par)
+
+    async def start_job(
+        self,
+        data: bytes,
+        calculation: str = "checksum",
+        parameters: dict[str, JsonValue] | None = None,
+        *,
+        poll_interval: float = 0.2,
+    ) -> tuple[str, RunControl]:
+        """A job whose input is uploaded and whose run was started (accepted)."""
+        job_uid, upload, run = await self.ready_job(
+            calculation, parameters, poll_interval=poll_interval
+        )
+        sent = await ObjectWriter(upload, self.user).set_object(data)
+        assert sent.size == len(data)
+        control = run.execute(self.user, control=self.client)
+        reply = await control.start()
+        assert reply.accepted, reply
+        assert reply.job_uid == job_uid
+        return job_uid, control
+
+    async def run_job(
+        self,
+        data: bytes,
+        calculation: str = "checksum",
+        parameters: dict[str, JsonValue] | None = None,
+        *,
+        timeout: float = 60,  # noqa: ASYNC109 - a deadline for the whole job
+        poll_interval: float = 0.2,
+    ) -> JobSheetState:
+        """Submit, upload, start and wait until the job ends; its final sheet."""
+        job_uid, control = await self.start_job(
+            data, calculation, parameters, poll_interval=poll_interval
+        )
+        await control.wait(timeout=timeout, poll_interval=poll_interval)
+        return (await self.client.job(job_uid)).sheet
+
+    async def events(self, job_uid: str) -> list[JobEvent]:
+        return list((await self.client.job(job_uid, with_events=True)).events)
+
+    async def check_checksum_job(self, job_uid: str, data: bytes) -> None:
+        """The job completed exactly once, and its summary is the checksum of `data`."""
+        events = await self.events(job_uid)
+        assert [event.seq for event in events] == list(range(1, len(events) + 1))
+        assert len({event.event_id for event in events}) == len(events)
+        kinds = kinds_of(events)
+        assert {kind: kinds[kind] for kind in HAPPY_PATH} == dict.fromkeys(HAPPY_PATH, 1), kinds
+        assert set(kinds) <= {*HAPPY_PATH, "progress"}, kinds
+        assert events[-1].payload.type == "completed"
+        completed = events[-1].payload
+        assert isinstance(completed, Completed)
+        assert [output.key for output in completed.outputs] == ["summary.json"]
+
+        reader = BucketReader(await self.client.outputs(job_uid), self.user)
+        assert reader.list_keys() == ["summary.json"]
+        raw = await reader.get_object("summary.json")
+        recorded = completed.outputs[0]
+        assert (hashlib.sha256(raw).hexdigest(), len(raw)) == (recorded.sha256, recorded.size)
+        summary = json.loads(raw)
+        assert summary["calculation"] == "checksum"
+        assert summary["sha256"] == hashlib.sha256(data).hexdigest()
+        assert summary["size_bytes"] == len(data)
+
+    # --- looking at the system from outside ------------------------------------------------------
+
+    async def registry_records(self) -> set[str]:
+        """Keys of every PAR record the services minted (the registry under the data root)."""
+        return {
+            info.key
+            for info in await self.store.list(f"{self.root}registry/pars/")
+            if info.key.endswith(".json")
+        }
+
+    async def stream_records(self, job_uid: str) -> list[tuple[str | None, Envelope]]:
+        """(message id, envelope) of every message the events stream holds for `job_uid`."""
+        found = []
+        async for record in self.broker.read_stream(self.topology.events_stream, ENVELOPE):
+            body = record.value.body
+            if isinstance(body, EventPublished) and body.event.job_uid == job_uid:
+                found.append((record.message_id, record.value))
+        return found
+
+    async def stream_counts(self, job_uid: str) -> Counter[str]:
+        """How many events of each type the events stream holds for `job_uid`."""
+        return Counter(
+            str(envelope.body.event.payload.type)
+            for _, envelope in await self.stream_records(job_uid)
+            if isinstance(envelope.body, EventPublished)
+        )
+
+    def health_url(self, role: str, path: str) -> str:
+        return f"http://127.0.0.1:{self.cluster.health_ports[role]}{path}"
+
+    async def health(self, role: str) -> dict[str, Any]:
+        async with httpx.AsyncClient(timeout=2) as http:
+            response = await http.get(self.health_url(role, "/readyz"))
+        body: dict[str, Any] = response.json()
+        body["status"] = response.status_code
+        return body
+
+
+@asynccontextmanager
+async def open_cluster(
+    seaweed: LocalSeaweed, store: ObjectStore, overrides: dict[str, str] | None = None
+) -> AsyncIterator[Harness]:
+    """A LocalCluster with a broker prefix and data root of its own, and a user connected to it."""
+    tag = uuid.uuid4().hex[:10]
+    root = f"e2e-{tag}/"
+    cluster = LocalCluster(
+        seaweed.settings,
+        prefix=f"e2e-{tag}",
+        overrides={"PARJOBS_DATA_ROOT": root, **(overrides or {})},
+    )
+    try:
+        await cluster.start()
+        async with Broker(cluster.amqp, name=f"e2e-client-{tag}") as broker:
+            yield Harness(
+                cluster=cluster,
+                broker=broker,
+                client=ParjobsClient(broker, sender="e2e-test"),
+                store=store,
+                root=root,
+                user=KeyPair.generate("e2e-user"),
+            )
+    finally:
+        await cluster.stop()
+        await delete_topology(cluster.amqp)
+        await store.delete_prefix(root)
+
+
+@pytest.fixture(scope="module")
+async def harness(seaweed: LocalSeaweed, store: ObjectStore) -> AsyncIterator[Harness]:
+    """The module's cluster: up to 10 runs at once, so 50 jobs go through quickly."""
+    async with open_cluster(seaweed, store, {"PARJOBS_MAX_RUNS": "10"}) as opened:
+        yield opened
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]],
+    what: str,
+    *,
+    timeout: float = 20,  # noqa: ASYNC109 - a deadline for the whole wait
+    interval: float = 0.1,
+) -> None:
+    """Poll `check` until it is true; fail the test naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {timeout:g}s: {what}")
+        await anyio.sleep(interval)
+
+
+def run_processes(job_uid: str) -> set[int]:
+    """Pids of live (not zombie) calculation processes of `job_uid` on this machine.
+
+    The compute worker runs each job in a scratch directory named `parjobs-run-<uid[:8]>-...`,
+    which the calculation's argv names.
+    """
+    marker = f"parjobs-run-{job_uid[:8]}-".encode()
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and _is_live(entry, marker):
+            pids.add(int(entry.name))
+    return pids
+
+
+def _is_live(proc: Path, marker: bytes) -> bool:
+    try:
+        cmdline = (proc / "cmdline").read_bytes()
+        state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return marker in cmdline and state != "Z"
+
+
+async def ready_messages(harness: Harness, queue: str) -> int:
+    """Messages waiting in `queue` for a consumer, as the broker says now (a passive declare;
+    the counters `rabbitmqctl list_queues` shows are refreshed only every few seconds)."""
+    connection = await aio_pika.connect(harness.broker.settings.amqp_url.get_secret_value())
+    async with connection, connection.channel() as channel:
+        declared = await channel.declare_queue(queue, passive=True)
+        return declared.declaration_result.message_count or 0
+
+
+async def close_daemon_connections(
+    rabbitmqctl: RabbitMQCtl, cluster: LocalCluster, roles: tuple[str, ...]
+) -> None:
+    """Close each daemon's broker connection from the server side, as an operator (or a network
+    partition) would; each daemon names its connection `parjobs-<role>-<pid>`."""
+    listing = await rabbitmqctl.run(
+        "list_connections", "--no-table-headers", "pid", "client_properties"
+    )
+    for role in roles:
+        marker = f'{{"connection_name","parjobs-{role}-{cluster.pid(role)}"}}'
+        pids = [line.split("\t", 1)[0] for line in listing.splitlines() if marker in line]
+        assert len(pids) == 1, f"{role}: {pids}"
+        await rabbitmqctl.run("close_connection", pids[0], "e2e test: server-side close")
+
+
+class RunWatch:
+    """Samples a job's calculation processes in the background: which ran, how many at once."""
+
+    def __init__(self, job_uid: str) -> None:
+        self.job_uid = job_uid
+        self.pids: set[int] = set()
+        self.most_at_once = 0
+
+    async def run(self) -> None:
+        while True:
+            now = await anyio.to_thread.run_sync(run_processes, self.job_uid)
+            self.pids |= now
+            self.most_at_once = max(self.most_at_once, len(now))
+            await anyio.sleep(0.05)
+
+
+def kinds_of(events: list[JobEvent]) -> Counter[str]:
+    """How many events of each type."""
+    return Counter(str(event.payload.type) for event in events)
+
+
+def payload(size: int, seed: str) -> bytes:
+    """`size` bytes of deterministic, job-specific data with lines in it."""
+    chunk = hashlib.sha256(seed.encode()).hexdigest().encode() + b"\n"
+    return (chunk * (size // len(chunk) + 1))[:size]
+
+
+# --- the happy path -----------------------------------------------------------------------------
+
+
+async def test_a_job_completes_with_the_right_output(harness: Harness) -> None:
+    data = payload(300_000, "one job") + secrets.token_bytes(1000)
+    sheet = await harness.run_job(data)
+    assert sheet.state is JobState.COMPLETED, sheet.reason
+    await harness.check_checksum_job(sheet.job_uid, data)
+    # The read PAR over the outputs is sealed for the job's user: no other key opens it.
+    read_par = await harness.client.outputs(sheet.job_uid)
+    with pytest.raises(WrongKeyError, match="sealed for key"):
+        BucketReader(read_par, KeyPair.generate("someone else")).list_keys()
+
+
+async def test_fifty_concurrent_jobs_all_complete_exactly_once(harness: Harness) -> None:
+    inputs = {f"job-{n}": payload(1000 + 97 * n, f"job {n}") for n in range(50)}
+    finished: dict[str, tuple[str, bytes]] = {}
+    started = time.monotonic()
+
+    async def one(name: str, data: bytes) -> None:
+        sheet = await harness.run_job(data, timeout=100, poll_interval=0.5)
+        assert sheet.state is JobState.COMPLETED, f"{name}: {sheet.state} {sheet.reason}"
+        finished[name] = (sheet.job_uid, data)
+
+    with anyio.fail_after(110):
+        async with anyio.create_task_group() as group:
+            for name, data in inputs.items():
+                group.start_soon(one, name, data)
+    elapsed = time.monotonic() - started
+
+    assert len(finished) == 50
+    assert len({job_uid for job_uid, _ in finished.values()}) == 50  # 50 jobs, not fewer
+
+    checks = anyio.Semaphore(8)
+
+    async def check(job_uid: str, data: bytes) -> None:
+        async with checks:
+            await harness.check_checksum_job(job_uid, data)
+
+    async with anyio.create_task_group() as group:
+        for job_uid, data in finished.values():
+            group.start_soon(check, job_uid, data)
+
+    # Nothing was published that is not in a log: the stream holds each job's events, by id.
+    job_uids = {job_uid for job_uid, _ in finished.values()}
+    published: dict[str, set[str]] = {job_uid: set() for job_uid in job_uids}
+    async for record in harness.broker.read_stream(harness.topology.events_stream, ENVELOPE):
+        body = record.value.body
+        if isinstance(body, EventPublished) and body.event.job_uid in job_uids:
+            published[body.event.job_uid].add(body.event.event_id)
+    for job_uid in job_uids:
+        logged = {event.event_id for event in await harness.events(job_uid)}
+        assert published[job_uid] == logged, job_uid
+    print(f"50 jobs in {elapsed:.1f}s")
+
+
+# --- expiry and stop ----------------------------------------------------------------------------
+
+
+async def test_expiry_ends_a_job_and_its_pars_are_refused(
+    seaweed: LocalSeaweed, store: ObjectStore
+) -> None:
+    async with open_cluster(seaweed, store, {"PARJOBS_SWEEP_INTERVAL_S": "0.5"}) as h:
+        # One job never gets its input; another gets its input but is never started.
+        idle_uid, idle_upload, idle_run = await h.ready_job(lifetime_s=4)
+        unstarted_uid, unstarted_upload, unstarted_run = await h.ready_job(lifetime_s=4)
+        runs = {idle_uid: idle_run, unstarted_uid: unstarted_run}
+        # The holder-side check keeps a 30 s margin, so with a 4 s lifetime the capabilities are
+        # opened regardless, and sent as they are: what the services and S3 do is under test.
+        forced = {uid: _forced_run_control(run, h) for uid, run in runs.items()}
+        for control in forced.values():  # still live: compute answers for them
+            assert (await control.status()).state == "ready"
+        await _put_through(unstarted_upload, h.user, b"an input that is never used\n")
+        assert await h.store.head(f"{h.root}jobs/{unstarted_uid}/input") is not None
+
+        for job_uid in runs:
+            sheet = await h.client.wait_until(
+                job_uid, frozenset({JobState.EXPIRED}), timeout=15, poll_interval=0.2
+            )
+            assert sheet.state is JobState.EXPIRED
+            assert (sheet.expires_at - sheet.created_at).total_seconds() <= 4.5
+            assert sheet.updated_at >= sheet.expires_at
+            # The sweep runs every 0.5 s: the job ends soon after its deadline.
+            assert (sheet.updated_at - sheet.expires_at).total_seconds() < 4
+            kinds = [event.payload.type for event in await h.events(job_uid)]
+            assert kinds == ["submitted", "storage_contracted", "compute_contracted", "expired"]
+
+        for job_uid, run in runs.items():
+            with pytest.raises(PARExpiredError):  # the holder's side refuses it...
+                run.execute(h.user, control=h.client)
+            with pytest.raises(PARExpiredError):  # ...and so does compute, sent anyway
+                await forced[job_uid].start()
+            with pytest.raises(PARExpiredError):
+                await forced[job_uid].status()
+            assert (await h.client.job(job_uid)).sheet.state is JobState.EXPIRED
+        assert run_processes(unstarted_uid) == set()
+
+        # S3 itself refuses the expired upload PAR's presigned URL.
+        with pytest.raises(PARExpiredError, match="403 AccessDenied: Request has expired"):
+            await _put_through(idle_upload, h.user, b"too late\n")
+        assert await h.store.head(f"{h.root}jobs/{idle_uid}/input") is None
+
+
+def _forced_run_control(run: PAR, harness: Harness) -> RunControl:
+    """The run PAR's control, opened without the holder-side expiry check."""
+    capability = run.open(harness.user, allow_expired=True)
+    assert capability.run_url is not None
+    return RunControl(run, capability.run_url, harness.client)
+
+
+async def _put_through(upload: PAR, user: KeyPair, data: bytes) -> None:
+    """PUT `data` to the upload PAR's presigned URL, without the holder-side expiry check."""
+    capability = upload.open(user, allow_expired=True)
+    assert capability.put_url is not None
+    async with PARTransport() as transport:
+        await transport.put_bytes(capability.put_url, capability.put_headers, data)
+
+
+async def test_stop_ends_a_running_job(harness: Harness) -> None:
+    job_uid, control = await harness.start_job(b"input\n", "sleep", {"seconds": 30})
+    await eventually(
+        lambda: _running_with_process(harness, job_uid), "the sleep calculation is running"
+    )
+    pids = run_processes(job_uid)
+    assert len(pids) == 1, pids
+
+    asked = time.monotonic()
+    reply = await control.stop()
+    assert reply.accepted, reply
+    final = await control.wait(timeout=10, poll_interval=0.1)
+    took = time.monotonic() - asked
+    assert final.state == "cancelled", final
+    assert took < 8, f"the stop took {took:.1f}s"
+    assert not any(
+        _is_live(Path(f"/proc/{pid}"), f"parjobs-run-{job_uid[:8]}-".encode()) for pid in pids
+    ), "the sleep process survived the stop"
+    assert run_processes(job_uid) == set()
+
+    events = await harness.events(job_uid)
+    kinds = kinds_of(events)
+    assert kinds["run_started"] == 1, kinds
+    assert kinds["cancelled"] == 1, kinds
+    assert set(kinds) <= {
+        "submitted",
+        "storage_contracted",
+        "compute_contracted",
+        "run_started",
+        "progress",
+        "cancelled",
+    }, kinds
+    assert events[-1].payload.type == "cancelled"
+    # An ended job cannot be started or stopped again through its run PAR.
+    with pytest.raises(RunRefusedError):
+        await control.start()
+    with pytest.raises(RunRefusedError):
+        await control.stop()
+
+
+async def _running_with_process(harness: Harness, job_uid: str) -> bool:
+    sheet = (await harness.client.job(job_uid)).sheet
+    return sheet.state is JobState.RUNNING and bool(run_processes(job_uid))
+
+
+# --- poison and duplicates ----------------------------------------------------------------------
+
+
+async def test_a_poison_message_is_dead_lettered_once(harness: Harness) -> None:
+    topology = harness.topology
+    storage_queue = topology.work_queue("storage").name
+    access_queue = topology.rpc_queue("access").name
+    undecodable_id, unknown_id = uuid.uuid4().hex, uuid.uuid4().hex
+    unknown = {
+        "schema_version": 1,
+        "message_id": unknown_id,
+        "sent_at": "2030-01-01T00:00:00Z",
+        "sender": "e2e-test",
+        "body": {"type": "make_coffee", "strength": 11},
+    }
+    connection = await aio_pika.connect(harness.broker.settings.amqp_url.get_secret_value())
+    async with connection, connection.channel(publisher_confirms=True) as channel:
+        # Straight into the storage work queue (not through the events exchange, whose stream
+        # would keep the bad bytes for every later reader of the history).
+        await channel.default_exchange.publish(
+            aio_pika.Message(b"\x00\xffnot json at all{", message_id=undecodable_id),
+            routing_key=storage_queue,
+        )
+        commands = await channel.get_exchange(topology.commands.name, ensure=False)
+        await commands.publish(
+            aio_pika.Message(json.dumps(unknown).encode(), message_id=unknown_id),
+            routing_key=topology.rpc_routing_key("access"),
+        )
+
+    async def letters() -> list[DeadLetter]:
+        return [
+            letter
+            for letter in await harness.broker.dead_letters()
+            if letter.message_id in (undecodable_id, unknown_id)
+        ]
+
+    async def both_dead_lettered() -> bool:
+        return len(await letters()) >= 2
+
+    await eventually(both_dead_lettered, "both poison messages reach the dead-letter queue")
+
+    # The daemons go on working; by the time a whole job has gone through, a looping poison
+    # message would have come back.
+    data = payload(5000, "after the poison")
+    sheet = await harness.run_job(data)
+    assert sheet.state is JobState.COMPLETED, sheet.reason
+    await harness.check_checksum_job(sheet.job_uid, data)
+
+    found = await letters()
+    assert sorted(letter.message_id or "" for letter in found) == sorted(
+        [undecodable_id, unknown_id]
+    ), "each poison message is dead-lettered exactly once"
+    by_id = {letter.message_id: letter for letter in found}
+    bad_bytes, bad_type = by_id[undecodable_id], by_id[unknown_id]
+    assert bad_bytes.code is DeadLetterReason.UNDECODABLE
+    assert bad_bytes.original_queue == storage_queue
+    assert "undecodable" in bad_bytes.reason
+    assert "json" in bad_bytes.reason.lower()
+    assert bad_bytes.body == b"\x00\xffnot json at all{"
+    assert bad_type.code is DeadLetterReason.UNKNOWN_TYPE
+    assert bad_type.original_queue == access_queue
+    assert "make_coffee" in bad_type.reason
+    # The reason travels in the message's headers.
+    raw = await _raw_dead_letter_headers(harness, {undecodable_id, unknown_id})
+    assert raw[undecodable_id][CODE_HEADER] == "undecodable"
+    assert raw[unknown_id][CODE_HEADER] == "unknown-type"
+    assert all(REASON_HEADER in headers for headers in raw.values())
+
+    # Nothing waits to be tried again.
+    assert await ready_messages(harness, storage_queue) == 0
+    assert await ready_messages(harness, access_queue) == 0
+
+
+async def _raw_dead_letter_headers(harness: Harness, ids: set[str]) -> dict[str, dict[str, Any]]:
+    """The headers of the dead letters with these ids, as they sit in the queue (handed back)."""
+    connection = await aio_pika.connect(harness.broker.settings.amqp_url.get_secret_value())
+    found: dict[str, dict[str, Any]] = {}
+    async with connection, connection.channel() as channel:
+        queue = await channel.declare_queue(harness.topology.dead_letter_queue.name, passive=True)
+        held = []
+        while (message := await queue.get(no_ack=False, fail=False)) is not None:
+            held.append(message)
+            if message.message_id in ids:
+                found[message.message_id] = dict(message.headers or {})
+        for message in held:
+            await message.nack(requeue=True)
+    return found
+
+
+async def test_a_duplicate_delivery_has_no_second_effect(harness: Harness) -> None:
+    job_uid, upload, run = await harness.ready_job()
+    records_before = await harness.registry_records()
+    log_before = await harness.events(job_uid)
+    assert [event.payload.type for event in log_before] == [
+        "submitted",
+        "storage_contracted",
+        "compute_contracted",
+    ]
+
+    # The very envelopes the services published, from the stream, published again.
+    originals = {
+        envelope.body.event.payload.type: (message_id, envelope)
+        for message_id, envelope in await harness.stream_records(job_uid)
+        if isinstance(envelope.body, EventPublished)
+    }
+    for kind in ("submitted", "storage_contracted"):
+        message_id, envelope = originals[kind]
+        assert isinstance(envelope.body, EventPublished)
+        assert message_id == envelope.body.event.event_id
+        await harness.broker.publish(
+            harness.topology.events, f"job.{job_uid}.{kind}", envelope, message_id=message_id
+        )
+
+    # Storage answers the duplicate `submitted` by publishing its logged `storage_contracted`
+    # again (a relay, deduplicated by event id downstream), compute likewise: wait for those.
+    async def duplicates_handled() -> bool:
+        counts = await harness.stream_counts(job_uid)
+        return counts == Counter({"submitted": 2, "storage_contracted": 3, "compute_contracted": 3})
+
+    await eventually(duplicates_handled, "the duplicates were handled and re-published")
+
+    for role in ("storage", "compute"):
+        assert await ready_messages(harness, harness.topology.work_queue(role).name) == 0
+
+    assert await harness.registry_records() == records_before, "a second PAR was minted"
+    log_after = await harness.events(job_uid)
+    assert log_after == log_before, "an event was appended twice"
+    republished = await harness.stream_records(job_uid)
+    for _, envelope in republished:  # re-published, never made anew
+        assert isinstance(envelope.body, EventPublished)
+        assert envelope.body.event in log_before
+
+    # The job itself is unharmed: it runs once, to the right output.
+    data = payload(20_000, "duplicated")
+    await ObjectWriter(upload, harness.user).set_object(data)
+    control = run.execute(harness.user, control=harness.client)
+    assert (await control.start()).accepted
+    assert (await control.wait(timeout=60, poll_interval=0.2)).state == "completed"
+    await harness.check_checksum_job(job_uid, data)
+    # A second start through the same run PAR is refused: one run PAR, one run.
+    with pytest.raises(RunRefusedError):
+        await control.start()
+    # No duplicate came round again meanwhile (handled once, acked, neither looping nor
+    # dead-lettered).
+    counts = await harness.stream_counts(job_uid)
+    assert {kind: counts[kind] for kind in HAPPY_PATH} == {
+        "submitted": 2,
+        "storage_contracted": 3,
+        "compute_contracted": 3,
+        "run_started": 1,
+        "completed": 1,
+    }
+    assert not [
+        letter
+        for letter in await harness.broker.dead_letters()
+        if job_uid in (letter.original_routing_key or "")
+    ]
+
+
+async def test_a_duplicate_start_starts_no_second_run(harness: Harness) -> None:
+    job_uid, upload, run = await harness.ready_job("sleep", {"seconds": 2})
+    await ObjectWriter(upload, harness.user).set_object(b"input\n")
+    capability = run.open(harness.user)
+    assert capability.run_url is not None
+    # One start message, delivered twice (as a publisher's resend after a lost confirm would):
+    # the same envelope, the same message id.
+    start = Envelope(sender="e2e-test", body=RunCommand(action="start", run_url=capability.run_url))
+    topology = harness.topology
+
+    async def send() -> Envelope:
+        return await harness.broker.request(
+            topology.commands, topology.rpc_routing_key("runs"), start, ENVELOPE, timeout=60
+        )
+
+    watch = RunWatch(job_uid)
+    async with anyio.create_task_group() as group:
+        group.start_soon(watch.run)
+        first = await send()
+        assert isinstance(first.body, RunReply)
+        assert first.body.accepted
+        await eventually(lambda: _running_with_process(harness, job_uid), "the job is running")
+        second = await send()  # answered once the first delivery's run has ended
+        group.cancel_scope.cancel()
+
+    assert (await harness.client.job(job_uid)).sheet.state is JobState.COMPLETED
+    assert isinstance(second.body, ErrorReply), second.body
+    assert second.body.error == "RunRefusedError"
+    assert len(watch.pids) == 1, f"{len(watch.pids)} runs of one start"
+    assert watch.most_at_once == 1
+    events = await harness.events(job_uid)
+    kinds = kinds_of(events)
+    assert {kind: kinds[kind] for kind in HAPPY_PATH} == dict.fromkeys(HAPPY_PATH, 1), kinds
+    assert set(kinds) <= {*HAPPY_PATH, "progress"}, kinds
+    reader = BucketReader(await harness.client.outputs(job_uid), harness.user)
+    assert await reader.get_json("summary.json") == {
+        "calculation": "sleep",
+        "seconds": 2.0,
+        "exit_code": 0,
+    }
+
+
+# --- health -------------------------------------------------------------------------------------
+
+
+async def test_health_and_readiness_answer(harness: Harness) -> None:
+    async with httpx.AsyncClient(timeout=2) as http:
+        for role in ROLES:
+            healthz = await http.get(harness.health_url(role, "/healthz"))
+            assert healthz.status_code == 200
+            assert healthz.json()["ready"] is True
+            readyz = await http.get(harness.health_url(role, "/readyz"))
+            assert readyz.status_code == 200
+            assert readyz.json() == {"ready": True, "reconnections": 0}
+            missing = await http.get(harness.health_url(role, "/nope"))
+            assert missing.status_code == 404
+            assert missing.json() == {"paths": ["/healthz", "/readyz"]}
+
+
+# --- crashes, disconnections, shutdown ----------------------------------------------------------
+
+
+async def test_sigkilled_compute_mid_run_loses_no_job(
+    seaweed: LocalSeaweed, store: ObjectStore
+) -> None:
+    async with open_cluster(seaweed, store) as h:
+        job_uid, control = await h.start_job(b"input\n", "sleep", {"seconds": 3})
+        await eventually(lambda: _running_with_process(h, job_uid), "the sleep job is running")
+        first_run = run_processes(job_uid)
+        killed_pid = h.cluster.pid("compute")
+
+        assert await h.cluster.kill("compute") == -signal.SIGKILL
+        # The calculation dies with its worker (it must not run on, unowned).
+        await eventually(
+            lambda: _none_alive(first_run, job_uid), "the orphaned run process is gone", timeout=5
+        )
+        assert (await h.client.job(job_uid)).sheet.state is JobState.RUNNING
+
+        h.cluster._spawn("compute")
+        await h.cluster.wait_ready("compute")
+        assert h.cluster.pid("compute") != killed_pid
+        # The unacked start is redelivered to the new daemon, which recognises its own claim.
+        final = await control.wait(timeout=30, poll_interval=0.2)
+        assert final.state == "completed", final
+
+        events = await h.events(job_uid)
+        kinds = kinds_of(events)
+        assert {kind: kinds[kind] for kind in HAPPY_PATH} == dict.fromkeys(HAPPY_PATH, 1), kinds
+        assert set(kinds) <= {*HAPPY_PATH, "progress"}, kinds
+        assert [event.seq for event in events] == list(range(1, len(events) + 1))
+        reader = BucketReader(await h.client.outputs(job_uid), h.user)
+        summary = await reader.get_json("summary.json")
+        assert summary == {"calculation": "sleep", "seconds": 3.0, "exit_code": 0}
+
+
+async def _none_alive(pids: set[int], job_uid: str) -> bool:
+    marker = f"parjobs-run-{job_uid[:8]}-".encode()
+    return not any(_is_live(Path(f"/proc/{pid}"), marker) for pid in pids)
+
+
+async def test_sigkilled_storage_between_submit_and_contract_loses_no_job(
+    seaweed: LocalSeaweed, store: ObjectStore
+) -> None:
+    async with open_cluster(seaweed, store) as h:
+        storage_queue = h.topology.work_queue("storage").name
+        # Freeze storage, so the `submitted` event is delivered to it but never handled...
+        os.killpg(h.cluster.pid("storage"), signal.SIGSTOP)
+        try:
+            request = JobRequest(calculation="checksum")
+            # Access publishes `submitted` (confirmed: queued) before it answers the submit.
+            job_uid = (await h.client.submit(request, h.user.public)).job_uid
+
+            async def delivered() -> bool:
+                return await ready_messages(h, storage_queue) == 0
+
+            await eventually(delivered, "the submitted event was delivered to storage")
+            # ...then kill it: the job is between submit and contract.
+            assert await h.cluster.kill("storage") == -signal.SIGKILL
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(h.cluster.pid("storage"), signal.SIGCONT)
+
+        async def back_in_queue() -> bool:
+            return await ready_messages(h, storage_queue) == 1
+
+        await eventually(back_in_queue, "the broker requeued the unacked event")
+        assert (await h.client.job(job_uid)).sheet.state is JobState.SUBMITTED
+
+        h.cluster._spawn("storage")
+        await h.cluster.wait_ready("storage")
+        ready = await h.client.wait_until(job_uid, frozenset({JobState.READY}), timeout=30)
+        assert ready.state is JobState.READY
+        assert ready.upload_par is not None
+        assert ready.run_par is not None
+
+        data = payload(10_000, "storage was killed")
+        await ObjectWriter(PAR(ready.upload_par), h.user).set_object(data)
+        control = PAR(ready.run_par).execute(h.user, control=h.client)
+        assert (await control.start()).accepted
+        assert (await control.wait(timeout=30, poll_interval=0.2)).state == "completed"
+        await h.check_checksum_job(job_uid, data)
+
+
+async def test_a_broker_side_connection_close_is_survived(
+    seaweed: LocalSeaweed, store: ObjectStore, rabbitmqctl: RabbitMQCtl
+) -> None:
+    async with open_cluster(seaweed, store) as h:
+        running_uid, control = await h.start_job(b"input\n", "sleep", {"seconds": 3})
+        await eventually(lambda: _running_with_process(h, running_uid), "the job is running")
+        watch = RunWatch(running_uid)
+        async with anyio.create_task_group() as group:
+            group.start_soon(watch.run)
+            await close_daemon_connections(rabbitmqctl, h.cluster, ROLES)
+
+            async def all_reconnected() -> bool:
+                states = [await h.health(role) for role in ROLES]
+                return all(s["status"] == 200 and s["reconnections"] >= 1 for s in states)
+
+            await eventually(all_reconnected, "every daemon reconnected", timeout=30)
+            # The job that was running when its worker lost the broker still ends, once.
+            final = await control.wait(timeout=30, poll_interval=0.2)
+            group.cancel_scope.cancel()
+        assert final.state == "completed", final
+        assert watch.most_at_once == 1, "two runs of one job at once"
+        kinds = kinds_of(await h.events(running_uid))
+        assert {kind: kinds[kind] for kind in HAPPY_PATH} == dict.fromkeys(HAPPY_PATH, 1), kinds
+        assert set(kinds) <= {*HAPPY_PATH, "progress"}, kinds
+
+        # And new work flows through the restored consumers.
+        data = payload(50_000, "after the close")
+        sheet = await h.run_job(data)
+        assert sheet.state is JobState.COMPLETED, sheet.reason
+        await h.check_checksum_job(sheet.job_uid, data)
+
+
+async def test_sigterm_on_an_idle_daemon_exits_cleanly_and_quickly(
+    seaweed: LocalSeaweed, store: ObjectStore
+) -> None:
+    async with open_cluster(seaweed, store) as h:
+        for role in ROLES:
+            asked = time.monotonic()
+            code = await h.cluster.kill(role, signal.SIGTERM)
+            took = time.monotonic() - asked
+            assert code == 0, f"{role} exited with {code}:\n{h.cluster.log_tail(role)}"
+            assert took < 5, f"{role} took {took:.1f}s to stop"
+            log = h.cluster.log_path(role).read_text()
+            assert "stopping on SIGTERM" in log, log[-2000:]
+            assert "stopped (drained)" in log, log[-2000:]
