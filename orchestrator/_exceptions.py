@@ -6,6 +6,12 @@ Each class names a situation a user can act on; the message says what to do. Cal
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from datetime import timedelta
+    from decimal import Decimal
+
 
 class ParjobsError(Exception):
     """Base of every error parjobs raises on purpose."""
@@ -182,6 +188,78 @@ class EventLogCorruptError(JobError):
     """A stored event is unreadable, or is not the event its key says it is."""
 
 
+# --- authorisation and cheques -----------------------------------------------------------------
+
+
+class AuthorisationError(ParjobsError):
+    """A job's authorisation was refused; nothing was created for it."""
+
+
+class ForgedAuthorisationError(AuthorisationError):
+    """The signature does not verify, or was made by another key than the user it names."""
+
+
+class StaleAuthorisationError(AuthorisationError):
+    """The authorisation's timestamp is outside the accepted window around the service's clock.
+
+    `offset` is timestamp minus the service's now: negative in the past, positive in the future.
+    """
+
+    def __init__(self, message: str, *, offset: timedelta, window: timedelta) -> None:
+        super().__init__(message)
+        self.offset = offset
+        self.window = window
+
+
+class MismatchedAuthorisationError(AuthorisationError):
+    """The authorisation was signed for a different job request than the one it came with."""
+
+
+class ReplayedAuthorisationError(AuthorisationError):
+    """The authorisation's nonce was already used by another submission: sign a new one."""
+
+
+class ChequeError(ParjobsError):
+    """A cheque was refused; no value moved."""
+
+
+class ForgedChequeError(ChequeError):
+    """The cheque's signature does not verify against the payer's registered key."""
+
+
+class WrongRecipientError(ChequeError):
+    """The cheque is payable to another account than the one cashing it."""
+
+
+class WrongResourceError(ChequeError):
+    """The cheque pays for another job request than the one it came with."""
+
+
+class ExpiredChequeError(ChequeError):
+    """The cheque's expiry has passed."""
+
+
+class InsufficientChequeError(ChequeError):
+    """The price of the calculation is more than the cheque's maximum spend."""
+
+    def __init__(self, message: str, *, price: Decimal, limit: Decimal) -> None:
+        super().__init__(message)
+        self.price = price
+        self.limit = limit
+
+
+class UserError(ParjobsError):
+    """A user registration was refused, or no such user is registered."""
+
+
+class UserExistsError(UserError):
+    """The name, or the public key, is already registered (to another key, or another name)."""
+
+
+class UnknownUserError(UserError, LookupError):
+    """No user is registered under this name or key fingerprint."""
+
+
 # --- calculations -------------------------------------------------------------------------------
 
 
@@ -275,3 +353,83 @@ class InvalidMessageError(PoisonMessageError, ValueError):
     def __init__(self, message: str, *, code: str = "invalid") -> None:
         super().__init__(message)
         self.code = code
+
+
+# --- payments: accounts and the ledger ---------------------------------------------------------
+
+
+class PaymentError(ParjobsError):
+    """An account or ledger operation was refused, or the ledger cannot be read."""
+
+
+class InvalidAccountError(PaymentError, ValueError):
+    """Not a valid account name, or one of the service's accounts where a user's must be."""
+
+
+class InvalidAmountError(PaymentError, ValueError):
+    """Not an amount of money: a float, not finite, not a number, too large, or not positive."""
+
+
+class LedgerRuleError(PaymentError):
+    """The transaction would break one of the ledger's invariants; nothing was written."""
+
+
+class UnbalancedTransactionError(LedgerRuleError):
+    """Debits and credits differ, a side is missing, or an amount is not positive."""
+
+
+class MalformedTransactionError(LedgerRuleError):
+    """The transaction moves money between accounts its kind may not (a deposit into "held")."""
+
+
+class InsufficientFundsError(LedgerRuleError):
+    """The transaction would take `account` below its limit: it has `balance`, `amount` would go."""
+
+    def __init__(self, message: str, *, account: str, balance: Decimal, amount: Decimal) -> None:
+        super().__init__(message)
+        self.account = account
+        self.balance = balance
+        self.amount = amount
+
+
+class ChequeAlreadyCashedError(LedgerRuleError):
+    """Cheque `cheque_id` was already cashed, for job `job_uid`: a cheque pays exactly once."""
+
+    def __init__(self, message: str, *, cheque_id: str, job_uid: str) -> None:
+        super().__init__(message)
+        self.cheque_id = cheque_id
+        self.job_uid = job_uid
+
+
+class DuplicateHoldError(LedgerRuleError):
+    """Value is already held (or was held and settled) for this job: a job is paid for once."""
+
+
+class UnknownHoldError(LedgerRuleError, LookupError):
+    """A settle for a job that has no hold: nothing was ever held for it."""
+
+
+class AlreadySettledError(LedgerRuleError):
+    """The job's hold was already settled: its value was charged or refunded once, for good."""
+
+
+class SettlementMismatchError(LedgerRuleError):
+    """A settle must release exactly the held value, as a charge to "access" and a refund to the
+    payer (charge + refund = hold); a charge above the hold or below zero is refused."""
+
+
+class DuplicateTransactionError(LedgerRuleError):
+    """The transaction id is already in the ledger, for a different transaction."""
+
+
+class LedgerSequenceError(LedgerRuleError):
+    """The transaction does not continue the ledger: its seq is not the next one, or the balances
+    it records are not the ones it leaves."""
+
+
+class LedgerConflictError(PaymentError):
+    """Other writers kept appending first, past the retry limit; nothing written: retry later."""
+
+
+class LedgerCorruptError(PaymentError):
+    """A stored transaction is unreadable, is not the one its key says, or breaks the rules."""
