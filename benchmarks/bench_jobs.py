@@ -26,6 +26,7 @@ import uuid
 from argparse import ArgumentParser, Namespace
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from decimal import Decimal
 from typing import Any, NamedTuple
 
 import aio_pika
@@ -34,19 +35,23 @@ from pamqp.common import FieldTable
 from pydantic import TypeAdapter
 
 from orchestrator import KeyPair, ObjectWriter
+from orchestrator._accounts import Accounts
 from orchestrator._broker import Broker
 from orchestrator._client import ParjobsClient
+from orchestrator._jobkeys import JobKeys
+from orchestrator._objectstore import ObjectStore
 from orchestrator._seaweed import LocalSeaweed
 from orchestrator._settings import AMQPSettings, ServiceSettings
 from orchestrator._topology import QueueSpec, Topology, declare
 from schemas.events import JobRequest
 from schemas.messages import Envelope, EventPublished, RunCommand
 from workers.cluster import ROLES, LocalCluster
+from workers.daemons import delete_topology
 
 # Event bindings: '#' = <prefix>.events.stream; the others as workers/daemons.py binds its queues.
 BINDINGS = ("#", "job.*.submitted", "job.*.storage_contracted")
 RAW_CLIENT = ("job.*.compute_contracted", "job.*.completed")  # the raw client's queue: no polling
-QUEUES = "dlq events.stream rpc.access rpc.compute rpc.runs storage compute client".split()  # noqa: SIM905
+RAW_QUEUES = "dlq events.stream rpc.access rpc.runs storage compute client".split()  # noqa: SIM905
 MARKS = "client submit,submitted,storage_contracted,compute_contracted,client ready,client uploaded"
 MARKS += ",run_started,completed,client saw it"  # a parjobs job's timeline, in order
 NOTES = """
@@ -183,14 +188,20 @@ async def run_parjobs(args: Namespace, prefix: str) -> tuple[Result, list[Timeli
         LocalSeaweed() as s3,
         LocalCluster(s3.settings, prefix=prefix) as cluster,  # PARJOBS_* come from os.environ
         CountingBroker(cluster.amqp, name=f"{prefix}-client") as broker,
+        ObjectStore(s3.settings) as store,
     ):
         client, user = ParjobsClient(broker), KeyPair.generate("bench")
+        accounts = Accounts(store, JobKeys())  # a funded user: every job is signed and paid
+        await accounts.add_user(user.name, user.public)
+        await accounts.deposit(user.name, Decimal(1_000_000))
         payload, marks = os.urandom(args.input_kib * 1024), dict[str, Timeline]()
 
         async def job() -> None:
             mark = {"client submit": time.time()}
             request = JobRequest(calculation="checksum")
-            uid, upload, run, _ = await client.request_services(request, user.public)
+            uid, upload, run, _ = await client.request_services(
+                request, user, account=user.name, max_spend=Decimal(1)
+            )
             mark["client ready"] = time.time()
             await ObjectWriter(upload, user).set_object(payload)
             mark["client uploaded"] = time.time()
@@ -258,13 +269,13 @@ async def bench(args: Namespace) -> None:
         raw = await run_raw(args, prefix + "-raw", runs)
         parjobs, timelines, warnings = await run_parjobs(args, prefix)
     finally:  # delete what either declared (reply queues went with their connections)
+        await delete_topology(AMQPSettings(prefix=prefix))
         url = AMQPSettings().amqp_url.get_secret_value()
         async with await aio_pika.connect(url) as connection, connection.channel() as channel:
-            for name in (prefix, prefix + "-raw"):
-                for queue in QUEUES:
-                    await channel.queue_delete(f"{name}.{queue}")
-                for exchange in Topology(name).exchanges:
-                    await channel.exchange_delete(exchange.name)
+            for queue in RAW_QUEUES:
+                await channel.queue_delete(f"{prefix}-raw.{queue}")
+            for exchange in Topology(prefix + "-raw").exchanges:
+                await channel.exchange_delete(exchange.name)
     report(args, runs, raw, parjobs, timelines)
     print(f"\nwarnings in the daemons' logs: {warnings}")
 

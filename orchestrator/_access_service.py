@@ -1,15 +1,28 @@
-"""The access service's logic: submit jobs, answer about them, hand out outputs, expire the idle.
+"""The access service's logic: admit signed and paid jobs, answer about them, settle, expire.
 
 No broker here: each method takes a validated message and returns what to reply and which events
-were appended; the daemon shell (`workers._daemon`) publishes them. So it is tested on real S3
+were appended; the daemon shell (`workers.daemons`) publishes them. So it is tested on real S3
 without RabbitMQ.
+
+Admitting a job checks everything before anything happens — who signed, for exactly this request,
+recently, and a cheque payable to this service, for this request, unexpired and large enough for
+the calculation's highest price — and only then uses the nonce, holds the value and creates the
+job, each step idempotent for the same message so a redelivery after a crash repeats nothing.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 
+from orchestrator._auth import (
+    NonceStore,
+    UserRegistry,
+    check_authorisation,
+    check_cheque,
+    request_fingerprint,
+)
 from orchestrator._eventlog import EventLog, step_event_id
 from orchestrator._exceptions import (
     IllegalTransitionError,
@@ -21,11 +34,24 @@ from orchestrator._issuer import PARIssuer
 from orchestrator._jobkeys import JobKeys
 from orchestrator._jobstate import fold, is_terminal
 from orchestrator._keys import PublicKeys
+from orchestrator._ledger import Ledger
+from orchestrator._ledger_rules import ACCESS
 from orchestrator._objectstore import ObjectStore
-from schemas.events import Expired, JobEvent, JobState, Submitted
+from schemas.events import (
+    Expired,
+    JobEvent,
+    JobRequest,
+    JobSheetState,
+    JobState,
+    Payment,
+    Submitted,
+)
+from schemas.ledger import Transaction, to_money
 from schemas.messages import GetJob, GetOutputs, JobReply, OutputsReply, SubmitJob
+from workers.calculations import CalculationRegistry
 
 DEFAULT_JOB_LIFETIME = timedelta(hours=1)
+DEFAULT_AUTH_WINDOW = timedelta(minutes=5)
 # States in which a job waits for its user; past its deadline it expires (a running job is
 # bounded by its calculation's time limit instead).
 _WAITING = frozenset({JobState.SUBMITTED, JobState.STORAGE_CONTRACTED, JobState.READY})
@@ -39,6 +65,30 @@ class Outcome:
     events: list[JobEvent] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Pricing:
+    """What a run may cost at most: the calculation's price for its whole time limit."""
+
+    calculations: CalculationRegistry
+    time_limit_s: float
+
+    def highest(self, request: JobRequest) -> Decimal:
+        calculation = self.calculations.get(request.calculation)
+        self.calculations.validate(request.calculation, request.parameters)
+        return to_money(calculation.price.cost(self.time_limit_s))
+
+    def charge(self, sheet: JobSheetState) -> Decimal:
+        """A completed job pays for the CPU it used (never above what was held); others nothing.
+
+        A failed run is refunded in full: it may have failed for reasons that are ours (a
+        worker's limit, a crash) rather than the user's, and we cannot tell them apart here.
+        """
+        if sheet.payment is None or sheet.state is not JobState.COMPLETED:
+            return Decimal(0)
+        price = self.calculations.get(sheet.request.calculation).price
+        return min(sheet.payment.held, to_money(price.cost(sheet.cpu_seconds)))
+
+
 class AccessService:
     def __init__(
         self,
@@ -46,31 +96,58 @@ class AccessService:
         log: EventLog,
         issuer: PARIssuer,
         keys: JobKeys,
+        pricing: Pricing,
         *,
         default_lifetime: timedelta = DEFAULT_JOB_LIFETIME,
+        auth_window: timedelta = DEFAULT_AUTH_WINDOW,
     ) -> None:
         self._keys = keys
         self._store = store
         self._log = log
         self._issuer = issuer
+        self._pricing = pricing
         self._default_lifetime = default_lifetime
+        self._auth_window = auth_window
+        self.users = UserRegistry(store, keys.users)
+        self.nonces = NonceStore(store, keys.nonces)
+        self.ledger = Ledger(store, keys.ledger)
 
     async def submit(self, command: SubmitJob, *, message_id: str) -> Outcome:
-        """Create the job and append `submitted`. The job uid derives from the message id, so a
-        redelivered submit finds its own job instead of creating a second one."""
-        user = PublicKeys.from_wire(command.user_key)
+        """Admit the job (the uid derives from the message id: a redelivery finds its own job)."""
         job_uid = step_event_id(message_id, "job")
+        if existing := await self._log.read(job_uid):
+            return Outcome(reply=JobReply(sheet=fold(existing)), events=existing[:1])
+        request, authorisation, cheque = command.request, command.authorisation, command.cheque
+        now = datetime.now(UTC)
+        user_record = await self.users.by_fingerprint(authorisation.user)
+        user = PublicKeys.from_wire(user_record.public_key)
+        check_authorisation(authorisation, request, user, now=now, window=self._auth_window)
+        price = self._pricing.highest(request)
+        payer = PublicKeys.from_wire((await self.users.get(cheque.payer)).public_key)
+        check_cheque(
+            cheque,
+            payer_key=payer,
+            recipient=ACCESS,
+            resource=request_fingerprint(request),
+            price=price,
+            now=now,
+        )
+        # Everything is checked: from here on each step is idempotent for this job uid.
+        await self.nonces.claim(authorisation.user, authorisation.nonce, holder=job_uid)
+        hold = await self.ledger.hold(job_uid, cheque.cheque_id, cheque.payer, price)
         lifetime = (
             timedelta(seconds=command.lifetime_s) if command.lifetime_s else self._default_lifetime
         )
         submitted = Submitted(
-            request=command.request,
+            request=request,
             user=user.fingerprint,
-            user_key=command.user_key,
-            expires_at=datetime.now(UTC) + lifetime,
+            user_key=user_record.public_key,
+            expires_at=now + lifetime,
+            authorisation=authorisation,
+            payment=Payment(cheque=cheque, held=price, ledger_seq=hold.seq),
         )
         await self._store.put(self._keys.active_marker(job_uid), b"")
-        actor = f"user:{user.fingerprint[:32]}"
+        actor = f"user:{user_record.name}"
         event_id = step_event_id(job_uid, "submitted")
         event = await self._log.create(job_uid, actor, submitted, event_id=event_id)
         return Outcome(reply=await self._job_reply(job_uid, with_events=False), events=[event])
@@ -89,8 +166,15 @@ class AccessService:
         par = await self._issuer.bucket_read_par(self._keys.output_prefix(query.job_uid), user)
         return Outcome(reply=OutputsReply(read_par=par.data))
 
+    async def settle(self, job_uid: str) -> Transaction | None:
+        """Once the job has ended: charge what it cost, refund the rest of the hold (once)."""
+        sheet = await self._log.load(job_uid)
+        if sheet.payment is None or not is_terminal(sheet.state):
+            return None
+        return await self.ledger.settle(job_uid, self._pricing.charge(sheet))
+
     async def sweep(self) -> list[JobEvent]:
-        """Expire every job still waiting for its user past its deadline; forget ended jobs."""
+        """Expire jobs still waiting past their deadline; settle ended jobs nobody settled."""
         expired: list[JobEvent] = []
         now = datetime.now(UTC)
         prefix = self._keys.active_prefix
@@ -101,6 +185,7 @@ class AccessService:
             except JobError:
                 continue  # submit wrote the marker but not (yet) the log
             if is_terminal(sheet.state):
+                await self.settle(job_uid)  # a no-op when its end was settled already
                 await self._store.delete(info.key)
             elif sheet.state in _WAITING and sheet.expires_at <= now:
                 try:

@@ -7,17 +7,21 @@ comes back as the same exception class the service raised.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import TypeVar
 
 import anyio
 from pydantic import BaseModel, TypeAdapter
 
 from orchestrator import _exceptions
+from orchestrator._auth import request_fingerprint, sign_authorisation, write_cheque
 from orchestrator._broker import Broker
 from orchestrator._exceptions import ParjobsError
-from orchestrator._keys import PublicKeys
+from orchestrator._keys import KeyPair
+from orchestrator._ledger_rules import ACCESS
 from orchestrator._par import PAR
+from schemas.auth import Authorisation, Cheque
 from schemas.events import JobRequest, JobSheetState, JobState
 from schemas.messages import (
     ClosePAR,
@@ -39,6 +43,7 @@ from schemas.par import PARState
 
 R = TypeVar("R", bound=BaseModel)
 ENVELOPE = TypeAdapter(Envelope)
+CHEQUE_LIFETIME = timedelta(hours=1)
 ENDED = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED, JobState.EXPIRED})
 
 
@@ -79,10 +84,39 @@ class ParjobsClient:
     # --- jobs -------------------------------------------------------------------------------------
 
     async def submit(
-        self, request: JobRequest, user: PublicKeys, *, lifetime_s: int | None = None
+        self,
+        request: JobRequest,
+        authorisation: Authorisation,
+        cheque: Cheque,
+        *,
+        lifetime_s: int | None = None,
     ) -> JobSheetState:
-        command = SubmitJob(request=request, user_key=user.to_wire(), lifetime_s=lifetime_s)
+        """Submit a job signed for by `authorisation` and paid for by `cheque`."""
+        command = SubmitJob(
+            request=request, authorisation=authorisation, cheque=cheque, lifetime_s=lifetime_s
+        )
         return (await self._call("access", command, JobReply)).sheet
+
+    async def submit_paid(
+        self,
+        request: JobRequest,
+        user: KeyPair,
+        *,
+        account: str,
+        max_spend: Decimal,
+        lifetime_s: int | None = None,
+    ) -> JobSheetState:
+        """Sign for `request` with `user`'s key and pay from `account` (which `user` owns)."""
+        cheque = write_cheque(
+            user,
+            payer=account,
+            recipient=ACCESS,
+            max_spend=max_spend,
+            resource=request_fingerprint(request),
+            lifetime=CHEQUE_LIFETIME,
+        )
+        authorisation = sign_authorisation(user, request)
+        return await self.submit(request, authorisation, cheque, lifetime_s=lifetime_s)
 
     async def job(self, job_uid: str, *, with_events: bool = False) -> JobReply:
         query = GetJob(job_uid=job_uid, with_events=with_events)
@@ -105,13 +139,25 @@ class ParjobsClient:
                 await anyio.sleep(poll_interval)
 
     async def request_services(
-        self, request: JobRequest, user: PublicKeys, *, lifetime_s: int | None = None
+        self,
+        request: JobRequest,
+        user: KeyPair,
+        *,
+        account: str,
+        max_spend: Decimal,
+        lifetime_s: int | None = None,
     ) -> tuple[str, PAR, PAR, datetime]:
         """The seed's `JobSheet.request_services`: (job uid, upload PAR, run PAR, expiry).
 
-        Submits the job, then waits until storage and compute have contracted for it.
+        Submits the signed and paid job, then waits until storage and compute have contracted.
         """
-        job_uid = (await self.submit(request, user, lifetime_s=lifetime_s)).job_uid
+        submitted = await self.submit_paid(
+            request, user, account=account, max_spend=max_spend, lifetime_s=lifetime_s
+        )
+        return await self.wait_ready(submitted.job_uid)
+
+    async def wait_ready(self, job_uid: str) -> tuple[str, PAR, PAR, datetime]:
+        """Wait until the job is contracted: (job uid, upload PAR, run PAR, expiry)."""
         sheet = await self.wait_until(job_uid, frozenset({JobState.READY}))
         if sheet.state is not JobState.READY or sheet.upload_par is None or sheet.run_par is None:
             raise _exceptions.JobError(

@@ -1,4 +1,4 @@
-"""Where a job's data lives in the object store, in one place.
+"""Where parjobs' data lives in the object store (jobs, PARs, users, nonces, the ledger).
 
 Everything sits under one `root` (empty in production), so test runs and deployments sharing a
 bucket keep apart.
@@ -42,6 +42,22 @@ class JobKeys:
 
     def active_marker(self, job_uid: str) -> str:
         return f"{self.active_prefix}{_UID.validate_python(job_uid)}"
+
+    @property
+    def registry(self) -> str:
+        return f"{self.root}registry/pars/"
+
+    @property
+    def users(self) -> str:
+        return f"{self.root}auth/users/"
+
+    @property
+    def nonces(self) -> str:
+        return f"{self.root}auth/nonces/"
+
+    @property
+    def ledger(self) -> str:
+        return f"{self.root}ledger/"
 
     def run_claim(self, run_par_uid: str) -> str:
         """Created once when a run PAR is used, so it cannot start a second run."""

@@ -111,13 +111,15 @@ def _next_state(sheet: JobSheetState | None, job_uid: str, payload: EventPayload
 def _changes(event: JobEvent) -> dict[str, Any]:
     """The fields of the sheet `event` sets, besides state, seq and updated_at."""
     match event.payload:
-        case Submitted(request=request, user=user, user_key=user_key, expires_at=expires_at):
+        case Submitted() as submitted:
             return {
                 "job_uid": event.job_uid,
-                "request": request,
-                "user": user,
-                "user_key": user_key,
-                "expires_at": expires_at,
+                "request": submitted.request,
+                "user": submitted.user,
+                "user_key": submitted.user_key,
+                "authorisation": submitted.authorisation,
+                "payment": submitted.payment,
+                "expires_at": submitted.expires_at,
                 "created_at": event.time,
             }
         case StorageContracted(upload_par=upload_par, output_par=output_par):
@@ -127,8 +129,8 @@ def _changes(event: JobEvent) -> dict[str, Any]:
         case Progress(message=message, fraction=fraction):
             # A line without a fraction (say, a log line) keeps the last fraction known.
             return {"progress": message} | ({} if fraction is None else {"fraction": fraction})
-        case Completed(outputs=outputs, summary=summary):
-            return {"outputs": outputs, "summary": summary}
+        case Completed(outputs=outputs, summary=summary, cpu_seconds=cpu_seconds):
+            return {"outputs": outputs, "summary": summary, "cpu_seconds": cpu_seconds}
         case Failed(reason=reason) | Cancelled(reason=reason):
             return {"reason": reason}
         case RunStarted() | Expired():

@@ -15,7 +15,9 @@ from typing import Annotated, Literal
 from pydantic import AwareDatetime, Field, JsonValue, field_validator
 
 from schemas._base import WireModel
+from schemas.auth import Authorisation, Cheque
 from schemas.keys import PublicKeyData
+from schemas.ledger import Money
 from schemas.par import PARData, PARKind, Sha256Hex, Uid
 
 Actor = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]*(:[A-Za-z0-9._-]+)?$", max_length=200)]
@@ -58,12 +60,24 @@ def _require_par(par: PARData, kind: PARKind, flag: str, role: str) -> PARData:
     return par
 
 
+class Payment(WireModel):
+    """The job's credit notes: the cheque cashed for it and the value held until it ends."""
+
+    cheque: Cheque
+    held: Money
+    ledger_seq: int = Field(ge=1)  # the ledger transaction that holds it
+
+
 class Submitted(WireModel):
     type: Literal["submitted"] = "submitted"
     request: JobRequest
     user: Sha256Hex  # fingerprint of the user's key pair: the PARs are sealed for it
     user_key: PublicKeyData  # the key pair's public half, to seal the user's PARs with
     expires_at: AwareDatetime  # input and start must come before this; the PARs expire then
+    # The user's signature over exactly this request, and how it is paid for. The access
+    # service always sets both; they are optional here only so the log's schema v1 stays one.
+    authorisation: Authorisation | None = None
+    payment: Payment | None = None
 
 
 class StorageContracted(WireModel):
@@ -108,6 +122,7 @@ class Completed(WireModel):
     type: Literal["completed"] = "completed"
     outputs: tuple[OutputFile, ...] = ()
     summary: str = ""
+    cpu_seconds: float = Field(default=0.0, ge=0)  # what the run used: the charge is based on it
 
 
 class Failed(WireModel):
@@ -164,6 +179,8 @@ class JobSheetState(WireModel):
     request: JobRequest
     user: Sha256Hex
     user_key: PublicKeyData
+    authorisation: Authorisation | None = None
+    payment: Payment | None = None
     expires_at: AwareDatetime
     created_at: AwareDatetime
     updated_at: AwareDatetime
@@ -174,4 +191,5 @@ class JobSheetState(WireModel):
     fraction: float | None = None  # the last progress fraction reported
     outputs: tuple[OutputFile, ...] = ()
     summary: str | None = None
+    cpu_seconds: float = 0.0
     reason: str | None = None  # why it failed or was cancelled

@@ -14,8 +14,8 @@ from typing import Annotated, Literal
 from pydantic import AwareDatetime, Field
 
 from schemas._base import WireModel
+from schemas.auth import Authorisation, Cheque
 from schemas.events import JobEvent, JobRequest, JobSheetState
-from schemas.keys import PublicKeyData
 from schemas.par import PARData, PARState, Sha256Hex, Uid
 
 
@@ -27,11 +27,16 @@ class EventPublished(WireModel):
 
 
 class SubmitJob(WireModel):
-    """User → access: run `request` for the holder of `user_key`."""
+    """User → access: run `request`, signed for by the user and paid for by the cheque.
+
+    The user is the registered owner of the key that signed `authorisation`; the PARs are sealed
+    for that registered key.
+    """
 
     type: Literal["submit_job"] = "submit_job"
     request: JobRequest
-    user_key: PublicKeyData
+    authorisation: Authorisation
+    cheque: Cheque
     lifetime_s: int | None = Field(default=None, ge=1, le=7 * 24 * 3600)
 
 

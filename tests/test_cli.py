@@ -8,6 +8,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -56,7 +57,8 @@ def parjobs(
 def test_submit_status_events_fetch_replay(cluster: LocalCluster, tmp_path: Path) -> None:
     key = tmp_path / "me.key"
     parjobs(cluster, "keys", "new", str(key), "--name", "me")
-    assert (tmp_path / "me.key.pub").exists()
+    parjobs(cluster, "users", "add", "me", "--public-key", str(tmp_path / "me.key.pub"))
+    assert "balance 10.000000" in parjobs(cluster, "account", "deposit", "me", "10").stdout
     data = tmp_path / "data.txt"
     data.write_text("one\ntwo\nthree\n")
     out = tmp_path / "out"
@@ -86,11 +88,19 @@ def test_submit_status_events_fetch_replay(cluster: LocalCluster, tmp_path: Path
     assert (again / "summary.json").read_bytes() == (out / "summary.json").read_bytes()
     replayed = parjobs(cluster, "replay")
     assert "0 diverge" in replayed.stdout
+    # Paid for: held when cashed, then charged for the CPU used and the rest refunded.
+    balance = parjobs(cluster, "account", "balance", "me").stdout
+    assert Decimal("9") < Decimal(balance.split(":")[1]) < Decimal(10)
+    statement = parjobs(cluster, "account", "statement", "me").stdout
+    for kind in ("deposit", "hold", "settle"):
+        assert kind in statement
+    assert "the books balance" in parjobs(cluster, "ledger", "verify").stdout
 
 
 def test_errors_are_specific(cluster: LocalCluster, tmp_path: Path) -> None:
     key = tmp_path / "me.key"
-    parjobs(cluster, "keys", "new", str(key))
+    parjobs(cluster, "keys", "new", str(key), "--name", "other")
+    parjobs(cluster, "users", "add", "other", "--public-key", str(tmp_path / "me.key.pub"))
     missing = parjobs(cluster, "status", "0" * 32, check=False)
     assert missing.returncode == 2
     assert "JobNotFoundError" in missing.stdout or "no job" in missing.stdout
@@ -99,6 +109,22 @@ def test_errors_are_specific(cluster: LocalCluster, tmp_path: Path) -> None:
     unknown = parjobs(cluster, "submit", "no-such-calc", str(data), "--key", str(key), check=False)
     assert unknown.returncode == 2
     assert "no-such-calc" in unknown.stdout
+    broke = parjobs(cluster, "submit", "checksum", str(data), "--key", str(key), check=False)
+    assert broke.returncode == 2
+    assert "InsufficientFundsError" in broke.stdout or "balance" in broke.stdout
+
+
+def test_cheque_write_prints_a_signed_cheque(cluster: LocalCluster, tmp_path: Path) -> None:
+    key = tmp_path / "me.key"
+    parjobs(cluster, "keys", "new", str(key), "--name", "payer")
+    written = parjobs(
+        cluster, "cheque", "write", "--key", str(key), "--resource", "a" * 64, "--max-spend", "3"
+    )
+    cheque = json.loads(written.stdout)
+    assert cheque["payer"] == "payer"
+    assert cheque["recipient"] == "access"
+    assert cheque["max_spend"] == "3.000000"
+    assert len(cheque["signature"]) > 40
 
 
 def test_dlq_list_runs(cluster: LocalCluster) -> None:

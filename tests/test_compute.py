@@ -10,17 +10,20 @@ import pytest
 from pydantic import JsonValue
 
 from orchestrator import PAR, BucketReader, ObjectStore, ObjectWriter, PARPermissionError
-from orchestrator._exceptions import PARClosedError, RunRefusedError
+from orchestrator._exceptions import PARClosedError, RunRefusedError, UnknownCalculationError
 from schemas.events import Completed, ComputeContracted, Failed, JobEvent, JobState
 from schemas.messages import GetOutputs, OutputsReply
 from tests.test_services import Services
+from workers.calculations import CalculationRegistry
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def services(store: ObjectStore, prefix: str) -> Services:
-    return Services(store, prefix)
+async def services(store: ObjectStore, prefix: str) -> Services:
+    ready = Services(store, prefix)
+    await ready.onboard()
+    return ready
 
 
 async def _ready_job(
@@ -138,13 +141,21 @@ async def test_failing_calculation_ends_failed(services: Services) -> None:
 
 
 async def test_unknown_calculation_is_rejected_at_contract(services: Services) -> None:
-    command = services.submit_command(calculation="no-such-thing")
-    submitted = (await services.access.submit(command, message_id=uuid.uuid4().hex)).events[0]
+    # Access refuses it first (it cannot price it) ...
+    with pytest.raises(UnknownCalculationError):
+        await services.access.submit(
+            services.submit_command(calculation="no-such-thing"), message_id=uuid.uuid4().hex
+        )
+    # ... and a compute daemon whose registry lacks a calculation refuses it too.
+    submitted = (
+        await services.access.submit(services.submit_command(), message_id=uuid.uuid4().hex)
+    ).events[0]
+    services.compute._calculations = CalculationRegistry()  # a compute with no calculations
     contracted = await services.storage.on_submitted(submitted)
     assert contracted is not None
     rejected = await services.compute.on_storage_contracted(contracted)
     assert rejected is not None
     assert isinstance(rejected.payload, Failed)
-    assert "no-such-thing" in rejected.payload.reason
+    assert "checksum" in rejected.payload.reason
     # Redelivered: the same event, nothing appended.
     assert await services.compute.on_storage_contracted(contracted) == rejected

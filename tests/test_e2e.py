@@ -20,6 +20,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +31,12 @@ import pytest
 from pydantic import JsonValue, TypeAdapter
 
 from orchestrator import PAR, BucketReader, KeyPair, ObjectWriter
+from orchestrator._accounts import Accounts
 from orchestrator._broker import Broker
 from orchestrator._client import ParjobsClient
 from orchestrator._dlq import CODE_HEADER, REASON_HEADER, DeadLetter, DeadLetterReason
 from orchestrator._exceptions import PARExpiredError, RunRefusedError, WrongKeyError
+from orchestrator._jobkeys import JobKeys
 from orchestrator._objectstore import ObjectStore
 from orchestrator._par import RunControl
 from orchestrator._seaweed import LocalSeaweed
@@ -54,6 +57,10 @@ HAPPY_PATH = ("submitted", "storage_contracted", "compute_contracted", "run_star
 # --- clusters -----------------------------------------------------------------------------------
 
 
+ACCOUNT = "e2e-user"
+MAX_SPEND = Decimal(5)
+
+
 @dataclass
 class Harness:
     """A running cluster and a user of it: their key pair, a client, a broker connection."""
@@ -71,6 +78,12 @@ class Harness:
 
     # --- a user's steps --------------------------------------------------------------------------
 
+    async def submit(self, request: JobRequest, *, lifetime_s: int | None = None) -> JobSheetState:
+        """Submit `request`, signed by the user and paid from their account."""
+        return await self.client.submit_paid(
+            request, self.user, account=ACCOUNT, max_spend=MAX_SPEND, lifetime_s=lifetime_s
+        )
+
     async def ready_job(
         self,
         calculation: str = "checksum",
@@ -81,7 +94,7 @@ class Harness:
     ) -> tuple[str, PAR, PAR]:
         """Submit and wait until storage and compute contracted: (job uid, upload, run PAR)."""
         request = JobRequest(calculation=calculation, parameters=parameters or {})
-        sheet = await self.client.submit(request, self.user.public, lifetime_s=lifetime_s)
+        sheet = await self.submit(request, lifetime_s=lifetime_s)
         ready = await self.client.wait_until(
             sheet.job_uid, frozenset({JobState.READY}), timeout=60, poll_interval=poll_interval
         )
@@ -202,8 +215,12 @@ async def open_cluster(
         prefix=f"e2e-{tag}",
         overrides={"PARJOBS_DATA_ROOT": root, **(overrides or {})},
     )
+    user = KeyPair.generate("e2e-user")
     try:
         await cluster.start()
+        accounts = Accounts(store, JobKeys(root))
+        await accounts.add_user(ACCOUNT, user.public)
+        await accounts.deposit(ACCOUNT, Decimal(10_000))
         async with Broker(cluster.amqp, name=f"e2e-client-{tag}") as broker:
             yield Harness(
                 cluster=cluster,
@@ -211,7 +228,7 @@ async def open_cluster(
                 client=ParjobsClient(broker, sender="e2e-test"),
                 store=store,
                 root=root,
-                user=KeyPair.generate("e2e-user"),
+                user=user,
             )
     finally:
         await cluster.stop()
@@ -750,7 +767,7 @@ async def test_sigkilled_storage_between_submit_and_contract_loses_no_job(
         try:
             request = JobRequest(calculation="checksum")
             # Access publishes `submitted` (confirmed: queued) before it answers the submit.
-            job_uid = (await h.client.submit(request, h.user.public)).job_uid
+            job_uid = (await h.submit(request)).job_uid
 
             async def delivered() -> bool:
                 return await ready_messages(h, storage_queue) == 0

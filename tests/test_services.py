@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
+from decimal import Decimal
 
 import anyio
 import pytest
 from pydantic import JsonValue
 
 from orchestrator import KeyPair, ObjectStore, PARIssuer, PARRegistry
-from orchestrator._access_service import AccessService
+from orchestrator._access_service import AccessService, Pricing
+from orchestrator._accounts import Accounts
+from orchestrator._auth import request_fingerprint, sign_authorisation, write_cheque
 from orchestrator._eventlog import EventLog
-from orchestrator._exceptions import JobNotCompletedError, JobNotFoundError
+from orchestrator._exceptions import (
+    JobNotCompletedError,
+    JobNotFoundError,
+    ReplayedAuthorisationError,
+)
 from orchestrator._jobkeys import JobKeys
+from schemas.auth import Cheque
 from schemas.events import JobRequest, JobState, StorageContracted
 from schemas.messages import GetJob, GetOutputs, JobReply, SubmitJob
 from workers.calculations import CalculationRegistry
@@ -22,15 +31,27 @@ from workers.storage import StorageWorker
 pytestmark = pytest.mark.integration
 
 
+TIME_LIMIT_S = 20
+FUNDS = Decimal(100)
+
+
 class Services:
+    """The three services' logic on one store, and a registered, funded user."""
+
     def __init__(self, store: ObjectStore, prefix: str) -> None:
         self.keys = JobKeys(prefix)
         self.log = EventLog(store, self.keys.jobs)
-        self.registry = registry = PARRegistry(store, root=f"{prefix}registry/")
+        self.registry = registry = PARRegistry(store, root=self.keys.registry)
         self.user = KeyPair.generate("user")
         self.compute_key = KeyPair.generate("compute")
+        self.accounts = Accounts(store, self.keys)
+        calculations = CalculationRegistry.from_entry_points()
         self.access = AccessService(
-            store, self.log, PARIssuer(store, registry, name="access"), self.keys
+            store,
+            self.log,
+            PARIssuer(store, registry, name="access"),
+            self.keys,
+            Pricing(calculations, TIME_LIMIT_S),
         )
         self.storage = StorageWorker(
             self.log, PARIssuer(store, registry, name="storage"), self.compute_key.public, self.keys
@@ -40,11 +61,15 @@ class Services:
             self.log,
             PARIssuer(store, registry, name="compute"),
             registry,
-            CalculationRegistry.from_entry_points(),
+            calculations,
             self.keys,
             self.compute_key,
-            time_limit_s=20,
+            time_limit_s=TIME_LIMIT_S,
         )
+
+    async def onboard(self) -> None:
+        await self.accounts.add_user("user", self.user.public)
+        await self.accounts.deposit("user", FUNDS)
 
     def submit_command(
         self,
@@ -53,16 +78,30 @@ class Services:
         calculation: str = "checksum",
         parameters: dict[str, JsonValue] | None = None,
     ) -> SubmitJob:
+        request = JobRequest(calculation=calculation, parameters=parameters or {})
         return SubmitJob(
-            request=JobRequest(calculation=calculation, parameters=parameters or {}),
-            user_key=self.user.public.to_wire(),
+            request=request,
+            authorisation=sign_authorisation(self.user, request),
+            cheque=self.cheque(request),
             lifetime_s=lifetime_s,
+        )
+
+    def cheque(self, request: JobRequest, max_spend: Decimal = Decimal(5)) -> Cheque:
+        return write_cheque(
+            self.user,
+            payer="user",
+            recipient="access",
+            max_spend=max_spend,
+            resource=request_fingerprint(request),
+            lifetime=timedelta(hours=1),
         )
 
 
 @pytest.fixture
-def services(store: ObjectStore, prefix: str) -> Services:
-    return Services(store, prefix)
+async def services(store: ObjectStore, prefix: str) -> Services:
+    ready = Services(store, prefix)
+    await ready.onboard()
+    return ready
 
 
 def _sheet(reply: object) -> JobReply:
@@ -78,7 +117,10 @@ async def test_submit_is_idempotent_per_message(services: Services) -> None:
     job_uid = _sheet(first.reply).sheet.job_uid
     assert len(await services.log.read(job_uid)) == 1
     assert first.events[0].event_id == again.events[0].event_id
-    other = await services.access.submit(command, message_id=uuid.uuid4().hex)
+    # The same signed submission in another message is a replay: refused, nothing created.
+    with pytest.raises(ReplayedAuthorisationError):
+        await services.access.submit(command, message_id=uuid.uuid4().hex)
+    other = await services.access.submit(services.submit_command(), message_id=uuid.uuid4().hex)
     assert _sheet(other.reply).sheet.job_uid != job_uid
 
 

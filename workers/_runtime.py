@@ -26,12 +26,19 @@ from orchestrator._consumer import IncomingMeta
 from orchestrator._eventlog import EventLog
 from orchestrator._exceptions import (
     AppendConflictError,
+    AuthorisationError,
     CalculationError,
+    ChequeError,
     CryptoError,
+    InvalidAccountError,
+    InvalidAmountError,
     JobError,
+    LedgerConflictError,
+    LedgerRuleError,
     ObjectKeyError,
     PARError,
     ParjobsError,
+    UserError,
 )
 from orchestrator._jobkeys import JobKeys
 from orchestrator._objectstore import ObjectStore
@@ -44,10 +51,25 @@ ENVELOPE = TypeAdapter(Envelope)
 log = logging.getLogger("parjobs.service")
 
 
+_REFUSALS = (
+    PARError,
+    CryptoError,
+    JobError,
+    CalculationError,
+    ObjectKeyError,
+    AuthorisationError,
+    ChequeError,
+    UserError,
+    LedgerRuleError,
+    InvalidAccountError,
+    InvalidAmountError,
+)
+_RETRIABLE = (AppendConflictError, LedgerConflictError)  # lost races: try again
+
+
 def is_refusal(exc: BaseException) -> bool:
     """A refusal answers the request and is done; anything else is retried by redelivery."""
-    refusals = (PARError, CryptoError, JobError, CalculationError, ObjectKeyError)
-    return isinstance(exc, refusals) and not isinstance(exc, AppendConflictError)
+    return isinstance(exc, _REFUSALS) and not isinstance(exc, _RETRIABLE)
 
 
 @dataclass
@@ -152,7 +174,7 @@ async def serve(role: str, setup: Setup) -> None:
             broker=broker,
             keys=keys,
             log=EventLog(store, keys.jobs),
-            registry=PARRegistry(store, root=f"{settings.data_root}registry/pars/"),
+            registry=PARRegistry(store, root=keys.registry),
         )
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with anyio.create_task_group() as group:

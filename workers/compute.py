@@ -275,7 +275,11 @@ class ComputeWorker:
         for key in outcome.outputs:
             sent = await writer.set_object_from_file(key, output_dir / key)
             outputs.append(OutputFile(key=key, size=sent.size, sha256=sent.sha256))
-        return Completed(outputs=tuple(outputs), summary=f"{len(outputs)} output file(s)")
+        return Completed(
+            outputs=tuple(outputs),
+            summary=f"{len(outputs)} output file(s)",
+            cpu_seconds=outcome.cpu_seconds,
+        )
 
     async def _append(self, job_uid: str, payload: EventPayload, event_id: str | None) -> JobEvent:
         return await self._log.transition(job_uid, self._actor, payload, event_id=event_id)

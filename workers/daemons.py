@@ -15,7 +15,7 @@ import aio_pika
 import anyio
 from anyio.abc import TaskGroup
 
-from orchestrator._access_service import AccessService, Outcome
+from orchestrator._access_service import AccessService, Outcome, Pricing
 from orchestrator._consumer import IncomingMeta
 from orchestrator._exceptions import ConfigurationError, InvalidMessageError, ParjobsError
 from orchestrator._issuer import PARIssuer
@@ -43,8 +43,9 @@ log = logging.getLogger("parjobs.service")
 
 def service_queues(topology: Topology) -> dict[str, tuple[QueueSpec, ...]]:
     """The queues each daemon consumes (declared by it; deleted by `delete_topology`)."""
+    ended = [f"job.*.{state}" for state in ("completed", "failed", "cancelled", "expired")]
     return {
-        "access": (topology.rpc_queue("access"),),
+        "access": (topology.rpc_queue("access"), topology.work_queue("access", events=ended)),
         "storage": (topology.work_queue("storage", events=["job.*.submitted"]),),
         "compute": (
             topology.work_queue("compute", events=["job.*.storage_contracted"]),
@@ -89,12 +90,15 @@ def _event_of(envelope: Envelope) -> EventPublished:
 
 async def setup_access(context: ServiceContext, group: TaskGroup) -> None:
     settings = context.settings
+    pricing = Pricing(CalculationRegistry.from_entry_points(), settings.time_limit_s)
     service = AccessService(
         context.store,
         context.log,
         PARIssuer(context.store, context.registry, name="access"),
         context.keys,
+        pricing,
         default_lifetime=timedelta(seconds=settings.job_lifetime_s),
+        auth_window=timedelta(seconds=settings.auth_window_s),
     )
     registry = context.registry
 
@@ -139,9 +143,14 @@ async def setup_access(context: ServiceContext, group: TaskGroup) -> None:
                 log.exception("expiry sweep failed; retrying at the next interval")
             await anyio.sleep(settings.sweep_interval_s)
 
-    (queue,) = service_queues(context.broker.topology)["access"]
-    await context.broker.declare(queue)
-    await context.broker.consume(queue, ENVELOPE, handle)
+    async def settle(envelope: Envelope, meta: IncomingMeta) -> None:
+        # A redelivered end settles nothing twice: the ledger finds the job's settlement.
+        await service.settle(_event_of(envelope).event.job_uid)
+
+    requests, endings = service_queues(context.broker.topology)["access"]
+    await context.broker.declare(requests, endings)
+    await context.broker.consume(requests, ENVELOPE, handle)
+    await context.broker.consume(endings, ENVELOPE, settle)
     group.start_soon(sweep)
 
 

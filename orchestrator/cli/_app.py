@@ -16,6 +16,7 @@ from orchestrator._keys import KeyPair
 from orchestrator._pardemo import run_par_demo
 from orchestrator._seaweed import LocalSeaweed
 from orchestrator.cli import _jobs as jobs
+from orchestrator.cli import _money as money
 from orchestrator.cli import _ops as ops
 
 app = typer.Typer(
@@ -121,6 +122,10 @@ app.command()(jobs.fetch)
 app.command()(ops.dev)
 app.command()(ops.replay)
 app.add_typer(ops.dlq_app, name="dlq")
+app.add_typer(money.users_app, name="users")
+app.add_typer(money.account_app, name="account")
+app.add_typer(money.cheque_app, name="cheque")
+app.add_typer(money.ledger_app, name="ledger")
 
 
 def main() -> None:

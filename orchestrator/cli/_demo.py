@@ -1,8 +1,10 @@
 """`parjobs demo`: one whole job end to end on the embedded default (a local SeaweedFS).
 
-Starts SeaweedFS and the three daemons as separate processes, submits a csv-summary job,
-uploads the input through the upload PAR, starts it through the run PAR, shows progress,
-downloads the outputs through a read PAR, prints the job's timeline, and replays the log.
+Starts SeaweedFS and the three daemons as separate processes, registers a user and funds their
+account, submits a signed csv-summary job paid by a cheque, uploads the input through the upload
+PAR, starts it through the run PAR, shows progress, downloads the outputs through a read PAR,
+prints the job's timeline and its payment (balance before, cheque, charge, refund, balance
+after), replays the log and verifies the books.
 """
 
 from __future__ import annotations
@@ -12,24 +14,34 @@ import random
 import secrets
 import tempfile
 from contextlib import AsyncExitStack
+from decimal import Decimal
 from pathlib import Path
 
+import anyio
+from rich.table import Table
+
 from orchestrator._access import ObjectWriter
+from orchestrator._accounts import Accounts
 from orchestrator._broker import Broker
 from orchestrator._client import ParjobsClient
 from orchestrator._eventlog import EventLog
 from orchestrator._exceptions import ParjobsError
 from orchestrator._jobkeys import JobKeys
 from orchestrator._keys import KeyPair
+from orchestrator._ledger_rules import ACCESS
 from orchestrator._objectstore import ObjectStore
 from orchestrator._replay import replay
 from orchestrator.cli._common import console
 from orchestrator.cli._jobs import fetch_outputs, timeline, watch_job
+from orchestrator.cli._money import statement_table
 from orchestrator.cli._ops import local_s3
-from schemas.events import JobRequest
+from schemas.events import JobRequest, JobSheetState
+from schemas.ledger import Transaction
 from workers.cluster import LocalCluster
 
 DEMO_ROWS = 200_000
+DEPOSIT = Decimal("10.00")
+MAX_SPEND = Decimal("2.00")
 
 
 def _write_csv(path: Path) -> None:
@@ -52,12 +64,21 @@ async def run_job_demo() -> None:
         client = ParjobsClient(broker, sender="demo")
         scratch = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         user = KeyPair.generate("demo-user")
+        store = await stack.enter_async_context(ObjectStore(s3))
+        accounts = Accounts(store, JobKeys())
+        await accounts.add_user(user.name, user.public)
+        await accounts.deposit(user.name, DEPOSIT)
+        before = await accounts.balance(user.name)
+        console.print(f"[green]✓[/] registered {user.name}; deposited {DEPOSIT}: balance {before}")
         source = scratch / "weather.csv"
         _write_csv(source)
 
         request = JobRequest(calculation="csv-summary", parameters={"delimiter": ","})
-        job_uid, upload, run_par, expires = await client.request_services(request, user.public)
-        console.print(f"[green]✓[/] job {job_uid} contracted: {upload!r}, {run_par!r}")
+        job_uid, upload, run_par, expires = await client.request_services(
+            request, user, account=user.name, max_spend=MAX_SPEND
+        )
+        console.print(f"[green]✓[/] job {job_uid} signed for, paid by a cheque, contracted:")
+        console.print(f"  {upload!r}\n  {run_par!r}")
         console.print(f"  both sealed for {user.name}, expiring {expires:%H:%M:%S}Z")
         sent = await ObjectWriter(upload, user).set_object_from_file(source)
         console.print(f"[green]✓[/] uploaded {sent.size:,} bytes through the upload PAR")
@@ -67,15 +88,50 @@ async def run_job_demo() -> None:
         if final.state.value != "completed":
             raise ParjobsError(f"the demo job ended {final.state.value}: {final.reason}")
         for path in await fetch_outputs(client, user, job_uid, scratch / "outputs"):
-            console.print(
-                f"[green]✓[/] downloaded {path.name} through a read PAR (SHA-256 checked)"
-            )
+            console.print(f"[green]✓[/] downloaded {path.name} through a read PAR, SHA-256 checked")
             summary = json.loads(path.read_text())
             console.print_json(json.dumps({k: summary[k] for k in list(summary)[:3]}))
         console.print(timeline((await client.job(job_uid, with_events=True)).events))
 
-        store = await stack.enter_async_context(ObjectStore(s3))
+        await _show_payment(accounts, user.name, job_uid, before, final)
         results = await replay(EventLog(store, JobKeys().jobs), broker)
         mine = [r for r in results if r.job_uid == job_uid]
         verdict = "agrees" if mine and mine[0].ok else f"DIVERGES: {mine}"
         console.print(f"[green]✓[/] replay: the job rebuilt from the stream {verdict} with its log")
+        problems = await accounts.verify_books()
+        console.print(f"[green]✓[/] ledger verify: {'; '.join(problems) or 'the books balance'}")
+
+
+async def _show_payment(
+    accounts: Accounts, name: str, job_uid: str, before: Decimal, final: JobSheetState
+) -> None:
+    """Balance before, the cheque, what was held, charged and refunded, balance after."""
+    settled = await _settlement(accounts, job_uid)
+    payment = final.payment
+    if payment is None or settled is None:
+        raise ParjobsError(f"job {job_uid} has no payment or was not settled")
+    charge = next((n.amount for n in settled.notes if n.account == ACCESS), Decimal(0))
+    rows = [
+        ("balance before", f"{before}"),
+        ("cheque", f"{payment.cheque.cheque_id[:12]}… max spend {payment.cheque.max_spend}"),
+        ("held when cashed", f"{payment.held}"),
+        ("charged", f"{charge}  ({final.cpu_seconds:.3f} CPU-s of csv-summary)"),
+        ("refunded", f"{payment.held - charge}"),
+        ("balance after", f"{await accounts.balance(name)}"),
+    ]
+    table = Table("payment", "")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    console.print(statement_table(await accounts.statement(name)))
+
+
+async def _settlement(accounts: Accounts, job_uid: str) -> Transaction | None:
+    # Settlement follows the `completed` event through the access daemon: wait briefly for it.
+    with anyio.move_on_after(15):
+        while True:
+            for tx in await accounts.ledger.read():
+                if tx.kind == "settle" and tx.job_uid == job_uid:
+                    return tx
+            await anyio.sleep(0.2)
+    return None

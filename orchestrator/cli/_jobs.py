@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated
 
@@ -125,8 +126,13 @@ def submit(
     output: Annotated[Path | None, typer.Option(help="Download outputs here.")] = None,
     lifetime: Annotated[int | None, typer.Option(help="Seconds before the job expires.")] = None,
     watch: Annotated[bool, typer.Option(help="Follow the job until it ends.")] = True,
+    account: Annotated[
+        str | None, typer.Option(help="The account that pays (default: the key's name).")
+    ] = None,
+    max_spend: Annotated[str, typer.Option(help="The cheque's limit.")] = "1",
 ) -> None:
-    """Submit a job, upload its input through the upload PAR and start it through the run PAR."""
+    """Sign for and pay for a job, upload its input through the upload PAR, start it through the
+    run PAR, and follow it."""
     user = load_key(key)
     digest = hashlib.sha256(input_file.read_bytes()).hexdigest()
     request = JobRequest(
@@ -136,7 +142,11 @@ def submit(
     async def run() -> None:
         async with client_session() as client:
             job_uid, upload, run_par, expires = await client.request_services(
-                request, user.public, lifetime_s=lifetime
+                request,
+                user,
+                account=account or user.name,
+                max_spend=Decimal(max_spend),
+                lifetime_s=lifetime,
             )
             console.print(f"job [bold]{job_uid}[/] ready; PARs expire {expires:%Y-%m-%d %H:%M:%S}Z")
             await ObjectWriter(upload, user).set_object_from_file(input_file)
