@@ -14,7 +14,7 @@ from orchestrator import KeyPair, ObjectStore, PARIssuer, PARRegistry
 from orchestrator._access_service import AccessService, Pricing
 from orchestrator._accounts import Accounts
 from orchestrator._auth import request_fingerprint, sign_authorisation, write_cheque
-from orchestrator._eventlog import EventLog
+from orchestrator._eventlog import EventLog, step_event_id
 from orchestrator._exceptions import (
     JobNotCompletedError,
     JobNotFoundError,
@@ -24,7 +24,7 @@ from orchestrator._jobkeys import JobKeys
 from schemas.auth import Cheque
 from schemas.events import JobRequest, JobState, StorageContracted
 from schemas.messages import GetJob, GetOutputs, JobReply, SubmitJob
-from workers.calculations import CalculationRegistry
+from workers.calculations import CalculationRegistry, Price
 from workers.compute import ComputeWorker
 from workers.storage import StorageWorker
 
@@ -45,7 +45,7 @@ class Services:
         self.user = KeyPair.generate("user")
         self.compute_key = KeyPair.generate("compute")
         self.accounts = Accounts(store, self.keys)
-        calculations = CalculationRegistry.from_entry_points()
+        self.calculations = calculations = CalculationRegistry.from_entry_points()
         self.access = AccessService(
             store,
             self.log,
@@ -66,6 +66,13 @@ class Services:
             self.compute_key,
             time_limit_s=TIME_LIMIT_S,
         )
+
+    def access_job_uid(self, message_id: str) -> str:
+        """The job uid access derives from a submit's message id."""
+        return step_event_id(message_id, "job")
+
+    def access_price(self, calculation: str) -> Price:
+        return self.calculations.get(calculation).price
 
     async def onboard(self) -> None:
         await self.accounts.add_user("user", self.user.public)
