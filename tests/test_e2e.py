@@ -20,6 +20,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -32,11 +33,14 @@ from pydantic import JsonValue, TypeAdapter
 
 from orchestrator import PAR, BucketReader, KeyPair, ObjectWriter
 from orchestrator._accounts import Accounts
+from orchestrator._auth import request_fingerprint, sign_authorisation, write_cheque
 from orchestrator._broker import Broker
 from orchestrator._client import ParjobsClient
 from orchestrator._dlq import CODE_HEADER, REASON_HEADER, DeadLetter, DeadLetterReason
+from orchestrator._eventlog import EventLog
 from orchestrator._exceptions import PARExpiredError, RunRefusedError, WrongKeyError
 from orchestrator._jobkeys import JobKeys
+from orchestrator._jobsheet import JobSheet
 from orchestrator._objectstore import ObjectStore
 from orchestrator._par import RunControl
 from orchestrator._seaweed import LocalSeaweed
@@ -347,6 +351,41 @@ async def test_a_job_completes_with_the_right_output(harness: Harness) -> None:
     read_par = await harness.client.outputs(sheet.job_uid)
     with pytest.raises(WrongKeyError, match="sealed for key"):
         BucketReader(read_par, KeyPair.generate("someone else")).list_keys()
+
+
+async def test_the_seed_jobsheet_api_runs_a_job(harness: Harness) -> None:
+    """JobSheet(job, authorisation), set_payment(cheque), request_services() -> PARs, expiry."""
+    data = b"seed page\n"
+    request = JobRequest(calculation="checksum", input_sha256=hashlib.sha256(data).hexdigest())
+    sheet = JobSheet(request, sign_authorisation(harness.user, request))
+    assert sheet.is_null()
+    sheet.set_payment(
+        write_cheque(
+            harness.user,
+            payer=ACCOUNT,
+            recipient="access",
+            max_spend=MAX_SPEND,
+            resource=request_fingerprint(request),
+            lifetime=timedelta(hours=1),
+        )
+    )
+    upload, run, expires = await sheet.request_services(harness.client)
+    assert not sheet.is_null()
+    assert expires - datetime.now(UTC) > timedelta(minutes=55)  # one hour by default
+    payment = sheet.payment()
+    assert payment is not None
+    assert payment.cheque.max_spend == MAX_SPEND
+    await ObjectWriter(upload, harness.user).set_object(data)
+    control = run.execute(harness.user, control=harness.client)
+    await control.start()
+    assert (await control.wait(timeout=60)).state == "completed"
+    uid = sheet.uid()
+    assert uid is not None
+    loaded = await JobSheet.load(uid, EventLog(harness.store, JobKeys(harness.root).jobs))
+    assert loaded.authorisation() == sheet.authorisation()
+    state = loaded.state()
+    assert state is not None
+    assert state.state is JobState.COMPLETED
 
 
 async def test_fifty_concurrent_jobs_all_complete_exactly_once(harness: Harness) -> None:
