@@ -35,7 +35,7 @@ from orchestrator._jobkeys import JobKeys
 from orchestrator._jobstate import fold, is_terminal
 from orchestrator._keys import PublicKeys
 from orchestrator._ledger import Ledger
-from orchestrator._ledger_rules import ACCESS
+from orchestrator._ledger_rules import ACCESS, hold_tx_id
 from orchestrator._objectstore import ObjectStore
 from schemas.events import (
     Expired,
@@ -119,9 +119,15 @@ class AccessService:
             return Outcome(reply=JobReply(sheet=fold(existing)), events=existing[:1])
         request, authorisation, cheque = command.request, command.authorisation, command.cheque
         now = datetime.now(UTC)
+        # A redelivery after a crash between the hold and the job's creation finds its hold: every
+        # check passed when it was made (nothing is held before them), so the time-bound ones (the
+        # authorisation's window, the cheque's expiry) are judged as of then. Judged now, a restart
+        # later than the window would refuse the job and strand the value held for it.
+        held = await self.ledger.find(hold_tx_id(job_uid, cheque.cheque_id))
+        checked_at = now if held is None else held.time
         user_record = await self.users.by_fingerprint(authorisation.user)
         user = PublicKeys.from_wire(user_record.public_key)
-        check_authorisation(authorisation, request, user, now=now, window=self._auth_window)
+        check_authorisation(authorisation, request, user, now=checked_at, window=self._auth_window)
         price = self._pricing.highest(request)
         payer = PublicKeys.from_wire((await self.users.get(cheque.payer)).public_key)
         check_cheque(
@@ -130,11 +136,11 @@ class AccessService:
             recipient=ACCESS,
             resource=request_fingerprint(request),
             price=price,
-            now=now,
+            now=checked_at,
         )
         # Everything is checked: from here on each step is idempotent for this job uid.
         await self.nonces.claim(authorisation.user, authorisation.nonce, holder=job_uid)
-        hold = await self.ledger.hold(job_uid, cheque.cheque_id, cheque.payer, price)
+        hold = await self.ledger.hold(job_uid, cheque.cheque_id, cheque.payer, price, at=checked_at)
         lifetime = (
             timedelta(seconds=command.lifetime_s) if command.lifetime_s else self._default_lifetime
         )

@@ -14,6 +14,7 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Callable
+from datetime import datetime
 from decimal import Decimal
 
 import anyio
@@ -142,6 +143,11 @@ class Ledger:
         account_kind(account)  # refuses a name no account can have
         return (await self.state()).balances.get(account, ZERO)
 
+    async def find(self, tx_id: str) -> Transaction | None:
+        """The stored transaction with id `tx_id`, or None if the ledger has none."""
+        seq = (await self.state()).tx_ids.get(tx_id)
+        return None if seq is None else await self._get(seq)
+
     async def statement(self, account: str) -> list[StatementRow]:
         return statement(await self.read(), account)
 
@@ -221,10 +227,20 @@ class Ledger:
         return await self.commit(build_deposit(account, amount, tx_id=tx_id))
 
     async def hold(
-        self, job_uid: str, cheque_id: str, payer: str, amount: Decimal | int | str
+        self,
+        job_uid: str,
+        cheque_id: str,
+        payer: str,
+        amount: Decimal | int | str,
+        *,
+        at: datetime | None = None,
     ) -> Transaction:
-        """Cash cheque `cheque_id` for job `job_uid`: hold `amount` of `payer`'s money."""
-        return await self.commit(build_hold(job_uid, cheque_id, payer, amount))
+        """Cash cheque `cheque_id` for job `job_uid`: hold `amount` of `payer`'s money.
+
+        `at`, if given, is the transaction's time (when the cheque was checked); else now.
+        """
+        draft = build_hold(job_uid, cheque_id, payer, amount)
+        return await self.commit(draft if at is None else draft.model_copy(update={"time": at}))
 
     async def settle(self, job_uid: str, charge: Decimal | int | str) -> Transaction:
         """Job `job_uid` ended: charge `charge` of its hold, refund the rest to its payer."""

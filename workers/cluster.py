@@ -3,6 +3,10 @@
 It gives them one configuration through the environment (S3, broker prefix, a freshly made
 compute key file), a health port each, and log files; `start` returns once every daemon answers
 /readyz. `kill` and `restart` exist for the crash tests.
+
+A role may run as several replicas (`replicas={"access": 2}`): the first is named after its role
+("access"), the others "access#2", "access#3"...; every method that takes a daemon takes either
+name, so callers that know of one daemon per role need not change.
 """
 
 from __future__ import annotations
@@ -29,6 +33,19 @@ from orchestrator._settings import AMQPSettings, S3Settings
 from workers.daemons import delete_topology
 
 ROLES = ("access", "storage", "compute")
+_REPLICA_MARK = "#"
+
+
+def replica_name(role: str, index: int) -> str:
+    """The name of replica `index` (from 1) of `role`: the role itself for the first."""
+    if index < 1:
+        raise ValueError(f"replicas are numbered from 1, not {index}")
+    return role if index == 1 else f"{role}{_REPLICA_MARK}{index}"
+
+
+def role_of(name: str) -> str:
+    """The role a daemon named `name` ("access", "access#2", ...) plays."""
+    return name.split(_REPLICA_MARK, 1)[0]
 
 
 def _free_port() -> int:
@@ -65,7 +82,17 @@ class LocalCluster:
         ready_timeout: float = 30.0,
         keep_dir: bool = False,
         delete_topology: bool = False,
+        replicas: dict[str, int] | None = None,
     ) -> None:
+        counts = {role: 1 for role in ROLES} | dict(replicas or {})
+        if unknown := set(counts) - set(ROLES):
+            raise ValueError(f"no such role: {', '.join(sorted(unknown))} (roles: {ROLES})")
+        if bad := {role: n for role, n in counts.items() if n < 1}:
+            raise ValueError(f"every role needs at least one replica, not {bad}")
+        self.instances: tuple[str, ...] = tuple(
+            replica_name(role, index) for role in ROLES for index in range(1, counts[role] + 1)
+        )
+        """Every daemon's name, in start order: "access", "access#2", ..., "storage", ..."""
         self.keep_dir = keep_dir
         self.delete_topology = delete_topology  # for throwaway prefixes: leave the broker clean
         self.s3 = s3
@@ -85,8 +112,17 @@ class LocalCluster:
     def amqp(self) -> AMQPSettings:
         return AMQPSettings(prefix=self.prefix)
 
-    def log_path(self, role: str) -> Path:
-        return self.dir / f"{role}.log"
+    def replicas(self, role: str) -> tuple[str, ...]:
+        """The names of `role`'s daemons ("access", "access#2", ...)."""
+        return tuple(name for name in self.instances if role_of(name) == role)
+
+    def log_path(self, name: str) -> Path:
+        return self.dir / f"{self._known(name)}.log"
+
+    def _known(self, name: str) -> str:
+        if name not in self.instances:
+            raise ValueError(f"no daemon {name!r} in this cluster (daemons: {self.instances})")
+        return name
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -112,17 +148,17 @@ class LocalCluster:
             "PARJOBS_KEY_PASSPHRASE": passphrase,
             **self._overrides,
         }
-        for role in ROLES:
-            self.health_ports[role] = _free_port()
-            self._spawn(role)
-        for role in ROLES:
-            await self.wait_ready(role)
+        for name in self.instances:
+            self.health_ports[name] = _free_port()
+            self._spawn(name)
+        for name in self.instances:
+            await self.wait_ready(name)
 
-    def _spawn(self, role: str) -> None:
-        env = {**self._environment, "PARJOBS_HEALTH_PORT": str(self.health_ports[role])}
-        with self.log_path(role).open("ab") as log:
-            self._processes[role] = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-                [sys.executable, "-m", "orchestrator.cli", role],
+    def _spawn(self, name: str) -> None:
+        env = {**self._environment, "PARJOBS_HEALTH_PORT": str(self.health_ports[name])}
+        with self.log_path(name).open("ab") as log:
+            self._processes[name] = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+                [sys.executable, "-m", "orchestrator.cli", role_of(name)],
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -130,35 +166,35 @@ class LocalCluster:
                 start_new_session=True,
             )
 
-    async def wait_ready(self, role: str) -> None:
-        url = f"http://127.0.0.1:{self.health_ports[role]}/readyz"
+    async def wait_ready(self, name: str) -> None:
+        url = f"http://127.0.0.1:{self.health_ports[self._known(name)]}/readyz"
         with anyio.move_on_after(self._ready_timeout):
             async with httpx.AsyncClient(timeout=1.0) as http:
                 while True:
-                    process = self._processes[role]
+                    process = self._processes[name]
                     if process.poll() is not None:
                         raise ConfigurationError(
-                            f"the {role} daemon exited with {process.returncode}:\n"
-                            + self.log_tail(role)
+                            f"the {name} daemon exited with {process.returncode}:\n"
+                            + self.log_tail(name)
                         )
                     with contextlib.suppress(httpx.TransportError):
                         if (await http.get(url)).status_code == 200:
                             return
                     await anyio.sleep(0.1)
-        raise ConfigurationError(f"the {role} daemon was not ready in time:\n{self.log_tail(role)}")
+        raise ConfigurationError(f"the {name} daemon was not ready in time:\n{self.log_tail(name)}")
 
-    def log_tail(self, role: str, lines: int = 20) -> str:
+    def log_tail(self, name: str, lines: int = 20) -> str:
         try:
-            return "\n".join(self.log_path(role).read_text(errors="replace").splitlines()[-lines:])
+            return "\n".join(self.log_path(name).read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
 
-    def pid(self, role: str) -> int:
-        return self._processes[role].pid
+    def pid(self, name: str) -> int:
+        return self._processes[self._known(name)].pid
 
-    async def kill(self, role: str, sig: signal.Signals = signal.SIGKILL) -> int | None:
+    async def kill(self, name: str, sig: signal.Signals = signal.SIGKILL) -> int | None:
         """Send `sig` to a daemon and wait for it to exit; its exit code."""
-        process = self._processes[role]
+        process = self._processes[self._known(name)]
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, sig)
         with anyio.move_on_after(30):
@@ -166,10 +202,10 @@ class LocalCluster:
                 await anyio.sleep(0.05)
         return process.poll()
 
-    async def restart(self, role: str) -> None:
-        await self.kill(role, signal.SIGKILL)
-        self._spawn(role)
-        await self.wait_ready(role)
+    async def restart(self, name: str) -> None:
+        await self.kill(name, signal.SIGKILL)
+        self._spawn(name)
+        await self.wait_ready(name)
 
     async def stop(self) -> None:
         """SIGTERM every daemon (they drain), SIGKILL what is left after 30 s."""
