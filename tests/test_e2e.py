@@ -17,7 +17,7 @@ import signal
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -48,6 +48,7 @@ from orchestrator._topology import Topology
 from orchestrator._transfer import PARTransport
 from schemas.events import Completed, JobEvent, JobRequest, JobSheetState, JobState
 from schemas.messages import Envelope, ErrorReply, EventPublished, RunCommand, RunReply
+from tests._waiting import eventually
 from tests.conftest import RabbitMQCtl
 from workers.cluster import ROLES, LocalCluster
 from workers.daemons import delete_topology
@@ -248,21 +249,6 @@ async def harness(seaweed: LocalSeaweed, store: ObjectStore) -> AsyncIterator[Ha
 
 
 # --- helpers ------------------------------------------------------------------------------------
-
-
-async def eventually(
-    check: Callable[[], Awaitable[bool]],
-    what: str,
-    *,
-    timeout: float = 20,  # noqa: ASYNC109 - a deadline for the whole wait
-    interval: float = 0.1,
-) -> None:
-    """Poll `check` until it is true; fail the test naming `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {timeout:g}s: {what}")
-        await anyio.sleep(interval)
 
 
 def run_processes(job_uid: str) -> set[int]:

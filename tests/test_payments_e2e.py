@@ -23,7 +23,7 @@ import sys
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -53,6 +53,7 @@ from orchestrator._seaweed import LocalSeaweed
 from schemas.auth import Authorisation, Cheque
 from schemas.events import Completed, JobRequest, JobSheetState, JobState
 from schemas.ledger import ZERO, Transaction, to_money
+from tests._waiting import eventually
 from workers.calculations import CalculationRegistry
 from workers.cluster import LocalCluster, s3_environment
 
@@ -268,21 +269,6 @@ async def open_cluster(
 
 
 # --- helpers ------------------------------------------------------------------------------------
-
-
-async def eventually(
-    check: Callable[[], Awaitable[bool]],
-    what: str,
-    *,
-    timeout: float = 30,  # noqa: ASYNC109 - a deadline for the whole wait
-    interval: float = 0.2,
-) -> None:
-    """Poll `check` until it is true; fail the test naming `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {timeout:g}s: {what}")
-        await anyio.sleep(interval)
 
 
 def refused_as_cashed(outcome: JobSheetState | BaseException, cheque_id: str, winner: str) -> bool:
