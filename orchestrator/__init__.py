@@ -4,6 +4,9 @@ from orchestrator import PAR, ObjectReader, ObjectWriter, BucketReader, BucketWr
 """
 
 from orchestrator._access import BucketReader, BucketWriter, ObjectReader, ObjectWriter
+from orchestrator._auth import request_fingerprint, sign_authorisation, write_cheque
+from orchestrator._broker import Broker
+from orchestrator._client import ParjobsClient
 from orchestrator._control import PARControl, use_par_control
 from orchestrator._exceptions import (
     ConfigurationError,
@@ -34,22 +37,26 @@ from orchestrator._exceptions import (
     WrongKeyError,
 )
 from orchestrator._issuer import PARIssuer
+from orchestrator._jobsheet import JobSheet
 from orchestrator._keys import KeyPair, PublicKeys
 from orchestrator._objectstore import ObjectStore
 from orchestrator._par import PAR, RunControl
 from orchestrator._registry import PARRegistry
-from orchestrator._settings import S3Settings
+from orchestrator._settings import AMQPSettings, S3Settings
 from orchestrator._transfer import PARTransport, TransferResult
 from schemas.par import PARKind, PARState
 
 __all__ = [
     "PAR",
+    "AMQPSettings",
+    "Broker",
     "BucketReader",
     "BucketWriter",
     "ConfigurationError",
     "CryptoError",
     "IntegrityError",
     "InvalidPARError",
+    "JobSheet",
     "KeyFileError",
     "KeyPair",
     "LocalFileNotFoundError",
@@ -73,6 +80,7 @@ __all__ = [
     "PARRegistry",
     "PARState",
     "PARTransport",
+    "ParjobsClient",
     "ParjobsError",
     "PassphraseError",
     "PublicKeys",
@@ -86,5 +94,8 @@ __all__ = [
     "UploadTooLargeError",
     "UploadTooSmallError",
     "WrongKeyError",
+    "request_fingerprint",
+    "sign_authorisation",
     "use_par_control",
+    "write_cheque",
 ]
