@@ -35,14 +35,14 @@ from pamqp.common import FieldTable
 from pydantic import TypeAdapter
 
 from orchestrator import KeyPair, ObjectWriter
-from orchestrator._accounts import Accounts
-from orchestrator._broker import Broker
-from orchestrator._client import ParjobsClient
-from orchestrator._jobkeys import JobKeys
-from orchestrator._objectstore import ObjectStore
-from orchestrator._seaweed import LocalSeaweed
-from orchestrator._settings import AMQPSettings, ServiceSettings
-from orchestrator._topology import QueueSpec, Topology, declare
+from orchestrator.broker.amqp import Broker
+from orchestrator.broker.topology import QueueSpec, Topology, declare
+from orchestrator.client.client import ParjobsClient
+from orchestrator.core.layout import JobKeys
+from orchestrator.services.accounts import Accounts
+from orchestrator.settings import AMQPSettings, ServiceSettings
+from orchestrator.store.s3 import ObjectStore
+from orchestrator.store.seaweed import LocalSeaweed
 from schemas.events import JobRequest
 from schemas.messages import Envelope, EventPublished, RunCommand
 from workers.cluster import ROLES, LocalCluster

@@ -32,7 +32,7 @@ import cryptography
 from cryptography.hazmat.primitives import hpke
 
 from orchestrator import PAR, KeyPair, PARKind
-from orchestrator._par_rules import sealing_info
+from orchestrator.core.par_rules import sealing_info
 from schemas.par import Capability
 
 PASSPHRASE = "correct horse battery staple"  # noqa: S105

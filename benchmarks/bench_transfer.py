@@ -32,8 +32,11 @@ import anyio
 import httpx
 import psutil
 
-from orchestrator import KeyPair, ObjectReader, ObjectStore, ObjectWriter, PARIssuer, PARRegistry
-from orchestrator._seaweed import LocalSeaweed
+from orchestrator import KeyPair, ObjectReader, ObjectWriter
+from orchestrator.par.issuer import PARIssuer
+from orchestrator.store.registry import PARRegistry
+from orchestrator.store.s3 import ObjectStore
+from orchestrator.store.seaweed import LocalSeaweed
 
 MIB = 1 << 20
 TIMEOUT = httpx.Timeout(60.0, connect=10.0)  # as PARTransport's own client; a client per phase

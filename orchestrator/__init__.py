@@ -1,20 +1,60 @@
-"""parjobs' user-facing API: PARs and the classes that read and write through them.
+"""parjobs' public API: PARs and what reads and writes through them, the JobSheet, the client.
 
-from orchestrator import PAR, ObjectReader, ObjectWriter, BucketReader, BucketWriter, KeyPair
+    from orchestrator import PAR, ObjectReader, ObjectWriter, JobSheet, ParjobsClient, KeyPair
+
+Every error parjobs can raise is importable from here too (they live in `orchestrator.errors`).
+Service internals live in the subpackages: `core` (pure rules), `store` and `broker` (the two
+seams, each with an in-memory twin), `par`, `services`, `client`.
 """
 
-from orchestrator._access import BucketReader, BucketWriter, ObjectReader, ObjectWriter
-from orchestrator._auth import request_fingerprint, sign_authorisation, write_cheque
-from orchestrator._broker import Broker
-from orchestrator._client import ParjobsClient
-from orchestrator._control import PARControl, use_par_control
-from orchestrator._exceptions import (
+from importlib.metadata import PackageNotFoundError, version
+
+from orchestrator.client.client import ParjobsClient
+from orchestrator.client.jobsheet import JobSheet
+from orchestrator.core.keys import KeyPair, PublicKeys
+from orchestrator.core.signing import request_fingerprint, sign_authorisation, write_cheque
+from orchestrator.errors import (
+    AlreadySettledError,
+    AppendConflictError,
+    AuthorisationError,
+    BrokerError,
+    BrokerUnavailableError,
+    CalculationError,
+    CalculationLaunchError,
+    CalculationLoadError,
+    ChequeAlreadyCashedError,
+    ChequeError,
     ConfigurationError,
     CryptoError,
+    DuplicateCalculationError,
+    DuplicateHoldError,
+    DuplicateTransactionError,
+    EventLogCorruptError,
+    EventSequenceError,
+    ExpiredChequeError,
+    ForgedAuthorisationError,
+    ForgedChequeError,
+    IllegalTransitionError,
+    InsufficientChequeError,
+    InsufficientFundsError,
     IntegrityError,
+    InvalidAccountError,
+    InvalidAmountError,
+    InvalidMessageError,
+    InvalidParametersError,
     InvalidPARError,
+    JobError,
+    JobExistsError,
+    JobNotCompletedError,
+    JobNotFoundError,
     KeyFileError,
+    LedgerConflictError,
+    LedgerCorruptError,
+    LedgerRuleError,
+    LedgerSequenceError,
     LocalFileNotFoundError,
+    MalformedTransactionError,
+    MismatchedAuthorisationError,
     NullPARError,
     ObjectExistsError,
     ObjectKeyError,
@@ -28,44 +68,99 @@ from orchestrator._exceptions import (
     ParjobsError,
     PARPermissionError,
     PassphraseError,
+    PaymentError,
+    PoisonMessageError,
+    PublishError,
+    PublishNackedError,
     RemoteObjectNotFoundError,
     RemoteRejectedError,
+    ReplayedAuthorisationError,
+    RequestTimeoutError,
+    RunRefusedError,
+    SettlementMismatchError,
+    StaleAuthorisationError,
+    StreamStalledError,
     TamperedError,
+    TopologyError,
     TransferError,
+    UnbalancedTransactionError,
+    UnknownCalculationError,
+    UnknownHoldError,
+    UnknownUserError,
+    UnroutableError,
     UploadTooLargeError,
     UploadTooSmallError,
+    UserError,
+    UserExistsError,
     WrongKeyError,
+    WrongRecipientError,
+    WrongResourceError,
 )
-from orchestrator._issuer import PARIssuer
-from orchestrator._jobsheet import JobSheet
-from orchestrator._keys import KeyPair, PublicKeys
-from orchestrator._objectstore import ObjectStore
-from orchestrator._par import PAR, RunControl
-from orchestrator._registry import PARRegistry
-from orchestrator._settings import AMQPSettings, S3Settings
-from orchestrator._transfer import PARTransport, TransferResult
+from orchestrator.par.control import PARControl, use_par_control
+from orchestrator.par.io import BucketReader, BucketWriter, ObjectReader, ObjectWriter
+from orchestrator.par.par import PAR, RunControl
+from orchestrator.par.transfer import PARTransport, TransferResult
+from orchestrator.settings import AMQPSettings
 from schemas.par import PARKind, PARState
+
+try:
+    __version__ = version("parjobs")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "PAR",
     "AMQPSettings",
-    "Broker",
+    "AlreadySettledError",
+    "AppendConflictError",
+    "AuthorisationError",
+    "BrokerError",
+    "BrokerUnavailableError",
     "BucketReader",
     "BucketWriter",
+    "CalculationError",
+    "CalculationLaunchError",
+    "CalculationLoadError",
+    "ChequeAlreadyCashedError",
+    "ChequeError",
     "ConfigurationError",
     "CryptoError",
+    "DuplicateCalculationError",
+    "DuplicateHoldError",
+    "DuplicateTransactionError",
+    "EventLogCorruptError",
+    "EventSequenceError",
+    "ExpiredChequeError",
+    "ForgedAuthorisationError",
+    "ForgedChequeError",
+    "IllegalTransitionError",
+    "InsufficientChequeError",
+    "InsufficientFundsError",
     "IntegrityError",
+    "InvalidAccountError",
+    "InvalidAmountError",
+    "InvalidMessageError",
     "InvalidPARError",
+    "InvalidParametersError",
+    "JobError",
+    "JobExistsError",
+    "JobNotCompletedError",
+    "JobNotFoundError",
     "JobSheet",
     "KeyFileError",
     "KeyPair",
+    "LedgerConflictError",
+    "LedgerCorruptError",
+    "LedgerRuleError",
+    "LedgerSequenceError",
     "LocalFileNotFoundError",
+    "MalformedTransactionError",
+    "MismatchedAuthorisationError",
     "NullPARError",
     "ObjectExistsError",
     "ObjectKeyError",
     "ObjectNotFoundError",
     "ObjectReader",
-    "ObjectStore",
     "ObjectStoreError",
     "ObjectWriter",
     "OutsidePrefixError",
@@ -74,26 +169,44 @@ __all__ = [
     "PARDataError",
     "PARError",
     "PARExpiredError",
-    "PARIssuer",
     "PARKind",
     "PARPermissionError",
-    "PARRegistry",
     "PARState",
     "PARTransport",
     "ParjobsClient",
     "ParjobsError",
     "PassphraseError",
+    "PaymentError",
+    "PoisonMessageError",
     "PublicKeys",
+    "PublishError",
+    "PublishNackedError",
     "RemoteObjectNotFoundError",
     "RemoteRejectedError",
+    "ReplayedAuthorisationError",
+    "RequestTimeoutError",
     "RunControl",
-    "S3Settings",
+    "RunRefusedError",
+    "SettlementMismatchError",
+    "StaleAuthorisationError",
+    "StreamStalledError",
     "TamperedError",
+    "TopologyError",
     "TransferError",
     "TransferResult",
+    "UnbalancedTransactionError",
+    "UnknownCalculationError",
+    "UnknownHoldError",
+    "UnknownUserError",
+    "UnroutableError",
     "UploadTooLargeError",
     "UploadTooSmallError",
+    "UserError",
+    "UserExistsError",
     "WrongKeyError",
+    "WrongRecipientError",
+    "WrongResourceError",
+    "__version__",
     "request_fingerprint",
     "sign_authorisation",
     "use_par_control",

@@ -1,7 +1,7 @@
 """Wire forms of a job's event log: the events, their envelope, and the state they fold into.
 
 The log is the truth: a `JobSheetState` is never stored, only computed from the `JobEvent`s (see
-`orchestrator._jobstate`). Each payload carries a `type` tag, so a reader can tell every event
+`orchestrator.core.jobstate`). Each payload carries a `type` tag, so a reader can tell every event
 apart from the JSON alone, and an unknown tag is a validation error rather than a silent skip.
 """
 

@@ -2,8 +2,8 @@
 
 A `Transaction` is one double-entry movement: debit and credit `Note`s that total the same. The
 ledger is the sequence of them; a `LedgerState` is never stored, only computed from it (see
-`orchestrator._ledger_rules`). `Money` is a Decimal with exactly six places that travels as a JSON
-string, so no binary float ever touches an amount.
+`orchestrator.core.ledger_rules`). `Money` is a Decimal with exactly six places that travels as a
+JSON string, so no binary float ever touches an amount.
 """
 
 from __future__ import annotations

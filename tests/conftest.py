@@ -11,16 +11,16 @@ from typing import TYPE_CHECKING
 import aio_pika
 import pytest
 
-from orchestrator._broker import Broker
-from orchestrator._exceptions import BrokerUnavailableError, ConfigurationError
-from orchestrator._objectstore import ObjectStore
-from orchestrator._seaweed import LocalSeaweed, find_weed
-from orchestrator._settings import AMQPSettings
+from orchestrator.broker.amqp import Broker
+from orchestrator.errors import BrokerUnavailableError, ConfigurationError
+from orchestrator.settings import AMQPSettings
+from orchestrator.store.s3 import ObjectStore
+from orchestrator.store.seaweed import LocalSeaweed, find_weed
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
-    from orchestrator._topology import QueueSpec
+    from orchestrator.broker.topology import QueueSpec
 
 
 @pytest.fixture(scope="session")

@@ -24,13 +24,10 @@ from orchestrator import (
     LocalFileNotFoundError,
     ObjectKeyError,
     ObjectReader,
-    ObjectStore,
     ObjectWriter,
     OutsidePrefixError,
     PARExpiredError,
-    PARIssuer,
     PARPermissionError,
-    PARRegistry,
     PARTransport,
     RemoteObjectNotFoundError,
     RemoteRejectedError,
@@ -38,6 +35,9 @@ from orchestrator import (
     UploadTooLargeError,
     WrongKeyError,
 )
+from orchestrator.par.issuer import PARIssuer
+from orchestrator.store.registry import PARRegistry
+from orchestrator.store.s3 import ObjectStore
 
 pytestmark = pytest.mark.integration
 

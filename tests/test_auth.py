@@ -10,14 +10,15 @@ from typing import Any, TypeVar
 import pytest
 from pydantic import ValidationError
 
-from orchestrator._auth import (
+from orchestrator.core.keys import KeyPair
+from orchestrator.core.signing import (
     check_authorisation,
     check_cheque,
     request_fingerprint,
     sign_authorisation,
     write_cheque,
 )
-from orchestrator._exceptions import (
+from orchestrator.errors import (
     AuthorisationError,
     ChequeError,
     ExpiredChequeError,
@@ -29,7 +30,6 @@ from orchestrator._exceptions import (
     WrongRecipientError,
     WrongResourceError,
 )
-from orchestrator._keys import KeyPair
 from schemas.auth import (
     AUTHORISATION_PURPOSE,
     CHEQUE_PURPOSE,

@@ -8,15 +8,15 @@ import anyio
 import pytest
 from pydantic import ValidationError
 
-from orchestrator._auth import NonceStore, UserRegistry
-from orchestrator._exceptions import (
+from orchestrator.core.keys import KeyPair, PublicKeys
+from orchestrator.errors import (
     ObjectNotFoundError,
     ReplayedAuthorisationError,
     UnknownUserError,
     UserExistsError,
 )
-from orchestrator._keys import KeyPair, PublicKeys
-from orchestrator._objectstore import ObjectStore
+from orchestrator.store.s3 import ObjectStore
+from orchestrator.store.users import NonceStore, UserRegistry
 
 pytestmark = pytest.mark.integration
 

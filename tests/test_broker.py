@@ -12,10 +12,8 @@ import pytest
 from aio_pika.abc import AbstractChannel
 from pydantic import Field, SecretStr, TypeAdapter, ValidationError
 
-from orchestrator._broker import Broker
-from orchestrator._codec import decode
-from orchestrator._consumer import IncomingMeta
-from orchestrator._dlq import (
+from orchestrator.broker._consumer import IncomingMeta
+from orchestrator.broker._dlq import (
     CODE_HEADER,
     QUEUE_HEADER,
     REASON_HEADER,
@@ -24,7 +22,10 @@ from orchestrator._dlq import (
     DeadLetter,
     DeadLetterReason,
 )
-from orchestrator._exceptions import (
+from orchestrator.broker.amqp import Broker
+from orchestrator.broker.topology import QueueSpec
+from orchestrator.core.codec import decode
+from orchestrator.errors import (
     BrokerUnavailableError,
     InvalidMessageError,
     PoisonMessageError,
@@ -32,8 +33,7 @@ from orchestrator._exceptions import (
     TopologyError,
     UnroutableError,
 )
-from orchestrator._settings import AMQPSettings
-from orchestrator._topology import QueueSpec
+from orchestrator.settings import AMQPSettings
 from schemas._base import WireModel
 
 if TYPE_CHECKING:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from orchestrator._exceptions import (
+from orchestrator.errors import (
     CalculationLoadError,
     ConfigurationError,
     DuplicateCalculationError,

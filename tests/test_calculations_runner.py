@@ -14,7 +14,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from orchestrator._exceptions import CalculationLaunchError
+from orchestrator.errors import CalculationLaunchError
 from workers.calculations import (
     CalculationRegistry,
     Command,

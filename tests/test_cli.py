@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator._seaweed import LocalSeaweed
+from orchestrator.store.seaweed import LocalSeaweed
 from workers.cluster import LocalCluster, s3_environment
 
 pytestmark = pytest.mark.integration

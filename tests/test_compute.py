@@ -9,8 +9,9 @@ import anyio
 import pytest
 from pydantic import JsonValue
 
-from orchestrator import PAR, BucketReader, ObjectStore, ObjectWriter, PARPermissionError
-from orchestrator._exceptions import PARClosedError, RunRefusedError, UnknownCalculationError
+from orchestrator import PAR, BucketReader, ObjectWriter, PARPermissionError
+from orchestrator.errors import PARClosedError, RunRefusedError, UnknownCalculationError
+from orchestrator.store.s3 import ObjectStore
 from schemas.events import Completed, ComputeContracted, Failed, JobEvent, JobState
 from schemas.messages import GetOutputs, OutputsReply
 from tests.test_services import Services

@@ -8,7 +8,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from orchestrator import PassphraseError, TamperedError
-from orchestrator._crypto import (
+from orchestrator.core.crypto import (
     checksum,
     decrypt_with_passphrase,
     encrypt_with_passphrase,

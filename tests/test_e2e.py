@@ -32,20 +32,20 @@ import pytest
 from pydantic import JsonValue, TypeAdapter
 
 from orchestrator import PAR, BucketReader, KeyPair, ObjectWriter
-from orchestrator._accounts import Accounts
-from orchestrator._auth import request_fingerprint, sign_authorisation, write_cheque
-from orchestrator._broker import Broker
-from orchestrator._client import ParjobsClient
-from orchestrator._dlq import CODE_HEADER, REASON_HEADER, DeadLetter, DeadLetterReason
-from orchestrator._eventlog import EventLog
-from orchestrator._exceptions import PARExpiredError, RunRefusedError, WrongKeyError
-from orchestrator._jobkeys import JobKeys
-from orchestrator._jobsheet import JobSheet
-from orchestrator._objectstore import ObjectStore
-from orchestrator._par import RunControl
-from orchestrator._seaweed import LocalSeaweed
-from orchestrator._topology import Topology
-from orchestrator._transfer import PARTransport
+from orchestrator.broker._dlq import CODE_HEADER, REASON_HEADER, DeadLetter, DeadLetterReason
+from orchestrator.broker.amqp import Broker
+from orchestrator.broker.topology import Topology
+from orchestrator.client.client import ParjobsClient
+from orchestrator.client.jobsheet import JobSheet
+from orchestrator.core.layout import JobKeys
+from orchestrator.core.signing import request_fingerprint, sign_authorisation, write_cheque
+from orchestrator.errors import PARExpiredError, RunRefusedError, WrongKeyError
+from orchestrator.par.par import RunControl
+from orchestrator.par.transfer import PARTransport
+from orchestrator.services.accounts import Accounts
+from orchestrator.store.eventlog import EventLog
+from orchestrator.store.s3 import ObjectStore
+from orchestrator.store.seaweed import LocalSeaweed
 from schemas.events import Completed, JobEvent, JobRequest, JobSheetState, JobState
 from schemas.messages import Envelope, ErrorReply, EventPublished, RunCommand, RunReply
 from tests._waiting import eventually

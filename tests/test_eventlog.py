@@ -8,17 +8,17 @@ import anyio
 import pytest
 from pydantic import ValidationError
 
-from orchestrator._eventlog import EventLog
-from orchestrator._exceptions import (
+from orchestrator.core.jobstate import fold
+from orchestrator.errors import (
     AppendConflictError,
     EventLogCorruptError,
     IllegalTransitionError,
     JobExistsError,
     JobNotFoundError,
 )
-from orchestrator._jobstate import fold
-from orchestrator._objectstore import ObjectStore
-from orchestrator._seaweed import LocalSeaweed
+from orchestrator.store.eventlog import EventLog
+from orchestrator.store.s3 import ObjectStore
+from orchestrator.store.seaweed import LocalSeaweed
 from schemas.events import (
     Completed,
     EventPayload,

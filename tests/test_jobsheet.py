@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from orchestrator._exceptions import JobError
-from orchestrator._jobsheet import JobSheet
+from orchestrator.client.jobsheet import JobSheet
+from orchestrator.errors import JobError
 from schemas.events import JobRequest, JobState
 from tests.test_jobstate import PATHS, REQUEST, sheet_in
 

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from pydantic import TypeAdapter, ValidationError
 
-from orchestrator._exceptions import EventSequenceError, IllegalTransitionError
-from orchestrator._jobstate import TERMINAL_STATES, TRANSITIONS, apply, fold, legal_events
+from orchestrator.core.jobstate import TERMINAL_STATES, TRANSITIONS, apply, fold, legal_events
+from orchestrator.errors import EventSequenceError, IllegalTransitionError
 from schemas.events import (
     Cancelled,
     Completed,

@@ -10,7 +10,8 @@ from decimal import Decimal
 import anyio
 import pytest
 
-from orchestrator._exceptions import (
+from orchestrator.core.ledger_rules import ACCESS, EXTERNAL, HELD, deposit, fold, hold
+from orchestrator.errors import (
     AlreadySettledError,
     ChequeAlreadyCashedError,
     DuplicateTransactionError,
@@ -20,10 +21,9 @@ from orchestrator._exceptions import (
     LedgerRuleError,
     UnknownHoldError,
 )
-from orchestrator._ledger import Ledger
-from orchestrator._ledger_rules import ACCESS, EXTERNAL, HELD, deposit, fold, hold
-from orchestrator._objectstore import ObjectStore
-from orchestrator._seaweed import LocalSeaweed
+from orchestrator.store.ledger import Ledger
+from orchestrator.store.s3 import ObjectStore
+from orchestrator.store.seaweed import LocalSeaweed
 from schemas.ledger import Transaction, TransactionDraft
 
 pytestmark = pytest.mark.integration

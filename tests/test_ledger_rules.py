@@ -10,22 +10,7 @@ from decimal import Decimal
 import pytest
 from pydantic import ValidationError
 
-from orchestrator._exceptions import (
-    AlreadySettledError,
-    ChequeAlreadyCashedError,
-    DuplicateHoldError,
-    DuplicateTransactionError,
-    InsufficientFundsError,
-    InvalidAccountError,
-    InvalidAmountError,
-    LedgerRuleError,
-    LedgerSequenceError,
-    MalformedTransactionError,
-    SettlementMismatchError,
-    UnbalancedTransactionError,
-    UnknownHoldError,
-)
-from orchestrator._ledger_rules import (
+from orchestrator.core.ledger_rules import (
     ACCESS,
     EXTERNAL,
     HELD,
@@ -44,6 +29,21 @@ from orchestrator._ledger_rules import (
     statement,
     user_account,
     verify,
+)
+from orchestrator.errors import (
+    AlreadySettledError,
+    ChequeAlreadyCashedError,
+    DuplicateHoldError,
+    DuplicateTransactionError,
+    InsufficientFundsError,
+    InvalidAccountError,
+    InvalidAmountError,
+    LedgerRuleError,
+    LedgerSequenceError,
+    MalformedTransactionError,
+    SettlementMismatchError,
+    UnbalancedTransactionError,
+    UnknownHoldError,
 )
 from schemas.ledger import (
     LedgerState,

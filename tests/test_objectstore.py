@@ -10,10 +10,10 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from orchestrator._exceptions import ObjectExistsError, ObjectNotFoundError, ObjectStoreError
-from orchestrator._objectstore import ObjectStore
-from orchestrator._seaweed import LocalSeaweed
-from orchestrator._settings import S3Settings
+from orchestrator.errors import ObjectExistsError, ObjectNotFoundError, ObjectStoreError
+from orchestrator.settings import S3Settings
+from orchestrator.store.s3 import ObjectStore
+from orchestrator.store.seaweed import LocalSeaweed
 
 
 def sha256_b64(data: bytes) -> str:

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from orchestrator import InvalidPARError, ObjectKeyError, PARKind
-from orchestrator._par_rules import (
+from orchestrator.core.par_rules import (
     check_combination,
     join_key,
     seconds_remaining,

@@ -11,9 +11,10 @@ from typing import Any
 import pytest
 from pydantic import JsonValue
 
-from orchestrator import PAR, KeyPair, ObjectStore, ObjectWriter
-from orchestrator._auth import request_fingerprint, sign_authorisation, write_cheque
-from orchestrator._exceptions import (
+from orchestrator import PAR, KeyPair, ObjectWriter
+from orchestrator.core.ledger_rules import ACCESS, HELD
+from orchestrator.core.signing import request_fingerprint, sign_authorisation, write_cheque
+from orchestrator.errors import (
     ExpiredChequeError,
     ForgedAuthorisationError,
     ForgedChequeError,
@@ -27,7 +28,7 @@ from orchestrator._exceptions import (
     WrongRecipientError,
     WrongResourceError,
 )
-from orchestrator._ledger_rules import ACCESS, HELD
+from orchestrator.store.s3 import ObjectStore
 from schemas.auth import Cheque
 from schemas.events import JobRequest, JobState
 from schemas.messages import SubmitJob

@@ -37,19 +37,19 @@ import anyio
 import pytest
 
 from orchestrator import PAR, KeyPair, ObjectWriter
-from orchestrator._accounts import Accounts
-from orchestrator._auth import request_fingerprint, sign_authorisation, write_cheque
-from orchestrator._broker import Broker
-from orchestrator._client import ParjobsClient
-from orchestrator._eventlog import EventLog
-from orchestrator._exceptions import ChequeAlreadyCashedError, ParjobsError
-from orchestrator._jobkeys import JobKeys
-from orchestrator._jobstate import is_terminal
-from orchestrator._ledger import Ledger
-from orchestrator._ledger_rules import ACCESS, EXTERNAL, HELD
-from orchestrator._objectstore import ObjectStore
-from orchestrator._par import RunControl
-from orchestrator._seaweed import LocalSeaweed
+from orchestrator.broker.amqp import Broker
+from orchestrator.client.client import ParjobsClient
+from orchestrator.core.jobstate import is_terminal
+from orchestrator.core.layout import JobKeys
+from orchestrator.core.ledger_rules import ACCESS, EXTERNAL, HELD
+from orchestrator.core.signing import request_fingerprint, sign_authorisation, write_cheque
+from orchestrator.errors import ChequeAlreadyCashedError, ParjobsError
+from orchestrator.par.par import RunControl
+from orchestrator.services.accounts import Accounts
+from orchestrator.store.eventlog import EventLog
+from orchestrator.store.ledger import Ledger
+from orchestrator.store.s3 import ObjectStore
+from orchestrator.store.seaweed import LocalSeaweed
 from schemas.auth import Authorisation, Cheque
 from schemas.events import Completed, JobRequest, JobSheetState, JobState
 from schemas.ledger import ZERO, Transaction, to_money

@@ -16,18 +16,18 @@ from orchestrator import (
     ConfigurationError,
     KeyPair,
     ObjectReader,
-    ObjectStore,
     PARClosedError,
     PARError,
     PARExpiredError,
-    PARIssuer,
     PARPermissionError,
-    PARRegistry,
     PARState,
     PARTransport,
     WrongKeyError,
     use_par_control,
 )
+from orchestrator.par.issuer import PARIssuer
+from orchestrator.store.registry import PARRegistry
+from orchestrator.store.s3 import ObjectStore
 
 pytestmark = pytest.mark.integration
 

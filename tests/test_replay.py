@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from orchestrator._replay import compare
+from orchestrator.services.replay import compare
 from schemas.events import JobEvent, JobState
 from tests.test_jobstate import PATHS, history
 

@@ -17,9 +17,9 @@ import pytest
 from botocore.exceptions import ClientError
 from pydantic import SecretStr
 
-from orchestrator._exceptions import ConfigurationError
-from orchestrator._objectstore import ObjectStore, create_s3_client
-from orchestrator._seaweed import GRPC_OFFSET, LocalSeaweed, find_weed, pick_ports
+from orchestrator.errors import ConfigurationError
+from orchestrator.store.s3 import ObjectStore, create_s3_client
+from orchestrator.store.seaweed import GRPC_OFFSET, LocalSeaweed, find_weed, pick_ports
 
 
 def is_free(port: int) -> bool:
@@ -138,7 +138,7 @@ async def test_a_crash_at_start_reports_the_log(monkeypatch: pytest.MonkeyPatch)
     with socket.socket() as taken:  # weed cannot bind its master port, however often it tries
         taken.bind(("127.0.0.1", ports[0]))
         taken.listen()
-        monkeypatch.setattr("orchestrator._seaweed.pick_ports", lambda count: ports)
+        monkeypatch.setattr("orchestrator.store.seaweed.pick_ports", lambda count: ports)
         server = LocalSeaweed()
         with pytest.raises(ConfigurationError, match="exited with code") as failed:
             await server.start()
@@ -152,7 +152,8 @@ async def test_a_port_taken_after_picking_is_retried(monkeypatch: pytest.MonkeyP
     taken_ports = pick_ports(5)
     picks = iter([taken_ports])
     monkeypatch.setattr(
-        "orchestrator._seaweed.pick_ports", lambda count: next(picks, None) or pick_ports(count)
+        "orchestrator.store.seaweed.pick_ports",
+        lambda count: next(picks, None) or pick_ports(count),
     )
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", taken_ports[0]))
@@ -163,7 +164,7 @@ async def test_a_port_taken_after_picking_is_retried(monkeypatch: pytest.MonkeyP
 
 CRASHING_PARENT = """
 import anyio
-from orchestrator._seaweed import LocalSeaweed
+from orchestrator.store.seaweed import LocalSeaweed
 
 async def main() -> None:
     server = await LocalSeaweed().start()

@@ -10,17 +10,21 @@ import anyio
 import pytest
 from pydantic import JsonValue
 
-from orchestrator import KeyPair, ObjectStore, PARIssuer, PARRegistry
-from orchestrator._access_service import AccessService, Pricing
-from orchestrator._accounts import Accounts
-from orchestrator._auth import request_fingerprint, sign_authorisation, write_cheque
-from orchestrator._eventlog import EventLog, step_event_id
-from orchestrator._exceptions import (
+from orchestrator import KeyPair
+from orchestrator.core.layout import JobKeys
+from orchestrator.core.pricing import Pricing
+from orchestrator.core.signing import request_fingerprint, sign_authorisation, write_cheque
+from orchestrator.errors import (
     JobNotCompletedError,
     JobNotFoundError,
     ReplayedAuthorisationError,
 )
-from orchestrator._jobkeys import JobKeys
+from orchestrator.par.issuer import PARIssuer
+from orchestrator.services.access import AccessService
+from orchestrator.services.accounts import Accounts
+from orchestrator.store.eventlog import EventLog, step_event_id
+from orchestrator.store.registry import PARRegistry
+from orchestrator.store.s3 import ObjectStore
 from schemas.auth import Cheque
 from schemas.events import JobRequest, JobState, StorageContracted
 from schemas.messages import GetJob, GetOutputs, JobReply, SubmitJob

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from orchestrator._exceptions import ConfigurationError
-from orchestrator._settings import S3Settings
+from orchestrator.errors import ConfigurationError
+from orchestrator.settings import S3Settings
 
 
 @pytest.fixture(autouse=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator._topology import (
+from orchestrator.broker.topology import (
     Binding,
     ClassicQueueArgs,
     ExchangeKind,

@@ -27,9 +27,9 @@ from typing import Self
 import anyio
 import httpx
 
-from orchestrator._exceptions import ConfigurationError
-from orchestrator._keys import KeyPair
-from orchestrator._settings import AMQPSettings, S3Settings
+from orchestrator.core.keys import KeyPair
+from orchestrator.errors import ConfigurationError
+from orchestrator.settings import AMQPSettings, S3Settings
 from workers.daemons import delete_topology
 
 ROLES = ("access", "storage", "compute")

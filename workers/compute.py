@@ -19,23 +19,23 @@ from pathlib import Path
 
 import anyio
 
-from orchestrator._access import BucketWriter
-from orchestrator._eventlog import EventLog, step_event_id
-from orchestrator._exceptions import (
+from orchestrator.core.keys import KeyPair, PublicKeys
+from orchestrator.core.layout import JobKeys
+from orchestrator.core.par_rules import capability_proof
+from orchestrator.errors import (
     CalculationError,
     ObjectExistsError,
     PARExpiredError,
     PARPermissionError,
     RunRefusedError,
 )
-from orchestrator._issuer import PARIssuer
-from orchestrator._jobkeys import JobKeys
-from orchestrator._keys import KeyPair, PublicKeys
-from orchestrator._objectstore import ObjectStore
-from orchestrator._par import PAR
-from orchestrator._par_rules import capability_proof
-from orchestrator._registry import PARRegistry
-from orchestrator._transfer import PARTransport
+from orchestrator.par.io import BucketWriter
+from orchestrator.par.issuer import PARIssuer
+from orchestrator.par.par import PAR
+from orchestrator.par.transfer import PARTransport
+from orchestrator.store.eventlog import EventLog, step_event_id
+from orchestrator.store.registry import PARRegistry
+from orchestrator.store.s3 import ObjectStore
 from schemas.events import (
     Cancelled,
     Completed,
@@ -52,7 +52,6 @@ from schemas.events import (
 )
 from schemas.messages import RunReply
 from schemas.par import Capability
-from workers._steps import due_step
 from workers.calculations import (
     CalculationRegistry,
     Invocation,
@@ -61,6 +60,7 @@ from workers.calculations import (
     Stream,
     run_calculation,
 )
+from workers.steps import due_step
 
 _RUN_URL = re.compile(r"^parjobs-run://[^/]+/(?P<uid>[0-9a-f]{32})\?token=[A-Za-z0-9_-]+$")
 PROGRESS_INTERVAL = 0.5  # seconds: output lines are coalesced so the log is not flooded

@@ -15,13 +15,14 @@ import aio_pika
 import anyio
 from anyio.abc import TaskGroup
 
-from orchestrator._access_service import AccessService, Outcome, Pricing
-from orchestrator._consumer import IncomingMeta
-from orchestrator._exceptions import ConfigurationError, InvalidMessageError, ParjobsError
-from orchestrator._issuer import PARIssuer
-from orchestrator._keys import KeyPair, PublicKeys
-from orchestrator._settings import AMQPSettings
-from orchestrator._topology import QueueSpec, Topology
+from orchestrator.broker._consumer import IncomingMeta
+from orchestrator.broker.topology import QueueSpec, Topology
+from orchestrator.core.keys import KeyPair, PublicKeys
+from orchestrator.core.pricing import Pricing
+from orchestrator.errors import ConfigurationError, InvalidMessageError, ParjobsError
+from orchestrator.par.issuer import PARIssuer
+from orchestrator.services.access import AccessService, Outcome
+from orchestrator.settings import AMQPSettings
 from schemas.messages import (
     ClosePAR,
     Envelope,
@@ -33,9 +34,9 @@ from schemas.messages import (
     RunCommand,
     SubmitJob,
 )
-from workers._runtime import ENVELOPE, ServiceContext, is_refusal, serve
 from workers.calculations import CalculationRegistry
 from workers.compute import ComputeWorker
+from workers.runtime import ENVELOPE, ServiceContext, is_refusal, serve
 from workers.storage import StorageWorker
 
 log = logging.getLogger("parjobs.service")

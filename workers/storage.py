@@ -7,12 +7,12 @@ compute service), both expiring at the job's deadline, and appends `storage_cont
 
 from __future__ import annotations
 
-from orchestrator._eventlog import EventLog, step_event_id
-from orchestrator._issuer import PARIssuer
-from orchestrator._jobkeys import JobKeys
-from orchestrator._keys import PublicKeys
+from orchestrator.core.keys import PublicKeys
+from orchestrator.core.layout import JobKeys
+from orchestrator.par.issuer import PARIssuer
+from orchestrator.store.eventlog import EventLog, step_event_id
 from schemas.events import JobEvent, JobState, StorageContracted, Submitted
-from workers._steps import due_step
+from workers.steps import due_step
 
 MAX_INPUT_BYTES = 5 * 2**30  # one presigned PUT carries at most 5 GiB
 MAX_OUTPUT_BYTES = 2**30  # per output object; S3 enforces it through the POST policy

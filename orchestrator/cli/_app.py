@@ -11,13 +11,13 @@ import anyio
 import typer
 from rich.console import Console
 
-from orchestrator._exceptions import ParjobsError
-from orchestrator._keys import KeyPair
-from orchestrator._pardemo import run_par_demo
-from orchestrator._seaweed import LocalSeaweed
 from orchestrator.cli import _jobs as jobs
 from orchestrator.cli import _money as money
 from orchestrator.cli import _ops as ops
+from orchestrator.cli._pardemo import run_par_demo
+from orchestrator.core.keys import KeyPair
+from orchestrator.errors import ParjobsError
+from orchestrator.store.seaweed import LocalSeaweed
 
 app = typer.Typer(
     help="parjobs: jobs over RabbitMQ, data through encrypted expiring PARs.",

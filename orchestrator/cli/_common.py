@@ -10,10 +10,10 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from orchestrator._broker import Broker
-from orchestrator._client import ParjobsClient
-from orchestrator._keys import KeyPair
-from orchestrator._settings import AMQPSettings
+from orchestrator.broker.amqp import Broker
+from orchestrator.client.client import ParjobsClient
+from orchestrator.core.keys import KeyPair
+from orchestrator.settings import AMQPSettings
 
 console = Console()
 PASSPHRASE_ENV = "PARJOBS_PASSPHRASE"  # noqa: S105 - the variable's name, not a secret

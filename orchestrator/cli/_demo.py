@@ -20,21 +20,21 @@ from pathlib import Path
 import anyio
 from rich.table import Table
 
-from orchestrator._access import ObjectWriter
-from orchestrator._accounts import Accounts
-from orchestrator._broker import Broker
-from orchestrator._client import ParjobsClient
-from orchestrator._eventlog import EventLog
-from orchestrator._exceptions import ParjobsError
-from orchestrator._jobkeys import JobKeys
-from orchestrator._keys import KeyPair
-from orchestrator._ledger_rules import ACCESS
-from orchestrator._objectstore import ObjectStore
-from orchestrator._replay import replay
+from orchestrator.broker.amqp import Broker
 from orchestrator.cli._common import console
 from orchestrator.cli._jobs import fetch_outputs, timeline, watch_job
 from orchestrator.cli._money import statement_table
 from orchestrator.cli._ops import local_s3
+from orchestrator.client.client import ParjobsClient
+from orchestrator.core.keys import KeyPair
+from orchestrator.core.layout import JobKeys
+from orchestrator.core.ledger_rules import ACCESS
+from orchestrator.errors import ParjobsError
+from orchestrator.par.io import ObjectWriter
+from orchestrator.services.accounts import Accounts
+from orchestrator.services.replay import replay
+from orchestrator.store.eventlog import EventLog
+from orchestrator.store.s3 import ObjectStore
 from schemas.events import JobRequest, JobSheetState
 from schemas.ledger import Transaction
 from workers.cluster import LocalCluster

@@ -14,11 +14,11 @@ from pydantic import JsonValue
 from rich import progress as bars
 from rich.table import Table
 
-from orchestrator._access import BucketReader, ObjectWriter
-from orchestrator._client import ENDED, ParjobsClient
-from orchestrator._exceptions import IntegrityError
-from orchestrator._keys import KeyPair
 from orchestrator.cli._common import client_session, console, load_key
+from orchestrator.client.client import ENDED, ParjobsClient
+from orchestrator.core.keys import KeyPair
+from orchestrator.errors import IntegrityError
+from orchestrator.par.io import BucketReader, ObjectWriter
 from schemas.events import (
     Cancelled,
     Completed,

@@ -18,14 +18,14 @@ import anyio
 import typer
 from rich.table import Table
 
-from orchestrator._accounts import Accounts
-from orchestrator._auth import write_cheque
-from orchestrator._jobkeys import JobKeys
-from orchestrator._keys import PublicKeys
-from orchestrator._ledger_rules import ACCESS
-from orchestrator._objectstore import ObjectStore
-from orchestrator._settings import S3Settings, ServiceSettings
 from orchestrator.cli._common import console, load_key
+from orchestrator.core.keys import PublicKeys
+from orchestrator.core.layout import JobKeys
+from orchestrator.core.ledger_rules import ACCESS
+from orchestrator.core.signing import write_cheque
+from orchestrator.services.accounts import Accounts
+from orchestrator.settings import S3Settings, ServiceSettings
+from orchestrator.store.s3 import ObjectStore
 from schemas.ledger import StatementRow
 
 users_app = typer.Typer(help="Registered users: who may sign for jobs and pay for them.")

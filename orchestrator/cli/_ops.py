@@ -9,14 +9,14 @@ import anyio
 import typer
 from rich.table import Table
 
-from orchestrator._broker import Broker
-from orchestrator._eventlog import EventLog
-from orchestrator._jobkeys import JobKeys
-from orchestrator._objectstore import ObjectStore
-from orchestrator._replay import replay as replay_jobs
-from orchestrator._seaweed import LocalSeaweed
-from orchestrator._settings import AMQPSettings, S3Settings, ServiceSettings
+from orchestrator.broker.amqp import Broker
 from orchestrator.cli._common import console
+from orchestrator.core.layout import JobKeys
+from orchestrator.services.replay import replay as replay_jobs
+from orchestrator.settings import AMQPSettings, S3Settings, ServiceSettings
+from orchestrator.store.eventlog import EventLog
+from orchestrator.store.s3 import ObjectStore
+from orchestrator.store.seaweed import LocalSeaweed
 from schemas.events import JobSheetState
 from workers.cluster import LocalCluster
 

@@ -5,8 +5,7 @@ runs that argv with limits, a clean environment and streamed output. Built-ins a
 calculations are found through the `parjobs.calculations` entry-point group.
 """
 
-from workers.calculations._command import Command, CommandParams, CommandSettings
-from workers.calculations._registry import (
+from orchestrator.core.calculations import (
     ENTRY_POINT_GROUP,
     Calculation,
     CalculationParams,
@@ -14,6 +13,7 @@ from workers.calculations._registry import (
     Invocation,
     Price,
 )
+from workers.calculations._command import Command, CommandParams, CommandSettings
 from workers.calculations._runner import (
     DEFAULT_STOP_GRACE_S,
     OutputCallback,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pydantic import Field, field_validator
 
-from workers.calculations._registry import Calculation, CalculationParams, Invocation, Price
+from orchestrator.core.calculations import Calculation, CalculationParams, Invocation, Price
 
 SUMMARY = "summary.json"
 

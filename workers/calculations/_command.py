@@ -27,14 +27,14 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
-from orchestrator._exceptions import ConfigurationError
-from workers.calculations._registry import (
+from orchestrator.core.calculations import (
     Calculation,
     CalculationParams,
     Invocation,
     Price,
     invalid_parameters,
 )
+from orchestrator.errors import ConfigurationError
 
 PATH_PLACEHOLDERS = frozenset({"input", "output_dir"})
 """Placeholders the worker fills; a user can never set them."""

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from orchestrator._exceptions import CalculationLaunchError
+from orchestrator.errors import CalculationLaunchError
 
 DEFAULT_MEMORY_LIMIT = 1 << 30
 """Address space a child may map (RLIMIT_AS): 1 GiB."""

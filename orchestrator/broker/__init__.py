@@ -1,0 +1,1 @@
+"""The broker seam: RabbitMQ topology, publishing, consuming, request/reply, streams, DLQ."""

@@ -1,0 +1,125 @@
+"""Publishing the broker has taken responsibility for: confirmed, mandatory, reconnect-proof."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from aio_pika import DeliveryMode, Message
+from aio_pika.exceptions import (
+    AMQPConnectionError,
+    ChannelClosed,
+    ChannelInvalidStateError,
+    ChannelNotFoundEntity,
+    DeliveryError,
+)
+from aio_pika.exceptions import PublishError as ReturnedError
+
+from orchestrator.core.codec import CONTENT_TYPE, encode
+from orchestrator.errors import (
+    BrokerUnavailableError,
+    PublishError,
+    PublishNackedError,
+    UnroutableError,
+)
+
+if TYPE_CHECKING:
+    from aio_pika.abc import AbstractRobustChannel, FieldValue
+    from pydantic import BaseModel
+
+log = logging.getLogger("parjobs.broker")
+
+# The connection went away under the publish: wait for the robust connection to restore the
+# channel, then publish again. (A channel closed by the broker for this publish is not transient.)
+_TRANSIENT = (AMQPConnectionError, ChannelInvalidStateError, ConnectionError)
+_RETRY_PAUSE = 0.2
+
+
+def outgoing(
+    message: BaseModel,
+    *,
+    app_id: str,
+    headers: Mapping[str, FieldValue] | None = None,
+    correlation_id: str | None = None,
+    reply_to: str | None = None,
+    message_id: str | None = None,
+) -> Message:
+    """`message` as a persistent JSON AMQP message, with a fresh id unless one is given."""
+    return Message(
+        encode(message),
+        headers=dict(headers or {}),
+        content_type=CONTENT_TYPE,
+        delivery_mode=DeliveryMode.PERSISTENT,
+        message_id=message_id or uuid.uuid4().hex,
+        correlation_id=correlation_id,
+        reply_to=reply_to,
+        timestamp=datetime.now(UTC),
+        type=type(message).__name__,
+        app_id=app_id,
+    )
+
+
+class Publisher:
+    """Publishes on one channel opened with publisher confirms and `on_return_raises`.
+
+    A publish returns once the broker confirmed it; an unroutable message (mandatory) raises
+    UnroutableError, a negative confirm PublishNackedError. A publish interrupted by a lost
+    connection is sent again once the connection is back, until `timeout`: a confirm lost with
+    the connection may thus yield a duplicate, with the same message id, for consumers to drop.
+    """
+
+    def __init__(self, channel: AbstractRobustChannel, *, timeout: float) -> None:
+        self._channel = channel
+        self._timeout = timeout
+
+    async def send(self, exchange: str, routing_key: str, message: Message) -> None:
+        """Publish `message` and wait for the broker's confirm."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout
+        where = f"exchange {exchange or '(default)'!r} with routing key {routing_key!r}"
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._channel.ready()
+                    target = await self._channel.get_exchange(exchange, ensure=False)
+                    await target.publish(message, routing_key, mandatory=True)
+                return
+            except ReturnedError as exc:
+                raise UnroutableError(
+                    f"no queue is bound to {where}: the message was returned ({exc})",
+                    exchange=exchange,
+                    routing_key=routing_key,
+                ) from exc
+            except DeliveryError as exc:
+                raise PublishNackedError(
+                    f"the broker refused the message for {where} ({exc})",
+                    exchange=exchange,
+                    routing_key=routing_key,
+                ) from exc
+            except ChannelNotFoundEntity as exc:  # the channel reopens by itself
+                raise UnroutableError(
+                    f"cannot publish to {where}: {exc}", exchange=exchange, routing_key=routing_key
+                ) from exc
+            except ChannelClosed as exc:
+                raise PublishError(
+                    f"RabbitMQ refused the publish to {where}: {exc}",
+                    exchange=exchange,
+                    routing_key=routing_key,
+                ) from exc
+            except TimeoutError as exc:
+                raise BrokerUnavailableError(
+                    f"no confirm from RabbitMQ within {self._timeout:g}s for {where}"
+                ) from exc
+            except _TRANSIENT as exc:
+                log.warning(
+                    "publish to %s interrupted (%s); retrying after reconnection", where, exc
+                )
+                if loop.time() + _RETRY_PAUSE >= deadline:
+                    raise BrokerUnavailableError(
+                        f"RabbitMQ unavailable for {self._timeout:g}s while publishing to {where}"
+                    ) from exc
+                await asyncio.sleep(_RETRY_PAUSE)

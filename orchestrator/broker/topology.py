@@ -1,0 +1,318 @@
+"""The broker's topology as data: every exchange, queue and stream name, and their arguments.
+
+Kept apart from runtime behaviour (as FastStream keeps its AsyncAPI description apart): this
+module says *what* exists on RabbitMQ, and `declare` is the one function that makes it so. Every
+name derives from a prefix, so deployments and test runs sharing one broker never collide.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+from aio_pika.exceptions import ChannelNotFoundEntity, ChannelPreconditionFailed
+
+from orchestrator.errors import TopologyError
+
+if TYPE_CHECKING:
+    from aio_pika.abc import AbstractChannel
+
+_NAME_PART = r"[A-Za-z0-9][A-Za-z0-9_-]*"
+_PREFIX = re.compile(rf"{_NAME_PART}(?:\.{_NAME_PART})*")
+_ROLE = re.compile(_NAME_PART)
+_MAX_AGE = re.compile(r"[1-9][0-9]*[YMDhms]")
+MAX_PREFIX_LENGTH = 200
+"""Names are at most 255 bytes; the longest suffix added is `.reply.` + 32 hex digits."""
+_RESERVED_ROLES = frozenset({"events", "commands", "dlx", "dlq", "rpc", "reply"})
+
+
+def check_prefix(prefix: str) -> str:
+    """`prefix` if it can start every name (dot-separated words of letters, digits, `_`, `-`)."""
+    if len(prefix) > MAX_PREFIX_LENGTH or not _PREFIX.fullmatch(prefix):
+        raise ValueError(
+            f"prefix {prefix!r} must be dot-separated words of letters, digits, '_' and '-', "
+            f"at most {MAX_PREFIX_LENGTH} characters"
+        )
+    if prefix.split(".", 1)[0] == "amq":
+        raise ValueError("names starting with 'amq.' are reserved by RabbitMQ")
+    return prefix
+
+
+def _positive(name: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise ValueError(f"{name} must be at least 1, not {value}")
+
+
+# --- queue arguments, typed per queue type ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QuorumQueueArgs:
+    """A replicated, durable quorum queue: where work waits for a worker."""
+
+    delivery_limit: int | None = None
+    """Failed deliveries (rejects, lost consumers) before the broker dead-letters the message."""
+    dead_letter_exchange: str | None = None
+    dead_letter_routing_key: str | None = None
+    """None keeps the message's own routing key when dead-lettering."""
+    max_length: int | None = None
+    """Messages the queue holds before publishers get a nack (reject-publish): back-pressure."""
+
+    def __post_init__(self) -> None:
+        _positive("delivery_limit", self.delivery_limit)
+        _positive("max_length", self.max_length)
+        if self.dead_letter_routing_key is not None and self.dead_letter_exchange is None:
+            raise ValueError("a dead-letter routing key needs a dead-letter exchange")
+
+    def to_arguments(self) -> dict[str, Any]:
+        """The `x-` queue arguments RabbitMQ reads."""
+        arguments: dict[str, Any] = {"x-queue-type": "quorum"}
+        if self.delivery_limit is not None:
+            arguments["x-delivery-limit"] = self.delivery_limit
+        if self.dead_letter_exchange is not None:
+            arguments["x-dead-letter-exchange"] = self.dead_letter_exchange
+            if self.dead_letter_routing_key is not None:
+                arguments["x-dead-letter-routing-key"] = self.dead_letter_routing_key
+            # At-least-once: the source queue keeps a dead letter until the target queue has
+            # confirmed it. RabbitMQ (3.10+) silently falls back to at-most-once unless the
+            # overflow behaviour is reject-publish.
+            arguments["x-dead-letter-strategy"] = "at-least-once"
+            arguments["x-overflow"] = "reject-publish"
+        elif self.max_length is not None:
+            arguments["x-overflow"] = "reject-publish"
+        if self.max_length is not None:
+            arguments["x-max-length"] = self.max_length
+        return arguments
+
+
+@dataclass(frozen=True)
+class StreamQueueArgs:
+    """An append-only stream: read from any offset, any number of times (None: keep forever)."""
+
+    max_age: str | None = None
+    """Retention by age, RabbitMQ's syntax: a number and one of Y M D h m s (`7D`, `12h`)."""
+    max_length_bytes: int | None = None
+    max_segment_size_bytes: int | None = None
+    """Retention works in whole segments (RabbitMQ's default: 500 MB each)."""
+
+    def __post_init__(self) -> None:
+        if self.max_age is not None and not _MAX_AGE.fullmatch(self.max_age):
+            raise ValueError(
+                f"max_age {self.max_age!r} is not like 7D, 12h, 30m (units Y M D h m s)"
+            )
+        _positive("max_length_bytes", self.max_length_bytes)
+        _positive("max_segment_size_bytes", self.max_segment_size_bytes)
+
+    def to_arguments(self) -> dict[str, Any]:
+        """The `x-` queue arguments RabbitMQ reads."""
+        arguments: dict[str, Any] = {"x-queue-type": "stream"}
+        if self.max_age is not None:
+            arguments["x-max-age"] = self.max_age
+        if self.max_length_bytes is not None:
+            arguments["x-max-length-bytes"] = self.max_length_bytes
+        if self.max_segment_size_bytes is not None:
+            arguments["x-stream-max-segment-size-bytes"] = self.max_segment_size_bytes
+        return arguments
+
+
+@dataclass(frozen=True)
+class ClassicQueueArgs:
+    """A classic queue: only for per-connection reply queues (quorum queues cannot be exclusive)."""
+
+    def to_arguments(self) -> dict[str, Any]:
+        """The `x-` queue arguments RabbitMQ reads."""
+        return {"x-queue-type": "classic"}
+
+
+QueueArgs = QuorumQueueArgs | StreamQueueArgs | ClassicQueueArgs
+
+
+# --- exchanges, queues, bindings -----------------------------------------------------------------
+
+
+class ExchangeKind(StrEnum):
+    """The exchange types parjobs uses."""
+
+    DIRECT = "direct"
+    TOPIC = "topic"
+
+
+@dataclass(frozen=True)
+class ExchangeSpec:
+    """A durable exchange."""
+
+    name: str
+    kind: ExchangeKind
+
+
+@dataclass(frozen=True)
+class Binding:
+    """Messages published to `exchange` with a matching routing key reach the queue."""
+
+    exchange: str
+    routing_key: str
+
+    def __post_init__(self) -> None:
+        if len(self.routing_key.encode()) > 255:
+            raise ValueError("a routing key is at most 255 bytes")
+
+
+@dataclass(frozen=True)
+class QueueSpec:
+    """A queue (or stream), its arguments and its bindings."""
+
+    name: str
+    args: QueueArgs
+    bindings: tuple[Binding, ...] = ()
+    exclusive: bool = False
+    """Owned by one connection and deleted with it (reply queues); otherwise durable."""
+
+    @property
+    def durable(self) -> bool:
+        """Survives a broker restart (everything but exclusive reply queues)."""
+        return not self.exclusive
+
+    def arguments(self) -> dict[str, Any]:
+        """The `x-` queue arguments to declare it with."""
+        return self.args.to_arguments()
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Every name parjobs uses on the broker, derived from `prefix`.
+
+    - `<prefix>.events` (topic): every job event; `<prefix>.events.stream` keeps all of them.
+    - `<prefix>.commands` (direct): commands and RPC requests addressed to one service.
+    - `<prefix>.dlx` (direct) routes to `<prefix>.dlq`, the one dead-letter queue.
+    - `<prefix>.<role>` (quorum): a service's work queue, e.g. access, storage, compute.
+    """
+
+    prefix: str = "parjobs"
+    delivery_limit: int = 5
+    stream_retention: StreamQueueArgs = field(default_factory=StreamQueueArgs)
+
+    def __post_init__(self) -> None:
+        check_prefix(self.prefix)
+        _positive("delivery_limit", self.delivery_limit)
+
+    def _name(self, *parts: str) -> str:
+        return ".".join((self.prefix, *parts))
+
+    @property
+    def events(self) -> ExchangeSpec:
+        """Where every job event is published; routing keys are chosen by the services."""
+        return ExchangeSpec(self._name("events"), ExchangeKind.TOPIC)
+
+    @property
+    def commands(self) -> ExchangeSpec:
+        """Where commands and RPC requests for one service are published."""
+        return ExchangeSpec(self._name("commands"), ExchangeKind.DIRECT)
+
+    @property
+    def dead_letter_exchange(self) -> ExchangeSpec:
+        """Where the broker and the consumers send what can never be processed."""
+        return ExchangeSpec(self._name("dlx"), ExchangeKind.DIRECT)
+
+    @property
+    def dead_letter_routing_key(self) -> str:
+        """The key that routes a dead letter from the dead-letter exchange to the queue."""
+        return self._name("dlq")
+
+    @property
+    def dead_letter_queue(self) -> QueueSpec:
+        """The one dead-letter queue; no delivery limit, so inspecting it never loses a letter."""
+        return QueueSpec(
+            self._name("dlq"),
+            QuorumQueueArgs(),
+            (Binding(self.dead_letter_exchange.name, self.dead_letter_routing_key),),
+        )
+
+    @property
+    def events_stream(self) -> QueueSpec:
+        """Every event ever published (subject to `stream_retention`), readable from the start."""
+        return QueueSpec(
+            self._name("events", "stream"),
+            self.stream_retention,
+            (Binding(self.events.name, "#"),),
+        )
+
+    @property
+    def exchanges(self) -> tuple[ExchangeSpec, ...]:
+        """All exchanges, declared before any queue."""
+        return (self.events, self.commands, self.dead_letter_exchange)
+
+    @property
+    def shared_queues(self) -> tuple[QueueSpec, ...]:
+        """The queues every service relies on: the dead-letter queue and the events stream."""
+        return (self.dead_letter_queue, self.events_stream)
+
+    def _quorum_args(self) -> QuorumQueueArgs:
+        return QuorumQueueArgs(
+            delivery_limit=self.delivery_limit,
+            dead_letter_exchange=self.dead_letter_exchange.name,
+            dead_letter_routing_key=self.dead_letter_routing_key,
+        )
+
+    def work_queue(
+        self, role: str, *, events: Iterable[str] = (), commands: Iterable[str] = ()
+    ) -> QueueSpec:
+        """The quorum work queue `<prefix>.<role>`, bound to the event routing keys (topic
+        patterns) and command routing keys the service asks for."""
+        if not _ROLE.fullmatch(role) or role in _RESERVED_ROLES:
+            raise ValueError(f"{role!r} cannot name a work queue")
+        bindings = tuple(Binding(self.events.name, key) for key in events) + tuple(
+            Binding(self.commands.name, key) for key in commands
+        )
+        return QueueSpec(self._name(role), self._quorum_args(), bindings)
+
+    def rpc_routing_key(self, service: str) -> str:
+        """The command routing key of `service`'s requests."""
+        return f"rpc.{service}"
+
+    def rpc_queue(self, service: str) -> QueueSpec:
+        """The quorum queue `<prefix>.rpc.<service>` where `service` takes its requests."""
+        if not _ROLE.fullmatch(service):
+            raise ValueError(f"{service!r} cannot name an RPC service")
+        return QueueSpec(
+            self._name("rpc", service),
+            self._quorum_args(),
+            (Binding(self.commands.name, self.rpc_routing_key(service)),),
+        )
+
+    def reply_queue(self, instance: str) -> QueueSpec:
+        """The exclusive queue `<prefix>.reply.<instance>` where one connection gets its replies."""
+        if not _ROLE.fullmatch(instance):
+            raise ValueError(f"{instance!r} cannot name a reply queue")
+        return QueueSpec(self._name("reply", instance), ClassicQueueArgs(), exclusive=True)
+
+
+async def declare(
+    channel: AbstractChannel, topology: Topology, queues: Iterable[QueueSpec] = ()
+) -> None:
+    """Declare the exchanges, the shared queues and `queues`, with their bindings.
+
+    Idempotent: what exists with the same arguments is left alone. A queue that exists with other
+    arguments raises TopologyError (RabbitMQ never changes a queue's arguments in place).
+    """
+    for exchange in topology.exchanges:
+        await channel.declare_exchange(exchange.name, exchange.kind, durable=True)
+    for spec in (*topology.shared_queues, *queues):
+        try:
+            queue = await channel.declare_queue(
+                spec.name,
+                durable=spec.durable,
+                exclusive=spec.exclusive,
+                arguments=spec.arguments(),
+            )
+            for binding in spec.bindings:
+                await queue.bind(binding.exchange, binding.routing_key)
+        except ChannelPreconditionFailed as exc:
+            raise TopologyError(
+                f"queue {spec.name} exists with other arguments ({exc}); delete it, or choose "
+                "another PARJOBS_PREFIX"
+            ) from exc
+        except ChannelNotFoundEntity as exc:
+            raise TopologyError(f"cannot declare {spec.name}: {exc}") from exc

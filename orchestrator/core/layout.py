@@ -1,0 +1,67 @@
+"""Where parjobs' data lives in the object store (jobs, PARs, users, nonces, the ledger).
+
+Everything sits under one `root` (empty in production), so test runs and deployments sharing a
+bucket keep apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pydantic import TypeAdapter
+
+from orchestrator.core.par_rules import validate_prefix
+from schemas.par import Uid
+
+_UID = TypeAdapter(Uid)
+
+
+@dataclass(frozen=True)
+class JobKeys:
+    root: str = ""
+
+    def __post_init__(self) -> None:
+        if self.root:
+            validate_prefix(self.root)
+
+    @property
+    def jobs(self) -> str:
+        """The event logs' root: `<jobs>/<uid>/events/`."""
+        return f"{self.root}jobs/"
+
+    def input(self, job_uid: str) -> str:
+        return f"{self.jobs}{_UID.validate_python(job_uid)}/input"
+
+    def output_prefix(self, job_uid: str) -> str:
+        return f"{self.jobs}{_UID.validate_python(job_uid)}/output/"
+
+    @property
+    def active_prefix(self) -> str:
+        """Markers of jobs that may still expire; the access sweeper lists these."""
+        return f"{self.root}index/active/"
+
+    def active_marker(self, job_uid: str) -> str:
+        return f"{self.active_prefix}{_UID.validate_python(job_uid)}"
+
+    @property
+    def registry(self) -> str:
+        return f"{self.root}registry/pars/"
+
+    @property
+    def users(self) -> str:
+        return f"{self.root}auth/users/"
+
+    @property
+    def nonces(self) -> str:
+        return f"{self.root}auth/nonces/"
+
+    @property
+    def ledger(self) -> str:
+        return f"{self.root}ledger/"
+
+    def run_claim(self, run_par_uid: str) -> str:
+        """Created once when a run PAR is used, so it cannot start a second run."""
+        return f"{self.root}runs/{_UID.validate_python(run_par_uid)}/claim"
+
+    def stop_request(self, run_par_uid: str) -> str:
+        return f"{self.root}runs/{_UID.validate_python(run_par_uid)}/stop"

@@ -1,0 +1,1 @@
+"""PARs: the sealed capability, reading and writing through it, minting it (issuer side)."""

@@ -1,0 +1,1 @@
+"""The access service and the operator's views over the store (accounts, replay)."""

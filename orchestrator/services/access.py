@@ -1,0 +1,178 @@
+"""The access service's logic: admit signed and paid jobs, answer about them, settle, expire.
+
+No broker here: each method takes a validated message and returns what to reply and which events
+were appended; the daemon shell (`workers.daemons`) publishes them. So it is tested on real S3
+without RabbitMQ.
+
+Admitting a job checks everything before anything happens — who signed, for exactly this request,
+recently, and a cheque payable to this service, for this request, unexpired and large enough for
+the calculation's highest price — and only then uses the nonce, holds the value and creates the
+job, each step idempotent for the same message so a redelivery after a crash repeats nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from orchestrator.core.jobstate import fold, is_terminal
+from orchestrator.core.keys import PublicKeys
+from orchestrator.core.layout import JobKeys
+from orchestrator.core.ledger_rules import ACCESS, hold_tx_id
+from orchestrator.core.pricing import Pricing
+from orchestrator.core.signing import check_authorisation, check_cheque, request_fingerprint
+from orchestrator.errors import (
+    IllegalTransitionError,
+    JobError,
+    JobNotCompletedError,
+    JobNotFoundError,
+)
+from orchestrator.par.issuer import PARIssuer
+from orchestrator.store.eventlog import EventLog, step_event_id
+from orchestrator.store.ledger import Ledger
+from orchestrator.store.s3 import ObjectStore
+from orchestrator.store.users import NonceStore, UserRegistry
+from schemas.events import (
+    Expired,
+    JobEvent,
+    JobState,
+    Payment,
+    Submitted,
+)
+from schemas.ledger import Transaction
+from schemas.messages import GetJob, GetOutputs, JobReply, OutputsReply, SubmitJob
+
+DEFAULT_JOB_LIFETIME = timedelta(hours=1)
+DEFAULT_AUTH_WINDOW = timedelta(minutes=5)
+# States in which a job waits for its user; past its deadline it expires (a running job is
+# bounded by its calculation's time limit instead).
+_WAITING = frozenset({JobState.SUBMITTED, JobState.STORAGE_CONTRACTED, JobState.READY})
+
+
+@dataclass
+class Outcome:
+    """What handling one message produced: a reply for the caller, events to publish."""
+
+    reply: JobReply | OutputsReply | None = None
+    events: list[JobEvent] = field(default_factory=list)
+
+
+class AccessService:
+    def __init__(
+        self,
+        store: ObjectStore,
+        log: EventLog,
+        issuer: PARIssuer,
+        keys: JobKeys,
+        pricing: Pricing,
+        *,
+        default_lifetime: timedelta = DEFAULT_JOB_LIFETIME,
+        auth_window: timedelta = DEFAULT_AUTH_WINDOW,
+    ) -> None:
+        self._keys = keys
+        self._store = store
+        self._log = log
+        self._issuer = issuer
+        self._pricing = pricing
+        self._default_lifetime = default_lifetime
+        self._auth_window = auth_window
+        self.users = UserRegistry(store, keys.users)
+        self.nonces = NonceStore(store, keys.nonces)
+        self.ledger = Ledger(store, keys.ledger)
+
+    async def submit(self, command: SubmitJob, *, message_id: str) -> Outcome:
+        """Admit the job (the uid derives from the message id: a redelivery finds its own job)."""
+        job_uid = step_event_id(message_id, "job")
+        if existing := await self._log.read(job_uid):
+            return Outcome(reply=JobReply(sheet=fold(existing)), events=existing[:1])
+        request, authorisation, cheque = command.request, command.authorisation, command.cheque
+        now = datetime.now(UTC)
+        # A redelivery after a crash between the hold and the job's creation finds its hold: every
+        # check passed when it was made (nothing is held before them), so the time-bound ones (the
+        # authorisation's window, the cheque's expiry) are judged as of then. Judged now, a restart
+        # later than the window would refuse the job and strand the value held for it.
+        held = await self.ledger.find(hold_tx_id(job_uid, cheque.cheque_id))
+        checked_at = now if held is None else held.time
+        user_record = await self.users.by_fingerprint(authorisation.user)
+        user = PublicKeys.from_wire(user_record.public_key)
+        check_authorisation(authorisation, request, user, now=checked_at, window=self._auth_window)
+        price = self._pricing.highest(request)
+        payer = PublicKeys.from_wire((await self.users.get(cheque.payer)).public_key)
+        check_cheque(
+            cheque,
+            payer_key=payer,
+            recipient=ACCESS,
+            resource=request_fingerprint(request),
+            price=price,
+            now=checked_at,
+        )
+        # Everything is checked: from here on each step is idempotent for this job uid.
+        await self.nonces.claim(authorisation.user, authorisation.nonce, holder=job_uid)
+        hold = await self.ledger.hold(job_uid, cheque.cheque_id, cheque.payer, price, at=checked_at)
+        lifetime = (
+            timedelta(seconds=command.lifetime_s) if command.lifetime_s else self._default_lifetime
+        )
+        submitted = Submitted(
+            request=request,
+            user=user.fingerprint,
+            user_key=user_record.public_key,
+            expires_at=now + lifetime,
+            authorisation=authorisation,
+            payment=Payment(cheque=cheque, held=price, ledger_seq=hold.seq),
+        )
+        await self._store.put(self._keys.active_marker(job_uid), b"")
+        actor = f"user:{user_record.name}"
+        event_id = step_event_id(job_uid, "submitted")
+        event = await self._log.create(job_uid, actor, submitted, event_id=event_id)
+        return Outcome(reply=await self._job_reply(job_uid, with_events=False), events=[event])
+
+    async def get(self, query: GetJob) -> Outcome:
+        return Outcome(reply=await self._job_reply(query.job_uid, with_events=query.with_events))
+
+    async def outputs(self, query: GetOutputs) -> Outcome:
+        """A bucket read PAR over the job's outputs, sealed for the job's user."""
+        sheet = await self._log.load(query.job_uid)
+        if sheet.state is not JobState.COMPLETED:
+            raise JobNotCompletedError(
+                f"job {query.job_uid} is {sheet.state.value}; outputs exist once it is completed"
+            )
+        user = PublicKeys.from_wire(sheet.user_key)
+        par = await self._issuer.bucket_read_par(self._keys.output_prefix(query.job_uid), user)
+        return Outcome(reply=OutputsReply(read_par=par.data))
+
+    async def settle(self, job_uid: str) -> Transaction | None:
+        """Once the job has ended: charge what it cost, refund the rest of the hold (once)."""
+        sheet = await self._log.load(job_uid)
+        if sheet.payment is None or not is_terminal(sheet.state):
+            return None
+        return await self.ledger.settle(job_uid, self._pricing.charge(sheet))
+
+    async def sweep(self) -> list[JobEvent]:
+        """Expire jobs still waiting past their deadline; settle ended jobs nobody settled."""
+        expired: list[JobEvent] = []
+        now = datetime.now(UTC)
+        prefix = self._keys.active_prefix
+        for info in await self._store.list(prefix):
+            job_uid = info.key.removeprefix(prefix)
+            try:
+                sheet = await self._log.load(job_uid)
+            except JobError:
+                continue  # submit wrote the marker but not (yet) the log
+            if is_terminal(sheet.state):
+                await self.settle(job_uid)  # a no-op when its end was settled already
+                await self._store.delete(info.key)
+            elif sheet.state in _WAITING and sheet.expires_at <= now:
+                try:
+                    event = await self._log.transition(
+                        job_uid, "access", Expired(), event_id=step_event_id(job_uid, "expired")
+                    )
+                except IllegalTransitionError:
+                    continue  # it started (or ended) since we looked: not ours to expire
+                expired.append(event)
+        return expired
+
+    async def _job_reply(self, job_uid: str, *, with_events: bool) -> JobReply:
+        events = await self._log.read(job_uid)
+        if not events:
+            raise JobNotFoundError(f"no job {job_uid} is known here")
+        return JobReply(sheet=fold(events), events=tuple(events) if with_events else ())

@@ -1,0 +1,144 @@
+"""Settings read from the environment (pydantic-settings), one model per external service."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from aiobotocore.config import AioConfig
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from orchestrator.broker.topology import check_prefix
+from orchestrator.errors import ConfigurationError
+
+
+class S3Settings(BaseSettings):
+    """Where the object store is and how to sign for it (`PARJOBS_S3_*`)."""
+
+    model_config = SettingsConfigDict(env_prefix="PARJOBS_S3_", extra="ignore", frozen=True)
+
+    endpoint_url: str | None = None
+    """None means the local SeaweedFS the project starts (`LocalSeaweed`)."""
+    public_endpoint_url: str | None = None
+    """Host presigned URLs are signed for, when users reach S3 elsewhere than services do."""
+    region: str = "us-east-1"
+    # Optional so that "no settings" can mean "start a local server"; checked at client creation.
+    access_key_id: str | None = None
+    secret_access_key: SecretStr | None = None
+    bucket: str = "parjobs"
+
+    @field_validator("endpoint_url", "public_endpoint_url")
+    @classmethod
+    def _http_url(cls, url: str | None) -> str | None:
+        if url is None:
+            return None
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"{url!r} is not an http(s) URL")
+        return url.rstrip("/")
+
+    @model_validator(mode="after")
+    def _both_keys_or_neither(self) -> S3Settings:
+        if (self.access_key_id is None) != (self.secret_access_key is None):
+            raise ValueError("set both PARJOBS_S3_ACCESS_KEY_ID and PARJOBS_S3_SECRET_ACCESS_KEY")
+        return self
+
+    @property
+    def presign_endpoint_url(self) -> str | None:
+        """The endpoint presigned URLs are signed for."""
+        return self.public_endpoint_url or self.endpoint_url
+
+    def require_endpoint(self) -> str:
+        """The service endpoint, or ConfigurationError saying how to set one."""
+        if self.endpoint_url is None:
+            raise ConfigurationError(
+                "no S3 endpoint: set PARJOBS_S3_ENDPOINT_URL, or use the settings of a "
+                "LocalSeaweed (`parjobs dev` starts one)"
+            )
+        return self.endpoint_url
+
+    def require_credentials(self) -> tuple[str, str]:
+        """(access key id, secret access key), or ConfigurationError naming the variables."""
+        if self.access_key_id is None or self.secret_access_key is None:
+            raise ConfigurationError(
+                "no S3 credentials: set PARJOBS_S3_ACCESS_KEY_ID and PARJOBS_S3_SECRET_ACCESS_KEY"
+            )
+        return self.access_key_id, self.secret_access_key.get_secret_value()
+
+    def client_config(self) -> AioConfig:
+        """botocore client config: SigV4, path-style addressing (SeaweedFS, MinIO and AWS)."""
+        return AioConfig(
+            region_name=self.region,
+            signature_version="s3v4",
+            s3={"addressing_style": "path"},
+        )
+
+
+class AMQPSettings(BaseSettings):
+    """Where RabbitMQ is and how parjobs uses it (`PARJOBS_AMQP_URL`, `PARJOBS_PREFIX`, ...)."""
+
+    model_config = SettingsConfigDict(env_prefix="PARJOBS_", extra="ignore", frozen=True)
+
+    amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
+    """A secret because it usually carries the password; `display_url` is the loggable form."""
+    prefix: str = "parjobs"
+    """Every exchange, queue and stream name starts with `<prefix>.`, so deployments and test runs
+    sharing one broker never collide."""
+    prefetch: int = Field(default=16, ge=1, le=2000)  # 2000: RabbitMQ's cap for quorum queues
+    """Unacknowledged deliveries per consumer, which is also its number of concurrent handlers."""
+    delivery_limit: int = Field(default=5, ge=1)
+    """Failed deliveries a work queue allows before the broker dead-letters the message."""
+    retry_delay: float = Field(default=0.5, ge=0)
+    """Pause before a failed message goes back to its queue; doubles per failure, 30 s at most."""
+    reconnect_interval: float = Field(default=1.0, gt=0)
+    connect_timeout: float = Field(default=10.0, gt=0)
+    publish_timeout: float = Field(default=30.0, gt=0)
+    """How long a publish may wait for a confirm, including waiting out a reconnection."""
+
+    @field_validator("amqp_url")
+    @classmethod
+    def _amqp_url(cls, url: SecretStr) -> SecretStr:
+        if urlsplit(url.get_secret_value()).scheme not in ("amqp", "amqps"):
+            raise ValueError("PARJOBS_AMQP_URL must be an amqp:// or amqps:// URL")
+        return url
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, prefix: str) -> str:
+        return check_prefix(prefix)
+
+    @property
+    def display_url(self) -> str:
+        """The URL with its password masked, for messages and logs."""
+        parts = urlsplit(self.amqp_url.get_secret_value())
+        if parts.password is None:
+            return parts.geturl()
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+        return parts._replace(netloc=netloc).geturl()
+
+
+class ServiceSettings(BaseSettings):
+    """How the three daemons run (`PARJOBS_*`); shared so `parjobs dev` can set them once."""
+
+    model_config = SettingsConfigDict(env_prefix="PARJOBS_", extra="ignore", frozen=True)
+
+    data_root: str = ""
+    """Key prefix for everything parjobs keeps in the bucket (jobs, registry, runs)."""
+    compute_key_file: Path | None = None
+    """The compute service's key file (`parjobs keys new`): compute opens the bucket-write PARs
+    sealed for it; storage reads only its public half, which the file holds in clear."""
+    key_passphrase: SecretStr | None = None
+    """The passphrase of the compute service's key file."""
+    job_lifetime_s: int = Field(default=3600, ge=1, le=7 * 24 * 3600)
+    """How long a job waits for its input and start before it expires (and its PARs with it)."""
+    sweep_interval_s: float = Field(default=5.0, gt=0)
+    auth_window_s: float = Field(default=300.0, gt=0)
+    """How far an authorisation's timestamp may be from the access service's clock."""
+    time_limit_s: float = Field(default=600.0, gt=0)
+    memory_limit_bytes: int = Field(default=2**30, ge=2**24)
+    max_runs: int = Field(default=2, ge=1)
+    """Calculations one compute daemon runs at once (its run queue's prefetch)."""
+    shutdown_grace_s: float = Field(default=20.0, ge=0)
+    """On SIGTERM, how long in-flight work may take to finish before it is requeued."""
+    health_port: int | None = Field(default=None, ge=0, le=65535)
+    """Serve /healthz and /readyz on this port (127.0.0.1); None: no health endpoint."""

@@ -1,0 +1,247 @@
+"""The ledger store: every transaction of every account, appended to the object store for good.
+
+Transaction n is `<root><n, 12 digits>.json`, created with `If-None-Match: *`. There is one
+sequence for the whole ledger, so every transaction is serialised: two writers can never both
+append n, and whoever appends n has checked its rules against all of 1..n-1. That is the whole
+concurrency control between writers (no lock): a writer that loses reads what it missed, checks
+its transaction again against the newer state (a rival may have cashed the same cheque, or spent
+the money), and tries n+1. Each transaction is one object, so a crash leaves it wholly written or
+not at all.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable
+from datetime import datetime
+from decimal import Decimal
+
+import anyio
+from pydantic import ValidationError
+
+from orchestrator.core.ledger_rules import (
+    account_kind,
+    fold,
+    post,
+    same_operation,
+    statement,
+    verify,
+)
+from orchestrator.core.ledger_rules import deposit as build_deposit
+from orchestrator.core.ledger_rules import hold as build_hold
+from orchestrator.core.ledger_rules import settle as build_settle
+from orchestrator.core.par_rules import validate_prefix
+from orchestrator.errors import (
+    LedgerConflictError,
+    LedgerCorruptError,
+    LedgerRuleError,
+    ObjectExistsError,
+    ObjectNotFoundError,
+)
+from orchestrator.store.s3 import ObjectStore
+from schemas.ledger import ZERO, LedgerState, StatementRow, Transaction, TransactionDraft
+
+DEFAULT_MAX_ATTEMPTS = 40  # one sequence for every account: more contention than one job's log
+_BACKOFF_BASE = 0.01  # seconds: the first lost race waits up to this, doubling per loss
+_BACKOFF_CAP = 0.5
+_READ_WINDOW = 64  # most GETs in flight while reading ahead
+_ENTRY_NAME = re.compile(r"(\d{12})\.json")
+
+Builder = Callable[[LedgerState], TransactionDraft]
+"""Makes the transaction to append from the ledger's latest state (called again after a lost
+race, against the newer state)."""
+
+
+class Ledger:
+    """The accounts ledger under `root` of one object store.
+
+    Keeps the state it has folded so far: each read fetches only the transactions after it.
+    """
+
+    def __init__(self, store: ObjectStore, root: str = "ledger/") -> None:
+        self._store = store
+        self._root = validate_prefix(root)
+        self._state = LedgerState()
+        self._turn = anyio.Lock()  # one append at a time from this instance (see `_attempt`)
+
+    def entry_key(self, seq: int) -> str:
+        return f"{self._root}{seq:012d}.json"
+
+    # --- reading ----------------------------------------------------------------------------------
+
+    async def read(self, *, after: int = 0) -> list[Transaction]:
+        """The transactions with seq > `after`, in order.
+
+        Probed by key, not listed: entries are contiguous from 1, so reading the few new ones
+        costs a GET each and one miss, however long the ledger (a listing grows with it).
+        """
+        found: list[Transaction] = []
+        window = 1
+        while True:
+            start = after + len(found) + 1
+            batch = await self._get_many(range(start, start + window))
+            for tx in batch:
+                # A miss ends the read even if a later GET of the batch hit: that one may have
+                # been written while this one was in flight; the next read picks it up.
+                if tx is None:
+                    return found
+                found.append(tx)
+            window = min(2 * window, _READ_WINDOW)
+
+    async def _get_many(self, seqs: range) -> list[Transaction | None]:
+        got: dict[int, Transaction | None] = {}
+
+        async def fetch(seq: int) -> None:
+            got[seq] = await self._get(seq)
+
+        try:
+            async with anyio.create_task_group() as tasks:
+                for seq in seqs:
+                    tasks.start_soon(fetch, seq)
+        except* Exception as failed:  # the first failed GET is the error, not a group of them
+            raise failed.exceptions[0] from None
+        return [got[seq] for seq in seqs]
+
+    async def _get(self, seq: int) -> Transaction | None:
+        key = self.entry_key(seq)
+        try:
+            data = await self._store.get(key)
+        except ObjectNotFoundError:
+            return None
+        try:
+            tx = Transaction.model_validate_json(data)
+        except ValidationError as exc:
+            raise LedgerCorruptError(f"{key!r} is not a valid transaction: {exc}") from exc
+        if tx.seq != seq:
+            raise LedgerCorruptError(f"{key!r} holds transaction {tx.seq}, not {seq}")
+        return tx
+
+    async def state(self) -> LedgerState:
+        """The ledger as all its transactions leave it (only the new ones are fetched)."""
+        cached = self._state
+        unseen = await self.read(after=cached.seq)
+        if not unseen:
+            return cached
+        try:
+            latest = fold(unseen, cached)
+        except LedgerRuleError as exc:
+            raise LedgerCorruptError(
+                f"a stored transaction breaks the ledger's rules: {exc}; "
+                "run `parjobs ledger verify` for the whole story"
+            ) from exc
+        self._remember(latest)
+        return latest
+
+    def _remember(self, state: LedgerState) -> None:
+        # Tasks sharing this Ledger fold concurrently; keep whichever state is furthest on.
+        if state.seq > self._state.seq:
+            self._state = state
+
+    async def balance(self, account: str) -> Decimal:
+        """`account`'s balance now (0 for an account never used)."""
+        account_kind(account)  # refuses a name no account can have
+        return (await self.state()).balances.get(account, ZERO)
+
+    async def find(self, tx_id: str) -> Transaction | None:
+        """The stored transaction with id `tx_id`, or None if the ledger has none."""
+        seq = (await self.state()).tx_ids.get(tx_id)
+        return None if seq is None else await self._get(seq)
+
+    async def statement(self, account: str) -> list[StatementRow]:
+        return statement(await self.read(), account)
+
+    async def verify(self) -> list[str]:
+        """Every invariant re-checked over the whole stored ledger: [] if sound, else the
+        problems, one line each. Also reports objects under the root that are not entries of the
+        sequence (a stray file, or an entry beyond a gap)."""
+        try:
+            txs = await self.read()
+        except LedgerCorruptError as exc:
+            return [str(exc)]
+        problems = verify(txs)
+        entries = {self.entry_key(tx.seq) for tx in txs}
+        for info in await self._store.list(self._root):
+            if info.key not in entries:
+                name = _ENTRY_NAME.fullmatch(info.key.removeprefix(self._root))
+                what = f"transaction {int(name[1])} after a gap" if name else "not a transaction"
+                problems.append(f"{info.key!r} is in the ledger's folder but {what}")
+        return problems
+
+    # --- appending --------------------------------------------------------------------------------
+
+    async def append(
+        self, build: Builder, *, max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    ) -> Transaction:
+        """Append the transaction `build` makes from the latest state; returns it as stored.
+
+        The rules are checked first: a refusal (a LedgerRuleError) is raised and nothing is
+        written. If a transaction with the same tx id doing the same movement is already in the
+        ledger (a retry, a redelivered message, a write whose reply was lost) it is returned and
+        nothing is appended.
+        """
+        for attempt in range(max_attempts):
+            appended = await self._attempt(build)
+            if appended is not None:
+                return appended
+            # Losers that retry in lockstep collide again; a random pause spreads them out.
+            pause = min(_BACKOFF_CAP, _BACKOFF_BASE * 2**attempt)
+            await anyio.sleep(random.uniform(0, pause))  # noqa: S311 - jitter, not a secret
+        raise LedgerConflictError(
+            f"still losing the race to append to the ledger after {max_attempts} attempts; "
+            "too many writers at once, retry later"
+        )
+
+    async def _attempt(self, build: Builder) -> Transaction | None:
+        """One try at appending: the transaction, or None if another writer took its seq."""
+        # Correctness needs no lock: the conditional create decides. But SeaweedFS makes each
+        # extra concurrent create of one key wait about a second longer for its 412, so tasks
+        # of this process take turns rather than collide; only other processes race us.
+        async with self._turn:
+            state = await self.state()
+            draft = build(state)
+            done = state.tx_ids.get(draft.tx_id)
+            if done is not None:
+                existing = await self._get(done)
+                if existing is not None and same_operation(existing, draft):
+                    return existing
+                # Not the same: `post` refuses it with the specific reason.
+            tx, after = post(state, draft)
+            try:
+                await self._store.put_if_absent(
+                    self.entry_key(tx.seq), tx.model_dump_json().encode()
+                )
+            except ObjectExistsError:
+                return None
+            self._remember(after)
+            return tx
+
+    async def commit(self, draft: TransactionDraft) -> Transaction:
+        """Append `draft` as it is (see `append`)."""
+        return await self.append(lambda _state: draft)
+
+    async def deposit(
+        self, account: str, amount: Decimal | int | str, *, tx_id: str | None = None
+    ) -> Transaction:
+        """Money from outside into user `account`; the same `tx_id` again deposits nothing."""
+        return await self.commit(build_deposit(account, amount, tx_id=tx_id))
+
+    async def hold(
+        self,
+        job_uid: str,
+        cheque_id: str,
+        payer: str,
+        amount: Decimal | int | str,
+        *,
+        at: datetime | None = None,
+    ) -> Transaction:
+        """Cash cheque `cheque_id` for job `job_uid`: hold `amount` of `payer`'s money.
+
+        `at`, if given, is the transaction's time (when the cheque was checked); else now.
+        """
+        draft = build_hold(job_uid, cheque_id, payer, amount)
+        return await self.commit(draft if at is None else draft.model_copy(update={"time": at}))
+
+    async def settle(self, job_uid: str, charge: Decimal | int | str) -> Transaction:
+        """Job `job_uid` ended: charge `charge` of its hold, refund the rest to its payer."""
+        return await self.append(lambda state: build_settle(job_uid, state, charge))
