@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from orchestrator.services.replay import compare
 from schemas.events import JobEvent, JobState
-from tests.test_jobstate import PATHS, history
+from tests.unit.test_jobstate import PATHS, history
 
 
 def test_identical_histories_agree() -> None:

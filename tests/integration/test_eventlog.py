@@ -28,7 +28,7 @@ from schemas.events import (
     Progress,
     RunStarted,
 )
-from tests.test_jobstate import RUN, SAMPLES, SUBMITTED, USER
+from tests.unit.test_jobstate import RUN, SAMPLES, SUBMITTED, USER
 
 pytestmark = pytest.mark.integration
 

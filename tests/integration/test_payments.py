@@ -32,7 +32,7 @@ from orchestrator.store.s3 import ObjectStore
 from schemas.auth import Cheque
 from schemas.events import JobRequest, JobState
 from schemas.messages import SubmitJob
-from tests.test_services import FUNDS, Services
+from tests.integration.test_services import FUNDS, Services
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,7 @@ from orchestrator.errors import PARClosedError, RunRefusedError, UnknownCalculat
 from orchestrator.store.s3 import ObjectStore
 from schemas.events import Completed, ComputeContracted, Failed, JobEvent, JobState
 from schemas.messages import GetOutputs, OutputsReply
-from tests.test_services import Services
+from tests.integration.test_services import Services
 from workers.calculations import CalculationRegistry
 
 pytestmark = pytest.mark.integration

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CREDENTIALS = {
     "PARJOBS_S3_ACCESS_KEY_ID": "id",
     "PARJOBS_S3_SECRET_ACCESS_KEY": "secret",

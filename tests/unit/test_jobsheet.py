@@ -9,7 +9,7 @@ import pytest
 from orchestrator.client.jobsheet import JobSheet
 from orchestrator.errors import JobError
 from schemas.events import JobRequest, JobState
-from tests.test_jobstate import PATHS, REQUEST, sheet_in
+from tests.unit.test_jobstate import PATHS, REQUEST, sheet_in
 
 
 def test_null_jobsheet() -> None:
