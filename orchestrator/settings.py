@@ -117,6 +117,27 @@ class AMQPSettings(BaseSettings):
         return parts._replace(netloc=netloc).geturl()
 
 
+class ManagementSettings(BaseSettings):
+    """RabbitMQ's management HTTP API and the operator's credentials for it
+    (`PARJOBS_MANAGEMENT_*`): what provisions the broker users of roles and users."""
+
+    model_config = SettingsConfigDict(env_prefix="PARJOBS_MANAGEMENT_", extra="ignore", frozen=True)
+
+    url: str = "http://127.0.0.1:15672"
+    """The API's base (the plugin: `rabbitmq-plugins enable rabbitmq_management`)."""
+    username: str = "guest"
+    """An administrator: RabbitMQ's `guest` serves the operator's set-up on localhost only."""
+    password: SecretStr = SecretStr("guest")
+    timeout: float = Field(default=10.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        if urlsplit(url).scheme not in ("http", "https"):
+            raise ValueError("PARJOBS_MANAGEMENT_URL must be an http(s) URL")
+        return url.rstrip("/")
+
+
 class ServiceSettings(BaseSettings):
     """How the three daemons run (`PARJOBS_*`); shared so `parjobs dev` can set them once."""
 
