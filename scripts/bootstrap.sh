@@ -32,3 +32,22 @@ if ! rabbit_up; then
     exit 1
 fi
 echo "==> RabbitMQ reachable at $host:$port"
+
+# RabbitMQ's management API: parjobs provisions the broker users of roles and users through it.
+mgmt_url=${PARJOBS_MANAGEMENT_URL:-http://127.0.0.1:15672}
+mgmt_hostport=${mgmt_url#*://}; mgmt_hostport=${mgmt_hostport%%/*}
+mgmt_host=${mgmt_hostport%%:*}; mgmt_port=${mgmt_hostport##*:}
+[ "$mgmt_port" = "$mgmt_host" ] && mgmt_port=15672
+mgmt_up() { (exec 3<>"/dev/tcp/$mgmt_host/$mgmt_port") 2>/dev/null; }
+if ! mgmt_up && [[ "$mgmt_host" =~ ^(127\.0\.0\.1|localhost)$ ]] \
+    && command -v rabbitmq-plugins >/dev/null; then
+    echo "==> enabling RabbitMQ's management API: rabbitmq-plugins enable rabbitmq_management"
+    rabbitmq-plugins enable rabbitmq_management >/dev/null
+    for _ in $(seq 60); do mgmt_up && break; sleep 1; done
+fi
+if ! mgmt_up; then
+    echo "error: RabbitMQ's management API is not reachable at $mgmt_url." >&2
+    echo "fix: rabbitmq-plugins enable rabbitmq_management, or set PARJOBS_MANAGEMENT_URL" >&2
+    exit 1
+fi
+echo "==> RabbitMQ management API reachable at $mgmt_url"
