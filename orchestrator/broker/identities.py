@@ -22,7 +22,7 @@ name each user literally.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -54,6 +54,8 @@ OWN_EVENTS_PATTERN = r"^job\.{username}\."
 """Bindings a user may make on the events exchange: only to their own jobs' events."""
 NOTHING = "^$"
 """The regex RabbitMQ reads as "no resource at all"."""
+DEATH_HEADER = "x-death"
+"""What RabbitMQ adds to a message each time it dead-letters it."""
 
 
 class Role(StrEnum):
@@ -188,6 +190,16 @@ class Identities:
         if parsed is None or parsed[0] is not Kind.ROLE or parsed[1] not in set(Role):
             return None
         return Role(parsed[1])
+
+    def requester(self, user_id: str | None, headers: Mapping[str, object]) -> str | None:
+        """The registered user who sent a request: the name behind its broker-validated
+        `user_id`, or None if it names no user of this deployment or was dead-lettered on its
+        way. A user may give her own queues the commands exchange as dead-letter exchange (she may
+        write to it), and what dies there keeps the `user_id` of its first publisher: a service's
+        reply or event would reach a service as a request with the service's name on it."""
+        if user_id is None or DEATH_HEADER in headers:
+            return None
+        return self.user_of(user_id)
 
     # --- event routing keys ---------------------------------------------------------------------
 

@@ -91,6 +91,15 @@ def test_a_username_is_parsed_back_only_in_its_own_deployment() -> None:
         assert IDS.role_of(stranger) is None
 
 
+def test_a_requester_is_a_user_of_this_deployment_on_a_message_not_dead_lettered() -> None:
+    assert IDS.requester(ALICE, {}) == "alice"
+    assert IDS.requester(None, {}) is None
+    assert IDS.requester(IDS.role_username(Role.ACCESS), {}) is None
+    assert IDS.requester(Identities(Topology("acme")).user_username("alice"), {}) is None
+    # re-routed through a queue's dead-letter exchange: user_id names its first publisher only
+    assert IDS.requester(ALICE, {"x-death": [{"reason": "expired"}]}) is None
+
+
 def test_a_prefix_too_long_for_user_queue_names_is_refused_up_front() -> None:
     Identities(Topology("p" * 68))
     with pytest.raises(ValueError, match="too long for per-user names"):
