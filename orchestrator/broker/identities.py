@@ -9,7 +9,7 @@ who published what (the validated `user_id` property):
 `<domain>` is the topology's prefix with its dots written as `:`, so a username is one word of a
 routing key (no dots) and names of two deployments sharing a broker never collide. Its
 characters are letters, digits, `_`, `-`, `:` and `@`: none is special in a regular expression
-or a topic pattern, and every AMQP client accepts them in queue names.
+or a topic pattern, and all are in the queue-name grammar aio-pika (pamqp) checks names against.
 
 What a user may touch carries their username: their job's events are published with the routing
 key `job.<owner>.<job uid>.<event type>`, and their queues are `<prefix>.client.<owner>.<suffix>`.
