@@ -64,8 +64,8 @@ def describe(error: Exception) -> str:
                 for problem in error.errors(include_url=False)
             )
             return f"invalid {error.title}: {problems}"
-        case OSError(strerror=str(reason), filename=name) if name is not None:
-            return f"{reason}: {name}"
+        case OSError(strerror=str(why), filename=name) if name is not None:
+            return f"{why}: {name}"
         case _:
             return str(error) or type(error).__name__
 
