@@ -173,7 +173,8 @@ def submit(
     run PAR, and follow it."""
     user = load_key(key)
     payer = paying_account(account, user)
-    digest = hashlib.sha256(input_file.read_bytes()).hexdigest()
+    with input_file.open("rb") as source:  # streamed: an input may be larger than memory
+        digest = hashlib.file_digest(source, "sha256").hexdigest()
     request = JobRequest(
         calculation=calculation, parameters=_parameters(param, params_json), input_sha256=digest
     )
