@@ -1,7 +1,7 @@
 # The image the three parjobs services run from (see compose.yaml).
 FROM python:3.11-slim
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY schemas ./schemas
 COPY orchestrator ./orchestrator
 COPY workers ./workers

@@ -3,59 +3,83 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Annotated
 
 import anyio
 import typer
-from rich.console import Console
+from rich.markup import escape
 
+from orchestrator import __version__
 from orchestrator.cli import _jobs as jobs
 from orchestrator.cli import _money as money
 from orchestrator.cli import _ops as ops
+from orchestrator.cli._common import console, load_key, passphrase
+from orchestrator.cli._exit import EXIT_STATUS_HELP, ParjobsGroup
+from orchestrator.cli._inputs import ACCOUNT, NEW_KEY_PATH
 from orchestrator.cli._pardemo import run_par_demo
 from orchestrator.core.keys import KeyPair
-from orchestrator.errors import ParjobsError
 from orchestrator.store.seaweed import LocalSeaweed
 
 app = typer.Typer(
-    help="parjobs: jobs over RabbitMQ, data through encrypted expiring PARs.",
+    cls=ParjobsGroup,
+    epilog=EXIT_STATUS_HELP,
     pretty_exceptions_enable=False,
 )
 keys_app = typer.Typer(help="Key pairs: X25519 for sealing, Ed25519 for signing.")
 app.add_typer(keys_app, name="keys")
-console = Console()
-
-PASSPHRASE_ENV = "PARJOBS_PASSPHRASE"  # noqa: S105 - the variable's name, not a secret
 
 
-def _passphrase(confirm: bool) -> str:
-    from_env = os.environ.get(PASSPHRASE_ENV)
-    if from_env:
-        return from_env
-    return str(typer.prompt("Passphrase", hide_input=True, confirmation_prompt=confirm, type=str))
+def _print_version(wanted: bool) -> None:
+    if wanted:
+        typer.echo(f"parjobs {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """parjobs: jobs over RabbitMQ, data through encrypted expiring PARs."""
 
 
 @keys_app.command("new")
 def keys_new(
-    path: Annotated[Path, typer.Argument(help="Where to write the key file.")],
-    name: Annotated[str, typer.Option(help="Whose keys these are.")] = "me",
+    path: Annotated[
+        Path, typer.Argument(help="Where to write the key file (a new file).", parser=NEW_KEY_PATH)
+    ],
+    name: Annotated[
+        str, typer.Option(help="Whose keys these are: their account name.", parser=ACCOUNT)
+    ] = "me",
 ) -> None:
     """Make a key pair, saved under a passphrase (prompted, or $PARJOBS_PASSPHRASE)."""
     pair = KeyPair.generate(name)
-    pair.save(path, _passphrase(confirm=True))
+    pair.save(path, passphrase(confirm=True))
     public_path = path.with_name(path.name + ".pub")
     public_path.write_text(json.dumps(pair.public.to_data(), indent=2))
-    console.print(f"wrote {path} (private, 0600) and {public_path} (public)")
+    console.print(
+        f"wrote {escape(str(path))} (private, 0600) and {escape(str(public_path))} (public)"
+    )
     console.print(f"fingerprint {pair.fingerprint}")
 
 
 @keys_app.command("show")
-def keys_show(path: Annotated[Path, typer.Argument(help="A key file from `keys new`.")]) -> None:
+def keys_show(
+    path: Annotated[
+        Path,
+        typer.Argument(
+            help="A key file from `keys new`.", exists=True, dir_okay=False, readable=True
+        ),
+    ],
+) -> None:
     """Print a key file's name and fingerprint (asks for its passphrase to prove it opens)."""
-    pair = KeyPair.load(path, _passphrase(confirm=False))
-    console.print(f"{pair.name}: fingerprint {pair.fingerprint}")
+    pair = load_key(path)
+    console.print(f"{escape(pair.name)}: fingerprint {pair.fingerprint}")
 
 
 @app.command()
@@ -129,8 +153,5 @@ app.add_typer(money.ledger_app, name="ledger")
 
 
 def main() -> None:
-    try:
-        app()
-    except ParjobsError as exc:
-        console.print(f"[red]error:[/] {exc}")
-        raise SystemExit(2) from exc
+    """`parjobs`: the root command reports errors itself (`orchestrator.cli._exit`)."""
+    app()

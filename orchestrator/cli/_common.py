@@ -1,11 +1,17 @@
-"""What the CLI's commands share: the console, passphrases, key files, a client session."""
+"""What the CLI's commands share: the console, passphrases, key files, and the connections.
+
+Every connection a command opens (RabbitMQ, the object store) is opened here, after its inputs
+were checked: one place to see, and for the tests to prove, that nothing connects before that.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -13,10 +19,23 @@ from rich.console import Console
 from orchestrator.broker.amqp import Broker
 from orchestrator.client.client import ParjobsClient
 from orchestrator.core.keys import KeyPair
-from orchestrator.settings import AMQPSettings
+from orchestrator.core.ledger_rules import user_account
+from orchestrator.settings import AMQPSettings, S3Settings
+from orchestrator.store.s3 import ObjectStore
 
 console = Console()
 PASSPHRASE_ENV = "PARJOBS_PASSPHRASE"  # noqa: S105 - the variable's name, not a secret
+
+KeyOption = Annotated[
+    Path,
+    typer.Option(
+        "--key",
+        help="Your key file (parjobs keys new).",
+        exists=True,
+        dir_okay=False,
+        readable=True,
+    ),
+]
 
 
 def passphrase(*, confirm: bool) -> str:
@@ -28,11 +47,33 @@ def passphrase(*, confirm: bool) -> str:
 
 
 def load_key(path: Path) -> KeyPair:
+    """The key pair in `path`; KeyFileError or PassphraseError say what is wrong."""
     return KeyPair.load(path, passphrase(confirm=False))
+
+
+def paying_account(account: str | None, key: KeyPair) -> str:
+    """`account`, or by default the key's name, which must then be a user's account name."""
+    return account if account is not None else user_account(key.name)
+
+
+@asynccontextmanager
+async def broker_session(name: str) -> AsyncIterator[Broker]:
+    """RabbitMQ as PARJOBS_AMQP_URL / PARJOBS_PREFIX say."""
+    # aiormq logs a failed connect itself; the BrokerUnavailableError after it says it in one line.
+    logging.getLogger("aiormq").setLevel(logging.CRITICAL)
+    async with Broker(AMQPSettings(), name=name) as broker:
+        yield broker
 
 
 @asynccontextmanager
 async def client_session() -> AsyncIterator[ParjobsClient]:
-    """A client on the broker named by PARJOBS_AMQP_URL / PARJOBS_PREFIX."""
-    async with Broker(AMQPSettings(), name="parjobs-cli") as broker:
+    """A client of the parjobs services, over `broker_session`."""
+    async with broker_session("parjobs-cli") as broker:
         yield ParjobsClient(broker, sender="cli")
+
+
+@asynccontextmanager
+async def store_session() -> AsyncIterator[ObjectStore]:
+    """The object store as the PARJOBS_S3_* settings say (the operator's commands)."""
+    async with ObjectStore(S3Settings()) as store:
+        yield store

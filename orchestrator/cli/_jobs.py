@@ -12,9 +12,20 @@ import anyio
 import typer
 from pydantic import JsonValue
 from rich import progress as bars
+from rich.markup import escape
 from rich.table import Table
 
-from orchestrator.cli._common import client_session, console, load_key
+from orchestrator.cli._common import KeyOption, client_session, console, load_key, paying_account
+from orchestrator.cli._inputs import (
+    CALCULATION,
+    JOB_LIFETIME,
+    JOB_UID,
+    MAX_SPEND,
+    PARAMETER,
+    PARAMS_JSON,
+    USER_ACCOUNT,
+    Parameter,
+)
 from orchestrator.client.client import ENDED, ParjobsClient
 from orchestrator.core.keys import KeyPair
 from orchestrator.errors import IntegrityError
@@ -32,20 +43,14 @@ from schemas.events import (
     Submitted,
 )
 
-KeyOption = Annotated[Path, typer.Option("--key", help="Your key file (parjobs keys new).")]
+JobUidArgument = Annotated[str, typer.Argument(help="The job's uid.", parser=JOB_UID)]
 
 
-def _parameters(params: list[str], params_json: str | None) -> dict[str, JsonValue]:
-    parsed: dict[str, JsonValue] = json.loads(params_json) if params_json else {}
-    for item in params:
-        name, sep, raw = item.partition("=")
-        if not sep:
-            raise typer.BadParameter(f"{item!r} is not NAME=VALUE")
-        try:
-            parsed[name] = json.loads(raw)  # numbers, booleans, lists...
-        except json.JSONDecodeError:
-            parsed[name] = raw  # ... anything else is a string
-    return parsed
+def _parameters(
+    params: list[Parameter], params_json: dict[str, JsonValue] | None
+) -> dict[str, JsonValue]:
+    """--params-json, then each --param over it."""
+    return {**(params_json or {}), **{param.name: param.value for param in params}}
 
 
 def _describe(event: JobEvent) -> str:
@@ -70,7 +75,9 @@ def timeline(events: tuple[JobEvent, ...] | list[JobEvent]) -> Table:
     table = Table("seq", "time", "actor", "event", "detail")
     for event in events:
         when = event.time.strftime("%H:%M:%S.%f")[:-3]
-        table.add_row(str(event.seq), when, event.actor, event.payload.type, _describe(event))
+        # Details carry the user's parameters and a calculation's messages: text, not markup.
+        detail = escape(_describe(event))
+        table.add_row(str(event.seq), when, escape(event.actor), event.payload.type, detail)
     return table
 
 
@@ -90,7 +97,7 @@ async def watch_job(client: ParjobsClient, job_uid: str, *, poll: float = 0.3) -
                 task,
                 completed=done or 0,
                 state=sheet.state.value,
-                description=(sheet.progress or "")[:60],
+                description=escape((sheet.progress or "")[:60]),
             )
             if sheet.state in ENDED:
                 return sheet
@@ -118,23 +125,56 @@ async def fetch_outputs(
 
 
 def submit(
-    calculation: Annotated[str, typer.Argument(help="A calculation's name, e.g. checksum.")],
-    input_file: Annotated[Path, typer.Argument(help="The job's input file.", exists=True)],
+    calculation: Annotated[
+        str, typer.Argument(help="A calculation's name, e.g. checksum.", parser=CALCULATION)
+    ],
+    input_file: Annotated[
+        Path,
+        typer.Argument(help="The job's input file.", exists=True, dir_okay=False, readable=True),
+    ],
     key: KeyOption,
-    param: Annotated[list[str], typer.Option("--param", "-p", help="NAME=VALUE")] = [],  # noqa: B006 - typer's way
-    params_json: Annotated[str | None, typer.Option(help="Parameters as a JSON object.")] = None,
-    output: Annotated[Path | None, typer.Option(help="Download outputs here.")] = None,
-    lifetime: Annotated[int | None, typer.Option(help="Seconds before the job expires.")] = None,
+    param: Annotated[
+        list[Parameter],
+        typer.Option(
+            "--param",
+            "-p",
+            help="A parameter; VALUE is taken as JSON if it is JSON, else as a string.",
+            parser=PARAMETER,
+            metavar="NAME=VALUE",
+        ),
+    ] = [],  # noqa: B006 - typer's way
+    params_json: Annotated[
+        dict[str, JsonValue] | None,
+        typer.Option(
+            help="Parameters as a JSON object; --param adds to it.",
+            parser=PARAMS_JSON,
+            metavar="JSON",
+        ),
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option(help="Download outputs here.", file_okay=False, writable=True)
+    ] = None,
+    lifetime: Annotated[
+        int | None,
+        typer.Option(
+            help="Seconds before the job expires.", parser=JOB_LIFETIME, metavar="SECONDS"
+        ),
+    ] = None,
     watch: Annotated[bool, typer.Option(help="Follow the job until it ends.")] = True,
     account: Annotated[
-        str | None, typer.Option(help="The account that pays (default: the key's name).")
+        str | None,
+        typer.Option(help="The account that pays (default: the key's name).", parser=USER_ACCOUNT),
     ] = None,
-    max_spend: Annotated[str, typer.Option(help="The cheque's limit.")] = "1",
+    max_spend: Annotated[
+        Decimal, typer.Option(help="The cheque's limit.", parser=MAX_SPEND, metavar="AMOUNT")
+    ] = Decimal(1),
 ) -> None:
     """Sign for and pay for a job, upload its input through the upload PAR, start it through the
     run PAR, and follow it."""
     user = load_key(key)
-    digest = hashlib.sha256(input_file.read_bytes()).hexdigest()
+    payer = paying_account(account, user)
+    with input_file.open("rb") as source:  # streamed: an input may be larger than memory
+        digest = hashlib.file_digest(source, "sha256").hexdigest()
     request = JobRequest(
         calculation=calculation, parameters=_parameters(param, params_json), input_sha256=digest
     )
@@ -144,8 +184,8 @@ def submit(
             job_uid, upload, run_par, expires = await client.request_services(
                 request,
                 user,
-                account=account or user.name,
-                max_spend=Decimal(max_spend),
+                account=payer,
+                max_spend=max_spend,
                 lifetime_s=lifetime,
             )
             console.print(f"job [bold]{job_uid}[/] ready; PARs expire {expires:%Y-%m-%d %H:%M:%S}Z")
@@ -155,15 +195,15 @@ def submit(
             if not watch:
                 return
             final = await watch_job(client, job_uid)
-            console.print(f"job {job_uid} {final.state.value} {final.reason or ''}")
+            console.print(f"job {job_uid} {final.state.value} {escape(final.reason or '')}")
             if output is not None and final.state.value == "completed":
                 for path in await fetch_outputs(client, user, job_uid, output):
-                    console.print(f"  {path}")
+                    console.print(f"  {escape(str(path))}")
 
     anyio.run(run)
 
 
-def status(job_uid: Annotated[str, typer.Argument(help="The job's uid.")]) -> None:
+def status(job_uid: JobUidArgument) -> None:
     """The job's state, last progress, expiry and outputs."""
 
     async def run() -> None:
@@ -186,18 +226,18 @@ def status(job_uid: Annotated[str, typer.Argument(help="The job's uid.")]) -> No
     anyio.run(run)
 
 
-def watch(job_uid: Annotated[str, typer.Argument(help="The job's uid.")]) -> None:
+def watch(job_uid: JobUidArgument) -> None:
     """A live progress bar until the job ends."""
 
     async def run() -> None:
         async with client_session() as client:
             final = await watch_job(client, job_uid)
-        console.print(f"job {job_uid} {final.state.value} {final.reason or ''}")
+        console.print(f"job {job_uid} {final.state.value} {escape(final.reason or '')}")
 
     anyio.run(run)
 
 
-def events(job_uid: Annotated[str, typer.Argument(help="The job's uid.")]) -> None:
+def events(job_uid: JobUidArgument) -> None:
     """The job's timeline: every event of its log."""
 
     async def run() -> None:
@@ -208,8 +248,10 @@ def events(job_uid: Annotated[str, typer.Argument(help="The job's uid.")]) -> No
 
 
 def fetch(
-    job_uid: Annotated[str, typer.Argument(help="The job's uid.")],
-    directory: Annotated[Path, typer.Argument(help="Where to write the outputs.")],
+    job_uid: JobUidArgument,
+    directory: Annotated[
+        Path, typer.Argument(help="Where to write the outputs.", file_okay=False, writable=True)
+    ],
     key: KeyOption,
 ) -> None:
     """Download a completed job's outputs (SHA-256 checked) through a read PAR."""
@@ -218,6 +260,6 @@ def fetch(
     async def run() -> None:
         async with client_session() as client:
             for path in await fetch_outputs(client, user, job_uid, directory):
-                console.print(f"{path}")
+                console.print(escape(str(path)))
 
     anyio.run(run)

@@ -7,25 +7,33 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from decimal import Decimal
-from pathlib import Path
 from typing import Annotated, TypeVar
 
 import anyio
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from orchestrator.cli._common import console, load_key
+from orchestrator.cli._common import KeyOption, console, load_key, paying_account, store_session
+from orchestrator.cli._exit import EXIT_PROBLEMS
+from orchestrator.cli._inputs import (
+    ACCOUNT,
+    DEPOSIT,
+    MAX_CHEQUE_LIFETIME_S,
+    MAX_SPEND,
+    PUBLIC_KEYS,
+    REQUEST_FINGERPRINT,
+    USER_ACCOUNT,
+)
 from orchestrator.core.keys import PublicKeys
 from orchestrator.core.layout import JobKeys
 from orchestrator.core.ledger_rules import ACCESS
 from orchestrator.core.signing import write_cheque
 from orchestrator.services.accounts import Accounts
-from orchestrator.settings import S3Settings, ServiceSettings
-from orchestrator.store.s3 import ObjectStore
+from orchestrator.settings import ServiceSettings
 from schemas.ledger import StatementRow
 
 users_app = typer.Typer(help="Registered users: who may sign for jobs and pay for them.")
@@ -35,16 +43,10 @@ ledger_app = typer.Typer(help="The double-entry ledger.")
 T = TypeVar("T")
 
 
-@asynccontextmanager
-async def _accounts() -> AsyncIterator[Accounts]:
-    async with ObjectStore(S3Settings()) as store:
-        yield Accounts(store, JobKeys(ServiceSettings().data_root))
-
-
 def _with_accounts(action: Callable[[Accounts], Awaitable[T]]) -> T:
     async def run() -> T:
-        async with _accounts() as accounts:
-            return await action(accounts)
+        async with store_session() as store:
+            return await action(Accounts(store, JobKeys(ServiceSettings().data_root)))
 
     return anyio.run(run)
 
@@ -57,20 +59,32 @@ def statement_table(rows: list[StatementRow]) -> Table:
             row.time.strftime("%Y-%m-%d %H:%M:%S"),
             row.kind,
             (row.job_uid or "")[:12],
-            row.memo,
+            escape(row.memo),
             f"{row.amount:+}",
             f"{row.balance}",
         )
     return table
 
 
+UserArgument = Annotated[
+    str, typer.Argument(help="A registered user (their account's name).", parser=USER_ACCOUNT)
+]
+
+
 @users_app.command("add")
 def users_add(
-    name: Annotated[str, typer.Argument(help="The user's (and their account's) name.")],
-    public_key: Annotated[Path, typer.Option(help="Their .pub file from `parjobs keys new`.")],
+    name: Annotated[
+        str, typer.Argument(help="The user's (and their account's) name.", parser=USER_ACCOUNT)
+    ],
+    public_key: Annotated[
+        PublicKeys,
+        typer.Option(
+            help="Their .pub file from `parjobs keys new`.", parser=PUBLIC_KEYS, metavar="FILE"
+        ),
+    ],
 ) -> None:
     """Register a user's public key; their account opens at zero."""
-    record = _with_accounts(lambda a: a.add_user(name, PublicKeys.load(public_key)))
+    record = _with_accounts(lambda a: a.add_user(name, public_key))
     console.print(
         f"registered {record.name} ({PublicKeys.from_wire(record.public_key).fingerprint})"
     )
@@ -78,41 +92,66 @@ def users_add(
 
 @account_app.command("deposit")
 def account_deposit(
-    name: Annotated[str, typer.Argument(help="A registered user.")],
-    amount: Annotated[str, typer.Argument(help="Decimal amount, e.g. 12.50")],
+    name: UserArgument,
+    amount: Annotated[
+        Decimal, typer.Argument(help="Decimal amount, e.g. 12.50", parser=DEPOSIT, metavar="AMOUNT")
+    ],
 ) -> None:
     """Money into a user's account (from outside the ledger)."""
-    tx = _with_accounts(lambda a: a.deposit(name, Decimal(amount)))
+    tx = _with_accounts(lambda a: a.deposit(name, amount))
     console.print(f"deposited {amount} into {name}: balance {tx.balances_after[name]}")
 
 
+AccountArgument = Annotated[
+    str, typer.Argument(help="An account: a user's, or the service's own.", parser=ACCOUNT)
+]
+
+
 @account_app.command("balance")
-def account_balance(name: Annotated[str, typer.Argument(help="An account.")]) -> None:
+def account_balance(name: AccountArgument) -> None:
     """The account's balance."""
     console.print(f"{name}: {_with_accounts(lambda a: a.balance(name))}")
 
 
 @account_app.command("statement")
-def account_statement(name: Annotated[str, typer.Argument(help="An account.")]) -> None:
+def account_statement(name: AccountArgument) -> None:
     """Every movement of the account with its running balance."""
     console.print(statement_table(_with_accounts(lambda a: a.statement(name))))
 
 
 @cheque_app.command("write")
 def cheque_write(
-    key: Annotated[Path, typer.Option(help="The payer's key file.")],
-    resource: Annotated[str, typer.Option(help="The job request's fingerprint it pays for.")],
-    max_spend: Annotated[str, typer.Option(help="The most it may be cashed for.")],
-    payer: Annotated[str | None, typer.Option(help="Paying account (default: key's name).")] = None,
-    lifetime: Annotated[int, typer.Option(help="Seconds until it expires.")] = 3600,
+    key: KeyOption,
+    resource: Annotated[
+        str,
+        typer.Option(
+            help="The job request's fingerprint it pays for.",
+            parser=REQUEST_FINGERPRINT,
+            metavar="SHA256",
+        ),
+    ],
+    max_spend: Annotated[
+        Decimal,
+        typer.Option(help="The most it may be cashed for.", parser=MAX_SPEND, metavar="AMOUNT"),
+    ],
+    payer: Annotated[
+        str | None,
+        typer.Option(help="Paying account (default: key's name).", parser=USER_ACCOUNT),
+    ] = None,
+    lifetime: Annotated[
+        int,
+        typer.Option(
+            help="Seconds until it expires (at most a year).", min=1, max=MAX_CHEQUE_LIFETIME_S
+        ),
+    ] = 3600,
 ) -> None:
     """Write a cheque payable to the access service; prints it as JSON."""
     signer = load_key(key)
     cheque = write_cheque(
         signer,
-        payer=payer or signer.name,
+        payer=paying_account(payer, signer),
         recipient=ACCESS,
-        max_spend=Decimal(max_spend),
+        max_spend=max_spend,
         resource=resource,
         lifetime=timedelta(seconds=lifetime),
     )
@@ -125,7 +164,7 @@ def ledger_verify() -> None:
     account below its limit, each hold charged or refunded exactly once when its job ends."""
     problems = _with_accounts(lambda a: a.verify_books())
     for problem in problems:
-        console.print(f"[red]✗[/] {problem}")
+        console.print(f"[red]✗[/] {escape(problem)}")
     if problems:
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_PROBLEMS)
     console.print("[green]✓[/] the books balance and every invariant holds")

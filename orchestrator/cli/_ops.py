@@ -7,15 +7,15 @@ from typing import Annotated
 
 import anyio
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from orchestrator.broker.amqp import Broker
-from orchestrator.cli._common import console
+from orchestrator.cli._common import broker_session, console, store_session
+from orchestrator.cli._exit import EXIT_PROBLEMS
 from orchestrator.core.layout import JobKeys
 from orchestrator.services.replay import replay as replay_jobs
 from orchestrator.settings import AMQPSettings, S3Settings, ServiceSettings
 from orchestrator.store.eventlog import EventLog
-from orchestrator.store.s3 import ObjectStore
 from orchestrator.store.seaweed import LocalSeaweed
 from schemas.events import JobSheetState
 from workers.cluster import LocalCluster
@@ -63,10 +63,7 @@ def replay(
 
     async def run() -> int:
         keys = JobKeys(ServiceSettings().data_root)
-        async with (
-            ObjectStore(S3Settings()) as store,
-            Broker(AMQPSettings(), name="replay") as broker,
-        ):
+        async with store_session() as store, broker_session("replay") as broker:
             results = await replay_jobs(EventLog(store, keys.jobs), broker)
         table = Table("job", "stored", "streamed", "verdict")
         for result in results:
@@ -80,32 +77,32 @@ def replay(
                     else "-"
                 )
                 verdict = "agrees" if result.ok else "; ".join(result.problems)
-                table.add_row(result.job_uid, stored, streamed, verdict)
+                table.add_row(result.job_uid, stored, streamed, escape(verdict))
         console.print(table)
         diverged = sum(not result.ok for result in results)
         console.print(f"{len(results)} job(s) replayed, {diverged} diverge")
         return diverged
 
     if anyio.run(run):
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_PROBLEMS)
 
 
 @dlq_app.command("list")
-def dlq_list(limit: Annotated[int, typer.Option(help="At most this many.")] = 100) -> None:
+def dlq_list(limit: Annotated[int, typer.Option(help="At most this many.", min=1)] = 100) -> None:
     """Dead letters, oldest first, with their reason (they stay in the queue)."""
 
     async def run() -> None:
-        async with Broker(AMQPSettings(), name="parjobs-dlq") as broker:
+        async with broker_session("parjobs-dlq") as broker:
             letters = await broker.dead_letters(limit)
         table = Table("message id", "why", "from queue", "when", "reason")
         for letter in letters:
             when = letter.dead_lettered_at.isoformat() if letter.dead_lettered_at else "-"
             table.add_row(
-                letter.message_id or "-",
+                escape(letter.message_id or "-"),
                 letter.code.value,
-                letter.original_queue or "-",
+                escape(letter.original_queue or "-"),
                 when,
-                letter.reason[:80],
+                escape(letter.reason[:80]),
             )
         console.print(table)
 
@@ -118,11 +115,13 @@ def dlq_redrive(
     every: Annotated[bool, typer.Option("--all", help="Every dead letter.")] = False,
 ) -> None:
     """Send dead letters back to the queue they came from."""
-    if not every and not message_ids:
-        raise typer.BadParameter("name message ids, or pass --all")
+    if every == bool(message_ids):
+        raise typer.BadParameter(
+            "name message ids, or pass --all (one of the two)", param_hint="MESSAGE_IDS / --all"
+        )
 
     async def run() -> int:
-        async with Broker(AMQPSettings(), name="parjobs-dlq") as broker:
+        async with broker_session("parjobs-dlq") as broker:
             return await broker.redrive("all" if every else list(message_ids or []))
 
     console.print(f"re-drove {anyio.run(run)} message(s)")

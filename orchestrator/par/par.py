@@ -48,7 +48,12 @@ def _now() -> datetime:
 
 
 class PAR:
-    """A pre-authenticated request. `PAR()` is the null PAR, which grants nothing."""
+    """A pre-authenticated request. `PAR()` is the null PAR, which grants nothing.
+
+    A successful `close()` makes the PAR null too (the seed page: it "closes and deletes" the
+    PAR): its data and driver details are dropped, `to_data()` is `{}`, and every use is refused
+    with `PARClosedError`. Only `uid` still answers, so the holder can name what they closed.
+    """
 
     def __init__(
         self, data: PARData | None = None, *, driver_details: dict[str, str] | None = None
@@ -56,7 +61,8 @@ class PAR:
         self._data = data
         # Only the creating service holds these; never serialised, `{}` everywhere else.
         self._driver_details = dict(driver_details or {})
-        self._closed = False
+        # Set by a successful close: the uid of the PAR this was (it is null from then on).
+        self._closed_uid: str | None = None
 
     # --- minting ----------------------------------------------------------------------------
 
@@ -178,12 +184,18 @@ class PAR:
             ) from exc
 
     async def close(self, decrypt_key: KeyPair, control: PARControl | None = None) -> None:
-        """Close this PAR at its issuer, proving possession of `decrypt_key`; refused twice."""
-        if self._closed:
-            raise PARClosedError(f"PAR {self.uid} is already closed")
+        """Close this PAR at its issuer, proving possession of `decrypt_key`; refused twice.
+
+        Once the issuer has closed it, this object is the null PAR (see the class docstring).
+        """
+        if self._closed_uid is not None:
+            raise PARClosedError(f"PAR {self._closed_uid} is already closed")
+        uid = self.uid
         proof = par_rules.capability_proof(self.open(decrypt_key, allow_expired=True))
-        await resolve_par_control(control).close(self.uid, proof)
-        self._closed = True
+        await resolve_par_control(control).close(uid, proof)
+        self._closed_uid = uid
+        self._data = None
+        self._driver_details = {}
 
     def execute(self, decrypt_key: KeyPair, control: PARControl | None = None) -> RunControl:
         """The object that controls the run this calculation PAR grants."""
@@ -199,13 +211,16 @@ class PAR:
 
     @property
     def data(self) -> PARData:
+        if self._closed_uid is not None:
+            raise PARClosedError(f"PAR {self._closed_uid} was closed")
         if self._data is None:
             raise NullPARError("this is a null PAR: it grants nothing")
         return self._data
 
     @property
     def uid(self) -> str:
-        return self.data.uid
+        """The PAR's id; still answers after `close()` (it names the issuer's tombstone)."""
+        return self._closed_uid or self.data.uid
 
     @property
     def kind(self) -> PARKind:
@@ -230,8 +245,6 @@ class PAR:
     def open(self, decrypt_key: KeyPair, *, allow_expired: bool = False) -> Capability:
         """Unseal the capability; refuses if closed, expired (with the 30 s buffer) or not ours."""
         data = self.data
-        if self._closed:
-            raise PARClosedError(f"PAR {data.uid} was closed")
         if not allow_expired and self.seconds_remaining() <= 0:
             raise PARExpiredError(
                 f"PAR {data.uid} expired (or is within 30 s of expiry) at "
@@ -248,6 +261,8 @@ class PAR:
         return Capability.model_validate_json(plaintext)
 
     def __repr__(self) -> str:
+        if self._closed_uid is not None:
+            return f"PAR(closed, uid={self._closed_uid})"
         if self._data is None:
             return "PAR(null)"
         d = self._data

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -11,17 +12,22 @@ import pytest
 
 from orchestrator import (
     PAR,
+    ConfigurationError,
     InvalidPARError,
     KeyPair,
     NullPARError,
+    ObjectReader,
+    PARClosedError,
     PARDataError,
     PARExpiredError,
     PARKind,
     PARPermissionError,
+    PARState,
     PassphraseError,
     TamperedError,
     WrongKeyError,
 )
+from orchestrator.core.par_rules import capability_proof
 from schemas.par import Capability
 
 CAPABILITY = Capability(get_url="http://s3.invalid/b/k?X-Amz-Signature=abc")
@@ -175,3 +181,76 @@ def test_expired_par_is_refused_locally_with_buffer(alice: KeyPair) -> None:
 def test_execute_only_on_calculation_pars(alice: KeyPair) -> None:
     with pytest.raises(PARPermissionError, match="runs nothing"):
         make_par(alice).execute(alice)
+
+
+class InMemoryIssuer:
+    """A `PARControl` that keeps closes in a dict: the registry's part of a close, without S3."""
+
+    def __init__(self) -> None:
+        self.proofs: dict[str, str] = {}
+
+    async def close(self, uid: str, proof: str) -> None:
+        if uid in self.proofs:
+            raise PARClosedError(f"PAR {uid} is already closed")
+        self.proofs[uid] = proof
+
+    async def state(self, uid: str) -> PARState:
+        return PARState.CLOSED if uid in self.proofs else PARState.OPEN
+
+
+async def test_close_proves_possession_and_leaves_a_null_par(alice: KeyPair) -> None:
+    issuer = InMemoryIssuer()
+    par = make_par(alice)
+    uid = par.uid
+    await par.close(alice, control=issuer)
+    assert issuer.proofs == {uid: capability_proof(CAPABILITY)}
+    assert par.is_null()
+    assert par.to_data() == {}
+    assert par.to_data(passphrase="pw") == {}
+    assert par.driver_details() == {}
+    assert par.uid == uid  # still names what was closed
+    assert repr(par) == f"PAR(closed, uid={uid})"
+
+
+@pytest.mark.parametrize(
+    "use",
+    [
+        pytest.param(lambda par, key: par.key(), id="key"),
+        pytest.param(lambda par, key: par.seconds_remaining(), id="seconds_remaining"),
+        pytest.param(lambda par, key: par.open(key), id="open"),
+        pytest.param(lambda par, key: par.open(key, allow_expired=True), id="open-expired"),
+        pytest.param(lambda par, key: par.execute(key), id="execute"),
+        pytest.param(lambda par, key: ObjectReader(par, key), id="reader"),
+        pytest.param(lambda par, key: par.expires_at, id="expires_at"),
+    ],
+)
+async def test_every_use_of_a_closed_par_is_refused(
+    alice: KeyPair, use: Callable[[PAR, KeyPair], object]
+) -> None:
+    par = make_par(alice)
+    await par.close(alice, control=InMemoryIssuer())
+    with pytest.raises(PARClosedError, match=f"PAR {par.uid} was closed"):
+        use(par, alice)
+
+
+async def test_closing_twice_is_refused_without_asking_the_issuer(alice: KeyPair) -> None:
+    issuer = InMemoryIssuer()
+    par = make_par(alice)
+    await par.close(alice, control=issuer)
+    with pytest.raises(PARClosedError, match="already closed"):
+        await par.close(alice)  # no control given: refused before one is looked for
+
+
+async def test_a_refused_close_leaves_the_par_usable(alice: KeyPair) -> None:
+    par = make_par(alice)
+    with pytest.raises(WrongKeyError):
+        await par.close(KeyPair.generate("mallory"), control=InMemoryIssuer())
+    with pytest.raises(ConfigurationError, match="use_par_control"):
+        await par.close(alice)
+    assert not par.is_null()
+    assert par.open(alice) == CAPABILITY
+
+
+async def test_closing_a_null_par_is_refused(alice: KeyPair) -> None:
+    with pytest.raises(NullPARError):
+        await PAR().close(alice, control=InMemoryIssuer())
