@@ -11,7 +11,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
-from pydantic import AwareDatetime, Field
+from pydantic import AwareDatetime, Field, JsonValue
 
 from schemas._base import WireModel
 from schemas.auth import Authorisation, Cheque
@@ -104,12 +104,25 @@ class RunReply(WireModel):
     detail: str = ""
 
 
+ERROR_CODE_PATTERN = r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$"
+"""An error's stable code: dotted lower-case words (`par.expired`); see `orchestrator.errors`."""
+
+
 class ErrorReply(WireModel):
-    """A refused request: `error` names the parjobs exception class, `detail` says why."""
+    """A refused request: the error's stable `code` and `message`; whether the same request may
+    succeed if sent again (`retriable`); and the error's `details` (the keyword arguments it was
+    made with), so the client raises the very error the service raised.
+
+    Schema version 2. Version 1 named the Python class (`error`) and carried the message as
+    `detail`; it fails validation here, as this form does for a version-1 reader.
+    """
 
     type: Literal["error"] = "error"
-    error: str
-    detail: str
+    schema_version: Literal[2] = 2
+    code: str = Field(pattern=ERROR_CODE_PATTERN, max_length=200)
+    message: str
+    retriable: bool = False
+    details: dict[str, JsonValue] = Field(default_factory=dict)
 
 
 MessageBody = Annotated[

@@ -24,52 +24,21 @@ from pydantic import TypeAdapter
 from orchestrator.broker._consumer import IncomingMeta
 from orchestrator.broker.amqp import Broker
 from orchestrator.core.layout import JobKeys
-from orchestrator.errors import (
-    AppendConflictError,
-    AuthorisationError,
-    CalculationError,
-    ChequeError,
-    CryptoError,
-    InvalidAccountError,
-    InvalidAmountError,
-    JobError,
-    LedgerConflictError,
-    LedgerRuleError,
-    ObjectKeyError,
-    PARError,
-    ParjobsError,
-    UserError,
-)
+from orchestrator.errors import ParjobsError
 from orchestrator.settings import AMQPSettings, S3Settings, ServiceSettings
 from orchestrator.store.eventlog import EventLog
 from orchestrator.store.registry import PARRegistry
 from orchestrator.store.s3 import ObjectStore
 from schemas.events import JobEvent
-from schemas.messages import Envelope, ErrorReply, EventPublished, MessageBody
+from schemas.messages import Envelope, EventPublished, MessageBody
 
 ENVELOPE = TypeAdapter(Envelope)
 log = logging.getLogger("parjobs.service")
 
 
-_REFUSALS = (
-    PARError,
-    CryptoError,
-    JobError,
-    CalculationError,
-    ObjectKeyError,
-    AuthorisationError,
-    ChequeError,
-    UserError,
-    LedgerRuleError,
-    InvalidAccountError,
-    InvalidAmountError,
-)
-_RETRIABLE = (AppendConflictError, LedgerConflictError)  # lost races: try again
-
-
 def is_refusal(exc: BaseException) -> bool:
     """A refusal answers the request and is done; anything else is retried by redelivery."""
-    return isinstance(exc, _REFUSALS) and not isinstance(exc, _RETRIABLE)
+    return isinstance(exc, ParjobsError) and exc.refusal
 
 
 @dataclass
@@ -99,8 +68,8 @@ class ServiceContext:
         await self.broker.reply(meta, Envelope(sender=self.sender, body=body))
 
     async def refuse(self, meta: IncomingMeta, exc: ParjobsError) -> None:
-        log.info("refused %s: %s: %s", meta.message_id, type(exc).__name__, exc)
-        await self.reply(meta, ErrorReply(error=type(exc).__name__, detail=str(exc)))
+        log.info("%s refused (%s): %s", meta.message_id, exc.code, exc)
+        await self.reply(meta, exc.to_reply())
 
 
 Setup = Callable[[ServiceContext, TaskGroup], Awaitable[None]]

@@ -132,5 +132,5 @@ def main() -> None:
     try:
         app()
     except ParjobsError as exc:
-        console.print(f"[red]error:[/] {exc}")
+        console.print(f"[red]error:[/] {exc} ({exc.code})")
         raise SystemExit(2) from exc

@@ -2,7 +2,7 @@
 
 It submits jobs, asks about them, fetches output PARs, and is the `RunService` a calculation PAR's
 `RunControl` uses to start and stop runs. Requests go to a service's RPC queue; an `ErrorReply`
-comes back as the same exception class the service raised.
+is raised as the very error the service raised (`ParjobsError.from_reply`).
 """
 
 from __future__ import annotations
@@ -48,14 +48,8 @@ ENDED = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED, JobS
 
 
 def raise_error_reply(reply: ErrorReply) -> None:
-    """Raise the parjobs exception an `ErrorReply` names (ParjobsError if unknown here)."""
-    error = getattr(errors, reply.error, None)
-    if isinstance(error, type) and issubclass(error, ParjobsError):
-        try:
-            raise error(reply.detail)
-        except TypeError:  # an error class whose constructor wants more than a message
-            pass
-    raise ParjobsError(f"{reply.error}: {reply.detail}")
+    """Raise the parjobs error `reply` describes (a ParjobsError carrying its code if unknown)."""
+    raise ParjobsError.from_reply(reply)
 
 
 class ParjobsClient:

@@ -709,7 +709,7 @@ async def test_a_duplicate_start_starts_no_second_run(harness: Harness) -> None:
 
     assert (await harness.client.job(job_uid)).sheet.state is JobState.COMPLETED
     assert isinstance(second.body, ErrorReply), second.body
-    assert second.body.error == "RunRefusedError"
+    assert second.body.code == RunRefusedError.code == "job.run_refused"
     assert len(watch.pids) == 1, f"{len(watch.pids)} runs of one start"
     assert watch.most_at_once == 1
     events = await harness.events(job_uid)
