@@ -1,7 +1,8 @@
 """The three daemons: which queues each consumes and what it does with each message.
 
 The logic lives in `AccessService`, `StorageWorker` and `ComputeWorker`; here it is wired to the
-broker: validate, act, publish the appended events, reply, and ack (by returning).
+broker: act, publish the appended events, reply, and ack (by returning). Each queue takes its own
+message union, so a handler sees only the bodies its queue takes.
 """
 
 from __future__ import annotations
@@ -19,37 +20,48 @@ from orchestrator.broker._consumer import IncomingMeta
 from orchestrator.broker.topology import QueueSpec, Topology
 from orchestrator.core.keys import KeyPair, PublicKeys
 from orchestrator.core.pricing import Pricing
-from orchestrator.errors import ConfigurationError, InvalidMessageError, ParjobsError
+from orchestrator.errors import ConfigurationError, ParjobsError
 from orchestrator.par.issuer import PARIssuer
 from orchestrator.services.access import AccessService, Outcome
 from orchestrator.settings import AMQPSettings
 from schemas.messages import (
+    JOB_EVENTS,
+    AccessRequest,
     ClosePAR,
+    ComputeRequest,
     Envelope,
     EventPublished,
     GetJob,
     GetOutputs,
     GetPARState,
+    GetRunStatus,
     PARStateReply,
-    RunCommand,
+    StartRun,
+    StopRun,
     SubmitJob,
 )
 from workers.calculations import CalculationRegistry
 from workers.compute import ComputeWorker
-from workers.runtime import ENVELOPE, ServiceContext, is_refusal, serve
+from workers.runtime import ServiceContext, is_refusal, serve
 from workers.storage import StorageWorker
 
 log = logging.getLogger("parjobs.service")
 
 
 def service_queues(topology: Topology) -> dict[str, tuple[QueueSpec, ...]]:
-    """The queues each daemon consumes (declared by it; deleted by `delete_topology`)."""
+    """The queues each daemon consumes (declared by it; deleted by `delete_topology`), each with
+    the messages it takes: its RPC requests (`RPC_REQUESTS`), or job events."""
     ended = [f"job.*.{state}" for state in ("completed", "failed", "cancelled", "expired")]
     return {
-        "access": (topology.rpc_queue("access"), topology.work_queue("access", events=ended)),
-        "storage": (topology.work_queue("storage", events=["job.*.submitted"]),),
+        "access": (
+            topology.rpc_queue("access"),
+            topology.work_queue("access", events=ended, accepts=JOB_EVENTS),
+        ),
+        "storage": (
+            topology.work_queue("storage", events=["job.*.submitted"], accepts=JOB_EVENTS),
+        ),
         "compute": (
-            topology.work_queue("compute", events=["job.*.storage_contracted"]),
+            topology.work_queue("compute", events=["job.*.storage_contracted"], accepts=JOB_EVENTS),
             topology.rpc_queue("compute"),
             topology.rpc_queue("runs"),
         ),
@@ -80,12 +92,6 @@ def _compute_key_file(context: ServiceContext) -> Path:
     return path
 
 
-def _event_of(envelope: Envelope) -> EventPublished:
-    if not isinstance(envelope.body, EventPublished):
-        raise InvalidMessageError(f"expected a job event, got a {envelope.body.type!r} message")
-    return envelope.body
-
-
 # --- access ---------------------------------------------------------------------------------------
 
 
@@ -103,7 +109,7 @@ async def setup_access(context: ServiceContext, group: TaskGroup) -> None:
     )
     registry = context.registry
 
-    async def answer(envelope: Envelope) -> Outcome | PARStateReply:
+    async def answer(envelope: Envelope[AccessRequest]) -> Outcome | PARStateReply:
         match envelope.body:
             case SubmitJob() as submit:
                 return await service.submit(submit, message_id=envelope.message_id)
@@ -116,10 +122,8 @@ async def setup_access(context: ServiceContext, group: TaskGroup) -> None:
                 return PARStateReply(uid=uid, state=await registry.state(uid))
             case GetPARState(uid=uid):
                 return PARStateReply(uid=uid, state=await registry.state(uid))
-            case other:
-                raise InvalidMessageError(f"access does not handle {other.type!r} messages")
 
-    async def handle(envelope: Envelope, meta: IncomingMeta) -> None:
+    async def handle(envelope: Envelope[AccessRequest], meta: IncomingMeta) -> None:
         try:
             result = await answer(envelope)
         except ParjobsError as exc:
@@ -144,14 +148,14 @@ async def setup_access(context: ServiceContext, group: TaskGroup) -> None:
                 log.exception("expiry sweep failed; retrying at the next interval")
             await anyio.sleep(settings.sweep_interval_s)
 
-    async def settle(envelope: Envelope, meta: IncomingMeta) -> None:
+    async def settle(envelope: Envelope[EventPublished], meta: IncomingMeta) -> None:
         # A redelivered end settles nothing twice: the ledger finds the job's settlement.
-        await service.settle(_event_of(envelope).event.job_uid)
+        await service.settle(envelope.body.event.job_uid)
 
     requests, endings = service_queues(context.broker.topology)["access"]
     await context.broker.declare(requests, endings)
-    await context.broker.consume(requests, ENVELOPE, handle)
-    await context.broker.consume(endings, ENVELOPE, settle)
+    await context.consume(requests, handle)
+    await context.consume(endings, settle)
     group.start_soon(sweep)
 
 
@@ -167,14 +171,14 @@ async def setup_storage(context: ServiceContext, group: TaskGroup) -> None:
         context.keys,
     )
 
-    async def handle(envelope: Envelope, meta: IncomingMeta) -> None:
-        contracted = await worker.on_submitted(_event_of(envelope).event)
+    async def handle(envelope: Envelope[EventPublished], meta: IncomingMeta) -> None:
+        contracted = await worker.on_submitted(envelope.body.event)
         if contracted is not None:
             await context.publish_event(contracted)
 
     (queue,) = service_queues(context.broker.topology)["storage"]
     await context.broker.declare(queue)
-    await context.broker.consume(queue, ENVELOPE, handle)
+    await context.consume(queue, handle)
 
 
 # --- compute --------------------------------------------------------------------------------------
@@ -198,27 +202,20 @@ async def setup_compute(context: ServiceContext, group: TaskGroup) -> None:
     )
     topology = context.broker.topology
 
-    async def on_contract(envelope: Envelope, meta: IncomingMeta) -> None:
-        contracted = await worker.on_storage_contracted(_event_of(envelope).event)
+    async def on_contract(envelope: Envelope[EventPublished], meta: IncomingMeta) -> None:
+        contracted = await worker.on_storage_contracted(envelope.body.event)
         if contracted is not None:
             await context.publish_event(contracted)
 
-    def run_command(envelope: Envelope) -> RunCommand:
-        if not isinstance(envelope.body, RunCommand):
-            raise InvalidMessageError(f"compute does not handle {envelope.body.type!r} messages")
-        return envelope.body
-
-    async def on_control(envelope: Envelope, meta: IncomingMeta) -> None:
-        command = run_command(envelope)
+    async def on_control(envelope: Envelope[ComputeRequest], meta: IncomingMeta) -> None:
         try:
-            if command.action == "stop":
-                reply, event = await worker.stop(command.run_url)
-                if event is not None:
-                    await context.publish_event(event)
-            elif command.action == "status":
-                reply = await worker.status(command.run_url)
-            else:
-                raise InvalidMessageError("a start goes to the run queue, not the control queue")
+            match envelope.body:
+                case StopRun(run_url=run_url):
+                    reply, event = await worker.stop(run_url)
+                    if event is not None:
+                        await context.publish_event(event)
+                case GetRunStatus(run_url=run_url):
+                    reply = await worker.status(run_url)
         except ParjobsError as exc:
             if not is_refusal(exc):
                 raise
@@ -231,7 +228,7 @@ async def setup_compute(context: ServiceContext, group: TaskGroup) -> None:
     # the job ended, so it starts no second run (or resumes the job if the first was cancelled).
     starting: dict[str, anyio.Lock] = {}
 
-    async def on_start(envelope: Envelope, meta: IncomingMeta) -> None:
+    async def on_start(envelope: Envelope[StartRun], meta: IncomingMeta) -> None:
         lock = starting.setdefault(envelope.message_id, anyio.Lock())
         try:
             async with lock:
@@ -240,13 +237,12 @@ async def setup_compute(context: ServiceContext, group: TaskGroup) -> None:
             if not lock.locked() and lock.statistics().tasks_waiting == 0:
                 starting.pop(envelope.message_id, None)
 
-    async def start(envelope: Envelope, meta: IncomingMeta) -> None:
+    async def start(envelope: Envelope[StartRun], meta: IncomingMeta) -> None:
         # The message stays unacked for the whole run: if this daemon dies, the broker hands it
         # to the next one, whose claim recognises the same message and runs the job again.
-        command = run_command(envelope)
         try:
             sheet, par_uid, started = await worker.claim(
-                command.run_url, message_id=envelope.message_id
+                envelope.body.run_url, message_id=envelope.message_id
             )
         except ParjobsError as exc:
             if not is_refusal(exc):
@@ -260,9 +256,9 @@ async def setup_compute(context: ServiceContext, group: TaskGroup) -> None:
 
     contracts, control, runs = service_queues(topology)["compute"]
     await context.broker.declare(contracts, control, runs)
-    await context.broker.consume(contracts, ENVELOPE, on_contract)
-    await context.broker.consume(control, ENVELOPE, on_control)
-    await context.broker.consume(runs, ENVELOPE, on_start, prefetch=settings.max_runs)
+    await context.consume(contracts, on_contract)
+    await context.consume(control, on_control)
+    await context.consume(runs, on_start, prefetch=settings.max_runs)
 
 
 async def run_daemon(role: str) -> None:

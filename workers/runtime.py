@@ -16,15 +16,16 @@ import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
-from pydantic import TypeAdapter
 
-from orchestrator.broker._consumer import IncomingMeta
+from orchestrator.broker._consumer import Handler, IncomingMeta
 from orchestrator.broker.amqp import Broker
+from orchestrator.broker.topology import QueueSpec
 from orchestrator.core.layout import JobKeys
-from orchestrator.errors import ParjobsError
+from orchestrator.errors import ConfigurationError, ParjobsError
 from orchestrator.settings import AMQPSettings, S3Settings, ServiceSettings
 from orchestrator.store.eventlog import EventLog
 from orchestrator.store.registry import PARRegistry
@@ -32,7 +33,6 @@ from orchestrator.store.s3 import ObjectStore
 from schemas.events import JobEvent
 from schemas.messages import Envelope, EventPublished, MessageBody
 
-ENVELOPE = TypeAdapter(Envelope)
 log = logging.getLogger("parjobs.service")
 
 
@@ -70,6 +70,15 @@ class ServiceContext:
     async def refuse(self, meta: IncomingMeta, exc: ParjobsError) -> None:
         log.info("%s refused (%s): %s", meta.message_id, exc.code, exc)
         await self.reply(meta, exc.to_reply())
+
+    async def consume(
+        self, queue: QueueSpec, handler: Handler[Envelope[Any]], *, prefetch: int | None = None
+    ) -> None:
+        """Run `handler` on each message of `queue` that is one of the queue's own union
+        (`queue.accepts`); any other message is dead-lettered."""
+        if queue.accepts is None:
+            raise ConfigurationError(f"queue {queue.name} does not say which messages it takes")
+        await self.broker.consume(queue, queue.accepts.envelope, handler, prefetch=prefetch)
 
 
 Setup = Callable[[ServiceContext, TaskGroup], Awaitable[None]]

@@ -47,7 +47,7 @@ from orchestrator.store.eventlog import EventLog
 from orchestrator.store.s3 import ObjectStore
 from orchestrator.store.seaweed import LocalSeaweed
 from schemas.events import Completed, JobEvent, JobRequest, JobSheetState, JobState
-from schemas.messages import Envelope, ErrorReply, EventPublished, RunCommand, RunReply
+from schemas.messages import Envelope, ErrorReply, EventPublished, RunReply, StartRun
 from tests._waiting import eventually
 from tests.conftest import RabbitMQCtl
 from workers.cluster import ROLES, LocalCluster
@@ -689,7 +689,7 @@ async def test_a_duplicate_start_starts_no_second_run(harness: Harness) -> None:
     assert capability.run_url is not None
     # One start message, delivered twice (as a publisher's resend after a lost confirm would):
     # the same envelope, the same message id.
-    start = Envelope(sender="e2e-test", body=RunCommand(action="start", run_url=capability.run_url))
+    start = Envelope(sender="e2e-test", body=StartRun(run_url=capability.run_url))
     topology = harness.topology
 
     async def send() -> Envelope:

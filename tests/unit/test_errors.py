@@ -8,12 +8,12 @@ from datetime import timedelta
 from decimal import Decimal
 
 import pytest
-from pydantic import TypeAdapter, ValidationError
+from pydantic import ValidationError
 
 from orchestrator import errors
 from orchestrator.client.client import raise_error_reply
 from orchestrator.errors import ParjobsError, error_classes
-from schemas.messages import Envelope, ErrorReply
+from schemas.messages import ACCESS_RESPONSES, COMPUTE_RESPONSES, Envelope, ErrorReply
 
 CLASSES = sorted(
     (
@@ -171,8 +171,9 @@ SAMPLES: dict[type[ParjobsError], dict[str, object]] = {
 def _over_the_wire(reply: ErrorReply) -> ErrorReply:
     """`reply` sent in an envelope as JSON bytes and read back as a client reads an answer."""
     sent = Envelope(sender="access@test", body=reply).model_dump_json().encode()
-    received = TypeAdapter(Envelope).validate_json(sent).body
+    received = ACCESS_RESPONSES.envelope.validate_json(sent).body
     assert isinstance(received, ErrorReply)
+    assert COMPUTE_RESPONSES.envelope.validate_json(sent).body == received
     return received
 
 
