@@ -2,7 +2,9 @@
 
 The logic lives in `AccessService`, `StorageWorker` and `ComputeWorker`; here it is wired to the
 broker: act, publish the appended events, reply, and ack (by returning). Each queue takes its own
-message union, so a handler sees only the bodies its queue takes.
+message union, so a handler sees only the bodies its queue takes. The middleware around every
+handler (`workers.middleware`) answers refusals with error replies and puts the delivery on every
+log line.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from schemas.messages import (
     GetOutputs,
     GetPARState,
     GetRunStatus,
+    JobReply,
     PARStateReply,
     StartRun,
     StopRun,
@@ -42,7 +45,8 @@ from schemas.messages import (
 )
 from workers.calculations import CalculationRegistry
 from workers.compute import ComputeWorker
-from workers.runtime import ServiceContext, is_refusal, serve
+from workers.middleware import bind_log_context, mark_answered
+from workers.runtime import ServiceContext, serve
 from workers.storage import StorageWorker
 
 log = logging.getLogger("parjobs.service")
@@ -124,16 +128,12 @@ async def setup_access(context: ServiceContext, group: TaskGroup) -> None:
                 return PARStateReply(uid=uid, state=await registry.state(uid))
 
     async def handle(envelope: Envelope[AccessRequest], meta: IncomingMeta) -> None:
-        try:
-            result = await answer(envelope)
-        except ParjobsError as exc:
-            if not is_refusal(exc):
-                raise
-            await context.refuse(meta, exc)
-            return
+        result = await answer(envelope)
         if isinstance(result, PARStateReply):
             await context.reply(meta, result)
             return
+        if isinstance(result.reply, JobReply):  # a submission's job uid is known from here
+            bind_log_context(job_uid=result.reply.sheet.job_uid)
         for event in result.events:
             await context.publish_event(event)
         if result.reply is not None:
@@ -208,19 +208,13 @@ async def setup_compute(context: ServiceContext, group: TaskGroup) -> None:
             await context.publish_event(contracted)
 
     async def on_control(envelope: Envelope[ComputeRequest], meta: IncomingMeta) -> None:
-        try:
-            match envelope.body:
-                case StopRun(run_url=run_url):
-                    reply, event = await worker.stop(run_url)
-                    if event is not None:
-                        await context.publish_event(event)
-                case GetRunStatus(run_url=run_url):
-                    reply = await worker.status(run_url)
-        except ParjobsError as exc:
-            if not is_refusal(exc):
-                raise
-            await context.refuse(meta, exc)
-            return
+        match envelope.body:
+            case StopRun(run_url=run_url):
+                reply, event = await worker.stop(run_url)
+                if event is not None:
+                    await context.publish_event(event)
+            case GetRunStatus(run_url=run_url):
+                reply = await worker.status(run_url)
         await context.reply(meta, reply)
 
     # Start messages being handled here, by message id. A second delivery of one while the first
@@ -240,17 +234,14 @@ async def setup_compute(context: ServiceContext, group: TaskGroup) -> None:
     async def start(envelope: Envelope[StartRun], meta: IncomingMeta) -> None:
         # The message stays unacked for the whole run: if this daemon dies, the broker hands it
         # to the next one, whose claim recognises the same message and runs the job again.
-        try:
-            sheet, par_uid, started = await worker.claim(
-                envelope.body.run_url, message_id=envelope.message_id
-            )
-        except ParjobsError as exc:
-            if not is_refusal(exc):
-                raise
-            await context.refuse(meta, exc)
-            return
+        sheet, par_uid, started = await worker.claim(
+            envelope.body.run_url, message_id=envelope.message_id
+        )
+        bind_log_context(job_uid=sheet.job_uid)
         await context.publish_event(started)
-        if not meta.redelivered:
+        if meta.redelivered:
+            mark_answered()  # by the first delivery; what fails in the run below is retried
+        else:
             await context.reply(meta, worker.started_reply(sheet))
         await worker.run(sheet, par_uid, context.publish_event)
 
