@@ -44,7 +44,7 @@ from orchestrator.settings import AMQPSettings, ServiceSettings
 from orchestrator.store.s3 import ObjectStore
 from orchestrator.store.seaweed import LocalSeaweed
 from schemas.events import JobRequest
-from schemas.messages import Envelope, EventPublished, RunCommand
+from schemas.messages import Envelope, EventPublished
 from workers.cluster import ROLES, LocalCluster
 from workers.daemons import delete_topology
 
@@ -104,7 +104,7 @@ class CountingBroker(Broker):
     requests: Counter[str] = Counter()  # noqa: RUF012 - one instance per run
 
     async def request(self, *args: Any, **kwargs: Any) -> Any:  # (exchange, key, Envelope, ...)
-        kind = f"run_{b.action}" if isinstance(b := args[2].body, RunCommand) else b.type
+        kind = args[2].body.type
         self.requests[f"request:{kind}"] += 1
         return await super().request(*args, **kwargs)
 

@@ -1,22 +1,28 @@
-"""Wire forms of what crosses RabbitMQ: one versioned envelope, a discriminated body.
+"""Wire forms of what crosses RabbitMQ: one versioned envelope, and a body union per queue.
 
-Events (a `JobEvent`) go to the events exchange and the stream; commands and queries go to a
-service's queue; replies come back on the caller's reply queue. Every body carries a `type` tag, so
-an unknown or malformed message is a validation error, dead-lettered with its reason.
+Events (`EventPublished`) go to the events exchange and the stream; requests go to a service's
+RPC queue; replies come back on the caller's reply queue. Every body carries a `type` tag, and each
+queue takes its own union of them, a `MessageUnion` (the topology names it in `QueueSpec.accepts`):
+a body that is not JSON, is malformed, or is of a type the queue does not take fails validation and
+is dead-lettered with its reason.
 """
 
 from __future__ import annotations
 
+import typing
 import uuid
 from datetime import UTC, datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Generic, Literal
 
-from pydantic import AwareDatetime, Field
+from pydantic import AwareDatetime, Field, JsonValue, TypeAdapter
+from typing_extensions import TypeVar
 
 from schemas._base import WireModel
 from schemas.auth import Authorisation, Cheque
 from schemas.events import JobEvent, JobRequest, JobSheetState
 from schemas.par import PARData, PARState, Sha256Hex, Uid
+
+# --- events -------------------------------------------------------------------------------------
 
 
 class EventPublished(WireModel):
@@ -24,6 +30,9 @@ class EventPublished(WireModel):
 
     type: Literal["event"] = "event"
     event: JobEvent
+
+
+# --- requests to access -------------------------------------------------------------------------
 
 
 class SubmitJob(WireModel):
@@ -55,17 +64,6 @@ class GetOutputs(WireModel):
     job_uid: Uid
 
 
-RunAction = Literal["start", "stop", "status"]
-
-
-class RunCommand(WireModel):
-    """PAR holder → compute: start, stop or ask about the run a calculation PAR grants."""
-
-    type: Literal["run_command"] = "run_command"
-    action: RunAction
-    run_url: str = Field(min_length=1, max_length=500)
-
-
 class ClosePAR(WireModel):
     """PAR holder → access: close PAR `uid`, proving possession with the capability's checksum."""
 
@@ -75,8 +73,40 @@ class ClosePAR(WireModel):
 
 
 class GetPARState(WireModel):
+    """PAR holder → access: whether PAR `uid` is open, closed or expired."""
+
     type: Literal["get_par_state"] = "get_par_state"
     uid: Uid
+
+
+# --- requests to compute: what a calculation PAR's holder may do with the run -------------------
+
+RunURL = Annotated[str, Field(min_length=1, max_length=500)]
+RunAction = Literal["start", "stop", "status"]
+
+
+class StartRun(WireModel):
+    """PAR holder → compute's run queue: start the run the calculation PAR grants."""
+
+    type: Literal["start_run"] = "start_run"
+    run_url: RunURL
+
+
+class StopRun(WireModel):
+    """PAR holder → compute: stop the run (or cancel the job if it has not started)."""
+
+    type: Literal["stop_run"] = "stop_run"
+    run_url: RunURL
+
+
+class GetRunStatus(WireModel):
+    """PAR holder → compute: the job's state and its last progress message."""
+
+    type: Literal["get_run_status"] = "get_run_status"
+    run_url: RunURL
+
+
+# --- replies ------------------------------------------------------------------------------------
 
 
 class PARStateReply(WireModel):
@@ -104,22 +134,51 @@ class RunReply(WireModel):
     detail: str = ""
 
 
+ERROR_CODE_PATTERN = r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$"
+"""An error's stable code: dotted lower-case words (`par.expired`); see `orchestrator.errors`."""
+
+
 class ErrorReply(WireModel):
-    """A refused request: `error` names the parjobs exception class, `detail` says why."""
+    """A refused request: the error's stable `code` and `message`; whether the same request may
+    succeed if sent again (`retriable`); and the error's `details` (the keyword arguments it was
+    made with), so the client raises the very error the service raised.
+
+    Schema version 2. Version 1 named the Python class (`error`) and carried the message as
+    `detail`; it fails validation here, as this form does for a version-1 reader.
+    """
 
     type: Literal["error"] = "error"
-    error: str
-    detail: str
+    schema_version: Literal[2] = 2
+    code: str = Field(pattern=ERROR_CODE_PATTERN, max_length=200)
+    message: str
+    retriable: bool = False
+    details: dict[str, JsonValue] = Field(default_factory=dict)
 
 
+# --- what each queue takes ----------------------------------------------------------------------
+
+AccessRequest = Annotated[
+    SubmitJob | GetJob | GetOutputs | ClosePAR | GetPARState, Field(discriminator="type")
+]
+"""What access's RPC queue takes."""
+ComputeRequest = Annotated[StopRun | GetRunStatus, Field(discriminator="type")]
+"""What compute's RPC queue takes: control of runs, never blocked behind a long run."""
+AccessResponse = Annotated[
+    JobReply | OutputsReply | PARStateReply | ErrorReply, Field(discriminator="type")
+]
+"""What access answers."""
+ComputeResponse = Annotated[RunReply | ErrorReply, Field(discriminator="type")]
+"""What compute answers, on its RPC queue and its run queue alike."""
 MessageBody = Annotated[
     EventPublished
     | SubmitJob
     | GetJob
     | GetOutputs
-    | RunCommand
     | ClosePAR
     | GetPARState
+    | StartRun
+    | StopRun
+    | GetRunStatus
     | PARStateReply
     | JobReply
     | OutputsReply
@@ -127,13 +186,58 @@ MessageBody = Annotated[
     | ErrorReply,
     Field(discriminator="type"),
 ]
+"""Every body parjobs sends (to read what any queue holds: the dead letters, a whole stream)."""
+
+Body = TypeVar("Body", default=MessageBody)
 
 
-class Envelope(WireModel):
-    """Every message parjobs sends: versioned, identified, timed, attributed."""
+class Envelope(WireModel, Generic[Body]):
+    """Every message parjobs sends: versioned, identified, timed, attributed.
+
+    `Envelope[AccessRequest]` is an envelope whose body is an access request; a bare `Envelope`
+    holds any body (`MessageBody`).
+    """
 
     schema_version: Literal[1] = 1
     message_id: str = Field(default_factory=lambda: uuid.uuid4().hex, pattern=r"^[0-9a-f]{32}$")
     sent_at: AwareDatetime = Field(default_factory=lambda: datetime.now(UTC))
     sender: str = Field(min_length=1, max_length=200)
-    body: MessageBody
+    body: Body
+
+
+class MessageUnion(Generic[Body]):
+    """The bodies one queue takes, as data: what the queue's consumer decodes with, and what an
+    AsyncAPI description of the queue reads (`name`, `bodies`, `envelope.json_schema()`).
+
+    `replies` is the union the queue's service answers with, for a queue of requests.
+    """
+
+    def __init__(self, name: str, union: Any, *, replies: MessageUnion[Any] | None = None) -> None:
+        self.name = name
+        self.envelope: TypeAdapter[Envelope[Body]] = TypeAdapter(Envelope[union])
+        self.bodies: tuple[type[WireModel], ...] = _members(union)
+        self.replies = replies
+
+    def __repr__(self) -> str:
+        return f"MessageUnion({self.name!r}: {' | '.join(body.__name__ for body in self.bodies)})"
+
+
+def _members(union: Any) -> tuple[type[WireModel], ...]:
+    """The models of a (possibly Annotated) union of models, or of one model alone."""
+    if typing.get_origin(union) is Annotated:
+        union = typing.get_args(union)[0]
+    return typing.get_args(union) or (union,)
+
+
+ACCESS_RESPONSES = MessageUnion[AccessResponse]("access responses", AccessResponse)
+COMPUTE_RESPONSES = MessageUnion[ComputeResponse]("compute responses", ComputeResponse)
+ACCESS_REQUESTS = MessageUnion[AccessRequest](
+    "access requests", AccessRequest, replies=ACCESS_RESPONSES
+)
+COMPUTE_REQUESTS = MessageUnion[ComputeRequest](
+    "compute requests", ComputeRequest, replies=COMPUTE_RESPONSES
+)
+RUN_STARTS = MessageUnion[StartRun]("run starts", StartRun, replies=COMPUTE_RESPONSES)
+"""What compute's run queue takes: a start, held unacknowledged for the whole run."""
+JOB_EVENTS = MessageUnion[EventPublished]("job events", EventPublished)
+"""What a work queue fed by the events exchange takes."""

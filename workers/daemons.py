@@ -1,7 +1,10 @@
 """The three daemons: which queues each consumes and what it does with each message.
 
 The logic lives in `AccessService`, `StorageWorker` and `ComputeWorker`; here it is wired to the
-broker: validate, act, publish the appended events, reply, and ack (by returning).
+broker: act, publish the appended events, reply, and ack (by returning). Each queue takes its own
+message union, so a handler sees only the bodies its queue takes. The middleware around every
+handler (`workers.middleware`) answers refusals with error replies and puts the delivery on every
+log line.
 """
 
 from __future__ import annotations
@@ -19,37 +22,50 @@ from orchestrator.broker._consumer import IncomingMeta
 from orchestrator.broker.topology import QueueSpec, Topology
 from orchestrator.core.keys import KeyPair, PublicKeys
 from orchestrator.core.pricing import Pricing
-from orchestrator.errors import ConfigurationError, InvalidMessageError, ParjobsError
+from orchestrator.errors import ConfigurationError, ParjobsError
 from orchestrator.par.issuer import PARIssuer
 from orchestrator.services.access import AccessService, Outcome
 from orchestrator.settings import AMQPSettings
 from schemas.messages import (
+    JOB_EVENTS,
+    AccessRequest,
     ClosePAR,
+    ComputeRequest,
     Envelope,
     EventPublished,
     GetJob,
     GetOutputs,
     GetPARState,
+    GetRunStatus,
+    JobReply,
     PARStateReply,
-    RunCommand,
+    StartRun,
+    StopRun,
     SubmitJob,
 )
 from workers.calculations import CalculationRegistry
 from workers.compute import ComputeWorker
-from workers.runtime import ENVELOPE, ServiceContext, is_refusal, serve
+from workers.middleware import bind_log_context, mark_answered
+from workers.runtime import ServiceContext, serve
 from workers.storage import StorageWorker
 
 log = logging.getLogger("parjobs.service")
 
 
 def service_queues(topology: Topology) -> dict[str, tuple[QueueSpec, ...]]:
-    """The queues each daemon consumes (declared by it; deleted by `delete_topology`)."""
+    """The queues each daemon consumes (declared by it; deleted by `delete_topology`), each with
+    the messages it takes: its RPC requests (`RPC_REQUESTS`), or job events."""
     ended = [f"job.*.{state}" for state in ("completed", "failed", "cancelled", "expired")]
     return {
-        "access": (topology.rpc_queue("access"), topology.work_queue("access", events=ended)),
-        "storage": (topology.work_queue("storage", events=["job.*.submitted"]),),
+        "access": (
+            topology.rpc_queue("access"),
+            topology.work_queue("access", events=ended, accepts=JOB_EVENTS),
+        ),
+        "storage": (
+            topology.work_queue("storage", events=["job.*.submitted"], accepts=JOB_EVENTS),
+        ),
         "compute": (
-            topology.work_queue("compute", events=["job.*.storage_contracted"]),
+            topology.work_queue("compute", events=["job.*.storage_contracted"], accepts=JOB_EVENTS),
             topology.rpc_queue("compute"),
             topology.rpc_queue("runs"),
         ),
@@ -80,12 +96,6 @@ def _compute_key_file(context: ServiceContext) -> Path:
     return path
 
 
-def _event_of(envelope: Envelope) -> EventPublished:
-    if not isinstance(envelope.body, EventPublished):
-        raise InvalidMessageError(f"expected a job event, got a {envelope.body.type!r} message")
-    return envelope.body
-
-
 # --- access ---------------------------------------------------------------------------------------
 
 
@@ -103,7 +113,7 @@ async def setup_access(context: ServiceContext, group: TaskGroup) -> None:
     )
     registry = context.registry
 
-    async def answer(envelope: Envelope) -> Outcome | PARStateReply:
+    async def answer(envelope: Envelope[AccessRequest]) -> Outcome | PARStateReply:
         match envelope.body:
             case SubmitJob() as submit:
                 return await service.submit(submit, message_id=envelope.message_id)
@@ -116,20 +126,14 @@ async def setup_access(context: ServiceContext, group: TaskGroup) -> None:
                 return PARStateReply(uid=uid, state=await registry.state(uid))
             case GetPARState(uid=uid):
                 return PARStateReply(uid=uid, state=await registry.state(uid))
-            case other:
-                raise InvalidMessageError(f"access does not handle {other.type!r} messages")
 
-    async def handle(envelope: Envelope, meta: IncomingMeta) -> None:
-        try:
-            result = await answer(envelope)
-        except ParjobsError as exc:
-            if not is_refusal(exc):
-                raise
-            await context.refuse(meta, exc)
-            return
+    async def handle(envelope: Envelope[AccessRequest], meta: IncomingMeta) -> None:
+        result = await answer(envelope)
         if isinstance(result, PARStateReply):
             await context.reply(meta, result)
             return
+        if isinstance(result.reply, JobReply):  # a submission's job uid is known from here
+            bind_log_context(job_uid=result.reply.sheet.job_uid)
         for event in result.events:
             await context.publish_event(event)
         if result.reply is not None:
@@ -144,14 +148,14 @@ async def setup_access(context: ServiceContext, group: TaskGroup) -> None:
                 log.exception("expiry sweep failed; retrying at the next interval")
             await anyio.sleep(settings.sweep_interval_s)
 
-    async def settle(envelope: Envelope, meta: IncomingMeta) -> None:
+    async def settle(envelope: Envelope[EventPublished], meta: IncomingMeta) -> None:
         # A redelivered end settles nothing twice: the ledger finds the job's settlement.
-        await service.settle(_event_of(envelope).event.job_uid)
+        await service.settle(envelope.body.event.job_uid)
 
     requests, endings = service_queues(context.broker.topology)["access"]
     await context.broker.declare(requests, endings)
-    await context.broker.consume(requests, ENVELOPE, handle)
-    await context.broker.consume(endings, ENVELOPE, settle)
+    await context.consume(requests, handle)
+    await context.consume(endings, settle)
     group.start_soon(sweep)
 
 
@@ -167,14 +171,14 @@ async def setup_storage(context: ServiceContext, group: TaskGroup) -> None:
         context.keys,
     )
 
-    async def handle(envelope: Envelope, meta: IncomingMeta) -> None:
-        contracted = await worker.on_submitted(_event_of(envelope).event)
+    async def handle(envelope: Envelope[EventPublished], meta: IncomingMeta) -> None:
+        contracted = await worker.on_submitted(envelope.body.event)
         if contracted is not None:
             await context.publish_event(contracted)
 
     (queue,) = service_queues(context.broker.topology)["storage"]
     await context.broker.declare(queue)
-    await context.broker.consume(queue, ENVELOPE, handle)
+    await context.consume(queue, handle)
 
 
 # --- compute --------------------------------------------------------------------------------------
@@ -198,32 +202,19 @@ async def setup_compute(context: ServiceContext, group: TaskGroup) -> None:
     )
     topology = context.broker.topology
 
-    async def on_contract(envelope: Envelope, meta: IncomingMeta) -> None:
-        contracted = await worker.on_storage_contracted(_event_of(envelope).event)
+    async def on_contract(envelope: Envelope[EventPublished], meta: IncomingMeta) -> None:
+        contracted = await worker.on_storage_contracted(envelope.body.event)
         if contracted is not None:
             await context.publish_event(contracted)
 
-    def run_command(envelope: Envelope) -> RunCommand:
-        if not isinstance(envelope.body, RunCommand):
-            raise InvalidMessageError(f"compute does not handle {envelope.body.type!r} messages")
-        return envelope.body
-
-    async def on_control(envelope: Envelope, meta: IncomingMeta) -> None:
-        command = run_command(envelope)
-        try:
-            if command.action == "stop":
-                reply, event = await worker.stop(command.run_url)
+    async def on_control(envelope: Envelope[ComputeRequest], meta: IncomingMeta) -> None:
+        match envelope.body:
+            case StopRun(run_url=run_url):
+                reply, event = await worker.stop(run_url)
                 if event is not None:
                     await context.publish_event(event)
-            elif command.action == "status":
-                reply = await worker.status(command.run_url)
-            else:
-                raise InvalidMessageError("a start goes to the run queue, not the control queue")
-        except ParjobsError as exc:
-            if not is_refusal(exc):
-                raise
-            await context.refuse(meta, exc)
-            return
+            case GetRunStatus(run_url=run_url):
+                reply = await worker.status(run_url)
         await context.reply(meta, reply)
 
     # Start messages being handled here, by message id. A second delivery of one while the first
@@ -231,7 +222,7 @@ async def setup_compute(context: ServiceContext, group: TaskGroup) -> None:
     # the job ended, so it starts no second run (or resumes the job if the first was cancelled).
     starting: dict[str, anyio.Lock] = {}
 
-    async def on_start(envelope: Envelope, meta: IncomingMeta) -> None:
+    async def on_start(envelope: Envelope[StartRun], meta: IncomingMeta) -> None:
         lock = starting.setdefault(envelope.message_id, anyio.Lock())
         try:
             async with lock:
@@ -240,29 +231,25 @@ async def setup_compute(context: ServiceContext, group: TaskGroup) -> None:
             if not lock.locked() and lock.statistics().tasks_waiting == 0:
                 starting.pop(envelope.message_id, None)
 
-    async def start(envelope: Envelope, meta: IncomingMeta) -> None:
+    async def start(envelope: Envelope[StartRun], meta: IncomingMeta) -> None:
         # The message stays unacked for the whole run: if this daemon dies, the broker hands it
         # to the next one, whose claim recognises the same message and runs the job again.
-        command = run_command(envelope)
-        try:
-            sheet, par_uid, started = await worker.claim(
-                command.run_url, message_id=envelope.message_id
-            )
-        except ParjobsError as exc:
-            if not is_refusal(exc):
-                raise
-            await context.refuse(meta, exc)
-            return
+        sheet, par_uid, started = await worker.claim(
+            envelope.body.run_url, message_id=envelope.message_id
+        )
+        bind_log_context(job_uid=sheet.job_uid)
         await context.publish_event(started)
-        if not meta.redelivered:
+        if meta.redelivered:
+            mark_answered()  # by the first delivery; what fails in the run below is retried
+        else:
             await context.reply(meta, worker.started_reply(sheet))
         await worker.run(sheet, par_uid, context.publish_event)
 
     contracts, control, runs = service_queues(topology)["compute"]
     await context.broker.declare(contracts, control, runs)
-    await context.broker.consume(contracts, ENVELOPE, on_contract)
-    await context.broker.consume(control, ENVELOPE, on_control)
-    await context.broker.consume(runs, ENVELOPE, on_start, prefetch=settings.max_runs)
+    await context.consume(contracts, on_contract)
+    await context.consume(control, on_control)
+    await context.consume(runs, on_start, prefetch=settings.max_runs)
 
 
 async def run_daemon(role: str) -> None:

@@ -1,4 +1,5 @@
-"""What every parjobs daemon shares: connections, publishing events, refusals, health, shutdown.
+"""What every parjobs daemon shares: connections, consuming through the middleware, publishing
+events, replies, logs, health, shutdown.
 
 A daemon is a `setup` function that declares its queues and starts its consumers on a
 `ServiceContext`; `serve` runs it until SIGTERM or SIGINT, then drains in-flight work within
@@ -14,62 +15,34 @@ import signal
 import socket
 import sys
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import anyio
 from anyio.abc import TaskGroup
-from pydantic import TypeAdapter
 
 from orchestrator.broker._consumer import IncomingMeta
 from orchestrator.broker.amqp import Broker
+from orchestrator.broker.topology import QueueSpec
 from orchestrator.core.layout import JobKeys
-from orchestrator.errors import (
-    AppendConflictError,
-    AuthorisationError,
-    CalculationError,
-    ChequeError,
-    CryptoError,
-    InvalidAccountError,
-    InvalidAmountError,
-    JobError,
-    LedgerConflictError,
-    LedgerRuleError,
-    ObjectKeyError,
-    PARError,
-    ParjobsError,
-    UserError,
-)
+from orchestrator.errors import ConfigurationError
 from orchestrator.settings import AMQPSettings, S3Settings, ServiceSettings
 from orchestrator.store.eventlog import EventLog
 from orchestrator.store.registry import PARRegistry
 from orchestrator.store.s3 import ObjectStore
 from schemas.events import JobEvent
-from schemas.messages import Envelope, ErrorReply, EventPublished, MessageBody
-
-ENVELOPE = TypeAdapter(Envelope)
-log = logging.getLogger("parjobs.service")
-
-
-_REFUSALS = (
-    PARError,
-    CryptoError,
-    JobError,
-    CalculationError,
-    ObjectKeyError,
-    AuthorisationError,
-    ChequeError,
-    UserError,
-    LedgerRuleError,
-    InvalidAccountError,
-    InvalidAmountError,
+from schemas.messages import Envelope, EventPublished, MessageBody
+from workers.middleware import (
+    EnvelopeHandler,
+    LogContext,
+    Middleware,
+    RefusalReplies,
+    log_context,
+    mark_answered,
+    wrap,
 )
-_RETRIABLE = (AppendConflictError, LedgerConflictError)  # lost races: try again
 
-
-def is_refusal(exc: BaseException) -> bool:
-    """A refusal answers the request and is done; anything else is retried by redelivery."""
-    return isinstance(exc, _REFUSALS) and not isinstance(exc, _RETRIABLE)
+log = logging.getLogger("parjobs.service")
 
 
 @dataclass
@@ -81,6 +54,11 @@ class ServiceContext:
     keys: JobKeys
     log: EventLog
     registry: PARRegistry
+    middlewares: list[Middleware] = field(init=False)
+    """Wrapped around every handler `consume` starts, the first outermost."""
+
+    def __post_init__(self) -> None:
+        self.middlewares = [LogContext(), RefusalReplies(self.reply)]
 
     @property
     def sender(self) -> str:
@@ -96,11 +74,20 @@ class ServiceContext:
         )
 
     async def reply(self, meta: IncomingMeta, body: MessageBody) -> None:
+        """Answer the request being handled (after which a refusal no longer answers it)."""
+        mark_answered()
         await self.broker.reply(meta, Envelope(sender=self.sender, body=body))
 
-    async def refuse(self, meta: IncomingMeta, exc: ParjobsError) -> None:
-        log.info("refused %s: %s: %s", meta.message_id, type(exc).__name__, exc)
-        await self.reply(meta, ErrorReply(error=type(exc).__name__, detail=str(exc)))
+    async def consume(
+        self, queue: QueueSpec, handler: EnvelopeHandler, *, prefetch: int | None = None
+    ) -> None:
+        """Run `handler`, inside the middlewares, on each message of `queue` that is one of the
+        queue's own union (`queue.accepts`); any other message is dead-lettered."""
+        if queue.accepts is None:
+            raise ConfigurationError(f"queue {queue.name} does not say which messages it takes")
+        await self.broker.consume(
+            queue, queue.accepts.envelope, wrap(handler, self.middlewares), prefetch=prefetch
+        )
 
 
 Setup = Callable[[ServiceContext, TaskGroup], Awaitable[None]]
@@ -118,6 +105,7 @@ class _JsonLines(logging.Formatter):
             "service": self._role,
             "logger": record.name,
             "message": record.getMessage(),
+            **log_context(),  # the delivery being handled, bound by the LogContext middleware
         }
         if record.exc_info:
             entry["error"] = self.formatException(record.exc_info)

@@ -180,10 +180,16 @@ class Consumer(Generic[T]):
 
     async def _poisoned(self, message: AbstractIncomingMessage, exc: PoisonMessageError) -> None:
         log.warning(
-            "dead-lettering %s from %s: %s: %s", message.message_id, self.queue, exc.code, exc
+            "dead-lettering %s from %s: %s: %s",
+            message.message_id,
+            self.queue,
+            exc.dead_letter_reason,
+            exc,
         )
         try:
-            await self._send_dead_letter(dead_letter_copy(message, self.queue, exc.code, str(exc)))
+            await self._send_dead_letter(
+                dead_letter_copy(message, self.queue, exc.dead_letter_reason, str(exc))
+            )
         except Exception:
             # Not in the DLQ, so not acked: back to the queue, whose delivery limit will
             # dead-letter it through the broker if this keeps failing.

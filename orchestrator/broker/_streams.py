@@ -154,7 +154,8 @@ async def read_stream(
                 where = f"stream {stream}, offset {at}: {exc}"
                 if not skip_invalid:
                     raise InvalidMessageError(
-                        f"{where} (resume from offset {at + 1})", code=exc.code
+                        f"{where} (resume from offset {at + 1})",
+                        dead_letter_reason=exc.dead_letter_reason,
                     ) from exc
                 log.warning("skipped an invalid record: %s", where)
                 if tail is not None and at >= tail:

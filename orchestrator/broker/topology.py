@@ -2,7 +2,8 @@
 
 Kept apart from runtime behaviour (as FastStream keeps its AsyncAPI description apart): this
 module says *what* exists on RabbitMQ, and `declare` is the one function that makes it so. Every
-name derives from a prefix, so deployments and test runs sharing one broker never collide.
+name derives from a prefix, so deployments and test runs sharing one broker never collide. A queue
+also says which messages it takes (`QueueSpec.accepts`, a union from `schemas.messages`).
 """
 
 from __future__ import annotations
@@ -16,8 +17,11 @@ from typing import TYPE_CHECKING, Any
 from aio_pika.exceptions import ChannelNotFoundEntity, ChannelPreconditionFailed
 
 from orchestrator.errors import TopologyError
+from schemas.messages import ACCESS_REQUESTS, COMPUTE_REQUESTS, RUN_STARTS, MessageUnion
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from aio_pika.abc import AbstractChannel
 
 _NAME_PART = r"[A-Za-z0-9][A-Za-z0-9_-]*"
@@ -169,6 +173,10 @@ class QueueSpec:
     bindings: tuple[Binding, ...] = ()
     exclusive: bool = False
     """Owned by one connection and deleted with it (reply queues); otherwise durable."""
+    accepts: MessageUnion[Any] | None = None
+    """The messages its consumer takes; any other is dead-lettered. None where the queue holds
+    whatever reaches it (the dead-letter queue, the stream) or answers to one request each (reply
+    queues: the caller decodes with the union of the service it asked)."""
 
     @property
     def durable(self) -> bool:
@@ -178,6 +186,14 @@ class QueueSpec:
     def arguments(self) -> dict[str, Any]:
         """The `x-` queue arguments to declare it with."""
         return self.args.to_arguments()
+
+
+RPC_REQUESTS: Mapping[str, MessageUnion[Any]] = {
+    "access": ACCESS_REQUESTS,
+    "compute": COMPUTE_REQUESTS,
+    "runs": RUN_STARTS,
+}
+"""parjobs' RPC services and the requests each takes (each union's `replies`: what it answers)."""
 
 
 @dataclass(frozen=True)
@@ -257,29 +273,36 @@ class Topology:
         )
 
     def work_queue(
-        self, role: str, *, events: Iterable[str] = (), commands: Iterable[str] = ()
+        self,
+        role: str,
+        *,
+        events: Iterable[str] = (),
+        commands: Iterable[str] = (),
+        accepts: MessageUnion[Any] | None = None,
     ) -> QueueSpec:
         """The quorum work queue `<prefix>.<role>`, bound to the event routing keys (topic
-        patterns) and command routing keys the service asks for."""
+        patterns) and command routing keys the service asks for, taking `accepts`."""
         if not _ROLE.fullmatch(role) or role in _RESERVED_ROLES:
             raise ValueError(f"{role!r} cannot name a work queue")
         bindings = tuple(Binding(self.events.name, key) for key in events) + tuple(
             Binding(self.commands.name, key) for key in commands
         )
-        return QueueSpec(self._name(role), self._quorum_args(), bindings)
+        return QueueSpec(self._name(role), self._quorum_args(), bindings, accepts=accepts)
 
     def rpc_routing_key(self, service: str) -> str:
         """The command routing key of `service`'s requests."""
         return f"rpc.{service}"
 
-    def rpc_queue(self, service: str) -> QueueSpec:
-        """The quorum queue `<prefix>.rpc.<service>` where `service` takes its requests."""
+    def rpc_queue(self, service: str, *, accepts: MessageUnion[Any] | None = None) -> QueueSpec:
+        """The quorum queue `<prefix>.rpc.<service>` where `service` takes its requests: those of
+        `accepts`, by default what `RPC_REQUESTS` says a parjobs service takes."""
         if not _ROLE.fullmatch(service):
             raise ValueError(f"{service!r} cannot name an RPC service")
         return QueueSpec(
             self._name("rpc", service),
             self._quorum_args(),
             (Binding(self.commands.name, self.rpc_routing_key(service)),),
+            accepts=accepts if accepts is not None else RPC_REQUESTS.get(service),
         )
 
     def reply_queue(self, instance: str) -> QueueSpec:

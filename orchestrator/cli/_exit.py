@@ -66,6 +66,9 @@ def describe(error: Exception) -> str:
             return f"invalid {error.title}: {problems}"
         case OSError(strerror=str(why), filename=name) if name is not None:
             return f"{why}: {name}"
+        case ParjobsError() if error.code != ParjobsError.code:
+            # The code is what scripts and support can match on; the base class has none to add.
+            return f"{str(error) or type(error).__name__} ({error.code})"
         case _:
             return str(error) or type(error).__name__
 

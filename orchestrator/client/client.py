@@ -1,21 +1,23 @@
 """`ParjobsClient`: a user's (or operator's) connection to the parjobs services over RabbitMQ.
 
 It submits jobs, asks about them, fetches output PARs, and is the `RunService` a calculation PAR's
-`RunControl` uses to start and stop runs. Requests go to a service's RPC queue; an `ErrorReply`
-comes back as the same exception class the service raised.
+`RunControl` uses to start and stop runs. Requests go to a service's RPC queue; the reply is read
+as one of what that service answers (`RPC_REQUESTS[service].replies`), and an `ErrorReply` is
+raised as the very error the service raised (`ParjobsError.from_reply`).
 """
 
 from __future__ import annotations
 
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import anyio
-from pydantic import BaseModel, TypeAdapter
+from pydantic import BaseModel
 
 from orchestrator import errors
 from orchestrator.broker.amqp import Broker
+from orchestrator.broker.topology import RPC_REQUESTS
 from orchestrator.core.keys import KeyPair
 from orchestrator.core.ledger_rules import ACCESS
 from orchestrator.core.signing import request_fingerprint, sign_authorisation, write_cheque
@@ -30,32 +32,41 @@ from schemas.messages import (
     GetJob,
     GetOutputs,
     GetPARState,
+    GetRunStatus,
     JobReply,
-    MessageBody,
+    MessageUnion,
     OutputsReply,
     PARStateReply,
     RunAction,
-    RunCommand,
     RunReply,
+    StartRun,
+    StopRun,
     SubmitJob,
 )
 from schemas.par import PARState
 
 R = TypeVar("R", bound=BaseModel)
-ENVELOPE = TypeAdapter(Envelope)
 CHEQUE_LIFETIME = timedelta(hours=1)
 ENDED = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED, JobState.EXPIRED})
+# A start goes to the run queue (its worker holds it for the run); the rest to compute's RPC
+# queue, which is never blocked behind long runs.
+_RUN_REQUESTS: dict[RunAction, tuple[str, type[StartRun | StopRun | GetRunStatus]]] = {
+    "start": ("runs", StartRun),
+    "stop": ("compute", StopRun),
+    "status": ("compute", GetRunStatus),
+}
 
 
 def raise_error_reply(reply: ErrorReply) -> None:
-    """Raise the parjobs exception an `ErrorReply` names (ParjobsError if unknown here)."""
-    error = getattr(errors, reply.error, None)
-    if isinstance(error, type) and issubclass(error, ParjobsError):
-        try:
-            raise error(reply.detail)
-        except TypeError:  # an error class whose constructor wants more than a message
-            pass
-    raise ParjobsError(f"{reply.error}: {reply.detail}")
+    """Raise the parjobs error `reply` describes (a ParjobsError carrying its code if unknown)."""
+    raise ParjobsError.from_reply(reply)
+
+
+def _replies(service: str) -> MessageUnion[Any]:
+    requests = RPC_REQUESTS.get(service)
+    if requests is None or requests.replies is None:
+        raise errors.ConfigurationError(f"parjobs has no RPC service {service!r}")
+    return requests.replies
 
 
 class ParjobsClient:
@@ -66,13 +77,13 @@ class ParjobsClient:
         self._sender = sender
         self._timeout = timeout
 
-    async def _call(self, service: str, body: MessageBody, expected: type[R]) -> R:
+    async def _call(self, service: str, body: BaseModel, expected: type[R]) -> R:
         topology = self._broker.topology
         reply = await self._broker.request(
             topology.commands,
             topology.rpc_routing_key(service),
             Envelope(sender=self._sender, body=body),
-            ENVELOPE,
+            _replies(service).envelope,
             timeout=self._timeout,
         )
         if isinstance(reply.body, ErrorReply):
@@ -178,7 +189,5 @@ class ParjobsClient:
         return (await self._call("access", GetPARState(uid=uid), PARStateReply)).state
 
     async def run_command(self, action: RunAction, run_url: str) -> RunReply:
-        # A start goes to the run queue (its worker holds it for the run); the rest to compute's
-        # RPC queue, which is never blocked behind long runs.
-        service = "runs" if action == "start" else "compute"
-        return await self._call(service, RunCommand(action=action, run_url=run_url), RunReply)
+        service, request = _RUN_REQUESTS[action]
+        return await self._call(service, request(run_url=run_url), RunReply)

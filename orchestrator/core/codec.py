@@ -41,4 +41,6 @@ def decode(adapter: TypeAdapter[T], body: bytes) -> T:
             for error in errors[:_MAX_ERRORS]
         )
         more = f" (and {len(errors) - _MAX_ERRORS} more)" if len(errors) > _MAX_ERRORS else ""
-        raise InvalidMessageError(f"{code} message: {details}{more}", code=code) from exc
+        raise InvalidMessageError(
+            f"{code} message: {details}{more}", dead_letter_reason=code
+        ) from exc

@@ -130,7 +130,7 @@ def _raise_for_s3(response: httpx.Response, body: bytes, *, what: str) -> None:
         raise RemoteObjectNotFoundError(f"{detail}; nothing has been written there yet")
     if code == "AccessDenied" and "policy" in message.lower():
         raise OutsidePrefixError(f"{detail}; the key is outside what the PAR may write")
-    raise RemoteRejectedError(detail, status=status, code=code)
+    raise RemoteRejectedError(detail, status=status, s3_code=code)
 
 
 def _check_etag(etag: str | None, digests: _Digests, *, what: str) -> None:

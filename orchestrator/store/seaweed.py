@@ -49,7 +49,7 @@ _PDEATHSIG_EXEC = (
 )
 
 
-class _PortTakenError(ConfigurationError):
+class _PortTakenError(ConfigurationError, code="configuration.port_taken"):
     """weed found one of its ports taken (by another program, after we picked it)."""
 
 

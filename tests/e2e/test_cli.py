@@ -103,15 +103,18 @@ def test_errors_are_specific(cluster: LocalCluster, tmp_path: Path) -> None:
     parjobs(cluster, "users", "add", "other", "--public-key", str(tmp_path / "me.key.pub"))
     missing = parjobs(cluster, "status", "0" * 32, check=False)
     assert missing.returncode == 2
-    assert "JobNotFoundError" in missing.stderr or "no job" in missing.stderr
+    assert "no job" in missing.stderr
+    assert "(job.not_found)" in missing.stderr
     data = tmp_path / "d"
     data.write_text("x")
     unknown = parjobs(cluster, "submit", "no-such-calc", str(data), "--key", str(key), check=False)
     assert unknown.returncode == 2
     assert "no-such-calc" in unknown.stderr
+    assert "(calculation.unknown)" in unknown.stderr
     broke = parjobs(cluster, "submit", "checksum", str(data), "--key", str(key), check=False)
     assert broke.returncode == 2
-    assert "InsufficientFundsError" in broke.stderr or "balance" in broke.stderr
+    assert "too little" in broke.stderr
+    assert "(ledger.insufficient_funds)" in broke.stderr
 
 
 def test_cheque_write_prints_a_signed_cheque(cluster: LocalCluster, tmp_path: Path) -> None:

@@ -47,7 +47,7 @@ from orchestrator.store.eventlog import EventLog
 from orchestrator.store.s3 import ObjectStore
 from orchestrator.store.seaweed import LocalSeaweed
 from schemas.events import Completed, JobEvent, JobRequest, JobSheetState, JobState
-from schemas.messages import Envelope, ErrorReply, EventPublished, RunCommand, RunReply
+from schemas.messages import Envelope, ErrorReply, EventPublished, RunReply, StartRun
 from tests._waiting import eventually
 from tests.conftest import RabbitMQCtl
 from workers.cluster import ROLES, LocalCluster
@@ -689,7 +689,7 @@ async def test_a_duplicate_start_starts_no_second_run(harness: Harness) -> None:
     assert capability.run_url is not None
     # One start message, delivered twice (as a publisher's resend after a lost confirm would):
     # the same envelope, the same message id.
-    start = Envelope(sender="e2e-test", body=RunCommand(action="start", run_url=capability.run_url))
+    start = Envelope(sender="e2e-test", body=StartRun(run_url=capability.run_url))
     topology = harness.topology
 
     async def send() -> Envelope:
@@ -709,7 +709,7 @@ async def test_a_duplicate_start_starts_no_second_run(harness: Harness) -> None:
 
     assert (await harness.client.job(job_uid)).sheet.state is JobState.COMPLETED
     assert isinstance(second.body, ErrorReply), second.body
-    assert second.body.error == "RunRefusedError"
+    assert second.body.code == RunRefusedError.code == "job.run_refused"
     assert len(watch.pids) == 1, f"{len(watch.pids)} runs of one start"
     assert watch.most_at_once == 1
     events = await harness.events(job_uid)

@@ -272,15 +272,12 @@ async def open_cluster(
 
 
 def refused_as_cashed(outcome: JobSheetState | BaseException, cheque_id: str, winner: str) -> bool:
-    """Whether `outcome` is access's ChequeAlreadyCashedError for `cheque_id`, naming `winner`.
-
-    Its constructor wants more than a message, so the client raises it as a ParjobsError that
-    names the class (see `raise_error_reply`); the class itself is accepted too.
-    """
-    named = type(outcome) is ParjobsError and str(outcome).startswith("ChequeAlreadyCashedError: ")
-    if not (isinstance(outcome, ChequeAlreadyCashedError) or named):
+    """Whether `outcome` is access's ChequeAlreadyCashedError for `cheque_id`, naming `winner`,
+    rebuilt by the client with its details."""
+    if not isinstance(outcome, ChequeAlreadyCashedError):
         return False
-    return f"cheque {cheque_id} was already cashed, for job {winner}" in str(outcome)
+    named = f"cheque {cheque_id} was already cashed, for job {winner}" in str(outcome)
+    return named and (outcome.cheque_id, outcome.job_uid) == (cheque_id, winner)
 
 
 def log_messages(cluster: LocalCluster, name: str) -> list[str]:
@@ -443,7 +440,8 @@ async def test_twenty_concurrent_cashings_of_one_cheque_across_two_access_replic
         await check_books(h)
 
         # Both access processes took some of the twenty: each logged refusals of this cheque.
-        mark = f"ChequeAlreadyCashedError: cheque {cheque.cheque_id} was already cashed"
+        cashed = ChequeAlreadyCashedError.code
+        mark = f"refused ({cashed}): cheque {cheque.cheque_id} was already cashed"
         per_replica = {
             name: sum(mark in message for message in log_messages(h.cluster, name))
             for name in replicas

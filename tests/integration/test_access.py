@@ -155,7 +155,7 @@ async def test_tampered_url_inside_capability_is_refused_by_s3(
     async with PARTransport() as transport:
         with pytest.raises(RemoteRejectedError) as caught:
             await transport.put_bytes(put_url.replace("/mine?", "/other?"), {}, b"overwrite")
-    assert caught.value.code == "SignatureDoesNotMatch"
+    assert caught.value.s3_code == "SignatureDoesNotMatch"
     assert await store.get(f"{prefix}other") == b"other's data"
 
 

@@ -165,7 +165,7 @@ def test_amqp_settings_refuse_bad_values(field: dict[str, object]) -> None:
 def test_decode_classifies_what_it_refuses(body: bytes, code: str) -> None:
     with pytest.raises(InvalidMessageError) as refused:
         decode(MESSAGES, body)
-    assert refused.value.code == code
+    assert refused.value.dead_letter_reason == code
     assert isinstance(refused.value, PoisonMessageError)
 
 

@@ -36,7 +36,7 @@ UID = "0123456789abcdef" * 2
 FINGERPRINT = "ab" * 32
 
 
-class ConnectionAttemptedError(ParjobsError):
+class ConnectionAttemptedError(ParjobsError, code="test.connection_attempted"):
     """Put where the CLI would connect: reaching it means every input check passed."""
 
 
@@ -47,8 +47,8 @@ def _refuse_to_connect(server: str) -> object:
     return connect
 
 
-BROKER = "error: would connect to RabbitMQ"
-STORE = "error: would connect to the object store"
+BROKER = "error: would connect to RabbitMQ (test.connection_attempted)"
+STORE = "error: would connect to the object store (test.connection_attempted)"
 
 
 @dataclass(frozen=True)
@@ -434,7 +434,7 @@ def _validation_error() -> Exception:
     [
         pytest.param(
             UnknownUserError("no user 'bob'\nregister them first"),
-            "error: no user 'bob'; register them first",
+            "error: no user 'bob'; register them first (user.unknown)",
             id="parjobs-multiline",
         ),
         pytest.param(ParjobsError("bell\x07 and \x1b[31mred"), r"error: bell\x07 and \x1b[31mred"),

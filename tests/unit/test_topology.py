@@ -13,6 +13,7 @@ from orchestrator.broker.topology import (
     Topology,
     check_prefix,
 )
+from schemas.messages import ACCESS_REQUESTS, COMPUTE_REQUESTS, JOB_EVENTS, RUN_STARTS
 
 
 def test_quorum_arguments_with_dead_lettering_are_at_least_once() -> None:
@@ -153,3 +154,18 @@ def test_good_prefixes() -> None:
 def test_routing_keys_are_bounded() -> None:
     with pytest.raises(ValueError, match="255 bytes"):
         Binding("p.events", "k" * 256)
+
+
+def test_a_queue_says_which_messages_it_takes() -> None:
+    topology = Topology("p")
+    assert topology.rpc_queue("access").accepts is ACCESS_REQUESTS
+    assert topology.rpc_queue("compute").accepts is COMPUTE_REQUESTS
+    assert topology.rpc_queue("runs").accepts is RUN_STARTS
+    assert topology.rpc_queue("echo").accepts is None  # not a parjobs service: say it
+    assert topology.rpc_queue("echo", accepts=JOB_EVENTS).accepts is JOB_EVENTS
+    assert topology.work_queue("storage", events=["job.*.submitted"]).accepts is None
+    assert topology.work_queue("storage", accepts=JOB_EVENTS).accepts is JOB_EVENTS
+    # What holds whatever reaches it names no union.
+    assert topology.dead_letter_queue.accepts is None
+    assert topology.events_stream.accepts is None
+    assert topology.reply_queue("abc").accepts is None
