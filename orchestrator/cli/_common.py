@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from orchestrator.broker.amqp import Broker
+from orchestrator.broker.amqp import AMQPBroker
 from orchestrator.client.client import ParjobsClient
 from orchestrator.core.keys import KeyPair
 from orchestrator.settings import AMQPSettings
@@ -34,5 +34,5 @@ def load_key(path: Path) -> KeyPair:
 @asynccontextmanager
 async def client_session() -> AsyncIterator[ParjobsClient]:
     """A client on the broker named by PARJOBS_AMQP_URL / PARJOBS_PREFIX."""
-    async with Broker(AMQPSettings(), name="parjobs-cli") as broker:
+    async with AMQPBroker(AMQPSettings(), name="parjobs-cli") as broker:
         yield ParjobsClient(broker, sender="cli")

@@ -9,7 +9,7 @@ import anyio
 import typer
 from rich.table import Table
 
-from orchestrator.broker.amqp import Broker
+from orchestrator.broker.amqp import AMQPBroker
 from orchestrator.cli._common import console
 from orchestrator.core.layout import JobKeys
 from orchestrator.services.replay import replay as replay_jobs
@@ -65,7 +65,7 @@ def replay(
         keys = JobKeys(ServiceSettings().data_root)
         async with (
             ObjectStore(S3Settings()) as store,
-            Broker(AMQPSettings(), name="replay") as broker,
+            AMQPBroker(AMQPSettings(), name="replay") as broker,
         ):
             results = await replay_jobs(EventLog(store, keys.jobs), broker)
         table = Table("job", "stored", "streamed", "verdict")
@@ -95,7 +95,7 @@ def dlq_list(limit: Annotated[int, typer.Option(help="At most this many.")] = 10
     """Dead letters, oldest first, with their reason (they stay in the queue)."""
 
     async def run() -> None:
-        async with Broker(AMQPSettings(), name="parjobs-dlq") as broker:
+        async with AMQPBroker(AMQPSettings(), name="parjobs-dlq") as broker:
             letters = await broker.dead_letters(limit)
         table = Table("message id", "why", "from queue", "when", "reason")
         for letter in letters:
@@ -122,7 +122,7 @@ def dlq_redrive(
         raise typer.BadParameter("name message ids, or pass --all")
 
     async def run() -> int:
-        async with Broker(AMQPSettings(), name="parjobs-dlq") as broker:
+        async with AMQPBroker(AMQPSettings(), name="parjobs-dlq") as broker:
             return await broker.redrive("all" if every else list(message_ids or []))
 
     console.print(f"re-drove {anyio.run(run)} message(s)")

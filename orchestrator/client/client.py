@@ -15,7 +15,7 @@ import anyio
 from pydantic import BaseModel, TypeAdapter
 
 from orchestrator import errors
-from orchestrator.broker.amqp import Broker
+from orchestrator.broker.base import Broker
 from orchestrator.core.keys import KeyPair
 from orchestrator.core.ledger_rules import ACCESS
 from orchestrator.core.signing import request_fingerprint, sign_authorisation, write_cheque

@@ -12,17 +12,15 @@ import pytest
 from aio_pika.abc import AbstractChannel
 from pydantic import Field, SecretStr, TypeAdapter, ValidationError
 
-from orchestrator.broker._consumer import IncomingMeta
 from orchestrator.broker._dlq import (
     CODE_HEADER,
     QUEUE_HEADER,
     REASON_HEADER,
     REDRIVEN_HEADER,
     ROUTING_KEY_HEADER,
-    DeadLetter,
-    DeadLetterReason,
 )
-from orchestrator.broker.amqp import Broker
+from orchestrator.broker.amqp import AMQPBroker
+from orchestrator.broker.base import Broker, DeadLetter, DeadLetterReason, IncomingMeta
 from orchestrator.broker.topology import QueueSpec
 from orchestrator.core.codec import decode
 from orchestrator.errors import (
@@ -134,7 +132,7 @@ def test_amqp_settings_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = AMQPSettings()
     assert settings.amqp_url.get_secret_value() == "amqp://guest:guest@127.0.0.1:5672/"
     assert (settings.prefix, settings.prefetch, settings.delivery_limit) == ("parjobs", 16, 5)
-    assert Broker(settings).topology.events.name == "parjobs.events"
+    assert AMQPBroker(settings).topology.events.name == "parjobs.events"
 
 
 @pytest.mark.parametrize(
@@ -178,7 +176,7 @@ async def test_an_unreachable_broker_is_a_clear_error() -> None:
     with pytest.raises(
         BrokerUnavailableError, match=r"RabbitMQ not reachable at amqp://guest:\*\*\*@"
     ):
-        await Broker(settings).connect()
+        await AMQPBroker(settings).connect()
 
 
 # --- publish and consume ------------------------------------------------------------------------
@@ -547,7 +545,7 @@ async def test_drain_past_its_deadline_hands_the_message_back(
     message_id = await broker.publish(broker.topology.events, "job.x", Ping(n=1))
     await asyncio.wait_for(started.wait(), 10)
     assert await broker.drain(timeout=0.2) is False
-    async with Broker(amqp_settings, name=f"{broker.name}-2") as other:
+    async with AMQPBroker(amqp_settings, name=f"{broker.name}-2") as other:
         inbox = Inbox()
         await other.consume(spec, MESSAGES, inbox)
         message, meta = await inbox.next()
