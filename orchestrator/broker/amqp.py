@@ -21,7 +21,7 @@ from orchestrator.broker import _dlq, _streams
 from orchestrator.broker._consumer import Consumer
 from orchestrator.broker._publish import Publisher, outgoing
 from orchestrator.broker._rpc import ReplyQueue
-from orchestrator.broker.base import BrokerHealth
+from orchestrator.broker.base import BrokerHealth, finish_handlers
 from orchestrator.broker.topology import ExchangeSpec, QueueSpec, Topology, declare
 from orchestrator.core.codec import decode
 from orchestrator.errors import (
@@ -120,18 +120,12 @@ class AMQPBroker:
         consumers, self._consumers = self._consumers, []
         for consumer in consumers:
             await consumer.cancel()
-        in_flight = set().union(*(consumer.in_flight for consumer in consumers))
-        pending: set[asyncio.Task[None]] = set()
-        if in_flight:
-            _, pending = await asyncio.wait(in_flight, timeout=timeout)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-            if pending:
-                log.warning("%d handlers cancelled after %gs; requeued", len(pending), timeout)
+        finished = await finish_handlers(
+            set().union(*(consumer.in_flight for consumer in consumers)), timeout
+        )
         for consumer in consumers:
             await consumer.close()
-        return not pending
+        return finished
 
     async def close(self) -> None:
         """Close everything at once: handlers still running are cancelled (`drain` first for a

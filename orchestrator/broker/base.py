@@ -9,6 +9,8 @@ any client library.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -24,6 +26,7 @@ if TYPE_CHECKING:
     from orchestrator.settings import AMQPSettings
 
 T = TypeVar("T")
+log = logging.getLogger("parjobs.broker")
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,23 @@ def retry_pause(retry_delay: float, delivery_count: int) -> float:
     doubling with each earlier failed delivery, at most 30 s. (Held meanwhile, as a prefetch
     slot, so a brief outage does not burn through the delivery limit in milliseconds.)"""
     return float(min(retry_delay * 2**delivery_count, _MAX_RETRY_DELAY))
+
+
+async def finish_handlers(
+    in_flight: set[asyncio.Task[None]],
+    timeout: float,  # noqa: ASYNC109 - drain's grace period
+) -> bool:
+    """Let the handlers `in_flight` finish for up to `timeout` seconds, then cancel the rest (a
+    cancelled handler hands its message back); True if every handler finished (`drain`)."""
+    if not in_flight:
+        return True
+    _, pending = await asyncio.wait(in_flight, timeout=timeout)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    if pending:
+        log.warning("%d handlers cancelled after %gs; requeued", len(pending), timeout)
+    return not pending
 
 
 class Subscription(Protocol):

@@ -32,7 +32,13 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, Self, TypeVar
 
 from orchestrator.broker._dlq import dead_letter_headers, read_letter, redriven_headers
 from orchestrator.broker._memory import MemoryQueue, MemoryServer, StoredMessage
-from orchestrator.broker.base import BrokerHealth, IncomingMeta, StreamRecord, retry_pause
+from orchestrator.broker.base import (
+    BrokerHealth,
+    IncomingMeta,
+    StreamRecord,
+    finish_handlers,
+    retry_pause,
+)
 from orchestrator.broker.topology import Topology
 from orchestrator.core.codec import decode, encode
 from orchestrator.errors import (
@@ -259,16 +265,9 @@ class MemoryBroker:
         consumers, self._consumers = self._consumers, []
         for consumer in consumers:
             await consumer.cancel()
-        in_flight = set().union(*(consumer.in_flight for consumer in consumers))
-        pending: set[asyncio.Task[None]] = set()
-        if in_flight:
-            _, pending = await asyncio.wait(in_flight, timeout=timeout)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-            if pending:
-                log.warning("%d handlers cancelled after %gs; requeued", len(pending), timeout)
-        return not pending
+        return await finish_handlers(
+            set().union(*(consumer.in_flight for consumer in consumers)), timeout
+        )
 
     async def close(self) -> None:
         """Close at once: handlers still running are cancelled (`drain` first for a graceful
