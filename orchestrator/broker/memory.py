@@ -114,12 +114,11 @@ class _MemoryConsumer(Generic[T]):
         if self in self._queue.consumers:
             self._queue.consumers.remove(self)
 
-    def lose_connection(self) -> None:
-        """The connection dropped: every unsettled delivery goes back to the queue (counted as a
-        failed delivery, as a quorum queue counts a consumer lost)."""
+    def forget_deliveries(self) -> list[tuple[MemoryQueue, StoredMessage]]:
+        """The connection dropped: the unsettled deliveries, which this consumer can no longer
+        settle (its handlers may still be running)."""
         deliveries, self._deliveries = self._deliveries, {}
-        for message in deliveries.values():
-            self._broker.server.hand_back(self._queue, message, failed=True)
+        return [(self._queue, message) for message in deliveries.values()]
 
     def _settle(self, task: asyncio.Task[None]) -> StoredMessage | None:
         message = self._deliveries.pop(task, None)
@@ -304,8 +303,9 @@ class MemoryBroker:
         server closed it: unsettled deliveries go back to their queues (handlers still running
         can no longer settle them), and the consumers resume."""
         self._require()
-        for consumer in self._consumers:
-            consumer.lose_connection()
+        dropped = [delivery for each in self._consumers for delivery in each.forget_deliveries()]
+        for queue, message in dropped:  # failed, as a quorum queue counts a consumer lost
+            self.server.hand_back(queue, message, failed=True)
         self.reconnections += 1
         log.warning("connection %s lost and restored; consumers restored", self.name)
 
