@@ -35,7 +35,7 @@ from pamqp.common import FieldTable
 from pydantic import TypeAdapter
 
 from orchestrator import KeyPair, ObjectWriter
-from orchestrator.broker.amqp import Broker
+from orchestrator.broker.amqp import AMQPBroker
 from orchestrator.broker.topology import QueueSpec, Topology, declare
 from orchestrator.client.client import ParjobsClient
 from orchestrator.core.layout import JobKeys
@@ -98,7 +98,7 @@ async def drive(job: Callable[[], Awaitable[None]], count: int, limit: int) -> l
     return [time.perf_counter() - start, *latencies]
 
 
-class CountingBroker(Broker):
+class CountingBroker(AMQPBroker):
     """Counts the client's requests by kind; each one is answered by exactly one reply."""
 
     requests: Counter[str] = Counter()  # noqa: RUF012 - one instance per run

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 import aio_pika
 import pytest
 
-from orchestrator.broker.amqp import Broker
+from orchestrator.broker.amqp import AMQPBroker
+from orchestrator.broker.base import Broker
 from orchestrator.errors import BrokerUnavailableError, ConfigurationError
 from orchestrator.settings import AMQPSettings
 from orchestrator.store.s3 import ObjectStore
@@ -109,8 +110,8 @@ def amqp_settings() -> AMQPSettings:
     )
 
 
-class _TestBroker(Broker):
-    """A Broker that remembers the queues declared through it, to delete them afterwards."""
+class _TestBroker(AMQPBroker):
+    """An AMQPBroker that remembers the queues declared through it, to delete them afterwards."""
 
     def __init__(self, settings: AMQPSettings, *, name: str) -> None:
         super().__init__(settings, name=name)
@@ -132,7 +133,7 @@ class _TestBroker(Broker):
 
 @pytest.fixture
 async def broker(amqp_settings: AMQPSettings) -> AsyncIterator[Broker]:
-    """A connected Broker with the shared topology declared; RabbitMQ down fails the test."""
+    """A connected AMQPBroker with the shared topology declared; RabbitMQ down fails the test."""
     connected = _TestBroker(amqp_settings, name=f"parjobs-{amqp_settings.prefix}")
     unreachable = False
     try:

@@ -18,7 +18,7 @@ import aio_pika
 import anyio
 from anyio.abc import TaskGroup
 
-from orchestrator.broker._consumer import IncomingMeta
+from orchestrator.broker.base import IncomingMeta
 from orchestrator.broker.topology import QueueSpec, Topology
 from orchestrator.core.keys import KeyPair, PublicKeys
 from orchestrator.core.pricing import Pricing

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Protocol
 
-from orchestrator.broker._consumer import IncomingMeta
+from orchestrator.broker.base import IncomingMeta
 from orchestrator.errors import ParjobsError
 from schemas.messages import Envelope, ErrorReply, EventPublished, GetJob, GetOutputs
 

@@ -21,8 +21,8 @@ from datetime import UTC, datetime
 import anyio
 from anyio.abc import TaskGroup
 
-from orchestrator.broker._consumer import IncomingMeta
-from orchestrator.broker.amqp import Broker
+from orchestrator.broker.amqp import AMQPBroker
+from orchestrator.broker.base import Broker, IncomingMeta
 from orchestrator.broker.topology import QueueSpec
 from orchestrator.core.layout import JobKeys
 from orchestrator.errors import ConfigurationError
@@ -151,7 +151,7 @@ async def serve(role: str, setup: Setup) -> None:
     settings = ServiceSettings()
     async with (
         ObjectStore(S3Settings()) as store,
-        Broker(AMQPSettings(), name=f"parjobs-{role}-{os.getpid()}") as broker,
+        AMQPBroker(AMQPSettings(), name=f"parjobs-{role}-{os.getpid()}") as broker,
     ):
         await store.ensure_bucket()
         keys = JobKeys(settings.data_root)

@@ -17,14 +17,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from dataclasses import dataclass
-from datetime import datetime
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, ChannelNotFoundEntity
 
 from orchestrator.broker._dlq import dead_letter_copy
+from orchestrator.broker.base import Handler, IncomingMeta, retry_pause
 from orchestrator.core.codec import decode
 from orchestrator.errors import PoisonMessageError, TopologyError
 
@@ -40,45 +39,26 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 log = logging.getLogger("parjobs.broker")
-_MAX_RETRY_DELAY = 30.0
 
 
-@dataclass(frozen=True)
-class IncomingMeta:
-    """What a handler may need to know about the delivery besides the message itself."""
-
-    queue: str
-    message_id: str | None
-    correlation_id: str | None
-    reply_to: str | None
-    exchange: str
-    routing_key: str
-    redelivered: bool
-    delivery_count: int
-    """Earlier deliveries that ended without an ack (quorum queues' `x-delivery-count`)."""
-    headers: Mapping[str, Any]
-    timestamp: datetime | None
-
-    @classmethod
-    def of(cls, queue: str, message: AbstractIncomingMessage) -> IncomingMeta:
-        """The metadata of `message`, delivered from `queue`."""
-        headers = dict(message.headers or {})
-        count = headers.get("x-delivery-count")
-        return cls(
-            queue=queue,
-            message_id=message.message_id,
-            correlation_id=message.correlation_id,
-            reply_to=message.reply_to,
-            exchange=message.exchange or "",
-            routing_key=message.routing_key or "",
-            redelivered=bool(message.redelivered),
-            delivery_count=count if isinstance(count, int) else 0,
-            headers=headers,
-            timestamp=message.timestamp,
-        )
+def incoming_meta(queue: str, message: AbstractIncomingMessage) -> IncomingMeta:
+    """The metadata of `message`, delivered from `queue`."""
+    headers = dict(message.headers or {})
+    count = headers.get("x-delivery-count")
+    return IncomingMeta(
+        queue=queue,
+        message_id=message.message_id,
+        correlation_id=message.correlation_id,
+        reply_to=message.reply_to,
+        exchange=message.exchange or "",
+        routing_key=message.routing_key or "",
+        redelivered=bool(message.redelivered),
+        delivery_count=count if isinstance(count, int) else 0,
+        headers=headers,
+        timestamp=message.timestamp,
+    )
 
 
-Handler = Callable[[T, IncomingMeta], Awaitable[None]]
 SendDeadLetter = Callable[["Message"], Awaitable[None]]
 """Publishes a dead-letter copy to the dead-letter exchange and waits for the confirm."""
 
@@ -151,7 +131,7 @@ class Consumer(Generic[T]):
             self.in_flight.discard(task)
 
     async def _process(self, message: AbstractIncomingMessage) -> None:
-        meta = IncomingMeta.of(self.queue, message)
+        meta = incoming_meta(self.queue, message)
         try:
             try:
                 value = decode(self._adapter, message.body)
@@ -159,9 +139,7 @@ class Consumer(Generic[T]):
             except PoisonMessageError as exc:
                 await self._poisoned(message, exc)
             except Exception:
-                # Held meanwhile (a prefetch slot), so a brief outage does not burn through the
-                # delivery limit in milliseconds.
-                pause = min(self._retry_delay * 2**meta.delivery_count, _MAX_RETRY_DELAY)
+                pause = retry_pause(self._retry_delay, meta.delivery_count)
                 log.exception(
                     "handler failed on %s from %s (delivery %d); requeued in %gs",
                     meta.message_id,

@@ -13,15 +13,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-from collections.abc import Collection, Iterable
-from dataclasses import dataclass
+from collections.abc import Collection, Iterable, Mapping
 from datetime import UTC, datetime
-from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Literal
 
 from aio_pika import DeliveryMode, Message
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 
+from orchestrator.broker.base import DeadLetter, DeadLetterReason
 from orchestrator.errors import PublishError
 
 if TYPE_CHECKING:
@@ -43,22 +42,6 @@ _MAX_REASON = 1024
 _DEATH_HEADERS = ("x-death", "x-first-death-", "x-last-death-", "x-delivery-count", "x-parjobs-")
 
 
-class DeadLetterReason(StrEnum):
-    """Why a message is in the dead-letter queue."""
-
-    UNDECODABLE = "undecodable"
-    INVALID = "invalid"
-    UNKNOWN_TYPE = "unknown-type"
-    POISON = "poison"
-    """Its handler raised PoisonMessageError."""
-    DELIVERY_LIMIT = "delivery-limit"
-    """Its handler kept failing; the broker dead-lettered it after the queue's delivery limit."""
-    REJECTED = "rejected"
-    EXPIRED = "expired"
-    MAX_LENGTH = "max-length"
-    UNKNOWN = "unknown"
-
-
 _BROKER_REASONS = {
     "delivery_limit": DeadLetterReason.DELIVERY_LIMIT,
     "rejected": DeadLetterReason.REJECTED,
@@ -67,42 +50,51 @@ _BROKER_REASONS = {
 }
 
 
-@dataclass(frozen=True)
-class DeadLetter:
-    """One message in the dead-letter queue, with where it came from and why it is here."""
-
-    message_id: str | None
-    code: DeadLetterReason
-    reason: str
-    original_queue: str | None
-    """Where a re-drive sends it; None when the letter does not say (it cannot be re-driven)."""
-    original_exchange: str | None
-    original_routing_key: str | None
-    dead_lettered_at: datetime | None
-    body: bytes
-    headers: dict[str, Any]
-    """The message's own headers, without the dead-letter bookkeeping."""
-
-
-def _own_headers(headers: HeadersType | None) -> dict[str, Any]:
+def _own_headers(headers: Mapping[str, Any] | None) -> dict[str, Any]:
     return {
         key: value for key, value in (headers or {}).items() if not key.startswith(_DEATH_HEADERS)
     }
+
+
+def dead_letter_headers(
+    headers: Mapping[str, Any] | None,
+    *,
+    queue: str,
+    exchange: str,
+    routing_key: str,
+    code: str,
+    reason: str,
+) -> dict[str, Any]:
+    """The headers of the copy a consumer sends to the DLQ: the message's own, and its reason in
+    `x-parjobs-*` headers."""
+    return {
+        **_own_headers(headers),
+        CODE_HEADER: code,
+        REASON_HEADER: reason[:_MAX_REASON],
+        QUEUE_HEADER: queue,
+        EXCHANGE_HEADER: exchange,
+        ROUTING_KEY_HEADER: routing_key,
+        TIME_HEADER: datetime.now(UTC).isoformat(),
+    }
+
+
+def redriven_headers(letter: DeadLetter) -> dict[str, Any]:
+    """The headers a re-driven letter goes back with: its own, marked as re-driven."""
+    return {**letter.headers, REDRIVEN_HEADER: datetime.now(UTC).isoformat()}
 
 
 def dead_letter_copy(
     message: AbstractIncomingMessage, queue: str, code: str, reason: str
 ) -> Message:
     """The copy of `message` a consumer sends to the DLQ, its reason in `x-parjobs-*` headers."""
-    headers: HeadersType = {
-        **_own_headers(message.headers),
-        CODE_HEADER: code,
-        REASON_HEADER: reason[:_MAX_REASON],
-        QUEUE_HEADER: queue,
-        EXCHANGE_HEADER: message.exchange or "",
-        ROUTING_KEY_HEADER: message.routing_key or "",
-        TIME_HEADER: datetime.now(UTC).isoformat(),
-    }
+    headers = dead_letter_headers(
+        message.headers,
+        queue=queue,
+        exchange=message.exchange or "",
+        routing_key=message.routing_key or "",
+        code=code,
+        reason=reason,
+    )
     return _copy(message, headers)
 
 
@@ -145,22 +137,22 @@ def _text(value: object) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def parse(message: AbstractIncomingMessage) -> DeadLetter:
-    """What the dead-letter queue says about `message`."""
-    headers = message.headers or {}
+def read_letter(message_id: str | None, body: bytes, headers: Mapping[str, Any]) -> DeadLetter:
+    """What the dead-letter queue says about the message of that id, body and headers: the
+    consumer's `x-parjobs-*` reason, or else the broker's latest `x-death` record."""
     own = _own_headers(headers)
     if CODE_HEADER in headers:
         code = _text(headers[CODE_HEADER]) or ""
         at = _text(headers.get(TIME_HEADER))
         return DeadLetter(
-            message_id=message.message_id,
+            message_id=message_id,
             code=_reason(code),
             reason=_text(headers.get(REASON_HEADER)) or code,
             original_queue=_text(headers.get(QUEUE_HEADER)),
             original_exchange=_text(headers.get(EXCHANGE_HEADER)),
             original_routing_key=_text(headers.get(ROUTING_KEY_HEADER)),
             dead_lettered_at=datetime.fromisoformat(at) if at else None,
-            body=message.body,
+            body=body,
             headers=own,
         )
     deaths = headers.get("x-death")
@@ -171,27 +163,32 @@ def parse(message: AbstractIncomingMessage) -> DeadLetter:
         queue = _text(death.get("queue"))
         time = death.get("time")
         return DeadLetter(
-            message_id=message.message_id,
+            message_id=message_id,
             code=_BROKER_REASONS.get(broker_reason, DeadLetterReason.UNKNOWN),
             reason=f"dead-lettered by RabbitMQ from {queue}: {broker_reason}",
             original_queue=queue,
             original_exchange=_text(death.get("exchange")),
             original_routing_key=_text(keys[0]) if isinstance(keys, list) and keys else None,
             dead_lettered_at=time if isinstance(time, datetime) else None,
-            body=message.body,
+            body=body,
             headers=own,
         )
     return DeadLetter(
-        message_id=message.message_id,
+        message_id=message_id,
         code=DeadLetterReason.UNKNOWN,
         reason="no dead-letter headers (published to the dead-letter queue directly?)",
         original_queue=None,
         original_exchange=None,
         original_routing_key=None,
         dead_lettered_at=None,
-        body=message.body,
+        body=body,
         headers=own,
     )
+
+
+def parse(message: AbstractIncomingMessage) -> DeadLetter:
+    """What the dead-letter queue says about `message`."""
+    return read_letter(message.message_id, message.body, message.headers or {})
 
 
 async def peek(channel: AbstractRobustChannel, dlq: str, limit: int) -> list[DeadLetter]:
@@ -247,12 +244,10 @@ async def redrive(
                 log.warning("dead letter %s has no origin; left in %s", letter.message_id, dlq)
                 held.append(message)
                 continue
-            headers: HeadersType = {
-                **letter.headers,
-                REDRIVEN_HEADER: datetime.now(UTC).isoformat(),
-            }
             try:
-                await publisher.send("", letter.original_queue, _copy(message, headers))
+                await publisher.send(
+                    "", letter.original_queue, _copy(message, redriven_headers(letter))
+                )
             except PublishError as exc:
                 log.warning("dead letter %s not re-driven: %s", letter.message_id, exc)
                 held.append(message)

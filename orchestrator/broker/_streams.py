@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from aio_pika.exceptions import ChannelNotFoundEntity
 
+from orchestrator.broker.base import StreamOffset, StreamRecord
 from orchestrator.core.codec import decode
 from orchestrator.errors import (
     BrokerUnavailableError,
@@ -38,22 +38,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("parjobs.broker")
 T = TypeVar("T")
-StreamOffset = Literal["first", "last", "next"] | int | datetime
-"""Where to start: the first retained message, the last chunk, only new messages, an absolute
-offset, or the first chunk written at or after a time."""
 _TAIL_QUIET = 0.1  # the last chunk arrives in one burst; this much silence means it is all here
-
-
-@dataclass(frozen=True)
-class StreamRecord(Generic[T]):
-    """One message read from a stream."""
-
-    value: T
-    offset: int
-    routing_key: str
-    message_id: str | None
-    timestamp: datetime | None
-    headers: Mapping[str, Any]
 
 
 class _Subscription:
@@ -122,7 +107,7 @@ async def read_stream(
     idle_timeout: float,
     skip_invalid: bool = False,
 ) -> AsyncIterator[StreamRecord[T]]:
-    """Validated records from `offset` on; see `Broker.read_stream`."""
+    """Validated records from `offset` on; see `AMQPBroker.read_stream`."""
     tail: int | None = None
     if not follow:
         tail = await _probe_tail(connection, stream, idle_timeout)

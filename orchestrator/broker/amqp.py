@@ -1,6 +1,6 @@
-"""The broker seam: every RabbitMQ operation the services use, behind one object.
+"""`AMQPBroker`: the `Broker` seam on RabbitMQ.
 
-Services talk to `Broker` only, so their logic can be tested with a stand-in. One robust
+One robust
 connection (aio-pika restores channels, queues, bindings and consumers after the broker drops
 it); one publishing channel with publisher confirms; one channel per consumer, whose prefetch is
 its number of concurrent handlers.
@@ -12,16 +12,16 @@ import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Collection, Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Self, TypeVar
 
 import aio_pika
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS, ChannelNotFoundEntity
 
 from orchestrator.broker import _dlq, _streams
-from orchestrator.broker._consumer import Consumer, Handler, IncomingMeta
+from orchestrator.broker._consumer import Consumer
 from orchestrator.broker._publish import Publisher, outgoing
 from orchestrator.broker._rpc import ReplyQueue
+from orchestrator.broker.base import BrokerHealth, finish_handlers
 from orchestrator.broker.topology import ExchangeSpec, QueueSpec, Topology, declare
 from orchestrator.core.codec import decode
 from orchestrator.errors import (
@@ -41,33 +41,26 @@ if TYPE_CHECKING:
     from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection, FieldValue
     from pydantic import BaseModel, TypeAdapter
 
-    from orchestrator.broker._dlq import DeadLetter
-    from orchestrator.broker._streams import StreamOffset, StreamRecord
+    from orchestrator.broker.base import (
+        DeadLetter,
+        Handler,
+        IncomingMeta,
+        StreamOffset,
+        StreamRecord,
+    )
 
 T = TypeVar("T")
 log = logging.getLogger("parjobs.broker")
-
-
-@dataclass(frozen=True)
-class BrokerHealth:
-    """The answer of a successful `Broker.check()`."""
-
-    round_trip_seconds: float
-    dead_letters: int
-    """Messages waiting in the dead-letter queue (RabbitMQ updates this count lazily): non-zero
-    wants an operator's look."""
-    reconnections: int
-    """Times the connection was lost and restored since `connect`."""
 
 
 def _name(target: str | ExchangeSpec | QueueSpec) -> str:
     return target if isinstance(target, str) else target.name
 
 
-class Broker:
+class AMQPBroker:
     """RabbitMQ for parjobs: publish, consume, request/reply, streams, dead letters.
 
-    Use as `async with Broker(settings, name="parjobs-storage") as broker:`; `name` is the
+    Use as `async with AMQPBroker(settings, name="parjobs-storage") as broker:`; `name` is the
     connection name RabbitMQ shows. Names of exchanges and queues come from `broker.topology`.
     """
 
@@ -127,18 +120,12 @@ class Broker:
         consumers, self._consumers = self._consumers, []
         for consumer in consumers:
             await consumer.cancel()
-        in_flight = set().union(*(consumer.in_flight for consumer in consumers))
-        pending: set[asyncio.Task[None]] = set()
-        if in_flight:
-            _, pending = await asyncio.wait(in_flight, timeout=timeout)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-            if pending:
-                log.warning("%d handlers cancelled after %gs; requeued", len(pending), timeout)
+        finished = await finish_handlers(
+            set().union(*(consumer.in_flight for consumer in consumers)), timeout
+        )
         for consumer in consumers:
             await consumer.close()
-        return not pending
+        return finished
 
     async def close(self) -> None:
         """Close everything at once: handlers still running are cancelled (`drain` first for a
@@ -187,7 +174,7 @@ class Broker:
 
     def _require(self) -> aio_pika.RobustConnection:
         if self._connection is None:
-            raise BrokerError("the broker is not connected: use `async with Broker(...)`")
+            raise BrokerError("the broker is not connected: use `async with AMQPBroker(...)`")
         return self._connection
 
     def _require_publisher(self) -> Publisher:

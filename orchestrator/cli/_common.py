@@ -16,7 +16,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from orchestrator.broker.amqp import Broker
+from orchestrator.broker.amqp import AMQPBroker
+from orchestrator.broker.base import Broker
 from orchestrator.client.client import ParjobsClient
 from orchestrator.core.keys import KeyPair
 from orchestrator.core.ledger_rules import user_account
@@ -61,7 +62,7 @@ async def broker_session(name: str) -> AsyncIterator[Broker]:
     """RabbitMQ as PARJOBS_AMQP_URL / PARJOBS_PREFIX say."""
     # aiormq logs a failed connect itself; the BrokerUnavailableError after it says it in one line.
     logging.getLogger("aiormq").setLevel(logging.CRITICAL)
-    async with Broker(AMQPSettings(), name=name) as broker:
+    async with AMQPBroker(AMQPSettings(), name=name) as broker:
         yield broker
 
 

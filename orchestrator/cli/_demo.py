@@ -20,7 +20,7 @@ from pathlib import Path
 import anyio
 from rich.table import Table
 
-from orchestrator.broker.amqp import Broker
+from orchestrator.broker.amqp import AMQPBroker
 from orchestrator.cli._common import console
 from orchestrator.cli._jobs import fetch_outputs, timeline, watch_job
 from orchestrator.cli._money import statement_table
@@ -60,7 +60,7 @@ async def run_job_demo() -> None:
         cluster = LocalCluster(s3, prefix=prefix, delete_topology=True)
         await stack.enter_async_context(cluster)
         console.print(f"access, storage, compute daemons ready as separate processes ({prefix})")
-        broker = await stack.enter_async_context(Broker(cluster.amqp, name="parjobs-demo"))
+        broker = await stack.enter_async_context(AMQPBroker(cluster.amqp, name="parjobs-demo"))
         client = ParjobsClient(broker, sender="demo")
         scratch = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         user = KeyPair.generate("demo-user")

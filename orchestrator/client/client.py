@@ -16,7 +16,7 @@ import anyio
 from pydantic import BaseModel
 
 from orchestrator import errors
-from orchestrator.broker.amqp import Broker
+from orchestrator.broker.base import Broker
 from orchestrator.broker.topology import RPC_REQUESTS
 from orchestrator.core.keys import KeyPair
 from orchestrator.core.ledger_rules import ACCESS

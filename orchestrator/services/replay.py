@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from pydantic import TypeAdapter
 
-from orchestrator.broker.amqp import Broker
+from orchestrator.broker.base import Broker
 from orchestrator.core.jobstate import fold
 from orchestrator.errors import JobError
 from orchestrator.store.eventlog import EventLog

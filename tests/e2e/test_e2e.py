@@ -32,8 +32,9 @@ import pytest
 from pydantic import JsonValue, TypeAdapter
 
 from orchestrator import PAR, BucketReader, KeyPair, ObjectWriter
-from orchestrator.broker._dlq import CODE_HEADER, REASON_HEADER, DeadLetter, DeadLetterReason
-from orchestrator.broker.amqp import Broker
+from orchestrator.broker._dlq import CODE_HEADER, REASON_HEADER
+from orchestrator.broker.amqp import AMQPBroker
+from orchestrator.broker.base import Broker, DeadLetter, DeadLetterReason
 from orchestrator.broker.topology import Topology
 from orchestrator.client.client import ParjobsClient
 from orchestrator.client.jobsheet import JobSheet
@@ -226,7 +227,7 @@ async def open_cluster(
         accounts = Accounts(store, JobKeys(root))
         await accounts.add_user(ACCOUNT, user.public)
         await accounts.deposit(ACCOUNT, Decimal(10_000))
-        async with Broker(cluster.amqp, name=f"e2e-client-{tag}") as broker:
+        async with AMQPBroker(cluster.amqp, name=f"e2e-client-{tag}") as broker:
             yield Harness(
                 cluster=cluster,
                 broker=broker,

@@ -37,7 +37,8 @@ import anyio
 import pytest
 
 from orchestrator import PAR, KeyPair, ObjectWriter
-from orchestrator.broker.amqp import Broker
+from orchestrator.broker.amqp import AMQPBroker
+from orchestrator.broker.base import Broker
 from orchestrator.client.client import ParjobsClient
 from orchestrator.core.jobstate import is_terminal
 from orchestrator.core.layout import JobKeys
@@ -249,7 +250,7 @@ async def open_cluster(
         accounts = Accounts(store, JobKeys(root))
         await accounts.add_user(ACCOUNT, user.public)
         await accounts.deposit(ACCOUNT, DEPOSIT)
-        async with Broker(cluster.amqp, name=f"pay-client-{tag}") as broker:
+        async with AMQPBroker(cluster.amqp, name=f"pay-client-{tag}") as broker:
             yield Paid(
                 cluster=cluster,
                 broker=broker,

@@ -33,7 +33,7 @@ from aiormq.exceptions import (
 from pydantic import BaseModel, SecretStr, TypeAdapter
 
 from orchestrator.broker.admin import BrokerAdmin, Credentials, vhost_of
-from orchestrator.broker.amqp import Broker
+from orchestrator.broker.amqp import AMQPBroker
 from orchestrator.broker.identities import Identities, Role
 from orchestrator.broker.topology import QueueSpec, Topology, declare
 from orchestrator.errors import ConfigurationError
@@ -536,7 +536,7 @@ async def test_the_operator_runs_parjobs_own_broker_over_the_whole_topology(
         amqp_url=deployment.credentials["operator"].amqp_url(deployment.amqp_url),
         prefix=deployment.topology.prefix,
     )
-    async with Broker(settings, name=f"{settings.prefix}-operator") as broker:
+    async with AMQPBroker(settings, name=f"{settings.prefix}-operator") as broker:
         await broker.declare(*itertools.chain(*deployment.queues.values()))
         owner = deployment.username("alice")
         key = deployment.ids.event_routing_key(owner, JOB, "progress")

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.broker._consumer import IncomingMeta
-from orchestrator.broker._dlq import DeadLetter, DeadLetterReason
-from orchestrator.broker.amqp import Broker
+from orchestrator.broker.base import Broker, DeadLetter, DeadLetterReason, IncomingMeta
 from orchestrator.client.client import ParjobsClient
 from orchestrator.core.layout import JobKeys
 from orchestrator.errors import RunRefusedError

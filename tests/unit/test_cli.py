@@ -66,7 +66,7 @@ class Files:
 def no_servers() -> Iterator[None]:
     """Every connection the CLI opens goes through `_common`: there, it is refused."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(_common, "Broker", _refuse_to_connect("RabbitMQ"))
+        patch.setattr(_common, "AMQPBroker", _refuse_to_connect("RabbitMQ"))
         patch.setattr(_common, "ObjectStore", _refuse_to_connect("the object store"))
         patch.setenv("PARJOBS_PASSPHRASE", PASSPHRASE)
         patch.setenv("PARJOBS_S3_ACCESS_KEY_ID", "unit")

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from orchestrator.broker._consumer import IncomingMeta
+from orchestrator.broker.base import IncomingMeta
 from orchestrator.errors import (
     AppendConflictError,
     BrokerUnavailableError,
