@@ -33,9 +33,9 @@ from orchestrator.par.io import BucketWriter
 from orchestrator.par.issuer import PARIssuer
 from orchestrator.par.par import PAR
 from orchestrator.par.transfer import PARTransport
+from orchestrator.store.base import ObjectStore
 from orchestrator.store.eventlog import EventLog, step_event_id
 from orchestrator.store.registry import PARRegistry
-from orchestrator.store.s3 import ObjectStore
 from schemas.events import (
     Cancelled,
     Completed,

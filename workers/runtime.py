@@ -41,9 +41,10 @@ from orchestrator.errors import (
     UserError,
 )
 from orchestrator.settings import AMQPSettings, S3Settings, ServiceSettings
+from orchestrator.store.base import ObjectStore
 from orchestrator.store.eventlog import EventLog
 from orchestrator.store.registry import PARRegistry
-from orchestrator.store.s3 import ObjectStore
+from orchestrator.store.s3 import S3ObjectStore
 from schemas.events import JobEvent
 from schemas.messages import Envelope, ErrorReply, EventPublished, MessageBody
 
@@ -162,7 +163,7 @@ async def serve(role: str, setup: Setup) -> None:
     configure_logging(role)
     settings = ServiceSettings()
     async with (
-        ObjectStore(S3Settings()) as store,
+        S3ObjectStore(S3Settings()) as store,
         Broker(AMQPSettings(), name=f"parjobs-{role}-{os.getpid()}") as broker,
     ):
         await store.ensure_bucket()

@@ -25,7 +25,7 @@ from orchestrator.core.ledger_rules import ACCESS
 from orchestrator.core.signing import write_cheque
 from orchestrator.services.accounts import Accounts
 from orchestrator.settings import S3Settings, ServiceSettings
-from orchestrator.store.s3 import ObjectStore
+from orchestrator.store.s3 import S3ObjectStore
 from schemas.ledger import StatementRow
 
 users_app = typer.Typer(help="Registered users: who may sign for jobs and pay for them.")
@@ -37,7 +37,7 @@ T = TypeVar("T")
 
 @asynccontextmanager
 async def _accounts() -> AsyncIterator[Accounts]:
-    async with ObjectStore(S3Settings()) as store:
+    async with S3ObjectStore(S3Settings()) as store:
         yield Accounts(store, JobKeys(ServiceSettings().data_root))
 
 

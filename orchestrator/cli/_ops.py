@@ -15,7 +15,7 @@ from orchestrator.core.layout import JobKeys
 from orchestrator.services.replay import replay as replay_jobs
 from orchestrator.settings import AMQPSettings, S3Settings, ServiceSettings
 from orchestrator.store.eventlog import EventLog
-from orchestrator.store.s3 import ObjectStore
+from orchestrator.store.s3 import S3ObjectStore
 from orchestrator.store.seaweed import LocalSeaweed
 from schemas.events import JobSheetState
 from workers.cluster import LocalCluster
@@ -64,7 +64,7 @@ def replay(
     async def run() -> int:
         keys = JobKeys(ServiceSettings().data_root)
         async with (
-            ObjectStore(S3Settings()) as store,
+            S3ObjectStore(S3Settings()) as store,
             Broker(AMQPSettings(), name="replay") as broker,
         ):
             results = await replay_jobs(EventLog(store, keys.jobs), broker)

@@ -25,7 +25,7 @@ from orchestrator.errors import (
     JobNotFoundError,
     ObjectExistsError,
 )
-from orchestrator.store.s3 import ObjectStore
+from orchestrator.store.base import ObjectStore
 from schemas.events import EventPayload, JobEvent, JobSheetState, Submitted, new_event_id
 from schemas.par import Uid
 

@@ -39,7 +39,7 @@ from orchestrator.errors import (
     ObjectExistsError,
     ObjectNotFoundError,
 )
-from orchestrator.store.s3 import ObjectStore
+from orchestrator.store.base import ObjectStore
 from schemas.ledger import ZERO, LedgerState, StatementRow, Transaction, TransactionDraft
 
 DEFAULT_MAX_ATTEMPTS = 40  # one sequence for every account: more contention than one job's log

@@ -37,13 +37,13 @@ from orchestrator import (
 )
 from orchestrator.par.issuer import PARIssuer
 from orchestrator.store.registry import PARRegistry
-from orchestrator.store.s3 import ObjectStore
+from orchestrator.store.s3 import S3ObjectStore
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def issuer(store: ObjectStore, prefix: str) -> PARIssuer:
+def issuer(store: S3ObjectStore, prefix: str) -> PARIssuer:
     return PARIssuer(store, PARRegistry(store, root=f"{prefix}registry/"), name="storage")
 
 
@@ -52,7 +52,7 @@ def user() -> KeyPair:
     return KeyPair.generate("user")
 
 
-async def _stored(store: ObjectStore, key: str) -> bytes | None:
+async def _stored(store: S3ObjectStore, key: str) -> bytes | None:
     return await store.get(key) if await store.head(key) is not None else None
 
 
@@ -97,7 +97,7 @@ async def test_reading_a_missing_object_is_specific(
 
 
 async def test_write_through_read_only_par_is_refused_locally_and_by_s3(
-    issuer: PARIssuer, store: ObjectStore, user: KeyPair, prefix: str
+    issuer: PARIssuer, store: S3ObjectStore, user: KeyPair, prefix: str
 ) -> None:
     key = f"{prefix}keep"
     await store.put(key, b"original")
@@ -124,7 +124,7 @@ async def test_read_through_write_only_par_is_refused(
 
 
 async def test_wrong_private_key_is_refused_before_any_request(
-    issuer: PARIssuer, store: ObjectStore, user: KeyPair, prefix: str
+    issuer: PARIssuer, store: S3ObjectStore, user: KeyPair, prefix: str
 ) -> None:
     key = f"{prefix}mine"
     await store.put(key, b"mine")
@@ -135,7 +135,7 @@ async def test_wrong_private_key_is_refused_before_any_request(
 
 
 async def test_tampered_metadata_is_refused_and_nothing_harmed(
-    issuer: PARIssuer, store: ObjectStore, user: KeyPair, prefix: str
+    issuer: PARIssuer, store: S3ObjectStore, user: KeyPair, prefix: str
 ) -> None:
     await store.put(f"{prefix}other", b"other's data")
     data = (await issuer.object_par(f"{prefix}mine", user.public, writeable=True)).to_data()
@@ -146,7 +146,7 @@ async def test_tampered_metadata_is_refused_and_nothing_harmed(
 
 
 async def test_tampered_url_inside_capability_is_refused_by_s3(
-    issuer: PARIssuer, store: ObjectStore, user: KeyPair, prefix: str
+    issuer: PARIssuer, store: S3ObjectStore, user: KeyPair, prefix: str
 ) -> None:
     await store.put(f"{prefix}other", b"other's data")
     par = await issuer.object_par(f"{prefix}mine", user.public, writeable=True)
@@ -160,7 +160,7 @@ async def test_tampered_url_inside_capability_is_refused_by_s3(
 
 
 async def test_expired_par_refused_locally_then_by_s3_itself(
-    issuer: PARIssuer, store: ObjectStore, user: KeyPair, prefix: str
+    issuer: PARIssuer, store: S3ObjectStore, user: KeyPair, prefix: str
 ) -> None:
     key = f"{prefix}obj"
     await store.put(key, b"data")
@@ -188,7 +188,7 @@ async def _sleep_past(par: PAR) -> None:
 
 
 async def test_missing_local_file_is_specific_and_sends_nothing(
-    issuer: PARIssuer, store: ObjectStore, user: KeyPair, prefix: str, tmp_path: Path
+    issuer: PARIssuer, store: S3ObjectStore, user: KeyPair, prefix: str, tmp_path: Path
 ) -> None:
     par = await issuer.object_par(f"{prefix}up", user.public, readable=False, writeable=True)
     with pytest.raises(LocalFileNotFoundError, match="does not exist"):
@@ -199,7 +199,7 @@ async def test_missing_local_file_is_specific_and_sends_nothing(
 
 
 async def test_object_par_max_size_is_checked_before_sending(
-    issuer: PARIssuer, store: ObjectStore, user: KeyPair, prefix: str
+    issuer: PARIssuer, store: S3ObjectStore, user: KeyPair, prefix: str
 ) -> None:
     par = await issuer.object_par(f"{prefix}s", user.public, writeable=True, max_size=10)
     with pytest.raises(UploadTooLargeError, match="at most 10"):
@@ -208,7 +208,7 @@ async def test_object_par_max_size_is_checked_before_sending(
 
 
 async def test_sha256_pinned_par_accepts_only_that_content(
-    issuer: PARIssuer, store: ObjectStore, user: KeyPair, prefix: str
+    issuer: PARIssuer, store: S3ObjectStore, user: KeyPair, prefix: str
 ) -> None:
     expected = b"the announced input"
     digest = hashlib.sha256(expected).hexdigest()
@@ -221,7 +221,7 @@ async def test_sha256_pinned_par_accepts_only_that_content(
 
 
 async def test_corrupted_upload_is_rejected_by_s3_content_md5(
-    issuer: PARIssuer, store: ObjectStore, user: KeyPair, prefix: str
+    issuer: PARIssuer, store: S3ObjectStore, user: KeyPair, prefix: str
 ) -> None:
     par = await issuer.object_par(f"{prefix}c", user.public, writeable=True)
     capability = par.open(user)
@@ -237,7 +237,7 @@ async def test_corrupted_upload_is_rejected_by_s3_content_md5(
 
 
 async def test_failed_download_check_leaves_destination_untouched(
-    issuer: PARIssuer, store: ObjectStore, user: KeyPair, prefix: str, tmp_path: Path
+    issuer: PARIssuer, store: S3ObjectStore, user: KeyPair, prefix: str, tmp_path: Path
 ) -> None:
     await store.put(f"{prefix}o", b"new content")
     destination = tmp_path / "result.txt"
@@ -261,7 +261,7 @@ async def test_unsafe_keys_are_refused_at_minting(
 
 
 async def test_bucket_write_then_read_manifest(
-    issuer: PARIssuer, store: ObjectStore, user: KeyPair, prefix: str, tmp_path: Path
+    issuer: PARIssuer, store: S3ObjectStore, user: KeyPair, prefix: str, tmp_path: Path
 ) -> None:
     out = f"{prefix}out/"
     writer = BucketWriter(await issuer.bucket_write_par(out, user.public, max_size=2**20), user)
@@ -287,7 +287,7 @@ async def test_bucket_write_then_read_manifest(
 
 
 async def test_bucket_write_outside_prefix_refused_locally_and_by_s3(
-    issuer: PARIssuer, store: ObjectStore, user: KeyPair, prefix: str
+    issuer: PARIssuer, store: S3ObjectStore, user: KeyPair, prefix: str
 ) -> None:
     await store.put(f"{prefix}victim", b"safe")
     par = await issuer.bucket_write_par(f"{prefix}out/", user.public, max_size=100)
@@ -307,7 +307,7 @@ async def test_bucket_write_outside_prefix_refused_locally_and_by_s3(
 
 
 async def test_bucket_write_over_size_refused_locally_and_by_s3(
-    issuer: PARIssuer, store: ObjectStore, user: KeyPair, prefix: str
+    issuer: PARIssuer, store: S3ObjectStore, user: KeyPair, prefix: str
 ) -> None:
     out = f"{prefix}out/"
     par = await issuer.bucket_write_par(out, user.public, max_size=100)

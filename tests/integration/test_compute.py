@@ -11,7 +11,7 @@ from pydantic import JsonValue
 
 from orchestrator import PAR, BucketReader, ObjectWriter, PARPermissionError
 from orchestrator.errors import PARClosedError, RunRefusedError, UnknownCalculationError
-from orchestrator.store.s3 import ObjectStore
+from orchestrator.store.s3 import S3ObjectStore
 from schemas.events import Completed, ComputeContracted, Failed, JobEvent, JobState
 from schemas.messages import GetOutputs, OutputsReply
 from tests.integration.test_services import Services
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-async def services(store: ObjectStore, prefix: str) -> Services:
+async def services(store: S3ObjectStore, prefix: str) -> Services:
     ready = Services(store, prefix)
     await ready.onboard()
     return ready

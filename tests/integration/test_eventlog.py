@@ -17,7 +17,7 @@ from orchestrator.errors import (
     JobNotFoundError,
 )
 from orchestrator.store.eventlog import EventLog
-from orchestrator.store.s3 import ObjectStore
+from orchestrator.store.s3 import S3ObjectStore
 from orchestrator.store.seaweed import LocalSeaweed
 from schemas.events import (
     Completed,
@@ -39,7 +39,7 @@ def root(prefix: str) -> str:
 
 
 @pytest.fixture
-def log(store: ObjectStore, root: str) -> EventLog:
+def log(store: S3ObjectStore, root: str) -> EventLog:
     return EventLog(store, root)
 
 
@@ -53,11 +53,11 @@ async def running_job(log: EventLog) -> str:
     return job
 
 
-class RivalStore(ObjectStore):
+class RivalStore(S3ObjectStore):
     """Before each conditional create, lets a rival writer append its event first: a lost race on
     demand, with the server's own 412 doing the refusing."""
 
-    def __init__(self, store: ObjectStore, log: EventLog, rivals: list[JobEvent]) -> None:
+    def __init__(self, store: S3ObjectStore, log: EventLog, rivals: list[JobEvent]) -> None:
         super().__init__(store.settings)
         self._store = store
         self._log = log
@@ -76,7 +76,7 @@ def rival(job: str, seq: int, payload: EventPayload) -> JobEvent:
 # --- one writer --------------------------------------------------------------------------------
 
 
-async def test_create_transitions_and_load(log: EventLog, store: ObjectStore, root: str) -> None:
+async def test_create_transitions_and_load(log: EventLog, store: S3ObjectStore, root: str) -> None:
     job = uuid.uuid4().hex
     written = [await log.create(job, f"user:{USER}", SUBMITTED)]
     for actor, name in [
@@ -160,7 +160,7 @@ async def test_a_repeated_event_id_is_found_even_once_illegal(log: EventLog) -> 
 # --- keys and corruption -----------------------------------------------------------------------
 
 
-def test_a_job_uid_cannot_steer_keys(store: ObjectStore) -> None:
+def test_a_job_uid_cannot_steer_keys(store: S3ObjectStore) -> None:
     with pytest.raises(ValidationError):
         EventLog(store).event_key("../../registry", 1)
     assert EventLog(store).event_key("a" * 32, 12) == f"jobs/{'a' * 32}/events/0000000012.json"
@@ -175,7 +175,7 @@ def test_a_job_uid_cannot_steer_keys(store: ObjectStore) -> None:
     ],
 )
 async def test_a_corrupt_log_is_reported(
-    log: EventLog, store: ObjectStore, name: str, body: bytes | None, complaint: str
+    log: EventLog, store: S3ObjectStore, name: str, body: bytes | None, complaint: str
 ) -> None:
     job = await running_job(log)
     stored = await log.read(job)
@@ -189,7 +189,7 @@ async def test_a_corrupt_log_is_reported(
 
 
 async def test_a_lost_race_rereads_and_appends_next(
-    store: ObjectStore, log: EventLog, root: str
+    store: S3ObjectStore, log: EventLog, root: str
 ) -> None:
     job = await running_job(log)
     async with RivalStore(store, log, [rival(job, 5, Progress(message="rival"))]) as racing:
@@ -199,7 +199,7 @@ async def test_a_lost_race_rereads_and_appends_next(
 
 
 async def test_a_lost_race_that_ends_the_job_makes_ours_illegal(
-    store: ObjectStore, log: EventLog, root: str
+    store: S3ObjectStore, log: EventLog, root: str
 ) -> None:
     job = await running_job(log)
     rivals = [rival(job, 5, Failed(reason="out of memory"))]
@@ -210,7 +210,7 @@ async def test_a_lost_race_that_ends_the_job_makes_ours_illegal(
 
 
 async def test_a_lost_race_with_our_own_event_id_returns_it(
-    store: ObjectStore, log: EventLog, root: str
+    store: S3ObjectStore, log: EventLog, root: str
 ) -> None:
     # As when our write landed but its reply was lost and the client retried.
     job = await running_job(log)
@@ -224,7 +224,7 @@ async def test_a_lost_race_with_our_own_event_id_returns_it(
 
 
 async def test_always_losing_gives_up_after_max_attempts(
-    store: ObjectStore, log: EventLog, root: str
+    store: S3ObjectStore, log: EventLog, root: str
 ) -> None:
     job = await running_job(log)
     rivals = [rival(job, seq, Progress(message=f"rival {seq}")) for seq in (5, 6, 7)]
@@ -243,7 +243,7 @@ async def test_racing_writers_lose_no_update(
     seaweed: LocalSeaweed, log: EventLog, root: str
 ) -> None:
     job = await running_job(log)
-    async with ObjectStore(seaweed.settings) as other_store:
+    async with S3ObjectStore(seaweed.settings) as other_store:
         other = EventLog(other_store, root)
 
         async def write(writer: EventLog, name: str) -> None:
@@ -283,7 +283,7 @@ async def race_to_end(job: str, first: EventLog, second: EventLog) -> list[objec
 async def test_completed_and_failed_at_once_exactly_one_wins(
     seaweed: LocalSeaweed, log: EventLog, root: str
 ) -> None:
-    async with ObjectStore(seaweed.settings) as other_store:
+    async with S3ObjectStore(seaweed.settings) as other_store:
         other = EventLog(other_store, root)
         for _ in range(3):
             job = await running_job(log)
@@ -302,7 +302,7 @@ async def test_a_duplicate_delivery_handled_twice_at_once_appends_once(
     job = await running_job(log)
     event_id = uuid.uuid4().hex
     results: list[JobEvent] = []
-    async with ObjectStore(seaweed.settings) as other_store:
+    async with S3ObjectStore(seaweed.settings) as other_store:
         other = EventLog(other_store, root)
 
         async def handle(writer: EventLog) -> None:

@@ -22,7 +22,7 @@ from orchestrator.errors import (
     UnknownHoldError,
 )
 from orchestrator.store.ledger import Ledger
-from orchestrator.store.s3 import ObjectStore
+from orchestrator.store.s3 import S3ObjectStore
 from orchestrator.store.seaweed import LocalSeaweed
 from schemas.ledger import Transaction, TransactionDraft
 
@@ -39,14 +39,14 @@ def root(prefix: str) -> str:
 
 
 @pytest.fixture
-def ledger(store: ObjectStore, root: str) -> Ledger:
+def ledger(store: S3ObjectStore, root: str) -> Ledger:
     return Ledger(store, root)
 
 
-class CountingStore(ObjectStore):
+class CountingStore(S3ObjectStore):
     """Records the key of every GET and conditional create, to see what the ledger asks for."""
 
-    def __init__(self, store: ObjectStore) -> None:
+    def __init__(self, store: S3ObjectStore) -> None:
         super().__init__(store.settings)
         self.gets: list[str] = []
         self.creates: list[str] = []
@@ -60,11 +60,11 @@ class CountingStore(ObjectStore):
         return await super().put_if_absent(key, data)
 
 
-class RivalStore(ObjectStore):
+class RivalStore(S3ObjectStore):
     """Before each conditional create, lets a rival append its transaction first: a lost race on
     demand, with the server's own 412 doing the refusing."""
 
-    def __init__(self, store: ObjectStore, rival: Ledger, drafts: list[TransactionDraft]) -> None:
+    def __init__(self, store: S3ObjectStore, rival: Ledger, drafts: list[TransactionDraft]) -> None:
         super().__init__(store.settings)
         self._rival = rival
         self.drafts = drafts
@@ -79,7 +79,7 @@ class RivalStore(ObjectStore):
 
 
 async def test_deposit_hold_settle_round_trip(
-    ledger: Ledger, store: ObjectStore, root: str
+    ledger: Ledger, store: S3ObjectStore, root: str
 ) -> None:
     job, cheque = uid(), uid()
     written = [
@@ -113,7 +113,7 @@ async def test_deposit_hold_settle_round_trip(
 
 
 async def test_the_state_is_read_incrementally(
-    ledger: Ledger, store: ObjectStore, root: str
+    ledger: Ledger, store: S3ObjectStore, root: str
 ) -> None:
     for amount in (1, 2, 3):
         await ledger.deposit("alice", amount)
@@ -129,7 +129,7 @@ async def test_the_state_is_read_incrementally(
     assert counting.gets == [f"{root}{seq:012d}.json" for seq in (4, 5, 6)]
 
 
-async def test_appends_from_one_ledger_take_turns(store: ObjectStore, root: str) -> None:
+async def test_appends_from_one_ledger_take_turns(store: S3ObjectStore, root: str) -> None:
     # SeaweedFS answers each extra concurrent create of one key about a second later: tasks of
     # one process must not collide with each other, only with other processes.
     async with CountingStore(store) as counting:
@@ -142,7 +142,7 @@ async def test_appends_from_one_ledger_take_turns(store: ObjectStore, root: str)
         assert await ledger.verify() == []
 
 
-async def test_a_refused_transaction_writes_nothing(ledger: Ledger, store: ObjectStore) -> None:
+async def test_a_refused_transaction_writes_nothing(ledger: Ledger, store: S3ObjectStore) -> None:
     await ledger.deposit("alice", "3")
     with pytest.raises(InsufficientFundsError, match=r"'alice' has 3\.000000"):
         await ledger.hold(uid(), uid(), "alice", "3.000001")
@@ -187,7 +187,7 @@ async def test_a_deposit_with_a_tx_id_is_made_once(ledger: Ledger) -> None:
 # --- corruption ----------------------------------------------------------------------------------
 
 
-async def test_an_unreadable_entry_is_reported(ledger: Ledger, store: ObjectStore) -> None:
+async def test_an_unreadable_entry_is_reported(ledger: Ledger, store: S3ObjectStore) -> None:
     await ledger.deposit("alice", 1)
     await store.put(ledger.entry_key(2), b"{not json")
     with pytest.raises(LedgerCorruptError, match=r"000000000002\.json' is not a valid transaction"):
@@ -196,7 +196,9 @@ async def test_an_unreadable_entry_is_reported(ledger: Ledger, store: ObjectStor
     assert "is not a valid transaction" in problem
 
 
-async def test_an_entry_under_the_wrong_key_is_reported(ledger: Ledger, store: ObjectStore) -> None:
+async def test_an_entry_under_the_wrong_key_is_reported(
+    ledger: Ledger, store: S3ObjectStore
+) -> None:
     first = await ledger.deposit("alice", 1)
     await store.put(ledger.entry_key(2), first.model_dump_json().encode())
     with pytest.raises(LedgerCorruptError, match="holds transaction 1, not 2"):
@@ -204,7 +206,7 @@ async def test_an_entry_under_the_wrong_key_is_reported(ledger: Ledger, store: O
 
 
 async def test_an_altered_stored_balance_is_caught(
-    ledger: Ledger, store: ObjectStore, root: str
+    ledger: Ledger, store: S3ObjectStore, root: str
 ) -> None:
     await ledger.deposit("alice", 5)
     second = await ledger.deposit("alice", 1)
@@ -219,7 +221,7 @@ async def test_an_altered_stored_balance_is_caught(
 
 
 async def test_verify_reports_strays_and_entries_beyond_a_gap(
-    ledger: Ledger, store: ObjectStore, root: str
+    ledger: Ledger, store: S3ObjectStore, root: str
 ) -> None:
     for _ in range(3):
         await ledger.deposit("alice", 1)
@@ -236,7 +238,7 @@ async def test_verify_reports_strays_and_entries_beyond_a_gap(
 
 
 async def test_a_lost_race_rereads_and_appends_next(
-    ledger: Ledger, store: ObjectStore, root: str
+    ledger: Ledger, store: S3ObjectStore, root: str
 ) -> None:
     await ledger.deposit("alice", 10)
     async with RivalStore(store, ledger, [deposit("bob", 1)]) as racing:
@@ -246,7 +248,7 @@ async def test_a_lost_race_rereads_and_appends_next(
 
 
 async def test_a_lost_race_to_the_same_cheque_is_refused(
-    ledger: Ledger, store: ObjectStore, root: str
+    ledger: Ledger, store: S3ObjectStore, root: str
 ) -> None:
     await ledger.deposit("alice", 10)
     cheque = uid()
@@ -259,7 +261,7 @@ async def test_a_lost_race_to_the_same_cheque_is_refused(
 
 
 async def test_a_lost_race_that_spends_the_money_is_refused(
-    ledger: Ledger, store: ObjectStore, root: str
+    ledger: Ledger, store: S3ObjectStore, root: str
 ) -> None:
     await ledger.deposit("alice", 10)
     async with RivalStore(store, ledger, [hold(uid(), uid(), "alice", 7)]) as racing:
@@ -269,7 +271,7 @@ async def test_a_lost_race_that_spends_the_money_is_refused(
 
 
 async def test_a_lost_race_with_our_own_transaction_returns_it(
-    ledger: Ledger, store: ObjectStore, root: str
+    ledger: Ledger, store: S3ObjectStore, root: str
 ) -> None:
     # As when our write landed but its reply was lost and the client retried.
     await ledger.deposit("alice", 10)
@@ -281,7 +283,7 @@ async def test_a_lost_race_with_our_own_transaction_returns_it(
 
 
 async def test_always_losing_gives_up_after_max_attempts(
-    ledger: Ledger, store: ObjectStore, root: str
+    ledger: Ledger, store: S3ObjectStore, root: str
 ) -> None:
     rivals = [deposit("bob", 1) for _ in range(3)]
     async with RivalStore(store, ledger, rivals) as racing:
@@ -317,7 +319,7 @@ async def test_twenty_holds_of_one_cheque_across_two_ledgers_cash_it_once(
 ) -> None:
     await ledger.deposit("alice", 100)
     cheque = uid()
-    async with ObjectStore(seaweed.settings) as other_store:
+    async with S3ObjectStore(seaweed.settings) as other_store:
         ledgers = (ledger, Ledger(other_store, root))
         outcomes = await race(
             ledgers, 20, lambda writer, _i: writer.hold(uid(), cheque, "alice", "7.5")
@@ -337,7 +339,7 @@ async def test_one_hold_delivered_ten_times_at_once_appends_once(
 ) -> None:
     await ledger.deposit("alice", 10)
     job, cheque = uid(), uid()
-    async with ObjectStore(seaweed.settings) as other_store:
+    async with S3ObjectStore(seaweed.settings) as other_store:
         ledgers = (ledger, Ledger(other_store, root))
         outcomes = await race(ledgers, 10, lambda w, _i: w.hold(job, cheque, "alice", 3))
     assert all(isinstance(o, Transaction) for o in outcomes)
@@ -350,7 +352,7 @@ async def test_racing_holds_never_overdraw(
     seaweed: LocalSeaweed, ledger: Ledger, root: str
 ) -> None:
     await ledger.deposit("alice", "10")  # covers 6 holds of 1.6, not 20
-    async with ObjectStore(seaweed.settings) as other_store:
+    async with S3ObjectStore(seaweed.settings) as other_store:
         ledgers = (ledger, Ledger(other_store, root))
         outcomes = await race(ledgers, 20, lambda w, _i: w.hold(uid(), uid(), "alice", "1.6"))
     won = [o for o in outcomes if isinstance(o, Transaction)]
@@ -376,7 +378,7 @@ async def test_racing_jobs_reconcile(seaweed: LocalSeaweed, ledger: Ledger, root
         await writer.deposit(users[i % 3], "0.1")
         return await writer.settle(job_uid, charges[i])
 
-    async with ObjectStore(seaweed.settings) as other_store:
+    async with S3ObjectStore(seaweed.settings) as other_store:
         ledgers = (ledger, Ledger(other_store, root))
         outcomes = await race(ledgers, 30, job)
     assert all(isinstance(o, Transaction) for o in outcomes)

@@ -1,4 +1,4 @@
-"""ObjectStore against a real SeaweedFS: CRUD, conditional create, and what presigning enforces."""
+"""S3ObjectStore on a real SeaweedFS: CRUD, conditional create, and what presigning enforces."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pydantic import SecretStr
 
 from orchestrator.errors import ObjectExistsError, ObjectNotFoundError, ObjectStoreError
 from orchestrator.settings import S3Settings
-from orchestrator.store.s3 import ObjectStore
+from orchestrator.store.s3 import S3ObjectStore
 from orchestrator.store.seaweed import LocalSeaweed
 
 
@@ -28,7 +28,7 @@ async def test_presigned_urls_are_sigv4_path_style_for_the_public_endpoint() -> 
         secret_access_key=SecretStr("secret"),
         bucket="jobs",
     )
-    async with ObjectStore(settings) as store:
+    async with S3ObjectStore(settings) as store:
         url = await store.presign_get("a/b.txt", 60)
         post = await store.presign_post("up/", 60, min_size=1, max_size=10)
     assert url.startswith("https://s3.example.com/jobs/a/b.txt?")
@@ -38,13 +38,13 @@ async def test_presigned_urls_are_sigv4_path_style_for_the_public_endpoint() -> 
 
 
 async def test_an_unopened_store_says_so() -> None:
-    store = ObjectStore(S3Settings(endpoint_url="http://127.0.0.1:1"))
+    store = S3ObjectStore(S3Settings(endpoint_url="http://127.0.0.1:1"))
     with pytest.raises(ObjectStoreError, match="not open"):
         await store.get("k")
 
 
 @pytest.mark.integration
-async def test_put_get_head_list_delete(store: ObjectStore, prefix: str) -> None:
+async def test_put_get_head_list_delete(store: S3ObjectStore, prefix: str) -> None:
     etag = await store.put(prefix + "b", b"bee", content_type="text/plain")
     await store.put(prefix + "a", b"a")
     assert etag == hashlib.md5(b"bee").hexdigest()  # noqa: S324 - S3's single-part ETag
@@ -64,14 +64,14 @@ async def test_put_get_head_list_delete(store: ObjectStore, prefix: str) -> None
 
 
 @pytest.mark.integration
-async def test_ensure_bucket_is_idempotent(store: ObjectStore) -> None:
+async def test_ensure_bucket_is_idempotent(store: S3ObjectStore) -> None:
     await store.ensure_bucket()
     await store.ensure_bucket()
 
 
 @pytest.mark.integration
 async def test_put_if_absent_refuses_the_second_and_keeps_the_first(
-    store: ObjectStore, prefix: str
+    store: S3ObjectStore, prefix: str
 ) -> None:
     await store.put_if_absent(prefix + "event-1", b"first")
     with pytest.raises(ObjectExistsError):
@@ -81,7 +81,7 @@ async def test_put_if_absent_refuses_the_second_and_keeps_the_first(
 
 @pytest.mark.integration
 async def test_concurrent_put_if_absent_has_exactly_one_winner(
-    store: ObjectStore, prefix: str
+    store: S3ObjectStore, prefix: str
 ) -> None:
     winners: list[bytes] = []
 
@@ -100,7 +100,7 @@ async def test_concurrent_put_if_absent_has_exactly_one_winner(
 
 
 @pytest.mark.integration
-async def test_list_and_delete_prefix_go_past_one_page(store: ObjectStore, prefix: str) -> None:
+async def test_list_and_delete_prefix_go_past_one_page(store: S3ObjectStore, prefix: str) -> None:
     keys = [f"{prefix}{n:04d}" for n in range(1005)]  # S3 pages and batch deletes hold 1000
     limit = anyio.Semaphore(32)
 
@@ -117,7 +117,7 @@ async def test_list_and_delete_prefix_go_past_one_page(store: ObjectStore, prefi
 
 
 async def test_delete_prefix_refuses_the_whole_bucket() -> None:
-    store = ObjectStore(S3Settings(endpoint_url="http://127.0.0.1:1"))
+    store = S3ObjectStore(S3Settings(endpoint_url="http://127.0.0.1:1"))
     with pytest.raises(ValueError, match="whole bucket"):
         await store.delete_prefix("")
 
@@ -125,13 +125,13 @@ async def test_delete_prefix_refuses_the_whole_bucket() -> None:
 @pytest.mark.integration
 async def test_wrong_credentials_become_object_store_errors(seaweed: LocalSeaweed) -> None:
     wrong = seaweed.settings.model_copy(update={"secret_access_key": SecretStr("nope")})
-    async with ObjectStore(wrong) as store:
+    async with S3ObjectStore(wrong) as store:
         with pytest.raises(ObjectStoreError, match="SignatureDoesNotMatch"):
             await store.get("anything")
 
 
 @pytest.mark.integration
-async def test_presign_get_works_until_it_expires(store: ObjectStore, prefix: str) -> None:
+async def test_presign_get_works_until_it_expires(store: S3ObjectStore, prefix: str) -> None:
     await store.put(prefix + "out", b"result")
     url = await store.presign_get(prefix + "out", expires_in=2)
     async with httpx.AsyncClient() as http:
@@ -145,7 +145,7 @@ async def test_presign_get_works_until_it_expires(store: ObjectStore, prefix: st
 
 @pytest.mark.integration
 async def test_presign_put_pinned_to_a_sha256_refuses_other_content(
-    store: ObjectStore, prefix: str
+    store: S3ObjectStore, prefix: str
 ) -> None:
     body = b"the expected input"
     url, headers = await store.presign_put(prefix + "in", 60, sha256_b64=sha256_b64(body))
@@ -163,7 +163,9 @@ async def test_presign_put_pinned_to_a_sha256_refuses_other_content(
 
 
 @pytest.mark.integration
-async def test_presign_put_without_a_pin_takes_any_content(store: ObjectStore, prefix: str) -> None:
+async def test_presign_put_without_a_pin_takes_any_content(
+    store: S3ObjectStore, prefix: str
+) -> None:
     url, headers = await store.presign_put(prefix + "in", 60)
     assert headers == {}
     async with httpx.AsyncClient() as http:
@@ -173,7 +175,7 @@ async def test_presign_put_without_a_pin_takes_any_content(store: ObjectStore, p
 
 
 @pytest.mark.integration
-async def test_presign_post_enforces_prefix_and_size(store: ObjectStore, prefix: str) -> None:
+async def test_presign_post_enforces_prefix_and_size(store: S3ObjectStore, prefix: str) -> None:
     post = await store.presign_post(prefix + "out/", 60, min_size=1, max_size=16)
     async with httpx.AsyncClient() as http:
         good = await http.post(

@@ -28,7 +28,7 @@ from orchestrator.errors import (
     WrongRecipientError,
     WrongResourceError,
 )
-from orchestrator.store.s3 import ObjectStore
+from orchestrator.store.s3 import S3ObjectStore
 from schemas.auth import Cheque
 from schemas.events import JobRequest, JobState
 from schemas.messages import SubmitJob
@@ -40,7 +40,7 @@ REQUEST = JobRequest(calculation="checksum")
 
 
 @pytest.fixture
-async def services(store: ObjectStore, prefix: str) -> Services:
+async def services(store: S3ObjectStore, prefix: str) -> Services:
     ready = Services(store, prefix)
     await ready.onboard()
     return ready

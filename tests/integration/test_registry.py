@@ -27,18 +27,18 @@ from orchestrator import (
 )
 from orchestrator.par.issuer import PARIssuer
 from orchestrator.store.registry import PARRegistry
-from orchestrator.store.s3 import ObjectStore
+from orchestrator.store.s3 import S3ObjectStore
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def registry(store: ObjectStore, prefix: str) -> PARRegistry:
+def registry(store: S3ObjectStore, prefix: str) -> PARRegistry:
     return PARRegistry(store, root=f"{prefix}registry/")
 
 
 @pytest.fixture
-def issuer(store: ObjectStore, registry: PARRegistry) -> PARIssuer:
+def issuer(store: S3ObjectStore, registry: PARRegistry) -> PARIssuer:
     return PARIssuer(store, registry, name="storage")
 
 
@@ -133,7 +133,7 @@ async def test_run_control_needs_a_run_service(
 
 
 async def test_what_closing_revokes_and_what_only_expiry_ends(
-    issuer: PARIssuer, registry: PARRegistry, store: ObjectStore, user: KeyPair, prefix: str
+    issuer: PARIssuer, registry: PARRegistry, store: S3ObjectStore, user: KeyPair, prefix: str
 ) -> None:
     """README, "What closing a PAR revokes": checked here line by line."""
     key = f"{prefix}data"

@@ -24,7 +24,7 @@ from orchestrator.services.access import AccessService
 from orchestrator.services.accounts import Accounts
 from orchestrator.store.eventlog import EventLog, step_event_id
 from orchestrator.store.registry import PARRegistry
-from orchestrator.store.s3 import ObjectStore
+from orchestrator.store.s3 import S3ObjectStore
 from schemas.auth import Cheque
 from schemas.events import JobRequest, JobState, StorageContracted
 from schemas.messages import GetJob, GetOutputs, JobReply, SubmitJob
@@ -42,7 +42,7 @@ FUNDS = Decimal(100)
 class Services:
     """The three services' logic on one store, and a registered, funded user."""
 
-    def __init__(self, store: ObjectStore, prefix: str) -> None:
+    def __init__(self, store: S3ObjectStore, prefix: str) -> None:
         self.keys = JobKeys(prefix)
         self.log = EventLog(store, self.keys.jobs)
         self.registry = registry = PARRegistry(store, root=self.keys.registry)
@@ -109,7 +109,7 @@ class Services:
 
 
 @pytest.fixture
-async def services(store: ObjectStore, prefix: str) -> Services:
+async def services(store: S3ObjectStore, prefix: str) -> Services:
     ready = Services(store, prefix)
     await ready.onboard()
     return ready
