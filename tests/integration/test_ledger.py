@@ -21,6 +21,7 @@ from orchestrator.errors import (
     LedgerRuleError,
     UnknownHoldError,
 )
+from orchestrator.store.base import ObjectInfo
 from orchestrator.store.ledger import Ledger
 from orchestrator.store.s3 import S3ObjectStore
 from orchestrator.store.seaweed import LocalSeaweed
@@ -44,12 +45,18 @@ def ledger(store: S3ObjectStore, root: str) -> Ledger:
 
 
 class CountingStore(S3ObjectStore):
-    """Records the key of every GET and conditional create, to see what the ledger asks for."""
+    """Records the key of every GET and conditional create, and the prefix and start of every
+    listing, to see what the ledger asks for."""
 
     def __init__(self, store: S3ObjectStore) -> None:
         super().__init__(store.settings)
         self.gets: list[str] = []
         self.creates: list[str] = []
+        self.lists: list[tuple[str, str | None]] = []
+
+    async def list(self, prefix: str = "", *, start_after: str | None = None) -> list[ObjectInfo]:
+        self.lists.append((prefix, start_after))
+        return await super().list(prefix, start_after=start_after)
 
     async def get(self, key: str) -> bytes:
         self.gets.append(key)
@@ -123,10 +130,12 @@ async def test_the_state_is_read_incrementally(
         await ledger.deposit("alice", 4)
         await ledger.deposit("alice", 5)
         counting.gets.clear()
+        counting.lists.clear()
         state = await watcher.state()
     assert (state.seq, state.balances["alice"]) == (5, Decimal(15))
-    # Only what came after the cached seq 3: entries 4 and 5, and the miss at 6.
-    assert counting.gets == [f"{root}{seq:012d}.json" for seq in (4, 5, 6)]
+    # Only what came after the cached seq 3: one listing after entry 3, then entries 4 and 5.
+    assert counting.lists == [(root, f"{root}{3:012d}.json")]
+    assert counting.gets == [f"{root}{seq:012d}.json" for seq in (4, 5)]
 
 
 async def test_appends_from_one_ledger_take_turns(store: S3ObjectStore, root: str) -> None:
