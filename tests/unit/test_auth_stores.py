@@ -1,4 +1,4 @@
-"""The nonce store and the user registry against a real SeaweedFS, racing writers included."""
+"""The nonce store and the user registry on the in-memory store, racing writers included."""
 
 from __future__ import annotations
 
@@ -15,10 +15,9 @@ from orchestrator.errors import (
     UnknownUserError,
     UserExistsError,
 )
-from orchestrator.store.s3 import S3ObjectStore
+from orchestrator.store.base import ObjectStore
 from orchestrator.store.users import NonceStore, UserRegistry
-
-pytestmark = pytest.mark.integration
+from tests._forwarding import ForwardingStore
 
 ALICE = KeyPair.generate("alice").public
 BOB = KeyPair.generate("bob").public
@@ -29,12 +28,12 @@ def new_nonce() -> str:
 
 
 @pytest.fixture
-def nonces(store: S3ObjectStore, prefix: str) -> NonceStore:
+def nonces(store: ObjectStore, prefix: str) -> NonceStore:
     return NonceStore(store, f"{prefix}nonces/")
 
 
 @pytest.fixture
-def users(store: S3ObjectStore, prefix: str) -> UserRegistry:
+def users(store: ObjectStore, prefix: str) -> UserRegistry:
     return UserRegistry(store, f"{prefix}users/")
 
 
@@ -42,7 +41,7 @@ def users(store: S3ObjectStore, prefix: str) -> UserRegistry:
 
 
 async def test_a_nonce_is_claimed_once_and_holds_its_holder(
-    nonces: NonceStore, store: S3ObjectStore, prefix: str
+    nonces: NonceStore, store: ObjectStore, prefix: str
 ) -> None:
     nonce = new_nonce()
     await nonces.claim(ALICE.fingerprint, nonce, holder="job-1")
@@ -72,7 +71,7 @@ async def test_nonces_are_per_user(nonces: NonceStore) -> None:
 
 
 async def test_ten_racing_claims_of_one_nonce_have_exactly_one_winner(
-    nonces: NonceStore, store: S3ObjectStore, prefix: str
+    nonces: NonceStore, store: ObjectStore, prefix: str
 ) -> None:
     nonce = new_nonce()
     won: list[str] = []
@@ -107,7 +106,7 @@ async def test_racing_retries_of_one_submission_all_succeed(nonces: NonceStore) 
     [("../" + "a" * 61, "0" * 32), (ALICE.fingerprint, "../x"), (ALICE.fingerprint, "A" * 32)],
 )
 async def test_a_malformed_user_or_nonce_writes_nothing(
-    nonces: NonceStore, store: S3ObjectStore, prefix: str, user: str, nonce: str
+    nonces: NonceStore, store: ObjectStore, prefix: str, user: str, nonce: str
 ) -> None:
     with pytest.raises(ValidationError):
         await nonces.claim(user, nonce, holder="job-1")
@@ -158,7 +157,7 @@ async def test_a_registered_key_under_another_name_is_refused(users: UserRegistr
 
 
 async def test_a_retry_writes_the_index_a_crash_left_unwritten(
-    users: UserRegistry, store: S3ObjectStore, prefix: str
+    users: UserRegistry, store: ObjectStore, prefix: str
 ) -> None:
     alice = await users.add("alice", ALICE)
     await store.delete(f"{prefix}users/fingerprints/{ALICE.fingerprint}")  # as if never written
@@ -169,7 +168,7 @@ async def test_a_retry_writes_the_index_a_crash_left_unwritten(
 
 
 async def test_an_index_pointing_at_a_user_with_another_key_is_not_trusted(
-    users: UserRegistry, store: S3ObjectStore, prefix: str
+    users: UserRegistry, store: ObjectStore, prefix: str
 ) -> None:
     await users.add("alice", ALICE)
     await store.put(f"{prefix}users/fingerprints/{BOB.fingerprint}", b"alice")
@@ -196,19 +195,19 @@ async def test_an_unknown_or_impossible_fingerprint_is_an_unknown_user(
 
 @pytest.mark.parametrize("name", ["Alice", "a/b", "", "-x"])
 async def test_an_impossible_name_cannot_be_registered(
-    users: UserRegistry, store: S3ObjectStore, prefix: str, name: str
+    users: UserRegistry, store: ObjectStore, prefix: str, name: str
 ) -> None:
     with pytest.raises(ValidationError):
         await users.add(name, ALICE)
     assert await store.list(prefix) == []
 
 
-class Withdrawing(S3ObjectStore):
+class Withdrawing(ForwardingStore):
     """Finds nothing at `withdrawn`: a record a listing saw, deleted before it was read (what a
     registration that lost its key's race does)."""
 
-    def __init__(self, store: S3ObjectStore, withdrawn: str) -> None:
-        super().__init__(store.settings)
+    def __init__(self, store: ObjectStore, withdrawn: str) -> None:
+        super().__init__(store)
         self.withdrawn = withdrawn
 
     async def get(self, key: str) -> bytes:
@@ -218,7 +217,7 @@ class Withdrawing(S3ObjectStore):
 
 
 async def test_a_record_withdrawn_while_listing_is_left_out(
-    users: UserRegistry, store: S3ObjectStore, prefix: str
+    users: UserRegistry, store: ObjectStore, prefix: str
 ) -> None:
     alice = await users.add("alice", ALICE)
     await users.add("bob", BOB)
