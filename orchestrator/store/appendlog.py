@@ -76,8 +76,10 @@ class AppendLog(ABC, Generic[R]):
 
     def seq_of(self, key: str) -> int | None:
         """The seq of the record stored at `key`, or None if `key` is not a record's."""
+        if not key.startswith(self._prefix):
+            return None
         name = self._name.fullmatch(key.removeprefix(self._prefix))
-        return int(name[1]) if name is not None and key.startswith(self._prefix) else None
+        return None if name is None else int(name[1])
 
     # --- reading ---------------------------------------------------------------------------------
 
