@@ -41,7 +41,7 @@ from orchestrator.client.client import ParjobsClient
 from orchestrator.core.layout import JobKeys
 from orchestrator.services.accounts import Accounts
 from orchestrator.settings import AMQPSettings, ServiceSettings
-from orchestrator.store.s3 import ObjectStore
+from orchestrator.store.s3 import S3ObjectStore
 from orchestrator.store.seaweed import LocalSeaweed
 from schemas.events import JobRequest
 from schemas.messages import Envelope, EventPublished
@@ -188,7 +188,7 @@ async def run_parjobs(args: Namespace, prefix: str) -> tuple[Result, list[Timeli
         LocalSeaweed() as s3,
         LocalCluster(s3.settings, prefix=prefix) as cluster,  # PARJOBS_* come from os.environ
         CountingBroker(cluster.amqp, name=f"{prefix}-client") as broker,
-        ObjectStore(s3.settings) as store,
+        S3ObjectStore(s3.settings) as store,
     ):
         client, user = ParjobsClient(broker), KeyPair.generate("bench")
         accounts = Accounts(store, JobKeys())  # a funded user: every job is signed and paid

@@ -35,7 +35,7 @@ import psutil
 from orchestrator import KeyPair, ObjectReader, ObjectWriter
 from orchestrator.par.issuer import PARIssuer
 from orchestrator.store.registry import PARRegistry
-from orchestrator.store.s3 import ObjectStore
+from orchestrator.store.s3 import S3ObjectStore
 from orchestrator.store.seaweed import LocalSeaweed
 
 MIB = 1 << 20
@@ -93,7 +93,7 @@ async def file_chunks(path: Path) -> AsyncIterator[bytes]:
 async def bench(args: argparse.Namespace, tmp: Path) -> None:
     dest, source = tmp / "dest.bin", write_random_file(tmp / "source.bin", args.size_mib)
     warm = write_random_file(tmp / "warm.bin", 8)
-    async with LocalSeaweed() as s3, ObjectStore(s3.settings) as store:
+    async with LocalSeaweed() as s3, S3ObjectStore(s3.settings) as store:
         await store.ensure_bucket()
         issuer = PARIssuer(store, PARRegistry(store), name="bench")
         keypair = KeyPair.generate("bench")

@@ -15,7 +15,7 @@ from orchestrator.broker.amqp import AMQPBroker
 from orchestrator.broker.base import Broker
 from orchestrator.errors import BrokerUnavailableError, ConfigurationError
 from orchestrator.settings import AMQPSettings
-from orchestrator.store.s3 import ObjectStore
+from orchestrator.store.s3 import S3ObjectStore
 from orchestrator.store.seaweed import LocalSeaweed, find_weed
 
 if TYPE_CHECKING:
@@ -39,15 +39,15 @@ async def seaweed() -> AsyncIterator[LocalSeaweed]:
 
 
 @pytest.fixture(scope="session")
-async def store(seaweed: LocalSeaweed) -> AsyncIterator[ObjectStore]:
-    """An ObjectStore on the session's SeaweedFS, its bucket created."""
-    async with ObjectStore(seaweed.settings) as object_store:
+async def store(seaweed: LocalSeaweed) -> AsyncIterator[S3ObjectStore]:
+    """An S3ObjectStore on the session's SeaweedFS, its bucket created."""
+    async with S3ObjectStore(seaweed.settings) as object_store:
         await object_store.ensure_bucket()
         yield object_store
 
 
 @pytest.fixture
-async def prefix(store: ObjectStore) -> AsyncIterator[str]:
+async def prefix(store: S3ObjectStore) -> AsyncIterator[str]:
     """A key prefix of this test's own, emptied afterwards."""
     test_prefix = f"t-{uuid.uuid4().hex[:8]}/"
     yield test_prefix

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
+import httpx
 
 from orchestrator.core.keys import KeyPair, PublicKeys
 from orchestrator.core.layout import JobKeys
@@ -33,9 +34,9 @@ from orchestrator.par.io import BucketWriter
 from orchestrator.par.issuer import PARIssuer
 from orchestrator.par.par import PAR
 from orchestrator.par.transfer import PARTransport
+from orchestrator.store.base import ObjectStore
 from orchestrator.store.eventlog import EventLog, step_event_id
 from orchestrator.store.registry import PARRegistry
-from orchestrator.store.s3 import ObjectStore
 from schemas.events import (
     Cancelled,
     Completed,
@@ -83,6 +84,7 @@ class ComputeWorker:
         actor: str = "compute",
         time_limit_s: float = 600,
         memory_limit_bytes: int = 2**30,
+        http: httpx.AsyncClient | None = None,
     ) -> None:
         self._store = store
         self._log = log
@@ -94,6 +96,7 @@ class ComputeWorker:
         self._actor = actor
         self._time_limit_s = time_limit_s
         self._memory_limit_bytes = memory_limit_bytes
+        self._http = http  # for presigned URLs; None: a client of each run's own
 
     # --- contracting -----------------------------------------------------------------------------
 
@@ -194,7 +197,7 @@ class ComputeWorker:
             input_path, output_dir = workdir / "input", workdir / "output"
             output_dir.mkdir()
             url = await self._store.presign_get(self._keys.input(job_uid), 300)
-            async with PARTransport() as transport:
+            async with PARTransport(self._http) as transport:
                 await transport.download_to_file(
                     url, input_path, expected_sha256=sheet.request.input_sha256
                 )
@@ -269,12 +272,13 @@ class ComputeWorker:
             return Failed(reason=outcome.reason)
         if sheet.output_par is None:
             return Failed(reason="no bucket-write PAR was contracted for the outputs")
-        writer = BucketWriter(PAR(sheet.output_par), self._compute_key)
         outputs = []
-        # Only what the runner listed: regular files, never a symlink out of the sandbox.
-        for key in outcome.outputs:
-            sent = await writer.set_object_from_file(key, output_dir / key)
-            outputs.append(OutputFile(key=key, size=sent.size, sha256=sent.sha256))
+        async with PARTransport(self._http) as transport:
+            writer = BucketWriter(PAR(sheet.output_par), self._compute_key, transport=transport)
+            # Only what the runner listed: regular files, never a symlink out of the sandbox.
+            for key in outcome.outputs:
+                sent = await writer.set_object_from_file(key, output_dir / key)
+                outputs.append(OutputFile(key=key, size=sent.size, sha256=sent.sha256))
         return Completed(
             outputs=tuple(outputs),
             summary=f"{len(outputs)} output file(s)",

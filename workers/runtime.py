@@ -27,9 +27,10 @@ from orchestrator.broker.topology import QueueSpec
 from orchestrator.core.layout import JobKeys
 from orchestrator.errors import ConfigurationError
 from orchestrator.settings import AMQPSettings, S3Settings, ServiceSettings
+from orchestrator.store.base import ObjectStore
 from orchestrator.store.eventlog import EventLog
 from orchestrator.store.registry import PARRegistry
-from orchestrator.store.s3 import ObjectStore
+from orchestrator.store.s3 import S3ObjectStore
 from schemas.events import JobEvent
 from schemas.messages import Envelope, EventPublished, MessageBody
 from workers.middleware import (
@@ -150,7 +151,7 @@ async def serve(role: str, setup: Setup) -> None:
     configure_logging(role)
     settings = ServiceSettings()
     async with (
-        ObjectStore(S3Settings()) as store,
+        S3ObjectStore(S3Settings()) as store,
         AMQPBroker(AMQPSettings(), name=f"parjobs-{role}-{os.getpid()}") as broker,
     ):
         await store.ensure_bucket()

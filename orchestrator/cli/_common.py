@@ -22,7 +22,7 @@ from orchestrator.client.client import ParjobsClient
 from orchestrator.core.keys import KeyPair
 from orchestrator.core.ledger_rules import user_account
 from orchestrator.settings import AMQPSettings, S3Settings
-from orchestrator.store.s3 import ObjectStore
+from orchestrator.store.s3 import S3ObjectStore
 
 console = Console()
 PASSPHRASE_ENV = "PARJOBS_PASSPHRASE"  # noqa: S105 - the variable's name, not a secret
@@ -74,7 +74,7 @@ async def client_session() -> AsyncIterator[ParjobsClient]:
 
 
 @asynccontextmanager
-async def store_session() -> AsyncIterator[ObjectStore]:
+async def store_session() -> AsyncIterator[S3ObjectStore]:
     """The object store as the PARJOBS_S3_* settings say (the operator's commands)."""
-    async with ObjectStore(S3Settings()) as store:
+    async with S3ObjectStore(S3Settings()) as store:
         yield store

@@ -34,7 +34,7 @@ from orchestrator.par.io import ObjectWriter
 from orchestrator.services.accounts import Accounts
 from orchestrator.services.replay import replay
 from orchestrator.store.eventlog import EventLog
-from orchestrator.store.s3 import ObjectStore
+from orchestrator.store.s3 import S3ObjectStore
 from schemas.events import JobRequest, JobSheetState
 from schemas.ledger import Transaction
 from workers.cluster import LocalCluster
@@ -64,7 +64,7 @@ async def run_job_demo() -> None:
         client = ParjobsClient(broker, sender="demo")
         scratch = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         user = KeyPair.generate("demo-user")
-        store = await stack.enter_async_context(ObjectStore(s3))
+        store = await stack.enter_async_context(S3ObjectStore(s3))
         accounts = Accounts(store, JobKeys())
         await accounts.add_user(user.name, user.public)
         await accounts.deposit(user.name, DEPOSIT)

@@ -29,8 +29,9 @@ from orchestrator.par.io import BucketReader, BucketWriter, ObjectReader, Object
 from orchestrator.par.issuer import PARIssuer
 from orchestrator.par.par import PAR
 from orchestrator.settings import S3Settings
+from orchestrator.store.base import ObjectStore
 from orchestrator.store.registry import PARRegistry
-from orchestrator.store.s3 import ObjectStore
+from orchestrator.store.s3 import S3ObjectStore
 from orchestrator.store.seaweed import LocalSeaweed
 
 DEMO_INPUT_BYTES = 32 * 1024 * 1024
@@ -53,7 +54,7 @@ async def s3_for_demo(console: Console) -> AsyncIterator[S3Settings]:
 
 
 async def run_par_demo(console: Console) -> None:
-    async with s3_for_demo(console) as settings, ObjectStore(settings) as store:
+    async with s3_for_demo(console) as settings, S3ObjectStore(settings) as store:
         await store.ensure_bucket()
         issuer = PARIssuer(store, PARRegistry(store), name="storage")
         user = KeyPair.generate("demo-user")

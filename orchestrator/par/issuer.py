@@ -16,8 +16,8 @@ from orchestrator.core.keys import PublicKeys
 from orchestrator.core.par_rules import capability_proof, validate_key, validate_prefix
 from orchestrator.errors import InvalidPARError
 from orchestrator.par.par import PAR, new_par_uid
+from orchestrator.store.base import ObjectStore
 from orchestrator.store.registry import PARRegistry
-from orchestrator.store.s3 import ObjectStore
 from schemas.par import Capability, PARKind, PARRecord
 
 DEFAULT_LIFETIME = timedelta(hours=1)

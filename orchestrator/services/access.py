@@ -28,9 +28,9 @@ from orchestrator.errors import (
     JobNotFoundError,
 )
 from orchestrator.par.issuer import PARIssuer
+from orchestrator.store.base import ObjectStore
 from orchestrator.store.eventlog import EventLog, step_event_id
 from orchestrator.store.ledger import Ledger
-from orchestrator.store.s3 import ObjectStore
 from orchestrator.store.users import NonceStore, UserRegistry
 from schemas.events import (
     Expired,

@@ -13,9 +13,9 @@ from orchestrator.core.jobstate import is_terminal
 from orchestrator.core.keys import PublicKeys
 from orchestrator.core.layout import JobKeys
 from orchestrator.errors import JobNotFoundError
+from orchestrator.store.base import ObjectStore
 from orchestrator.store.eventlog import EventLog
 from orchestrator.store.ledger import Ledger
-from orchestrator.store.s3 import ObjectStore
 from orchestrator.store.users import UserRegistry
 from schemas.auth import UserRecord
 from schemas.ledger import StatementRow, Transaction

@@ -17,7 +17,7 @@ from orchestrator.errors import (
     PARError,
     PARPermissionError,
 )
-from orchestrator.store.s3 import ObjectStore
+from orchestrator.store.base import ObjectStore
 from schemas.par import PARRecord, PARState, PARTombstone
 
 

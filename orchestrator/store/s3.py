@@ -1,17 +1,17 @@
-"""The services' S3 adapter: every object-store call of the services goes through `ObjectStore`."""
+"""The real object store: one bucket on an S3 server, through aiobotocore (`S3ObjectStore`)."""
 
 from __future__ import annotations
 
 import builtins
 from collections.abc import Iterator
 from contextlib import AsyncExitStack, contextmanager
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Self
 
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
 from orchestrator.errors import ObjectExistsError, ObjectNotFoundError, ObjectStoreError
+from orchestrator.store.base import ObjectInfo, PresignedPost
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -23,24 +23,6 @@ if TYPE_CHECKING:
 
 _NOT_FOUND = frozenset({"NoSuchKey", "NotFound", "404"})
 _EXISTS = frozenset({"PreconditionFailed", "412"})
-
-
-@dataclass(frozen=True, slots=True)
-class ObjectInfo:
-    """What the store knows about one object (listings carry no metadata)."""
-
-    key: str
-    size: int
-    etag: str
-    metadata: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class PresignedPost:
-    """A browser-style POST upload: send `fields` as form fields, then the file, to `url`."""
-
-    url: str
-    fields: dict[str, str]
 
 
 def create_s3_client(
@@ -79,8 +61,8 @@ def _s3_errors(key: str) -> Iterator[None]:
         raise ObjectStoreError(f"S3 request for {key!r} failed: {err}") from err
 
 
-class ObjectStore:
-    """One bucket on one S3 server: `async with ObjectStore(settings) as store: ...`."""
+class S3ObjectStore:
+    """One bucket on one S3 server (an `ObjectStore`): `async with S3ObjectStore(s) as store:`."""
 
     def __init__(self, settings: S3Settings) -> None:
         self.settings = settings
@@ -111,13 +93,13 @@ class ObjectStore:
     @property
     def _s3(self) -> S3Client:
         if self._client is None:
-            raise ObjectStoreError("ObjectStore is not open: use `async with ObjectStore(...)`")
+            raise ObjectStoreError("S3ObjectStore is not open: use `async with S3ObjectStore(...)`")
         return self._client
 
     @property
     def _signer(self) -> S3Client:
         if self._presigner is None:
-            raise ObjectStoreError("ObjectStore is not open: use `async with ObjectStore(...)`")
+            raise ObjectStoreError("S3ObjectStore is not open: use `async with S3ObjectStore(...)`")
         return self._presigner
 
     async def ensure_bucket(self) -> None:

@@ -18,7 +18,7 @@ from orchestrator.errors import (
     UnknownUserError,
     UserExistsError,
 )
-from orchestrator.store.s3 import ObjectStore
+from orchestrator.store.base import ObjectStore
 from schemas.auth import Nonce, UserRecord
 from schemas.ledger import AccountName
 from schemas.par import Sha256Hex

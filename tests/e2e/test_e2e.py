@@ -44,8 +44,8 @@ from orchestrator.errors import PARExpiredError, RunRefusedError, WrongKeyError
 from orchestrator.par.par import RunControl
 from orchestrator.par.transfer import PARTransport
 from orchestrator.services.accounts import Accounts
+from orchestrator.store.base import ObjectStore
 from orchestrator.store.eventlog import EventLog
-from orchestrator.store.s3 import ObjectStore
 from orchestrator.store.seaweed import LocalSeaweed
 from schemas.events import Completed, JobEvent, JobRequest, JobSheetState, JobState
 from schemas.messages import Envelope, ErrorReply, EventPublished, RunReply, StartRun

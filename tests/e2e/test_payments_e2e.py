@@ -47,9 +47,9 @@ from orchestrator.core.signing import request_fingerprint, sign_authorisation, w
 from orchestrator.errors import ChequeAlreadyCashedError, ParjobsError
 from orchestrator.par.par import RunControl
 from orchestrator.services.accounts import Accounts
+from orchestrator.store.base import ObjectStore
 from orchestrator.store.eventlog import EventLog
 from orchestrator.store.ledger import Ledger
-from orchestrator.store.s3 import ObjectStore
 from orchestrator.store.seaweed import LocalSeaweed
 from schemas.auth import Authorisation, Cheque
 from schemas.events import Completed, JobRequest, JobSheetState, JobState

@@ -1,36 +1,25 @@
-"""The ledger store against a real SeaweedFS: round trips, idempotence, refusals, corruption, and
-real racing writers on separate S3 clients."""
+"""The ledger store on a real SeaweedFS: ledgers on separate S3 clients racing their conditional
+creates. The logic, lost races on demand included, is tested on the in-memory store in
+tests/unit/test_ledger.py."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
 
 import anyio
 import pytest
 
-from orchestrator.core.ledger_rules import ACCESS, EXTERNAL, HELD, deposit, fold, hold
-from orchestrator.errors import (
-    AlreadySettledError,
-    ChequeAlreadyCashedError,
-    DuplicateTransactionError,
-    InsufficientFundsError,
-    LedgerConflictError,
-    LedgerCorruptError,
-    LedgerRuleError,
-    UnknownHoldError,
-)
+from orchestrator.core.ledger_rules import ACCESS, HELD
+from orchestrator.errors import ChequeAlreadyCashedError, InsufficientFundsError, LedgerRuleError
+from orchestrator.store.base import ObjectStore
 from orchestrator.store.ledger import Ledger
-from orchestrator.store.s3 import ObjectStore
+from orchestrator.store.s3 import S3ObjectStore
 from orchestrator.store.seaweed import LocalSeaweed
-from schemas.ledger import Transaction, TransactionDraft
+from schemas.ledger import Transaction
+from tests.unit.test_ledger import uid
 
 pytestmark = pytest.mark.integration
-
-
-def uid() -> str:
-    return uuid.uuid4().hex
 
 
 @pytest.fixture
@@ -41,256 +30,6 @@ def root(prefix: str) -> str:
 @pytest.fixture
 def ledger(store: ObjectStore, root: str) -> Ledger:
     return Ledger(store, root)
-
-
-class CountingStore(ObjectStore):
-    """Records the key of every GET and conditional create, to see what the ledger asks for."""
-
-    def __init__(self, store: ObjectStore) -> None:
-        super().__init__(store.settings)
-        self.gets: list[str] = []
-        self.creates: list[str] = []
-
-    async def get(self, key: str) -> bytes:
-        self.gets.append(key)
-        return await super().get(key)
-
-    async def put_if_absent(self, key: str, data: bytes) -> str:
-        self.creates.append(key)
-        return await super().put_if_absent(key, data)
-
-
-class RivalStore(ObjectStore):
-    """Before each conditional create, lets a rival append its transaction first: a lost race on
-    demand, with the server's own 412 doing the refusing."""
-
-    def __init__(self, store: ObjectStore, rival: Ledger, drafts: list[TransactionDraft]) -> None:
-        super().__init__(store.settings)
-        self._rival = rival
-        self.drafts = drafts
-
-    async def put_if_absent(self, key: str, data: bytes) -> str:
-        if self.drafts:
-            await self._rival.commit(self.drafts.pop(0))
-        return await super().put_if_absent(key, data)
-
-
-# --- one writer --------------------------------------------------------------------------------
-
-
-async def test_deposit_hold_settle_round_trip(
-    ledger: Ledger, store: ObjectStore, root: str
-) -> None:
-    job, cheque = uid(), uid()
-    written = [
-        await ledger.deposit("alice", "10"),
-        await ledger.hold(job, cheque, "alice", "4"),
-        await ledger.settle(job, "1.5"),
-    ]
-    assert [tx.kind for tx in written] == ["deposit", "hold", "settle"]
-    assert [info.key for info in await store.list(root)] == [
-        f"{root}{seq:012d}.json" for seq in (1, 2, 3)
-    ]
-    assert await ledger.read() == written
-    assert await ledger.read(after=2) == written[2:]
-    assert await ledger.read(after=3) == []
-
-    assert await ledger.balance("alice") == Decimal("8.5")
-    assert await ledger.balance(ACCESS) == Decimal("1.5")
-    assert await ledger.balance(HELD) == 0
-    assert await ledger.balance(EXTERNAL) == Decimal("-10")
-    assert await ledger.balance("bob") == 0  # never used
-    rows = await ledger.statement("alice")
-    assert [(row.kind, str(row.amount), str(row.balance)) for row in rows] == [
-        ("deposit", "10.000000", "10.000000"),
-        ("hold", "-4.000000", "6.000000"),
-        ("settle", "2.500000", "8.500000"),
-    ]
-    assert await ledger.verify() == []
-
-    fresh = Ledger(store, root)  # another process: the same state, from the store alone
-    assert await fresh.state() == await ledger.state() == fold(written)
-
-
-async def test_the_state_is_read_incrementally(
-    ledger: Ledger, store: ObjectStore, root: str
-) -> None:
-    for amount in (1, 2, 3):
-        await ledger.deposit("alice", amount)
-    async with CountingStore(store) as counting:
-        watcher = Ledger(counting, root)
-        assert (await watcher.state()).seq == 3
-        await ledger.deposit("alice", 4)
-        await ledger.deposit("alice", 5)
-        counting.gets.clear()
-        state = await watcher.state()
-    assert (state.seq, state.balances["alice"]) == (5, Decimal(15))
-    # Only what came after the cached seq 3: entries 4 and 5, and the miss at 6.
-    assert counting.gets == [f"{root}{seq:012d}.json" for seq in (4, 5, 6)]
-
-
-async def test_appends_from_one_ledger_take_turns(store: ObjectStore, root: str) -> None:
-    # SeaweedFS answers each extra concurrent create of one key about a second later: tasks of
-    # one process must not collide with each other, only with other processes.
-    async with CountingStore(store) as counting:
-        ledger = Ledger(counting, root)
-        async with anyio.create_task_group() as tasks:
-            for n in range(20):
-                tasks.start_soon(ledger.deposit, "alice", n + 1)
-        assert len(counting.creates) == len(set(counting.creates)) == 20
-        assert await ledger.balance("alice") == 210
-        assert await ledger.verify() == []
-
-
-async def test_a_refused_transaction_writes_nothing(ledger: Ledger, store: ObjectStore) -> None:
-    await ledger.deposit("alice", "3")
-    with pytest.raises(InsufficientFundsError, match=r"'alice' has 3\.000000"):
-        await ledger.hold(uid(), uid(), "alice", "3.000001")
-    with pytest.raises(UnknownHoldError):
-        await ledger.settle(uid(), 0)
-    assert len(await ledger.read()) == 1
-
-
-# --- idempotence -------------------------------------------------------------------------------
-
-
-async def test_a_retried_hold_or_settle_appends_nothing(ledger: Ledger) -> None:
-    job, cheque = uid(), uid()
-    await ledger.deposit("alice", "10")
-    held = await ledger.hold(job, cheque, "alice", "4")
-    await ledger.deposit("bob", "1")  # the retry is not the last transaction
-    assert await ledger.hold(job, cheque, "alice", "4") == held
-    settled = await ledger.settle(job, "1")
-    assert await ledger.settle(job, "1") == settled
-    assert await ledger.hold(job, cheque, "alice", "4") == held  # even once settled
-    assert len(await ledger.read()) == 4
-
-    # The same ids for another movement are no retry: refused for what they are.
-    with pytest.raises(AlreadySettledError):
-        await ledger.settle(job, "2")
-    with pytest.raises(ChequeAlreadyCashedError):
-        await ledger.hold(job, cheque, "alice", "5")
-    assert len(await ledger.read()) == 4
-    assert await ledger.balance("alice") == Decimal(9)
-
-
-async def test_a_deposit_with_a_tx_id_is_made_once(ledger: Ledger) -> None:
-    reference = uid()
-    first = await ledger.deposit("alice", "2.5", tx_id=reference)
-    assert await ledger.deposit("alice", "2.5", tx_id=reference) == first
-    with pytest.raises(DuplicateTransactionError, match=f"{reference} is already transaction 1"):
-        await ledger.deposit("alice", "3", tx_id=reference)
-    await ledger.deposit("alice", "2.5")  # no tx id: a new deposit each time
-    assert await ledger.balance("alice") == Decimal(5)
-
-
-# --- corruption ----------------------------------------------------------------------------------
-
-
-async def test_an_unreadable_entry_is_reported(ledger: Ledger, store: ObjectStore) -> None:
-    await ledger.deposit("alice", 1)
-    await store.put(ledger.entry_key(2), b"{not json")
-    with pytest.raises(LedgerCorruptError, match=r"000000000002\.json' is not a valid transaction"):
-        await ledger.read()
-    (problem,) = await ledger.verify()
-    assert "is not a valid transaction" in problem
-
-
-async def test_an_entry_under_the_wrong_key_is_reported(ledger: Ledger, store: ObjectStore) -> None:
-    first = await ledger.deposit("alice", 1)
-    await store.put(ledger.entry_key(2), first.model_dump_json().encode())
-    with pytest.raises(LedgerCorruptError, match="holds transaction 1, not 2"):
-        await ledger.state()
-
-
-async def test_an_altered_stored_balance_is_caught(
-    ledger: Ledger, store: ObjectStore, root: str
-) -> None:
-    await ledger.deposit("alice", 5)
-    second = await ledger.deposit("alice", 1)
-    forged = Transaction.model_validate(
-        second.model_dump() | {"balances_after": {"alice": "600", EXTERNAL: "-6"}}
-    )
-    await store.put(ledger.entry_key(2), forged.model_dump_json().encode())
-    with pytest.raises(LedgerCorruptError, match="breaks the ledger's rules: it records balances"):
-        await Ledger(store, root).state()
-    (problem,) = await Ledger(store, root).verify()
-    assert problem.startswith("transaction 2 (deposit")
-
-
-async def test_verify_reports_strays_and_entries_beyond_a_gap(
-    ledger: Ledger, store: ObjectStore, root: str
-) -> None:
-    for _ in range(3):
-        await ledger.deposit("alice", 1)
-    await store.delete(ledger.entry_key(2))
-    await store.put(f"{root}notes.txt", b"hello")
-    problems = await Ledger(store, root).verify()
-    assert problems == [
-        f"{ledger.entry_key(3)!r} is in the ledger's folder but transaction 3 after a gap",
-        f"'{root}notes.txt' is in the ledger's folder but not a transaction",
-    ]
-
-
-# --- lost races, on demand -----------------------------------------------------------------------
-
-
-async def test_a_lost_race_rereads_and_appends_next(
-    ledger: Ledger, store: ObjectStore, root: str
-) -> None:
-    await ledger.deposit("alice", 10)
-    async with RivalStore(store, ledger, [deposit("bob", 1)]) as racing:
-        ours = await Ledger(racing, root).hold(uid(), uid(), "alice", 4)
-    assert ours.seq == 3
-    assert [tx.kind for tx in await ledger.read()] == ["deposit", "deposit", "hold"]
-
-
-async def test_a_lost_race_to_the_same_cheque_is_refused(
-    ledger: Ledger, store: ObjectStore, root: str
-) -> None:
-    await ledger.deposit("alice", 10)
-    cheque = uid()
-    rival = hold(uid(), cheque, "alice", 4)
-    async with RivalStore(store, ledger, [rival]) as racing:
-        with pytest.raises(ChequeAlreadyCashedError, match=f"for job {rival.job_uid}"):
-            await Ledger(racing, root).hold(uid(), cheque, "alice", 4)
-    assert await ledger.balance("alice") == 6
-    assert len(await ledger.read()) == 2
-
-
-async def test_a_lost_race_that_spends_the_money_is_refused(
-    ledger: Ledger, store: ObjectStore, root: str
-) -> None:
-    await ledger.deposit("alice", 10)
-    async with RivalStore(store, ledger, [hold(uid(), uid(), "alice", 7)]) as racing:
-        with pytest.raises(InsufficientFundsError, match=r"'alice' has 3\.000000"):
-            await Ledger(racing, root).hold(uid(), uid(), "alice", 4)
-    assert await ledger.verify() == []
-
-
-async def test_a_lost_race_with_our_own_transaction_returns_it(
-    ledger: Ledger, store: ObjectStore, root: str
-) -> None:
-    # As when our write landed but its reply was lost and the client retried.
-    await ledger.deposit("alice", 10)
-    mine = hold(uid(), uid(), "alice", 4)
-    async with RivalStore(store, ledger, [mine]) as racing:
-        found = await Ledger(racing, root).commit(mine)
-    assert found.tx_id == mine.tx_id
-    assert len(await ledger.read()) == 2
-
-
-async def test_always_losing_gives_up_after_max_attempts(
-    ledger: Ledger, store: ObjectStore, root: str
-) -> None:
-    rivals = [deposit("bob", 1) for _ in range(3)]
-    async with RivalStore(store, ledger, rivals) as racing:
-        with pytest.raises(LedgerConflictError, match="after 3 attempts"):
-            await Ledger(racing, root).append(lambda _: deposit("alice", 1), max_attempts=3)
-    assert [tx.balances_after.get("alice") for tx in await ledger.read()] == [None] * 3
-
-
-# --- real concurrency: two ledgers, each with its own S3 client ----------------------------------
 
 
 async def race(
@@ -317,7 +56,7 @@ async def test_twenty_holds_of_one_cheque_across_two_ledgers_cash_it_once(
 ) -> None:
     await ledger.deposit("alice", 100)
     cheque = uid()
-    async with ObjectStore(seaweed.settings) as other_store:
+    async with S3ObjectStore(seaweed.settings) as other_store:
         ledgers = (ledger, Ledger(other_store, root))
         outcomes = await race(
             ledgers, 20, lambda writer, _i: writer.hold(uid(), cheque, "alice", "7.5")
@@ -337,7 +76,7 @@ async def test_one_hold_delivered_ten_times_at_once_appends_once(
 ) -> None:
     await ledger.deposit("alice", 10)
     job, cheque = uid(), uid()
-    async with ObjectStore(seaweed.settings) as other_store:
+    async with S3ObjectStore(seaweed.settings) as other_store:
         ledgers = (ledger, Ledger(other_store, root))
         outcomes = await race(ledgers, 10, lambda w, _i: w.hold(job, cheque, "alice", 3))
     assert all(isinstance(o, Transaction) for o in outcomes)
@@ -350,7 +89,7 @@ async def test_racing_holds_never_overdraw(
     seaweed: LocalSeaweed, ledger: Ledger, root: str
 ) -> None:
     await ledger.deposit("alice", "10")  # covers 6 holds of 1.6, not 20
-    async with ObjectStore(seaweed.settings) as other_store:
+    async with S3ObjectStore(seaweed.settings) as other_store:
         ledgers = (ledger, Ledger(other_store, root))
         outcomes = await race(ledgers, 20, lambda w, _i: w.hold(uid(), uid(), "alice", "1.6"))
     won = [o for o in outcomes if isinstance(o, Transaction)]
@@ -376,7 +115,7 @@ async def test_racing_jobs_reconcile(seaweed: LocalSeaweed, ledger: Ledger, root
         await writer.deposit(users[i % 3], "0.1")
         return await writer.settle(job_uid, charges[i])
 
-    async with ObjectStore(seaweed.settings) as other_store:
+    async with S3ObjectStore(seaweed.settings) as other_store:
         ledgers = (ledger, Ledger(other_store, root))
         outcomes = await race(ledgers, 30, job)
     assert all(isinstance(o, Transaction) for o in outcomes)

@@ -11,9 +11,9 @@ from orchestrator.client.client import ParjobsClient
 from orchestrator.core.layout import JobKeys
 from orchestrator.errors import RunRefusedError
 from orchestrator.settings import ServiceSettings
+from orchestrator.store.base import ObjectStore
 from orchestrator.store.eventlog import EventLog
 from orchestrator.store.registry import PARRegistry
-from orchestrator.store.s3 import ObjectStore
 from schemas.messages import ComputeRequest, Envelope, GetJob, GetRunStatus, RunReply, StopRun
 from tests._waiting import eventually
 from workers.runtime import ServiceContext

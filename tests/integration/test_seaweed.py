@@ -18,7 +18,7 @@ from botocore.exceptions import ClientError
 from pydantic import SecretStr
 
 from orchestrator.errors import ConfigurationError
-from orchestrator.store.s3 import ObjectStore, create_s3_client
+from orchestrator.store.s3 import S3ObjectStore, create_s3_client
 from orchestrator.store.seaweed import GRPC_OFFSET, LocalSeaweed, find_weed, pick_ports
 
 
@@ -108,7 +108,7 @@ async def test_two_instances_run_side_by_side(seaweed: LocalSeaweed) -> None:
         assert second.settings.endpoint_url != seaweed.settings.endpoint_url
         assert second.settings.access_key_id != seaweed.settings.access_key_id
         assert not set(second.ports.values()) & set(seaweed.ports.values())
-        async with ObjectStore(second.settings) as store:
+        async with S3ObjectStore(second.settings) as store:
             await store.ensure_bucket()
             await store.put("k", b"second")
             assert await store.get("k") == b"second"

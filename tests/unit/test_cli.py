@@ -67,7 +67,7 @@ def no_servers() -> Iterator[None]:
     """Every connection the CLI opens goes through `_common`: there, it is refused."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(_common, "AMQPBroker", _refuse_to_connect("RabbitMQ"))
-        patch.setattr(_common, "ObjectStore", _refuse_to_connect("the object store"))
+        patch.setattr(_common, "S3ObjectStore", _refuse_to_connect("the object store"))
         patch.setenv("PARJOBS_PASSPHRASE", PASSPHRASE)
         patch.setenv("PARJOBS_S3_ACCESS_KEY_ID", "unit")
         patch.setenv("PARJOBS_S3_SECRET_ACCESS_KEY", "unit-secret")

@@ -1,4 +1,4 @@
-"""Admission and settlement on a real SeaweedFS (no broker): every refusal creates and moves
+"""Admission and settlement on the in-memory store (no broker): every refusal creates and moves
 nothing; every ended job is charged or refunded exactly once."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+import httpx
 import pytest
 from pydantic import JsonValue
 
@@ -28,20 +29,18 @@ from orchestrator.errors import (
     WrongRecipientError,
     WrongResourceError,
 )
-from orchestrator.store.s3 import ObjectStore
+from orchestrator.store.base import ObjectStore
 from schemas.auth import Cheque
 from schemas.events import JobRequest, JobState
 from schemas.messages import SubmitJob
-from tests.integration.test_services import FUNDS, Services
-
-pytestmark = pytest.mark.integration
+from tests.unit.test_services import FUNDS, Services
 
 REQUEST = JobRequest(calculation="checksum")
 
 
 @pytest.fixture
-async def services(store: ObjectStore, prefix: str) -> Services:
-    ready = Services(store, prefix)
+async def services(store: ObjectStore, prefix: str, http: httpx.AsyncClient) -> Services:
+    ready = Services(store, prefix, http)
     await ready.onboard()
     return ready
 
@@ -205,7 +204,8 @@ async def _run_to_end(
     assert sheet.upload_par is not None
     assert sheet.run_par is not None
     assert sheet.payment is not None
-    await ObjectWriter(PAR(sheet.upload_par), services.user).set_object(b"data\n")
+    writer = ObjectWriter(PAR(sheet.upload_par), services.user, transport=services.transport)
+    await writer.set_object(b"data\n")
     run_url = PAR(sheet.run_par).execute(services.user, control=services.registry).run_url
     running, par_uid, _ = await services.compute.claim(run_url, message_id="start")
 

@@ -1,4 +1,4 @@
-"""The nonce store and the user registry against a real SeaweedFS, racing writers included."""
+"""The nonce store and the user registry on the in-memory store, racing writers included."""
 
 from __future__ import annotations
 
@@ -15,10 +15,9 @@ from orchestrator.errors import (
     UnknownUserError,
     UserExistsError,
 )
-from orchestrator.store.s3 import ObjectStore
+from orchestrator.store.base import ObjectStore
 from orchestrator.store.users import NonceStore, UserRegistry
-
-pytestmark = pytest.mark.integration
+from tests._forwarding import ForwardingStore
 
 ALICE = KeyPair.generate("alice").public
 BOB = KeyPair.generate("bob").public
@@ -203,12 +202,12 @@ async def test_an_impossible_name_cannot_be_registered(
     assert await store.list(prefix) == []
 
 
-class Withdrawing(ObjectStore):
+class Withdrawing(ForwardingStore):
     """Finds nothing at `withdrawn`: a record a listing saw, deleted before it was read (what a
     registration that lost its key's race does)."""
 
     def __init__(self, store: ObjectStore, withdrawn: str) -> None:
-        super().__init__(store.settings)
+        super().__init__(store)
         self.withdrawn = withdrawn
 
     async def get(self, key: str) -> bytes:

@@ -1,4 +1,5 @@
-"""The services' logic on a real SeaweedFS, without RabbitMQ: submit, contract, expire, outputs."""
+"""The services' logic on the in-memory store, without RabbitMQ: submit, contract, expire,
+outputs."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from datetime import timedelta
 from decimal import Decimal
 
 import anyio
+import httpx
 import pytest
 from pydantic import JsonValue
 
@@ -20,11 +22,12 @@ from orchestrator.errors import (
     ReplayedAuthorisationError,
 )
 from orchestrator.par.issuer import PARIssuer
+from orchestrator.par.transfer import PARTransport
 from orchestrator.services.access import AccessService
 from orchestrator.services.accounts import Accounts
+from orchestrator.store.base import ObjectStore
 from orchestrator.store.eventlog import EventLog, step_event_id
 from orchestrator.store.registry import PARRegistry
-from orchestrator.store.s3 import ObjectStore
 from schemas.auth import Cheque
 from schemas.events import JobRequest, JobState, StorageContracted
 from schemas.messages import GetJob, GetOutputs, JobReply, SubmitJob
@@ -32,20 +35,21 @@ from workers.calculations import CalculationRegistry, Price
 from workers.compute import ComputeWorker
 from workers.storage import StorageWorker
 
-pytestmark = pytest.mark.integration
-
-
 TIME_LIMIT_S = 20
 FUNDS = Decimal(100)
 
 
 class Services:
-    """The three services' logic on one store, and a registered, funded user."""
+    """The three services' logic on one store, and a registered, funded user.
 
-    def __init__(self, store: ObjectStore, prefix: str) -> None:
+    `http` reaches the store's presigned URLs; `transport` is a `PARTransport` over it.
+    """
+
+    def __init__(self, store: ObjectStore, prefix: str, http: httpx.AsyncClient) -> None:
         self.keys = JobKeys(prefix)
         self.log = EventLog(store, self.keys.jobs)
         self.registry = registry = PARRegistry(store, root=self.keys.registry)
+        self.transport = PARTransport(http)
         self.user = KeyPair.generate("user")
         self.compute_key = KeyPair.generate("compute")
         self.accounts = Accounts(store, self.keys)
@@ -69,6 +73,7 @@ class Services:
             self.keys,
             self.compute_key,
             time_limit_s=TIME_LIMIT_S,
+            http=http,
         )
 
     def access_job_uid(self, message_id: str) -> str:
@@ -109,8 +114,8 @@ class Services:
 
 
 @pytest.fixture
-async def services(store: ObjectStore, prefix: str) -> Services:
-    ready = Services(store, prefix)
+async def services(store: ObjectStore, prefix: str, http: httpx.AsyncClient) -> Services:
+    ready = Services(store, prefix, http)
     await ready.onboard()
     return ready
 

@@ -1,4 +1,4 @@
-"""The compute worker's logic on a real SeaweedFS (no RabbitMQ): contract, start, run, stop."""
+"""The compute worker's logic on the in-memory store (no RabbitMQ): contract, start, run, stop."""
 
 from __future__ import annotations
 
@@ -6,23 +6,22 @@ import json
 import uuid
 
 import anyio
+import httpx
 import pytest
 from pydantic import JsonValue
 
 from orchestrator import PAR, BucketReader, ObjectWriter, PARPermissionError
 from orchestrator.errors import PARClosedError, RunRefusedError, UnknownCalculationError
-from orchestrator.store.s3 import ObjectStore
+from orchestrator.store.base import ObjectStore
 from schemas.events import Completed, ComputeContracted, Failed, JobEvent, JobState
 from schemas.messages import GetOutputs, OutputsReply
-from tests.integration.test_services import Services
+from tests.unit.test_services import Services
 from workers.calculations import CalculationRegistry
-
-pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-async def services(store: ObjectStore, prefix: str) -> Services:
-    ready = Services(store, prefix)
+async def services(store: ObjectStore, prefix: str, http: httpx.AsyncClient) -> Services:
+    ready = Services(store, prefix, http)
     await ready.onboard()
     return ready
 
@@ -52,7 +51,9 @@ async def _collect(events: list[JobEvent], event: JobEvent) -> None:
 
 async def test_whole_job_through_the_services(services: Services) -> None:
     job_uid, upload, run_par = await _ready_job(services)
-    await ObjectWriter(upload, services.user).set_object(b"hello\nworld\n")
+    await ObjectWriter(upload, services.user, transport=services.transport).set_object(
+        b"hello\nworld\n"
+    )
     run_url = run_par.execute(services.user, control=services.registry).run_url
     sheet, par_uid, started = await services.compute.claim(run_url, message_id="m1")
     assert sheet.state is JobState.RUNNING
@@ -64,7 +65,7 @@ async def test_whole_job_through_the_services(services: Services) -> None:
     # The user reads the outputs through a read PAR from access.
     reply = (await services.access.outputs(GetOutputs(job_uid=job_uid))).reply
     assert isinstance(reply, OutputsReply)
-    reader = BucketReader(PAR(reply.read_par), services.user)
+    reader = BucketReader(PAR(reply.read_par), services.user, transport=services.transport)
     summary = json.loads(await reader.get_object("summary.json"))
     assert summary["size_bytes"] == 12
     assert summary["lines"] == 2
@@ -73,7 +74,7 @@ async def test_whole_job_through_the_services(services: Services) -> None:
 
 async def test_run_par_starts_one_run_only(services: Services) -> None:
     _, upload, run_par = await _ready_job(services)
-    await ObjectWriter(upload, services.user).set_object(b"x")
+    await ObjectWriter(upload, services.user, transport=services.transport).set_object(b"x")
     run_url = run_par.execute(services.user, control=services.registry).run_url
     await services.compute.claim(run_url, message_id="first")
     # A redelivery of the same start message may resume (after a crash) ...
@@ -88,7 +89,7 @@ async def test_start_before_upload_is_refused_without_using_the_par(services: Se
     run_url = run_par.execute(services.user, control=services.registry).run_url
     with pytest.raises(RunRefusedError, match="upload it first"):
         await services.compute.claim(run_url, message_id="early")
-    await ObjectWriter(upload, services.user).set_object(b"x")
+    await ObjectWriter(upload, services.user, transport=services.transport).set_object(b"x")
     sheet, _, _ = await services.compute.claim(run_url, message_id="later")
     assert sheet.state is JobState.RUNNING
 
@@ -117,7 +118,7 @@ async def test_stop_before_start_cancels(services: Services) -> None:
 
 async def test_stop_during_run_cancels_it(services: Services) -> None:
     job_uid, upload, run_par = await _ready_job(services, "sleep", {"seconds": 30})
-    await ObjectWriter(upload, services.user).set_object(b"x")
+    await ObjectWriter(upload, services.user, transport=services.transport).set_object(b"x")
     run_url = run_par.execute(services.user, control=services.registry).run_url
     sheet, par_uid, _ = await services.compute.claim(run_url, message_id="m")
     published: list[JobEvent] = []
@@ -133,7 +134,7 @@ async def test_stop_during_run_cancels_it(services: Services) -> None:
 
 async def test_failing_calculation_ends_failed(services: Services) -> None:
     _, upload, run_par = await _ready_job(services, "sleep", {"seconds": 0, "exit_code": 3})
-    await ObjectWriter(upload, services.user).set_object(b"x")
+    await ObjectWriter(upload, services.user, transport=services.transport).set_object(b"x")
     run_url = run_par.execute(services.user, control=services.registry).run_url
     sheet, par_uid, _ = await services.compute.claim(run_url, message_id="m")
     final = await services.compute.run(sheet, par_uid, lambda e: _collect([], e))
