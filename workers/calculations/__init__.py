@@ -1,8 +1,8 @@
 """Calculations a compute worker can run, and the runner that runs them in a child process.
 
 A `Calculation` validates its parameters and describes its run as an argv; `run_calculation`
-runs that argv with limits, a clean environment and streamed output. Built-ins and third-party
-calculations are found through the `parjobs.calculations` entry-point group.
+runs that argv in a sandbox, with limits, a clean environment and streamed output. Built-ins and
+third-party calculations are found through the `parjobs.calculations` entry-point group.
 """
 
 from orchestrator.core.calculations import (
@@ -22,7 +22,7 @@ from workers.calculations._runner import (
     Stream,
     run_calculation,
 )
-from workers.calculations._sandbox import DEFAULT_MEMORY_LIMIT
+from workers.calculations._sandbox import DEFAULT_MEMORY_LIMIT, SandboxMode
 
 __all__ = [
     "DEFAULT_MEMORY_LIMIT",
@@ -39,6 +39,7 @@ __all__ = [
     "Price",
     "RunHandle",
     "RunOutcome",
+    "SandboxMode",
     "Stream",
     "run_calculation",
 ]

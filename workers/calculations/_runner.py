@@ -370,7 +370,12 @@ class _Child:
 
     async def _exited(self) -> None:
         """Wait until the child has exited (a zombie: its pid, and so its group id, stay ours)."""
-        await anyio.wait_readable(self._pidfd)
+        # On a duplicate: a stop's escalation and the time limit may both be waiting.
+        pidfd = os.dup(self._pidfd)
+        try:
+            await anyio.wait_readable(pidfd)
+        finally:
+            os.close(pidfd)
 
     def _terminate(self) -> None:
         """SIGTERM to every process of the run: in the sandbox, the supervisor passes it on."""
