@@ -14,6 +14,7 @@ from orchestrator.core.calculations import (
     Price,
 )
 from workers.calculations._command import Command, CommandParams, CommandSettings
+from workers.calculations._preflight import UNSANDBOXED_WARNING, check_sandbox
 from workers.calculations._runner import (
     DEFAULT_STOP_GRACE_S,
     OutputCallback,
@@ -28,6 +29,7 @@ __all__ = [
     "DEFAULT_MEMORY_LIMIT",
     "DEFAULT_STOP_GRACE_S",
     "ENTRY_POINT_GROUP",
+    "UNSANDBOXED_WARNING",
     "Calculation",
     "CalculationParams",
     "CalculationRegistry",
@@ -41,5 +43,6 @@ __all__ = [
     "RunOutcome",
     "SandboxMode",
     "Stream",
+    "check_sandbox",
     "run_calculation",
 ]

@@ -42,10 +42,8 @@ maps the sandbox to host uid 0, which still owns root's files, so root hands ove
 SCRIPTS_DIR = Path(__file__).parent
 """The built-in calculations' scripts, visible (read-only) in every sandbox."""
 
-INSTALL_HINT = (
-    "install bubblewrap (apt-get install bubblewrap), or set PARJOBS_SANDBOX=none to run "
-    "calculations unsandboxed"
-)
+UNSANDBOXED_HINT = "set PARJOBS_SANDBOX=none to run calculations unsandboxed"
+INSTALL_HINT = f"install bubblewrap (apt-get install bubblewrap), or {UNSANDBOXED_HINT}"
 
 # The loader's files, and the alternatives Debian's commands are links through.
 _ETC = ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "alternatives", "localtime")
