@@ -1,8 +1,8 @@
 """The runner and the built-ins, with real child processes (each test well under three seconds).
 
-Every test runs twice: in the bubblewrap sandbox and unsandboxed (`PARJOBS_SANDBOX=none`). Inside
-the sandbox processes have pids of their own namespace, so the tests find them from here by a
-marker in their command line instead (`running`, `gone`).
+Every test runs twice: in the bubblewrap sandbox and unsandboxed (`PARJOBS_SANDBOX=none`).
+Processes are found by a marker in their command line (`tests._processes`), which works whatever
+PID namespace they are in.
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ import signal
 import sys
 import textwrap
 import time
-import uuid
 from pathlib import Path
 
 import anyio
 import pytest
 
 from orchestrator.errors import CalculationLaunchError
+from tests._processes import gone, marked_pids, new_marker, python, running
 from workers.calculations import (
     CalculationRegistry,
     Command,
@@ -54,40 +54,6 @@ class Lines:
 def sandbox(request: pytest.FixtureRequest) -> SandboxMode:
     mode: SandboxMode = request.param
     return mode
-
-
-def python(code: str, *args: str) -> list[str]:
-    return [sys.executable, "-c", textwrap.dedent(code), *args]
-
-
-def new_marker() -> str:
-    return f"parjobs-test-{uuid.uuid4().hex}"
-
-
-def marked_pids(marker: str) -> list[int]:
-    """Host pids of the running processes with `marker` in their command line (a zombie has
-    none), whichever PID namespace they are in."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and marker.encode() in (entry / "cmdline").read_bytes():
-                pids.append(int(entry.name))
-        except OSError:  # ended meanwhile
-            continue
-    return pids
-
-
-def running(marker: str) -> bool:
-    return bool(marked_pids(marker))
-
-
-async def gone(marker: str, within_s: float = 2.0) -> bool:
-    """Whether every process marked `marker` ends within `within_s` (killing takes a moment)."""
-    with anyio.move_on_after(within_s):
-        while running(marker):
-            await anyio.sleep(0.02)
-        return True
-    return False
 
 
 async def run(argv: list[str], workdir: Path, lines: Lines, **options: object) -> RunOutcome:
@@ -297,6 +263,36 @@ async def test_stop_escalates_to_sigkill_after_the_grace_period(
     )
     assert (outcome.stopped, outcome.signal) == (True, signal.SIGKILL)
     assert 0.3 <= outcome.wall_seconds < 2
+
+
+async def test_a_killed_run_is_charged_for_the_cpu_time_it_used(
+    tmp_path: Path, sandbox: SandboxMode
+) -> None:
+    # Killed, not ended by itself: sandboxed, the supervisor must still reap it to count it.
+    handle = RunHandle()
+    stubborn_and_busy = """
+        import signal, time
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        end = time.process_time() + 0.4
+        while time.process_time() < end:
+            pass
+        print("worked 0.4 CPU seconds", flush=True)
+        time.sleep(30)
+    """
+
+    async def stop(stream: Stream, line: str) -> None:
+        await handle.stop(grace_s=0.1)
+
+    outcome = await run_calculation(
+        python(stubborn_and_busy),
+        workdir=tmp_path,
+        time_limit_s=10,
+        on_output=stop,
+        handle=handle,
+        sandbox=sandbox,
+    )
+    assert (outcome.stopped, outcome.signal) == (True, signal.SIGKILL)
+    assert outcome.cpu_seconds >= 0.4
 
 
 async def test_processes_left_behind_after_a_normal_exit_are_killed(
