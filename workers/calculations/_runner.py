@@ -289,11 +289,11 @@ def _pidfd_of_child(pid: int, parent: int) -> int | None:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:
         return None
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()  # after the pidfd: the pid is held now
-    except FileNotFoundError:
-        stat = ") Z 0"  # gone already
-    if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
+    try:  # after the pidfd: whichever process it is, it is the one held now
+        parent_now = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except FileNotFoundError:  # reaped meanwhile
+        parent_now = None
+    if parent_now == parent:
         return pidfd
     os.close(pidfd)
     return None
