@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlsplit
 
 from aiobotocore.config import AioConfig
@@ -159,6 +160,10 @@ class ServiceSettings(BaseSettings):
     memory_limit_bytes: int = Field(default=2**30, ge=2**24)
     max_runs: int = Field(default=2, ge=1)
     """Calculations one compute daemon runs at once (its run queue's prefetch)."""
+    sandbox: Literal["bwrap", "none"] = "bwrap"
+    """How compute runs calculations: `bwrap`, each in a bubblewrap sandbox (compute refuses to
+    start if it cannot make one); `none`, unsandboxed with compute's own user and view of the
+    machine (an explicit choice, warned about at every start)."""
     shutdown_grace_s: float = Field(default=20.0, ge=0)
     """On SIGTERM, how long in-flight work may take to finish before it is requeued."""
     health_port: int | None = Field(default=None, ge=0, le=65535)

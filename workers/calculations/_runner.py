@@ -1,8 +1,8 @@
 """Runs a calculation's argv in a child process and reports how it ended.
 
-The child gets its own session (so one signal reaches every process it started), a clean
-environment, memory and CPU limits (see `_sandbox`), and a wall-clock limit enforced here. Its
-stdout and stderr lines go to a callback as they are printed.
+The child runs in a bubblewrap sandbox (or, if the operator chose so, unsandboxed in a session of
+its own), with a clean environment, memory and CPU limits (see `_sandbox`), and a wall-clock
+limit enforced here. Its stdout and stderr lines go to a callback as they are printed.
 
 The child is spawned with `subprocess.Popen` and watched through a pidfd rather than with
 `anyio.open_process`: asyncio's child watcher reaps with `waitpid`, which throws away the child's
@@ -13,6 +13,7 @@ resource usage, and the CPU seconds are what a run is charged for. Reaping it ou
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import resource
@@ -26,7 +27,14 @@ from typing import IO, Literal, NamedTuple
 import anyio
 from pydantic import BaseModel, ConfigDict
 
-from workers.calculations._sandbox import DEFAULT_MEMORY_LIMIT, clean_environment, limited_argv
+from workers.calculations._sandbox import (
+    DEFAULT_MEMORY_LIMIT,
+    SandboxMode,
+    clean_environment,
+    hand_over,
+    limited_argv,
+    sandboxed_argv,
+)
 
 Stream = Literal["stdout", "stderr"]
 OutputCallback = Callable[[Stream, str], Awaitable[None]]
@@ -34,6 +42,7 @@ OutputCallback = Callable[[Stream, str], Awaitable[None]]
 DEFAULT_STOP_GRACE_S = 5.0
 _MAX_LINE_BYTES = 64 * 1024  # a longer line (or binary output) is passed on in pieces
 _DRAIN_S = 2.0  # after the exit, how long a process that left the session may hold our pipes
+_KILL_GRACE_S = 1.0  # how long the sandbox's supervisor may take to kill and reap its processes
 # What allocation failures look like on stderr (Python, C, C++, Go, Rust): RLIMIT_AS makes
 # allocation fail in the child rather than killing it, so this is the sign the limit was hit.
 _ALLOCATION_FAILURES = (
@@ -115,14 +124,18 @@ async def run_calculation(
     cpu_limit_s: int | None = None,
     env: Mapping[str, str] | None = None,
     output_dir: Path | None = None,
+    inputs: Sequence[Path] = (),
+    sandbox: SandboxMode = "bwrap",
     handle: RunHandle | None = None,
 ) -> RunOutcome:
     """Run `argv` in `workdir` (created if needed, with `tmp/` for TMPDIR) and report the outcome.
 
     `cpu_limit_s` (RLIMIT_CPU) defaults to the time limit, rounded up, so even an orphan cannot
     burn more; a caller may set it lower to cap what a run can cost. `output_dir` defaults to
-    `workdir/output`. Cancelling the caller kills the child's process group at once; so does an
-    exception from `on_output`, which then propagates (in an ExceptionGroup).
+    `workdir/output`. In the sandbox, `workdir` and `output_dir` are the only writable places and
+    `inputs` are readable besides the system, the interpreter and the program. Cancelling the
+    caller kills every process of the run at once; so does an exception from `on_output`, which
+    then propagates (in an ExceptionGroup).
     """
     handle = handle or RunHandle()
     try:
@@ -131,9 +144,11 @@ async def run_calculation(
             argv,
             workdir=workdir,
             output_dir=output_dir,
+            inputs=inputs,
             env=env,
             memory_limit_bytes=memory_limit_bytes,
             cpu_limit_s=cpu_limit_s if cpu_limit_s is not None else max(1, math.ceil(time_limit_s)),
+            sandbox=sandbox,
         )
         try:
             ending = await child.supervise(time_limit_s, handle, on_output)
@@ -142,8 +157,8 @@ async def run_calculation(
     finally:
         handle._finished.set()
     return RunOutcome(
-        exit_code=os.WEXITSTATUS(ending.status) if os.WIFEXITED(ending.status) else None,
-        signal=os.WTERMSIG(ending.status) if os.WIFSIGNALED(ending.status) else None,
+        exit_code=ending.exit_code,
+        signal=ending.signal,
         timed_out=ending.timed_out,
         stopped=ending.stopped,
         memory_exceeded=ending.memory_exceeded,
@@ -158,9 +173,11 @@ def _spawn(
     *,
     workdir: Path,
     output_dir: Path | None,
+    inputs: Sequence[Path],
     env: Mapping[str, str] | None,
     memory_limit_bytes: int,
     cpu_limit_s: int,
+    sandbox: SandboxMode,
 ) -> _Child:
     # Synchronous and on the event loop's thread on purpose: mkdir and fork+exec take about a
     # millisecond, and the child's PR_SET_PDEATHSIG fires when the *thread* that forked it ends,
@@ -170,24 +187,121 @@ def _spawn(
     for directory in (workdir, workdir / "tmp", output_dir):
         directory.mkdir(parents=True, exist_ok=True)
     child_env = clean_environment(workdir, env)
-    command = limited_argv(
-        argv, env=child_env, memory_limit_bytes=memory_limit_bytes, cpu_limit_s=cpu_limit_s
-    )
+    limits = {"memory_limit_bytes": memory_limit_bytes, "cpu_limit_s": cpu_limit_s}
+    if sandbox == "none":
+        command = limited_argv(argv, env=child_env, **limits)
+        return _Child(_popen(command, workdir, child_env), output_dir, None)
+    hand_over((workdir, workdir / "tmp", output_dir))
+    link = _SandboxLink()
+    try:
+        command = sandboxed_argv(
+            argv,
+            env=child_env,
+            workdir=workdir,
+            writable=(workdir, output_dir),
+            readable=inputs,
+            info_fd=link.info_fd,
+            report_fd=link.report_fd,
+            **limits,
+        )
+        process = _popen(command, workdir, child_env, pass_fds=(link.info_fd, link.report_fd))
+    except BaseException:
+        link.close()
+        raise
+    link.close_child_ends()
+    return _Child(process, output_dir, link)
+
+
+def _popen(
+    command: list[str], workdir: Path, env: Mapping[str, str], pass_fds: tuple[int, ...] = ()
+) -> subprocess.Popen[bytes]:
     # Not a shell, and the argv comes from a Calculation, never from the user directly.
-    process = subprocess.Popen(  # noqa: S603
+    return subprocess.Popen(  # noqa: S603
         command,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         cwd=workdir,
-        env=child_env,
+        env=env,
         start_new_session=True,
+        pass_fds=pass_fds,
     )
-    return _Child(process, output_dir)
+
+
+class _SandboxLink:
+    """The worker's end of one bubblewrap launch: bwrap's info pipe, which names the sandbox's
+    PID 1 (the supervisor), and the supervisor's report pipe, which says how the program ended."""
+
+    def __init__(self) -> None:
+        self._info, self.info_fd = os.pipe()
+        self._report, self.report_fd = os.pipe()
+        os.set_blocking(self._report, False)
+        self._supervisor: int | None = None  # its pidfd, once known
+        self.located = anyio.Event()
+
+    def close_child_ends(self) -> None:
+        """After the spawn: from now on only the child holds them (so EOF means it is gone)."""
+        os.close(self.info_fd)
+        os.close(self.report_fd)
+        self.info_fd = self.report_fd = -1
+
+    async def locate(self, bwrap_pid: int) -> None:
+        """Open a pidfd on the supervisor, which bwrap names right after creating it."""
+        try:
+            info = b""
+            while True:
+                await anyio.wait_readable(self._info)
+                if not (chunk := os.read(self._info, 4096)):
+                    break
+                info += chunk
+            if info:
+                self._supervisor = _pidfd_of_child(json.loads(info)["child-pid"], bwrap_pid)
+        finally:
+            self.located.set()
+
+    def signal(self, sig: signal.Signals) -> bool:
+        """Send `sig` to the supervisor; False if it is not known (bwrap failed before it)."""
+        if self._supervisor is None:
+            return False
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(self._supervisor, sig)
+        return True
+
+    def reported_status(self) -> int | None:
+        """The program's wait status, once bwrap has exited; None if the supervisor did not
+        get to report it (it was killed, or never started)."""
+        try:
+            report = os.read(self._report, 64)
+        except BlockingIOError:
+            return None
+        return int(report) if report else None
+
+    def close(self) -> None:
+        for fd in (self._info, self.info_fd, self._report, self.report_fd, self._supervisor):
+            if fd is not None and fd >= 0:
+                os.close(fd)
+
+
+def _pidfd_of_child(pid: int, parent: int) -> int | None:
+    """A pidfd on `pid` if it is still `parent`'s child: a pid is only a name until a pidfd holds
+    it, and this one's process may have ended (and its number gone to another) meanwhile."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return None
+    try:  # after the pidfd: whichever process it is, it is the one held now
+        parent_now = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except FileNotFoundError:  # reaped meanwhile
+        parent_now = None
+    if parent_now == parent:
+        return pidfd
+    os.close(pidfd)
+    return None
 
 
 class _Ending(NamedTuple):
-    status: int  # as from wait4
+    exit_code: int | None
+    signal: int | None
     usage: resource.struct_rusage
     at: float  # time.monotonic() when reaped
     timed_out: bool
@@ -196,11 +310,15 @@ class _Ending(NamedTuple):
 
 
 class _Child:
-    """One spawned child: its pidfd, its process group, its pipes."""
+    """One spawned child: its pidfd, its process group, its pipes and, when sandboxed, the link
+    to the sandbox's supervisor."""
 
-    def __init__(self, process: subprocess.Popen[bytes], output_dir: Path) -> None:
+    def __init__(
+        self, process: subprocess.Popen[bytes], output_dir: Path, sandbox: _SandboxLink | None
+    ) -> None:
         self._process = process
         self.output_dir = output_dir
+        self._sandbox = sandbox
         self._pidfd = os.pidfd_open(process.pid)
         self._reaped = False
         self._memory_exceeded = False
@@ -215,6 +333,8 @@ class _Child:
         timed_out = stopped = False
         try:
             async with anyio.create_task_group() as pumps:
+                if self._sandbox is not None:
+                    pumps.start_soon(self._sandbox.locate, self._process.pid)
                 pumps.start_soon(self._pump, self._process.stdout, "stdout", on_output)
                 pumps.start_soon(self._pump, self._process.stderr, "stderr", on_output)
                 async with anyio.create_task_group() as watch:
@@ -223,8 +343,7 @@ class _Child:
                         await self._exited()
                     if limit.cancelled_caught:
                         timed_out = True
-                        self._signal_group(signal.SIGKILL)
-                        await self._exited()
+                        await self._kill()
                     stopped = handle._requested.is_set()
                     watch.cancel_scope.cancel()
                 status, usage = self._reap()
@@ -234,23 +353,50 @@ class _Child:
         finally:
             if not self._reaped:  # cancelled, or on_output failed: nothing may outlive the run
                 with anyio.CancelScope(shield=True):
-                    self._signal_group(signal.SIGKILL)
-                    await self._exited()
+                    await self._kill()
                     self._reap()
-        return _Ending(status, usage, reaped_at, timed_out, stopped, self._memory_exceeded)
+        exit_code, ended_by = self._how_it_ended(status)
+        return _Ending(
+            exit_code, ended_by, usage, reaped_at, timed_out, stopped, self._memory_exceeded
+        )
 
     async def _stop_on_request(self, handle: RunHandle) -> None:
         await handle._requested.wait()
-        self._signal_group(signal.SIGTERM)
+        if self._sandbox is not None:
+            await self._sandbox.located.wait()  # a stop right at the start waits a millisecond
+        self._terminate()
         await anyio.sleep(handle._grace_s)
-        self._signal_group(signal.SIGKILL)
+        await self._kill()
 
     async def _exited(self) -> None:
         """Wait until the child has exited (a zombie: its pid, and so its group id, stay ours)."""
-        await anyio.wait_readable(self._pidfd)
+        # On a duplicate: a stop's escalation and the time limit may both be waiting.
+        pidfd = os.dup(self._pidfd)
+        try:
+            await anyio.wait_readable(pidfd)
+        finally:
+            os.close(pidfd)
+
+    def _terminate(self) -> None:
+        """SIGTERM to every process of the run: in the sandbox, the supervisor passes it on."""
+        if self._sandbox is None or not self._sandbox.signal(signal.SIGTERM):
+            self._signal_group(signal.SIGTERM)
+
+    async def _kill(self) -> None:
+        """Kill every process of the run; returns once the child has exited."""
+        if self._sandbox is not None and self._sandbox.signal(signal.SIGUSR1):
+            # The supervisor kills and reaps them itself, so the CPU time they used is counted;
+            # killing it instead would lose it (the kernel reaps a dying PID 1's children).
+            with anyio.move_on_after(_KILL_GRACE_S):
+                await self._exited()
+                return
+            self._sandbox.signal(signal.SIGKILL)
+        self._signal_group(signal.SIGKILL)
+        await self._exited()
 
     def _signal_group(self, sig: signal.Signals) -> None:
         # Safe until reaped: the zombie keeps the pid, so the group id cannot name anyone else.
+        # Sandboxed, the group is bwrap alone: its death takes the sandbox (--die-with-parent).
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self._process.pid, sig)
 
@@ -261,6 +407,19 @@ class _Child:
         self._reaped = True
         self._process.returncode = os.waitstatus_to_exitcode(status)  # Popen must not reap again
         return status, usage
+
+    def _how_it_ended(self, status: int) -> tuple[int | None, int | None]:
+        """(exit code, signal) of the program, from its wait status or, sandboxed, from the
+        supervisor's report; without one, bwrap's exit code says 128 + the ending signal."""
+        if self._sandbox is not None:
+            reported = self._sandbox.reported_status()
+            if reported is not None:
+                status = reported
+            elif os.WIFEXITED(status) and os.WEXITSTATUS(status) > 128:
+                return None, os.WEXITSTATUS(status) - 128
+        if os.WIFSIGNALED(status):
+            return None, os.WTERMSIG(status)
+        return os.WEXITSTATUS(status), None
 
     def _stop_waiting_for_pipes_after(self, seconds: float) -> None:
         # Once the group is dead its pipes end at once, unless a process that left the session
@@ -310,6 +469,8 @@ class _Child:
 
     def close(self) -> None:
         os.close(self._pidfd)
+        if self._sandbox is not None:
+            self._sandbox.close()
         for pipe in (self._process.stdout, self._process.stderr):
             if pipe is not None:
                 pipe.close()
