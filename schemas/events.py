@@ -19,6 +19,7 @@ from schemas.auth import Authorisation, Cheque
 from schemas.keys import PublicKeyData
 from schemas.ledger import Money
 from schemas.par import PARData, PARKind, Sha256Hex, Uid
+from schemas.signing import canonical_json
 
 Actor = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]*(:[A-Za-z0-9._-]+)?$", max_length=200)]
 """Who appended an event: a role, optionally with an id (`access`, `compute`, `user:<fp>`)."""
@@ -43,6 +44,14 @@ class JobRequest(WireModel):
     calculation: str = Field(min_length=1, max_length=200)
     parameters: dict[str, JsonValue] = Field(default_factory=dict)
     input_sha256: Sha256Hex | None = None  # if given, the upload PAR accepts only this content
+
+    @field_validator("parameters")
+    @classmethod
+    def _canonical(cls, parameters: dict[str, JsonValue]) -> dict[str, JsonValue]:
+        # A request is signed over its canonical JSON: one without any (NaN, an integer past
+        # 2**53) could be neither authorised nor paid for, so it is refused as it is read.
+        canonical_json(parameters)
+        return parameters
 
 
 class OutputFile(WireModel):

@@ -29,8 +29,9 @@ from orchestrator.errors import (
     WrongRecipientError,
     WrongResourceError,
 )
-from schemas.auth import Authorisation, Cheque, canonical_bytes
+from schemas.auth import Authorisation, Cheque
 from schemas.events import JobRequest
+from schemas.signing import canonical_bytes
 
 # Signed messages are built once with this placeholder to compute their signed bytes, which leave
 # the signature out, then copied with the real signature.
