@@ -227,6 +227,11 @@ class ForgedChequeError(ChequeError):
     """The cheque's signature does not verify against the payer's registered key."""
 
 
+class ChequePayerMismatchError(ChequeError):
+    """The cheque's payer is not the user who authorised the job: a cheque pays only for its
+    payer's own jobs."""
+
+
 class WrongRecipientError(ChequeError):
     """The cheque is payable to another account than the one cashing it."""
 
