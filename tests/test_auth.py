@@ -21,6 +21,7 @@ from orchestrator.core.signing import (
 from orchestrator.errors import (
     AuthorisationError,
     ChequeError,
+    ChequePayerMismatchError,
     ExpiredChequeError,
     ForgedAuthorisationError,
     ForgedChequeError,
@@ -73,6 +74,7 @@ def check_auth(auth: Authorisation, request: JobRequest = REQUEST, **overrides: 
 def check(signed: Cheque, **overrides: Any) -> None:
     arguments: dict[str, Any] = {
         "payer_key": ALICE.public,
+        "job_owner": "alice",
         "recipient": "access",
         "resource": RESOURCE,
         "price": PRICE,
@@ -324,6 +326,16 @@ def test_tampering_any_field_of_a_cheque_is_refused(field: str, value: object) -
         check(tampered(cheque(), **{field: value}))
 
 
+def test_a_cheque_pays_only_for_its_payers_own_job() -> None:
+    # Mallory's own, valid cheque for this very request, offered with a job Alice authorised.
+    bobs = cheque(MALLORY, payer="mallory")
+    check(bobs, payer_key=MALLORY.public, job_owner="mallory")
+    with pytest.raises(
+        ChequePayerMismatchError, match=r"written by 'mallory'.*authorised by 'alice'"
+    ):
+        check(bobs, payer_key=MALLORY.public, job_owner="alice")
+
+
 def test_a_cheque_payable_to_another_account_is_refused() -> None:
     with pytest.raises(WrongRecipientError, match="'storage'"):
         check(cheque(recipient="storage"))
@@ -370,6 +382,7 @@ def test_a_cheque_needs_a_positive_exact_amount(amount: object) -> None:
 def test_cheque_refusals_share_one_base() -> None:
     for refusal in (
         ForgedChequeError,
+        ChequePayerMismatchError,
         WrongRecipientError,
         WrongResourceError,
         ExpiredChequeError,
