@@ -44,6 +44,40 @@ class KeyFileError(CryptoError):
     """A key file is missing, unreadable or not a parjobs key file."""
 
 
+class SignatureError(CryptoError):
+    """A signed message or event was refused; the subclass says why."""
+
+
+class UnsignedError(SignatureError):
+    """The message or event carries no signature where one is required."""
+
+
+class ForgedSignatureError(SignatureError):
+    """The signature does not verify against the key of the signer it names: forged, made with
+    another key, or the signed content was altered after signing."""
+
+
+class StaleSignatureError(SignatureError):
+    """The signed time is outside the accepted window around the receiver's clock.
+
+    `offset` is the signed time minus the receiver's now: negative in the past, positive ahead.
+    """
+
+    def __init__(self, message: str, *, offset: timedelta, window: timedelta) -> None:
+        super().__init__(message)
+        self.offset = offset
+        self.window = window
+
+
+class UnknownSignerError(SignatureError, LookupError):
+    """The signer named has no key here: neither a configured service role nor a registered user."""
+
+
+class ForbiddenSignerError(SignatureError):
+    """The signature is genuine, but its signer may not sign this: a service role emitting an event
+    type that belongs to another role."""
+
+
 # --- object keys -------------------------------------------------------------------------------
 
 
