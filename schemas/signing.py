@@ -20,6 +20,7 @@ import rfc8785
 from pydantic import AfterValidator, AwareDatetime, BaseModel, Field, JsonValue
 
 from schemas._base import B64Bytes, WireModel
+from schemas.keys import PublicKeyData
 from schemas.par import Sha256Hex
 
 MESSAGE_PURPOSE: Final = b"parjobs-message-v1"
@@ -85,3 +86,15 @@ class MessageSignature(WireModel):
     signer: Signer
     nonce: Nonce  # with the message id: lets a service refuse a captured message sent again
     signature: Signature
+
+
+class ServiceKeysData(WireModel):
+    """The operator's service keys file: each role's public keys, the current one first.
+
+    A role may list older keys after its current one, so what they signed (a job's log is kept
+    for good) still verifies after the role's key is replaced.
+    """
+
+    schema_version: Literal[1] = 1
+    kind: Literal["parjobs-service-keys"] = "parjobs-service-keys"
+    roles: dict[ServiceRole, tuple[PublicKeyData, ...]]
