@@ -63,7 +63,7 @@ class ChainFault(StrEnum):
     FORGED = "signature invalid"
     FORBIDDEN_SIGNER = "signer not allowed"
     EDITED = "edited"  # a verified later event was chained to another version of it
-    BROKEN_LINK = "prev_hash mismatch"  # the first event names a previous one
+    BROKEN_LINK = "prev_hash mismatch"  # names no event that comes before it
     SEQ_GAP = "seq gap"
     FOREIGN = "another job's event"
 
@@ -120,38 +120,39 @@ def seal_event(event: JobEvent, prev: JobEvent | None, key: KeyPair, role: Servi
     return draft.model_copy(update={"signature": key.sign(event_bytes(draft))})
 
 
-def _seal_fault(event: JobEvent, keys: ServiceKeys) -> tuple[ChainFault, str] | None:
-    """What is wrong with the event's own seal, if anything: signature first, then the role."""
+def check_seal(event: JobEvent, keys: ServiceKeys) -> ChainProblem | None:
+    """What is wrong with the event's own seal, if anything: its signature, then its signer.
+
+    Says nothing of its link to the event before it: that is `verify_log`'s, against the log.
+    """
     if event.signer is None or event.signature is None:
-        return ChainFault.UNSIGNED, "it carries no signature"
+        return _problem(event, ChainFault.UNSIGNED, "it carries no signature")
     data = event_bytes(event)
     if not any(key.verify(event.signature, data) for key in keys.keys_for(event.signer)):
-        return ChainFault.FORGED, (
+        detail = (
             f"its signature does not verify against the {event.signer} keys: it was edited "
             "after it was signed, or signed by someone else"
         )
+        return _problem(event, ChainFault.FORGED, detail)
     if event.signer not in EMITTERS[event.payload.type]:
-        return ChainFault.FORBIDDEN_SIGNER, (
-            f"it is signed by {event.signer}, which may not emit {event.payload.type!r} events"
-        )
+        detail = f"it is signed by {event.signer}, which may not emit {event.payload.type!r} events"
+        return _problem(event, ChainFault.FORBIDDEN_SIGNER, detail)
     return None
 
 
 def verify_event(event: JobEvent, keys: ServiceKeys) -> ServiceRole:
     """The role that sealed `event`, once its signature verifies and the role may emit it.
 
-    For one event as it arrives (a consumer, the client); its link to the job's previous event is
-    `verify_log`'s to check, against the log.
+    For one event as it arrives (a consumer, the client), raising the matching `SignatureError`.
     """
-    fault = _seal_fault(event, keys)
-    if fault is None:
+    problem = check_seal(event, keys)
+    if problem is None:
         assert event.signer is not None  # a verified seal names its signer
         return event.signer
-    kind, detail = fault
-    message = f"event {event.seq} ({event.event_id}) of job {event.job_uid}: {detail}"
-    if kind is ChainFault.UNSIGNED:
+    message = f"event {event.seq} ({event.event_id}) of job {event.job_uid}: {problem.detail}"
+    if problem.fault is ChainFault.UNSIGNED:
         raise UnsignedError(message)
-    if kind is ChainFault.FORGED:
+    if problem.fault is ChainFault.FORGED:
         raise ForgedSignatureError(message)
     raise ForbiddenSignerError(message)
 
@@ -172,36 +173,35 @@ def verify_log(
     return problems
 
 
+def _problem(event: JobEvent, fault: ChainFault, detail: str) -> ChainProblem:
+    return ChainProblem(event.job_uid, event.seq, event.event_id, fault, detail)
+
+
 def _event_problems(
     prev: JobEvent | None, event: JobEvent, keys: ServiceKeys
 ) -> list[ChainProblem]:
-    def problem(about: JobEvent, fault: ChainFault, detail: str) -> ChainProblem:
-        return ChainProblem(about.job_uid, about.seq, about.event_id, fault, detail)
-
-    problems = []
-    seal = _seal_fault(event, keys)
-    if seal is not None:
-        problems.append(problem(event, *seal))
+    seal = check_seal(event, keys)
+    problems = [] if seal is None else [seal]
     if prev is None:
         if event.seq != 1:
             detail = f"the log starts at event {event.seq}: events 1 to {event.seq - 1} are gone"
-            problems.append(problem(event, ChainFault.SEQ_GAP, detail))
+            problems.append(_problem(event, ChainFault.SEQ_GAP, detail))
         elif event.prev_hash is not None:
             detail = "the job's first event names a previous one"
-            problems.append(problem(event, ChainFault.BROKEN_LINK, detail))
+            problems.append(_problem(event, ChainFault.BROKEN_LINK, detail))
     elif event.job_uid != prev.job_uid:
         detail = f"it belongs to job {event.job_uid}, not to job {prev.job_uid}"
-        problems.append(problem(event, ChainFault.FOREIGN, detail))
+        problems.append(_problem(event, ChainFault.FOREIGN, detail))
     elif event.seq != prev.seq + 1:
         detail = f"it follows event {prev.seq}: the events between them are gone"
         if event.seq <= prev.seq:
             detail = f"it follows event {prev.seq}: the log repeats or reorders a seq"
-        problems.append(problem(event, ChainFault.SEQ_GAP, detail))
+        problems.append(_problem(event, ChainFault.SEQ_GAP, detail))
     elif seal is None and event.prev_hash != event_hash(prev):
         # A verified event vouches for the one before it; an unverified link proves nothing.
         detail = (
             f"event {event.seq}, verified, was chained to another version of it: it was "
             f"edited or replaced after event {event.seq} was written"
         )
-        problems.append(problem(prev, ChainFault.EDITED, detail))
+        problems.append(_problem(prev, ChainFault.EDITED, detail))
     return problems
