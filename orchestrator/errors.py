@@ -154,6 +154,40 @@ class KeyFileError(CryptoError, code="crypto.key_file"):
     """A key file is missing, unreadable or not a parjobs key file."""
 
 
+class SignatureError(CryptoError, code="signature"):
+    """A signed message or event was refused; the subclass says why."""
+
+
+class UnsignedError(SignatureError, code="signature.missing"):
+    """The message or event carries no signature where one is required."""
+
+
+class ForgedSignatureError(SignatureError, code="signature.forged"):
+    """The signature does not verify against the key of the signer it names: forged, made with
+    another key, or the signed content was altered after signing."""
+
+
+class StaleSignatureError(SignatureError, code="signature.stale"):
+    """The signed time is outside the accepted window around the receiver's clock.
+
+    `offset` is the signed time minus the receiver's now: negative in the past, positive ahead.
+    """
+
+    def __init__(self, message: str, *, offset: timedelta, window: timedelta) -> None:
+        super().__init__(message)
+        self.offset = offset
+        self.window = window
+
+
+class UnknownSignerError(SignatureError, LookupError, code="signature.unknown_signer"):
+    """The signer named has no key here: neither a configured service role nor a registered user."""
+
+
+class ForbiddenSignerError(SignatureError, code="signature.forbidden_signer"):
+    """The signature is genuine, but its signer may not sign this: a service role emitting an event
+    type that belongs to another role."""
+
+
 # --- object keys -------------------------------------------------------------------------------
 
 
@@ -335,6 +369,11 @@ class ChequeError(ParjobsError, code="cheque", refusal=True):
 
 class ForgedChequeError(ChequeError, code="cheque.forged"):
     """The cheque's signature does not verify against the payer's registered key."""
+
+
+class ChequePayerMismatchError(ChequeError, code="cheque.payer_mismatch"):
+    """The cheque's payer is not the user who authorised the job: a cheque pays only for its
+    payer's own jobs."""
 
 
 class WrongRecipientError(ChequeError, code="cheque.wrong_recipient"):

@@ -151,6 +151,9 @@ class ServiceSettings(BaseSettings):
     sealed for it; storage reads only its public half, which the file holds in clear."""
     key_passphrase: SecretStr | None = None
     """The passphrase of the compute service's key file."""
+    service_keys_file: Path | None = None
+    """The operator's file of each service role's public keys (`ServiceKeys`): what replies and
+    events are checked against, by services, clients and `parjobs replay`."""
     job_lifetime_s: int = Field(default=3600, ge=1, le=7 * 24 * 3600)
     """How long a job waits for its input and start before it expires (and its PARs with it)."""
     sweep_interval_s: float = Field(default=5.0, gt=0)

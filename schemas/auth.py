@@ -1,53 +1,26 @@
 """Wire forms of who may ask for a job and who pays for it: authorisations, cheques, users.
 
-Both signed messages are signed over `signed_bytes()`: a purpose tag, a NUL, then the canonical
-bytes of every field but the signature. The tag differs per message type, so a signature made for
-an authorisation never verifies as a cheque's, or the other way round, even if their fields were
-ever to line up.
+Both signed messages are signed over `signed_bytes()`: a purpose tag, a NUL, then the RFC 8785
+canonical JSON of every field but the signature (see `schemas.signing`). The tag differs per
+message type, so a signature made for an authorisation never verifies as a cheque's, or the other
+way round, even if their fields were ever to line up.
 """
 
 from __future__ import annotations
 
-import json
-from datetime import UTC, datetime
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, Field
+from pydantic import Field
 
-from schemas._base import B64Bytes, WireModel
+from schemas._base import WireModel
 from schemas.keys import PublicKeyData
 from schemas.ledger import AccountName, Money
 from schemas.par import Sha256Hex, Uid
+from schemas.signing import Nonce as Nonce  # re-exported: the nonce store names it from here
+from schemas.signing import Signature, UtcDatetime, canonical_bytes, signed_bytes
 
 AUTHORISATION_PURPOSE = b"parjobs-authorisation-v1"
 CHEQUE_PURPOSE = b"parjobs-cheque-v1"
-
-Nonce = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
-Signature = Annotated[B64Bytes, Field(min_length=64, max_length=64)]  # Ed25519
-
-
-def _utc(moment: datetime) -> datetime:
-    # One zone for every signed time, so an instant has exactly one canonical spelling.
-    return moment.astimezone(UTC)
-
-
-UtcDatetime = Annotated[AwareDatetime, AfterValidator(_utc)]
-
-
-def canonical_bytes(model: BaseModel, *, exclude: set[str] | None = None) -> bytes:
-    """The one encoding signatures and fingerprints are computed over.
-
-    JSON of `model_dump(mode="json")` with sorted keys, no whitespace, UTF-8 (not \\u escapes),
-    and no NaN or infinity. Canonical because a signature covers bytes, not meaning: the same
-    message parsed from JSON with its fields in another order, or pretty-printed, must encode to
-    the same bytes for its signature to verify after travelling; and two different values must
-    never encode alike, or one signature would cover both. Floats (only in job parameters) are
-    written as Python's shortest round-trip repr; a signer in another language must match it.
-    """
-    data = model.model_dump(mode="json", exclude=exclude)
-    return json.dumps(
-        data, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    ).encode()
 
 
 class _Signed(WireModel):
@@ -57,8 +30,7 @@ class _Signed(WireModel):
 
     def signed_bytes(self) -> bytes:
         """Exactly what the signature signs: purpose tag, NUL, canonical bytes of the rest."""
-        # NUL cannot occur in the tag or in canonical JSON, so the split is unambiguous.
-        return self.purpose + b"\x00" + canonical_bytes(self, exclude={"signature"})
+        return signed_bytes(self.purpose, canonical_bytes(self, exclude={"signature"}))
 
 
 class Authorisation(_Signed):

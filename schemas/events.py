@@ -19,6 +19,7 @@ from schemas.auth import Authorisation, Cheque
 from schemas.keys import PublicKeyData
 from schemas.ledger import Money
 from schemas.par import PARData, PARKind, Sha256Hex, Uid
+from schemas.signing import ServiceRole, Signature, canonical_json
 
 Actor = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]*(:[A-Za-z0-9._-]+)?$", max_length=200)]
 """Who appended an event: a role, optionally with an id (`access`, `compute`, `user:<fp>`)."""
@@ -43,6 +44,14 @@ class JobRequest(WireModel):
     calculation: str = Field(min_length=1, max_length=200)
     parameters: dict[str, JsonValue] = Field(default_factory=dict)
     input_sha256: Sha256Hex | None = None  # if given, the upload PAR accepts only this content
+
+    @field_validator("parameters")
+    @classmethod
+    def _canonical(cls, parameters: dict[str, JsonValue]) -> dict[str, JsonValue]:
+        # A request is signed over its canonical JSON: one without any (NaN, an integer past
+        # 2**53) could be neither authorised nor paid for, so it is refused as it is read.
+        canonical_json(parameters)
+        return parameters
 
 
 class OutputFile(WireModel):
@@ -158,7 +167,15 @@ def new_event_id() -> str:
 
 
 class JobEvent(WireModel):
-    """One entry of a job's log: event `seq` of job `job_uid`."""
+    """One entry of a job's log: event `seq` of job `job_uid`.
+
+    Each event is sealed by the service role that appends it (`orchestrator.core.chain`): it
+    names the hash of the job's previous event (`prev_hash`, so the log is a hash chain) and is
+    signed by the role's key. `actor` says on whose behalf it happened (`user:<name>` for a
+    submission, which access appends and signs); `signer` says which role vouches for it. The
+    three seal fields are optional only until every service seals what it appends: the chain's
+    checks report an unsealed event as unsigned.
+    """
 
     schema_version: Literal[1] = 1
     event_id: Uid = Field(default_factory=new_event_id)  # consumers de-duplicate by it
@@ -167,6 +184,9 @@ class JobEvent(WireModel):
     time: AwareDatetime = Field(default_factory=lambda: datetime.now(UTC))
     actor: Actor
     payload: EventPayload
+    prev_hash: Sha256Hex | None = None  # the hash of event seq - 1 of this job; None for seq 1
+    signer: ServiceRole | None = None
+    signature: Signature | None = None  # the signer's, over every field but itself
 
 
 class JobSheetState(WireModel):

@@ -20,6 +20,7 @@ from decimal import Decimal
 
 from orchestrator.core.keys import KeyPair, PublicKeys
 from orchestrator.errors import (
+    ChequePayerMismatchError,
     ExpiredChequeError,
     ForgedAuthorisationError,
     ForgedChequeError,
@@ -29,8 +30,9 @@ from orchestrator.errors import (
     WrongRecipientError,
     WrongResourceError,
 )
-from schemas.auth import Authorisation, Cheque, canonical_bytes
+from schemas.auth import Authorisation, Cheque
 from schemas.events import JobRequest
+from schemas.signing import canonical_bytes
 
 # Signed messages are built once with this placeholder to compute their signed bytes, which leave
 # the signature out, then copied with the real signature.
@@ -139,16 +141,20 @@ def check_cheque(
     cheque: Cheque,
     *,
     payer_key: PublicKeys,
+    job_owner: str,
     recipient: str,
     resource: str,
     price: Decimal,
     now: datetime,
 ) -> None:
-    """Refuse `cheque` unless it can pay `price` to `recipient` for `resource` at `now`.
+    """Refuse `cheque` unless it can pay `price` to `recipient` for `resource` at `now`, for a
+    job of its own payer.
 
     `payer_key` is the registered key of the account `cheque.payer`: look it up by that name, so
-    the key the cheque claims must also be the payer's. Nothing here moves value; every rule is
-    applied before the caller does.
+    the key the cheque claims must also be the payer's. `job_owner` is the account of the user
+    whose authorisation the job carries: a cheque pays only for its payer's own jobs, or anyone
+    who saw a cheque go by could spend it on a job of theirs for the same request. Nothing here
+    moves value; every rule is applied before the caller does.
     """
     if not price.is_finite() or price < 0:
         raise ValueError(f"a price must be a finite, non-negative amount, not {price}")
@@ -158,6 +164,11 @@ def check_cheque(
         raise ForgedChequeError(
             f"cheque {cheque.cheque_id} does not verify against the registered key of "
             f"{cheque.payer!r}: it was forged, altered, or signed with another key"
+        )
+    if cheque.payer != job_owner:
+        raise ChequePayerMismatchError(
+            f"cheque {cheque.cheque_id} is written by {cheque.payer!r} but the job is authorised "
+            f"by {job_owner!r}: a cheque pays only for its payer's own jobs"
         )
     if cheque.recipient != recipient:
         raise WrongRecipientError(

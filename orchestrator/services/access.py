@@ -101,6 +101,7 @@ class AccessService:
         check_cheque(
             cheque,
             payer_key=payer,
+            job_owner=user_record.name,
             recipient=ACCESS,
             resource=request_fingerprint(request),
             price=price,

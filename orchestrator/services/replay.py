@@ -1,26 +1,62 @@
-"""Replay: rebuild every JobSheet from the events stream and from the stored log, and compare.
+"""Replay: check every job's stored log, then rebuild its JobSheet from the log and the stream.
 
-The stored log is the truth; the stream is what subscribers saw. A divergence names what the
-stream lacks (an event appended but never published: a crash between the two, which the next
-delivery of the triggering message normally repairs) or holds that the log does not.
+The stored log is the truth, if it holds: each job's log is checked first (`verify_log`: every
+event sealed by a role allowed to emit it, chained to the one before), and a stored event that was
+edited, forged or removed behind the services' back is named, by key and seq.
+
+The events stream is what subscribers saw, and anyone who may publish to the events exchange can
+put a record there for good. So a stream record counts only if it is sealed by a role allowed to
+emit it and continues the job's chain (its `prev_hash` is the hash of the stored event before it,
+or of another such record). Anything else is *rejected*: listed, never a divergence, never a
+failure. What remains is compared with the stored log: the stream lacking a stored event (an
+append whose publish a crash lost, normally repaired by the next delivery), the stream holding a
+sealed event the store lacks (lost from the store), or another sealed version of a stored event.
 """
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from pydantic import TypeAdapter
 
 from orchestrator.broker.base import Broker
+from orchestrator.core.chain import ChainFault, ChainProblem, check_seal, event_hash, verify_log
 from orchestrator.core.jobstate import fold
-from orchestrator.errors import JobError
+from orchestrator.core.service_keys import ServiceKeys
+from orchestrator.errors import EventLogCorruptError, JobError
 from orchestrator.store.eventlog import EventLog
 from schemas.events import JobEvent, JobSheetState
 from schemas.messages import Envelope, EventPublished
 
 _ENVELOPE = TypeAdapter(Envelope)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamedEvent:
+    """A job event as a stream record carried it."""
+
+    event: JobEvent
+    offset: int | None = None  # where in the stream, to find the record again
+
+
+@dataclass(frozen=True, slots=True)
+class RejectedRecord:
+    """A stream record replay did not take as the job's event, and why."""
+
+    record: StreamedEvent
+    fault: ChainFault
+    detail: str
+
+    def __str__(self) -> str:
+        event = self.record.event
+        where = "" if self.record.offset is None else f" at offset {self.record.offset}"
+        return (
+            f"stream record{where}, event {event.seq} ({event.event_id}): "
+            f"{self.fault.value}: {self.detail}"
+        )
 
 
 @dataclass(frozen=True)
@@ -29,6 +65,11 @@ class ReplayResult:
     stored: JobSheetState | None
     streamed: JobSheetState | None
     problems: list[str] = field(default_factory=list)
+    """What fails the replay: the stored log's own problems, then the divergences."""
+    tampered: list[ChainProblem] = field(default_factory=list)
+    """The stored events that were edited, forged or removed."""
+    rejected: list[RejectedRecord] = field(default_factory=list)
+    """Stream records that do not count: forged, foreign or off the chain. Never a problem."""
 
     @property
     def ok(self) -> bool:
@@ -47,47 +88,111 @@ def _fold_or_problem(
         return None
 
 
-def compare(job_uid: str, stored: list[JobEvent], streamed: Iterable[JobEvent]) -> ReplayResult:
-    """Fold both histories of one job and say how they differ (pure)."""
-    problems: list[str] = []
-    unique: dict[str, JobEvent] = {}
-    for event in streamed:  # a republished event arrives again with the same id
-        unique.setdefault(event.event_id, event)
-    stream = sorted(unique.values(), key=lambda event: event.seq)
-    stored_ids = {event.event_id for event in stored}
-    stream_ids = set(unique)
-    if missing := [e.seq for e in stored if e.event_id not in stream_ids]:
+def _accept_stream(
+    stored_hashes: dict[int, str], streamed: Iterable[StreamedEvent], keys: ServiceKeys
+) -> tuple[dict[int, dict[str, JobEvent]], list[RejectedRecord]]:
+    """The stream's sealed, chained events by seq and hash (duplicates merged), and the rest.
+
+    `stored_hashes` are the stored log's event hashes by seq, which stream records may continue.
+    """
+    chained: dict[int, dict[str, JobEvent]] = defaultdict(dict)  # seq -> hash -> event
+    rejected = []
+    # By seq, so that a record's predecessor on the stream is judged before it.
+    for record in sorted(streamed, key=lambda record: record.event.seq):
+        event = record.event
+        if (seal := check_seal(event, keys)) is not None:
+            rejected.append(RejectedRecord(record, seal.fault, seal.detail))
+            continue
+        known_before = set(chained.get(event.seq - 1, {}))
+        if event.seq - 1 in stored_hashes:
+            known_before.add(stored_hashes[event.seq - 1])
+        follows = event.prev_hash is None if event.seq == 1 else event.prev_hash in known_before
+        if not follows:
+            detail = (
+                f"it does not continue the job's chain: no event {event.seq - 1} known has the "
+                "hash it names"
+                if event.seq > 1
+                else "the job's first event names a previous one"
+            )
+            rejected.append(RejectedRecord(record, ChainFault.BROKEN_LINK, detail))
+            continue
+        chained[event.seq][event_hash(event)] = event
+    return chained, rejected
+
+
+def compare(
+    job_uid: str,
+    stored: list[JobEvent],
+    streamed: Iterable[StreamedEvent],
+    keys: ServiceKeys,
+    *,
+    event_key: Callable[[int], str] | None = None,
+) -> ReplayResult:
+    """Check one job's stored log, sort its stream records, and say how the two differ (pure).
+
+    `stored` is the job's log in seq order; `event_key` names a stored event's object (by seq).
+    """
+    tampered = verify_log(stored, keys)
+    problems = [
+        f"stored event {problem.seq} ({event_key(problem.seq) if event_key else problem.event_id})"
+        f" {problem.fault.value}: {problem.detail}"
+        for problem in tampered
+    ]
+    stored_hashes = {event.seq: event_hash(event) for event in stored}
+    chained, rejected = _accept_stream(stored_hashes, streamed, keys)
+    if missing := [seq for seq in stored_hashes if seq not in chained]:
         problems.append(f"the stream lacks event(s) {missing} of the stored log")
-    if extra := [e.seq for e in stream if e.event_id not in stored_ids]:
-        problems.append(f"the stream has event(s) {extra} that the stored log does not")
-    if not stored:
+    if other := [seq for seq, h in stored_hashes.items() if set(chained.get(seq, {})) - {h}]:
+        problems.append(f"the stream has other sealed versions of stored event(s) {other}")
+    if lost := sorted(seq for seq in chained if seq not in stored_hashes):
+        problems.append(
+            f"the stream has sealed event(s) {lost} that the stored log does not: "
+            "the store lost them"
+        )
+    if chained and not stored:
         problems.append("no stored log")
     stored_sheet = _fold_or_problem(stored, "stored log", problems)
-    stream_sheet = _fold_or_problem(stream, "stream", problems) if not missing else None
+    stream_sheet = None
+    if not missing and all(len(versions) == 1 for versions in chained.values()):
+        stream = [next(iter(chained[seq].values())) for seq in sorted(chained)]
+        stream_sheet = _fold_or_problem(stream, "stream", problems)
     if stored_sheet and stream_sheet and stored_sheet != stream_sheet:
         problems.append(
             f"stored state {stored_sheet.state.value}@{stored_sheet.seq} differs from streamed "
             f"{stream_sheet.state.value}@{stream_sheet.seq}"
         )
-    return ReplayResult(job_uid, stored_sheet, stream_sheet, problems)
+    return ReplayResult(job_uid, stored_sheet, stream_sheet, problems, tampered, rejected)
 
 
-async def streamed_events(broker: Broker) -> dict[str, list[JobEvent]]:
+async def streamed_events(broker: Broker) -> dict[str, list[StreamedEvent]]:
     """Every job event on the stream, from its first offset to its current tail, by job."""
-    by_job: dict[str, list[JobEvent]] = defaultdict(list)
+    by_job: dict[str, list[StreamedEvent]] = defaultdict(list)
     stream = broker.topology.events_stream
     async for record in broker.read_stream(stream, _ENVELOPE, skip_invalid=True):
         if isinstance(record.value.body, EventPublished):
             event = record.value.body.event
-            by_job[event.job_uid].append(event)
+            by_job[event.job_uid].append(StreamedEvent(event, record.offset))
     return by_job
 
 
-async def replay(log: EventLog, broker: Broker) -> list[ReplayResult]:
-    """Compare every job's stored log with its streamed history."""
+async def replay(log: EventLog, broker: Broker, keys: ServiceKeys) -> list[ReplayResult]:
+    """Check every job's stored log, and compare it with the job's streamed history."""
     streamed = await streamed_events(broker)
     results = []
     for job_uid in sorted(set(streamed) | set(await log.job_uids())):
-        stored = await log.read(job_uid)
-        results.append(compare(job_uid, stored, streamed.get(job_uid, [])))
+        try:
+            stored = await log.read(job_uid)
+        except EventLogCorruptError as exc:
+            problem = f"the stored log cannot be read: {exc}"
+            results.append(ReplayResult(job_uid, None, None, [problem]))
+            continue
+        results.append(
+            compare(
+                job_uid,
+                stored,
+                streamed.get(job_uid, []),
+                keys,
+                event_key=functools.partial(log.event_key, job_uid),
+            )
+        )
     return results

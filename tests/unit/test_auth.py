@@ -8,7 +8,7 @@ from decimal import Decimal
 from typing import Any, TypeVar
 
 import pytest
-from pydantic import ValidationError
+from pydantic import JsonValue, ValidationError
 
 from orchestrator.core.keys import KeyPair
 from orchestrator.core.signing import (
@@ -21,6 +21,7 @@ from orchestrator.core.signing import (
 from orchestrator.errors import (
     AuthorisationError,
     ChequeError,
+    ChequePayerMismatchError,
     ExpiredChequeError,
     ForgedAuthorisationError,
     ForgedChequeError,
@@ -30,14 +31,9 @@ from orchestrator.errors import (
     WrongRecipientError,
     WrongResourceError,
 )
-from schemas.auth import (
-    AUTHORISATION_PURPOSE,
-    CHEQUE_PURPOSE,
-    Authorisation,
-    Cheque,
-    canonical_bytes,
-)
+from schemas.auth import AUTHORISATION_PURPOSE, CHEQUE_PURPOSE, Authorisation, Cheque
 from schemas.events import JobRequest
+from schemas.signing import canonical_bytes
 
 ALICE = KeyPair.generate("alice")
 MALLORY = KeyPair.generate("mallory")
@@ -78,6 +74,7 @@ def check_auth(auth: Authorisation, request: JobRequest = REQUEST, **overrides: 
 def check(signed: Cheque, **overrides: Any) -> None:
     arguments: dict[str, Any] = {
         "payer_key": ALICE.public,
+        "job_owner": "alice",
         "recipient": "access",
         "resource": RESOURCE,
         "price": PRICE,
@@ -122,9 +119,29 @@ def test_canonical_bytes_ignore_field_order_and_whitespace() -> None:
     assert request_fingerprint(reordered) == request_fingerprint(direct)
 
 
-def test_canonical_bytes_refuse_what_json_cannot_carry() -> None:
-    with pytest.raises(ValueError, match="not JSON compliant"):
-        canonical_bytes(JobRequest(calculation="sum", parameters={"x": float("nan")}))
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [
+        (float("nan"), "nan is not representable"),
+        (float("inf"), "inf is not representable"),
+        (2**53, "exceeds safe integer domain"),
+        ([-(2**53)], "exceeds safe integer domain"),
+        ({"nested": "\udead"}, "non-UTF-8"),
+    ],
+)
+def test_a_request_without_a_canonical_form_is_refused_as_it_is_read(
+    value: JsonValue, why: str
+) -> None:
+    # It could be neither signed nor fingerprinted: refused before anyone tries.
+    with pytest.raises(ValidationError, match=why):
+        JobRequest(calculation="sum", parameters={"x": value})
+    with pytest.raises(ValueError, match=why):
+        canonical_bytes(JobRequest.model_construct(calculation="sum", parameters={"x": value}))
+
+
+def test_the_safe_integer_edges_are_accepted() -> None:
+    edges = JobRequest(calculation="sum", parameters={"x": [2**53 - 1, -(2**53 - 1)]})
+    assert b'"x":[9007199254740991,-9007199254740991]' in canonical_bytes(edges)
 
 
 def test_request_fingerprint_covers_the_inputs_digest_and_every_parameter() -> None:
@@ -309,6 +326,16 @@ def test_tampering_any_field_of_a_cheque_is_refused(field: str, value: object) -
         check(tampered(cheque(), **{field: value}))
 
 
+def test_a_cheque_pays_only_for_its_payers_own_job() -> None:
+    # Mallory's own, valid cheque for this very request, offered with a job Alice authorised.
+    bobs = cheque(MALLORY, payer="mallory")
+    check(bobs, payer_key=MALLORY.public, job_owner="mallory")
+    with pytest.raises(
+        ChequePayerMismatchError, match=r"written by 'mallory'.*authorised by 'alice'"
+    ):
+        check(bobs, payer_key=MALLORY.public, job_owner="alice")
+
+
 def test_a_cheque_payable_to_another_account_is_refused() -> None:
     with pytest.raises(WrongRecipientError, match="'storage'"):
         check(cheque(recipient="storage"))
@@ -355,6 +382,7 @@ def test_a_cheque_needs_a_positive_exact_amount(amount: object) -> None:
 def test_cheque_refusals_share_one_base() -> None:
     for refusal in (
         ForgedChequeError,
+        ChequePayerMismatchError,
         WrongRecipientError,
         WrongResourceError,
         ExpiredChequeError,

@@ -16,6 +16,7 @@ from orchestrator import PAR, KeyPair, ObjectWriter
 from orchestrator.core.ledger_rules import ACCESS, HELD
 from orchestrator.core.signing import request_fingerprint, sign_authorisation, write_cheque
 from orchestrator.errors import (
+    ChequePayerMismatchError,
     ExpiredChequeError,
     ForgedAuthorisationError,
     ForgedChequeError,
@@ -152,6 +153,23 @@ async def test_cheque_signed_by_another_key_is_forged(services: Services) -> Non
         lifetime=timedelta(hours=1),
     )
     await _refused(services, _command(services, cheque=cheque), ForgedChequeError)
+
+
+async def test_cheque_of_another_user_pays_for_nothing(services: Services) -> None:
+    # Bob's genuine cheque for this very request, presented with a job the user authorised.
+    bob = KeyPair.generate("bob")
+    await services.accounts.add_user("bob", bob.public)
+    await services.accounts.deposit("bob", FUNDS)
+    bobs = write_cheque(
+        bob,
+        payer="bob",
+        recipient=ACCESS,
+        max_spend=Decimal(5),
+        resource=request_fingerprint(REQUEST),
+        lifetime=timedelta(hours=1),
+    )
+    await _refused(services, _command(services, cheque=bobs), ChequePayerMismatchError)
+    assert await services.accounts.balance("bob") == FUNDS
 
 
 async def test_cheque_beyond_the_balance_moves_nothing(services: Services) -> None:
