@@ -477,10 +477,11 @@ def test_a_caller_that_is_not_standalone_gets_the_exception() -> None:
 # --- properties: arbitrary text never makes a traceback ------------------------------------------
 
 FREE_TEXT = st.text(max_size=80)
+# Every value RFC 8785 can encode (the I-JSON domain): integers beyond 2**53 have no canonical form.
 JSON_VALUES = st.recursive(
     st.none()
     | st.booleans()
-    | st.integers()
+    | st.integers(min_value=-(2**53 - 1), max_value=2**53 - 1)
     | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=20),
     lambda children: (
@@ -502,6 +503,13 @@ def test_any_params_json_is_sent_or_refused_in_one_line(files: Files, text: str)
 @given(parameters=st.dictionaries(st.text(max_size=10), JSON_VALUES, max_size=5))
 def test_every_json_object_is_accepted(files: Files, parameters: dict[str, object]) -> None:
     assert refused(parjobs(*_submit(files, "--params-json", json.dumps(parameters)))) == BROKER
+
+
+@PROPERTY
+@given(big=st.integers(min_value=2**53) | st.integers(max_value=-(2**53)))
+def test_integers_without_a_canonical_form_are_refused_in_one_line(files: Files, big: int) -> None:
+    line = refused(parjobs(*_submit(files, "--params-json", json.dumps({"n": big}))))
+    assert line.startswith("error: invalid JobRequest: parameters: ")
 
 
 @PROPERTY
