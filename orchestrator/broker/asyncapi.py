@@ -109,8 +109,8 @@ class _WireSchema(GenerateJsonSchema):
 
 
 def _money_pattern(*, signed: bool) -> str:
-    """Money's JSON form (`schemas.ledger.Money`): a decimal string with exactly PLACES places;
-    unsigned and not zero where it must be greater than 0."""
+    """Money's JSON form (`schemas.ledger.Money`): a decimal string with exactly PLACES places,
+    `-` allowed if `signed`; else not zero either (an amount that must be greater than 0)."""
     if signed:
         return rf"^-?[0-9]+\.[0-9]{{{PLACES}}}$"
     return rf"^(?=.*[1-9])[0-9]+\.[0-9]{{{PLACES}}}$"
@@ -144,7 +144,12 @@ def _envelope_schemas(
     unions: Iterable[MessageUnion[Any]],
 ) -> tuple[dict[str, JsonObject], JsonObject]:
     """Each union's envelope schema (the message payloads, by union name), and the schemas they
-    share (components/schemas), all in one set of definitions so a model is defined once."""
+    share (components/schemas), all in one set of definitions so a model is defined once.
+
+    Schemas of what a receiver validates (pydantic's validation mode: a field with a default may
+    be left out), in the forms parjobs writes: Money as its string, bytes as base64, which is
+    also what signatures cover.
+    """
     unions = list(unions)
     keyed, definitions = TypeAdapter.json_schemas(
         [(union.name, "validation", union.envelope) for union in unions],
@@ -756,7 +761,11 @@ def _dead_letter() -> JsonObject:
         "headers": {
             "type": "object",
             "properties": {
-                CODE_HEADER: {**text, "enum": [reason.value for reason in DeadLetterReason]},
+                CODE_HEADER: {
+                    **text,
+                    "enum": [reason.value for reason in DeadLetterReason],
+                    "description": "Why, as a code.",
+                },
                 REASON_HEADER: {**text, "description": "Why, in words."},
                 QUEUE_HEADER: {**text, "description": "The queue that refused it."},
                 EXCHANGE_HEADER: {**text, "description": "The exchange it was published to."},
