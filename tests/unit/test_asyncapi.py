@@ -22,7 +22,7 @@ from pydantic import BaseModel
 from typer.testing import CliRunner
 
 from orchestrator import KeyPair, request_fingerprint, sign_authorisation, write_cheque
-from orchestrator.broker.asyncapi import DEAD_LETTER, JsonObject, to_json
+from orchestrator.broker.asyncapi import DEAD_LETTER, JsonObject, asyncapi_document, to_json
 from orchestrator.broker.topology import QueueSpec, Topology
 from orchestrator.cli import app
 from orchestrator.cli._contract import CHECKED_IN, REGENERATE, published
@@ -285,3 +285,16 @@ def test_an_error_reply_matches_the_replies_schema(document: JsonObject) -> None
     payload = "#/components/messages/accessResponses/payload"
     validator = Draft7Validator({"$ref": payload, "components": document["components"]})
     assert list(validator.iter_errors(reply)) == []
+
+
+def test_the_document_follows_the_deployments_prefix_and_delivery_limit() -> None:
+    topology = Topology("acme.prod", delivery_limit=3)
+    document = asyncapi_document(topology, service_queues(topology), version="1")
+    amqp = [channel["bindings"]["amqp"] for channel in document["channels"].values()]
+    names = {binding.get("queue", binding.get("exchange"))["name"] for binding in amqp}
+    assert len(names) == len(TOPOLOGY.exchanges) + len(QUEUES) + 2  # and a user's two queues
+    assert all(name.startswith("acme.prod.") for name in names)
+    queues = [binding for binding in amqp if binding["is"] == "queue"]
+    limits = {binding["x-arguments"].get("x-delivery-limit") for binding in queues}
+    assert limits == {3, None}  # the work queues' limit; none on the DLQ, stream, client queues
+    assert "user:{name}@acme:prod" in json.dumps(document["components"]["securitySchemes"])
