@@ -71,3 +71,24 @@ if ! mgmt_up; then
     exit 1
 fi
 echo "==> RabbitMQ management API reachable at $mgmt_url"
+
+# Node.js and the npm packages of package.json: the tests validate docs/asyncapi.json with the
+# official AsyncAPI parser. `npm ci` installs exactly package-lock.json into node_modules/, and
+# again only when the lock changed (the copy it leaves there says which lock it installed).
+# Install scripts stay off: no package needs one (one would only send install telemetry).
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+    echo "error: node and npm are not installed; the tests run the AsyncAPI parser with them." >&2
+    echo "fix: install Node.js 20 or later with npm (as root: apt-get install nodejs npm)" >&2
+    exit 1
+fi
+if ! node -e 'process.exit(Number(process.versions.node.split(".")[0]) >= 20 ? 0 : 1)'; then
+    echo "error: Node.js $(node --version) is too old; package.json needs 20 or later." >&2
+    echo "fix: install Node.js 20 or later" >&2
+    exit 1
+fi
+if ! cmp -s package-lock.json node_modules/.parjobs-installed-lock.json; then
+    echo "==> installing the npm packages of package-lock.json: npm ci"
+    npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
+    cp package-lock.json node_modules/.parjobs-installed-lock.json
+fi
+echo "==> node $(node --version), npm packages installed (node_modules/)"

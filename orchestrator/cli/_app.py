@@ -11,6 +11,7 @@ import typer
 from rich.markup import escape
 
 from orchestrator import __version__
+from orchestrator.cli import _contract as contract
 from orchestrator.cli import _jobs as jobs
 from orchestrator.cli import _money as money
 from orchestrator.cli import _ops as ops
@@ -145,6 +146,7 @@ app.command()(jobs.events)
 app.command()(jobs.fetch)
 app.command()(ops.dev)
 app.command()(ops.replay)
+app.command()(contract.asyncapi)
 app.add_typer(ops.dlq_app, name="dlq")
 app.add_typer(money.users_app, name="users")
 app.add_typer(money.account_app, name="account")
