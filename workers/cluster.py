@@ -27,9 +27,11 @@ from typing import Self
 import anyio
 import httpx
 
-from orchestrator.core.keys import KeyPair
+from orchestrator.core.keys import KeyPair, PublicKeys
+from orchestrator.core.service_keys import ServiceKeys
 from orchestrator.errors import ConfigurationError
 from orchestrator.settings import AMQPSettings, S3Settings
+from schemas.signing import SERVICE_ROLES, ServiceRole
 from workers.daemons import delete_topology
 
 ROLES = ("access", "storage", "compute")
@@ -103,6 +105,10 @@ class LocalCluster:
         self.health_ports: dict[str, int] = {}
         self._processes: dict[str, subprocess.Popen[bytes]] = {}
         self._environment: dict[str, str] = {}
+        self.key_passphrase = secrets.token_urlsafe(16)
+        """The passphrase of every role's key file (`key_file`)."""
+        self.service_keys = self._make_keys()
+        """Each role's public keys, as the operator hands them out (`service_keys_file`)."""
 
     @property
     def data_root(self) -> str:
@@ -136,16 +142,33 @@ class LocalCluster:
     ) -> None:
         await self.stop()
 
+    def key_file(self, role: str) -> Path:
+        """The key file of service role `role` (its passphrase: `key_passphrase`)."""
+        return self.dir / f"{role}.key"
+
+    @property
+    def service_keys_file(self) -> Path:
+        """The operator's service keys file: what clients check replies and events against."""
+        return self.dir / "service-keys.json"
+
+    def _make_keys(self) -> ServiceKeys:
+        """A key pair per role, and the service keys file listing their public halves."""
+        public: dict[ServiceRole, PublicKeys] = {}
+        for role in SERVICE_ROLES:
+            pair = KeyPair.generate(role)
+            pair.save(self.key_file(role), self.key_passphrase)
+            public[role] = pair.public
+        service_keys = ServiceKeys(public)
+        service_keys.save(self.service_keys_file)
+        return service_keys
+
     async def start(self) -> None:
-        passphrase = secrets.token_urlsafe(16)
-        key_file = self.dir / "compute.key"
-        KeyPair.generate("compute").save(key_file, passphrase)
         self._environment = {
             **os.environ,
             **s3_environment(self.s3),
             "PARJOBS_PREFIX": self.prefix,
-            "PARJOBS_COMPUTE_KEY_FILE": str(key_file),
-            "PARJOBS_KEY_PASSPHRASE": passphrase,
+            "PARJOBS_SERVICE_KEYS_FILE": str(self.service_keys_file),
+            "PARJOBS_KEY_PASSPHRASE": self.key_passphrase,
             **self._overrides,
         }
         for name in self.instances:
@@ -155,7 +178,11 @@ class LocalCluster:
             await self.wait_ready(name)
 
     def _spawn(self, name: str) -> None:
-        env = {**self._environment, "PARJOBS_HEALTH_PORT": str(self.health_ports[name])}
+        env = {
+            **self._environment,
+            "PARJOBS_HEALTH_PORT": str(self.health_ports[name]),
+            "PARJOBS_KEY_FILE": str(self.key_file(role_of(name))),
+        }
         with self.log_path(name).open("ab") as log:
             self._processes[name] = subprocess.Popen(  # noqa: S603 - our own interpreter and module
                 [sys.executable, "-m", "orchestrator.cli", role_of(name)],

@@ -12,7 +12,6 @@ from __future__ import annotations
 import itertools
 import logging
 from datetime import timedelta
-from pathlib import Path
 
 import aio_pika
 import anyio
@@ -20,9 +19,8 @@ from anyio.abc import TaskGroup
 
 from orchestrator.broker.base import IncomingMeta
 from orchestrator.broker.topology import QueueSpec, Topology
-from orchestrator.core.keys import KeyPair, PublicKeys
 from orchestrator.core.pricing import Pricing
-from orchestrator.errors import ConfigurationError, ParjobsError
+from orchestrator.errors import ParjobsError
 from orchestrator.par.issuer import PARIssuer
 from orchestrator.services.access import AccessService, Outcome
 from orchestrator.settings import AMQPSettings
@@ -45,7 +43,7 @@ from schemas.messages import (
 )
 from workers.calculations import CalculationRegistry
 from workers.compute import ComputeWorker
-from workers.middleware import bind_log_context, mark_answered
+from workers.middleware import bind_log_context, mark_answered, verified_requester
 from workers.runtime import ServiceContext, serve
 from workers.storage import StorageWorker
 
@@ -85,15 +83,6 @@ async def delete_topology(settings: AMQPSettings) -> None:
             await channel.queue_delete(queue.name)
         for exchange in topology.exchanges:
             await channel.exchange_delete(exchange.name)
-
-
-def _compute_key_file(context: ServiceContext) -> Path:
-    path = context.settings.compute_key_file
-    if path is None:
-        raise ConfigurationError(
-            "set PARJOBS_COMPUTE_KEY_FILE to the compute service's key file (parjobs keys new)"
-        )
-    return path
 
 
 # --- access ---------------------------------------------------------------------------------------
@@ -163,7 +152,7 @@ async def setup_access(context: ServiceContext, group: TaskGroup) -> None:
 
 
 async def setup_storage(context: ServiceContext, group: TaskGroup) -> None:
-    compute_key = PublicKeys.load(_compute_key_file(context))
+    compute_key = context.settings.service_keys().current("compute")
     worker = StorageWorker(
         context.log,
         PARIssuer(context.store, context.registry, name="storage"),
@@ -186,9 +175,7 @@ async def setup_storage(context: ServiceContext, group: TaskGroup) -> None:
 
 async def setup_compute(context: ServiceContext, group: TaskGroup) -> None:
     settings = context.settings
-    if settings.key_passphrase is None:
-        raise ConfigurationError("set PARJOBS_KEY_PASSPHRASE for the compute service's key file")
-    key = KeyPair.load(_compute_key_file(context), settings.key_passphrase.get_secret_value())
+    key = settings.role_key("compute")
     worker = ComputeWorker(
         context.store,
         context.log,
@@ -210,13 +197,14 @@ async def setup_compute(context: ServiceContext, group: TaskGroup) -> None:
             await context.publish_event(contracted)
 
     async def on_control(envelope: Envelope[ComputeRequest], meta: IncomingMeta) -> None:
+        requester = verified_requester().fingerprint
         match envelope.body:
-            case StopRun(run_url=run_url):
-                reply, event = await worker.stop(run_url)
+            case StopRun() as stop:
+                reply, event = await worker.stop(stop, requester=requester)
                 if event is not None:
                     await context.publish_event(event)
-            case GetRunStatus(run_url=run_url):
-                reply = await worker.status(run_url)
+            case GetRunStatus() as status:
+                reply = await worker.status(status, requester=requester)
         await context.reply(meta, reply)
 
     # Start messages being handled here, by message id. A second delivery of one while the first
@@ -236,16 +224,18 @@ async def setup_compute(context: ServiceContext, group: TaskGroup) -> None:
     async def start(envelope: Envelope[StartRun], meta: IncomingMeta) -> None:
         # The message stays unacked for the whole run: if this daemon dies, the broker hands it
         # to the next one, whose claim recognises the same message and runs the job again.
-        sheet, par_uid, started = await worker.claim(
-            envelope.body.run_url, message_id=envelope.message_id
-        )
-        bind_log_context(job_uid=sheet.job_uid)
-        await context.publish_event(started)
-        if meta.redelivered:
-            mark_answered()  # by the first delivery; what fails in the run below is retried
-        else:
-            await context.reply(meta, worker.started_reply(sheet))
-        await worker.run(sheet, par_uid, context.publish_event)
+        with worker.watching(envelope.body.job_uid) as handle:
+            sheet, _, started = await worker.claim(
+                envelope.body,
+                requester=verified_requester().fingerprint,
+                message_id=envelope.message_id,
+            )
+            await context.publish_event(started)
+            if meta.redelivered:
+                mark_answered()  # by the first delivery; what fails in the run below is retried
+            else:
+                await context.reply(meta, worker.started_reply(sheet))
+            await worker.run(sheet, handle, context.publish_event)
 
     contracts, control, runs = service_queues(topology)["compute"]
     await context.broker.declare(contracts, control, runs)

@@ -56,6 +56,7 @@ def incoming_meta(queue: str, message: AbstractIncomingMessage) -> IncomingMeta:
         delivery_count=count if isinstance(count, int) else 0,
         headers=headers,
         timestamp=message.timestamp,
+        user_id=message.user_id,
     )
 
 

@@ -50,6 +50,8 @@ class StoredMessage:
     type: str | None = None
     app_id: str | None = None
     content_type: str | None = CONTENT_TYPE
+    user_id: str | None = None
+    """The publishing broker user (a `MemoryBroker`'s username), as RabbitMQ validates it."""
     delivery_count: int = 0
     """Failed deliveries so far (`x-delivery-count`)."""
     redelivered: bool = False
@@ -294,9 +296,12 @@ class MemoryServer:
         *,
         message_id: str | None = None,
         headers: Mapping[str, Any] | None = None,
+        user_id: str | None = None,
+        reply_to: str | None = None,
     ) -> str:
         """Publish `body` as it is, as a foreign publisher might (to test how consumers take a
-        body that is not JSON, or not valid); its message id."""
+        body that is not JSON, or not valid, or forged by broker user `user_id`); its message
+        id."""
         message_id = message_id or uuid.uuid4().hex
         self.publish(
             StoredMessage(
@@ -307,6 +312,8 @@ class MemoryServer:
                 headers=dict(headers or {}),
                 timestamp=datetime.now(UTC),
                 content_type=None,
+                user_id=user_id,
+                reply_to=reply_to,
             )
         )
         return message_id

@@ -68,6 +68,8 @@ class AMQPBroker:
         self.settings = settings if settings is not None else AMQPSettings()
         self.topology = Topology(self.settings.prefix, self.settings.delivery_limit)
         self.name = name
+        self.username = self.settings.username
+        """The broker user this connection is: the `user_id` of everything it publishes."""
         self._connection: aio_pika.RobustConnection | None = None
         self._publisher: Publisher | None = None
         self._setup_channel: AbstractRobustChannel | None = None
@@ -108,7 +110,9 @@ class AMQPBroker:
         connection.reconnect_callbacks.add(self._on_reconnect)
         channel = connection.channel(publisher_confirms=True, on_return_raises=True)
         await channel.initialize()
-        self._publisher = Publisher(channel, timeout=self.settings.publish_timeout)
+        self._publisher = Publisher(
+            channel, timeout=self.settings.publish_timeout, user_id=self.settings.username
+        )
 
     def _on_reconnect(self, _: AbstractRobustConnection | None) -> None:
         self.reconnections += 1

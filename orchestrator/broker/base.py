@@ -44,6 +44,8 @@ class IncomingMeta:
     """Earlier deliveries that ended without an ack (quorum queues' `x-delivery-count`)."""
     headers: Mapping[str, Any]
     timestamp: datetime | None
+    user_id: str | None = None
+    """The publisher's broker user, as RabbitMQ validated it (None: the publisher set none)."""
 
 
 Handler = Callable[[T, IncomingMeta], Awaitable[None]]
@@ -162,6 +164,8 @@ class Broker(Protocol):
     topology: Topology
     name: str
     """The connection name (RabbitMQ shows it; it is the `app_id` of what this broker sends)."""
+    username: str
+    """The broker user it connects as: the `user_id` of every message it publishes."""
     reconnections: int
     """Times the connection was lost and restored (channels, queues, consumers with it)."""
 

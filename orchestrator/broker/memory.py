@@ -186,6 +186,7 @@ class _MemoryConsumer(Generic[T]):
             type=message.type,
             app_id=message.app_id,
             content_type=message.content_type,
+            user_id=self._broker.username,
         )
         if (held := self._settle(task)) is None:
             return
@@ -213,6 +214,7 @@ def _meta(queue: str, message: StoredMessage) -> IncomingMeta:
         delivery_count=message.delivery_count,
         headers=headers,
         timestamp=message.timestamp,
+        user_id=message.user_id,
     )
 
 
@@ -220,7 +222,8 @@ class MemoryBroker:
     """A `Broker` in memory, on a `MemoryServer` of its own unless given one to share.
 
     Use as `async with MemoryBroker() as broker:`; settings (prefix, delivery limit, prefetch,
-    retry delay) as for `AMQPBroker`.
+    retry delay) as for `AMQPBroker`. `username` is the broker user it connects as (by default
+    the settings URL's), stamped as `user_id` on everything it publishes, as RabbitMQ validates.
     """
 
     def __init__(
@@ -229,10 +232,13 @@ class MemoryBroker:
         *,
         name: str = "parjobs",
         server: MemoryServer | None = None,
+        username: str | None = None,
     ) -> None:
         self.settings = settings if settings is not None else AMQPSettings()
         self.topology = Topology(self.settings.prefix, self.settings.delivery_limit)
         self.name = name
+        self.username = username if username is not None else self.settings.username
+        """The broker user this connection is: the `user_id` of everything it publishes."""
         self.server = server if server is not None else MemoryServer()
         self.reconnections = 0
         """Times `simulate_connection_loss` dropped the connection (restored at once)."""
@@ -376,6 +382,7 @@ class MemoryBroker:
             timestamp=datetime.now(UTC),
             type=type(message).__name__,
             app_id=self.name,
+            user_id=self.username,
         )
 
     # --- consuming ------------------------------------------------------------------------------
@@ -571,6 +578,7 @@ class MemoryBroker:
                         type=message.type,
                         app_id=message.app_id,
                         content_type=message.content_type,
+                        user_id=self.username,
                     )
                 )
             except PublishError as exc:

@@ -94,7 +94,7 @@ async def run_job_demo() -> None:
         console.print(timeline((await client.job(job_uid, with_events=True)).events))
 
         await _show_payment(accounts, user.name, job_uid, before, final)
-        results = await replay(EventLog(store, JobKeys().jobs), broker)
+        results = await replay(EventLog(store, JobKeys().jobs), broker, cluster.service_keys)
         mine = [r for r in results if r.job_uid == job_uid]
         verdict = "agrees" if mine and mine[0].ok else f"DIVERGES: {mine}"
         console.print(f"[green]✓[/] replay: the job rebuilt from the stream {verdict} with its log")

@@ -62,9 +62,11 @@ def replay(
     """Rebuild every JobSheet from the events stream and from the stored log; report divergence."""
 
     async def run() -> int:
-        keys = JobKeys(ServiceSettings().data_root)
+        settings = ServiceSettings()
+        keys = JobKeys(settings.data_root)
+        service_keys = settings.service_keys()
         async with store_session() as store, broker_session("replay") as broker:
-            results = await replay_jobs(EventLog(store, keys.jobs), broker)
+            results = await replay_jobs(EventLog(store, keys.jobs), broker, service_keys)
         table = Table("job", "stored", "streamed", "verdict")
         for result in results:
             if show_all or not result.ok:

@@ -115,6 +115,7 @@ class AccessService:
         )
         submitted = Submitted(
             request=request,
+            owner=user_record.name,
             user=user.fingerprint,
             user_key=user_record.public_key,
             expires_at=now + lifetime,

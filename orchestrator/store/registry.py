@@ -15,6 +15,7 @@ from orchestrator.errors import (
     ObjectNotFoundError,
     PARClosedError,
     PARError,
+    PARNotFoundError,
     PARPermissionError,
 )
 from orchestrator.store.base import ObjectStore
@@ -49,7 +50,7 @@ class PARRegistry:
         except ObjectNotFoundError:
             if await self._store.head(self._tombstone_key(uid)) is not None:
                 raise PARClosedError(f"PAR {uid} was closed") from None
-            raise PARError(f"no PAR {uid} was issued here") from None
+            raise PARNotFoundError(f"no PAR {uid} was issued here") from None
         return PARRecord.model_validate_json(raw)
 
     async def state(self, uid: str) -> PARState:

@@ -7,21 +7,44 @@ from __future__ import annotations
 import pytest
 
 from orchestrator.broker.base import Broker, DeadLetter, DeadLetterReason, IncomingMeta
-from orchestrator.client.client import ParjobsClient
 from orchestrator.core.layout import JobKeys
-from orchestrator.errors import RunRefusedError
+from orchestrator.errors import ParjobsError, RunRefusedError
 from orchestrator.settings import ServiceSettings
 from orchestrator.store.base import ObjectStore
 from orchestrator.store.eventlog import EventLog
 from orchestrator.store.registry import PARRegistry
-from schemas.messages import ComputeRequest, Envelope, GetJob, GetRunStatus, RunReply, StopRun
+from schemas.messages import (
+    COMPUTE_RESPONSES,
+    ComputeRequest,
+    Envelope,
+    ErrorReply,
+    GetJob,
+    GetRunStatus,
+    RunReply,
+    StopRun,
+)
 from tests._waiting import eventually
 from workers.runtime import ServiceContext
 
 pytestmark = pytest.mark.integration
 
 JOB_UID = "0123456789abcdef" * 2
-RUN_URL = f"parjobs-run://compute/{'f' * 32}?token=abc"
+SEALED = bytes(64)  # the handler here never opens it
+
+
+async def _ask(broker: Broker, body: ComputeRequest) -> RunReply:
+    topology = broker.topology
+    reply = await broker.request(
+        topology.commands,
+        topology.rpc_routing_key("compute"),
+        Envelope(sender="test", body=body),
+        COMPUTE_RESPONSES.envelope,
+        timeout=15,
+    )
+    if isinstance(reply.body, ErrorReply):
+        raise ParjobsError.from_reply(reply.body)
+    assert isinstance(reply.body, RunReply)
+    return reply.body
 
 
 async def test_a_message_its_queue_does_not_take_is_dead_lettered_with_its_reason(
@@ -54,11 +77,10 @@ async def test_a_message_its_queue_does_not_take_is_dead_lettered_with_its_reaso
     stray_id = await broker.publish(
         broker.topology.commands, broker.topology.rpc_routing_key("compute"), stray
     )
-    client = ParjobsClient(broker, sender="test", timeout=15)
-    status = await client.run_command("status", RUN_URL)
+    status = await _ask(broker, GetRunStatus(job_uid=JOB_UID, sealed=SEALED))
     assert (status.job_uid, status.state) == (JOB_UID, "running")
     with pytest.raises(RunRefusedError, match="nothing to stop") as refused:
-        await client.run_command("stop", RUN_URL)
+        await _ask(broker, StopRun(job_uid=JOB_UID, sealed=SEALED))
     assert refused.value.code == "job.run_refused"
 
     async def stray_letters() -> list[DeadLetter]:
@@ -74,5 +96,5 @@ async def test_a_message_its_queue_does_not_take_is_dead_lettered_with_its_reaso
     assert "get_job" in letter.reason
     assert Envelope.model_validate_json(letter.body).body == stray.body
     # The handler never saw it; what it saw were the queue's own requests, each answered.
-    assert sorted(handled) == sorted([GetRunStatus(run_url=RUN_URL).type, "stop_run"])
+    assert sorted(handled) == ["get_run_status", "stop_run"]
     assert len(await broker.dead_letters()) == 1  # once: a refusal is an answer, not a letter
