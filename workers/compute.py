@@ -170,17 +170,21 @@ class ComputeWorker:
             detail=sheet.progress or "",
         )
 
-    async def stop(self, command: StopRun, *, requester: str) -> tuple[RunReply, JobEvent | None]:
+    async def stop(self, command: StopRun, *, requester: str) -> tuple[RunReply, JobEvent]:
         """Cancel the job: before its start, or while it runs (the `cancelled` event, published,
-        reaches the compute daemon running it, which kills the run)."""
+        reaches the compute daemon running it, which kills the run). A stop repeated (or
+        redelivered) returns the same event, to publish again."""
         sheet, _ = await self.authorise(command, requester=requester)
         job_uid = sheet.job_uid
-        if sheet.state not in (JobState.READY, JobState.RUNNING):
-            raise RunRefusedError(f"job {job_uid} is {sheet.state.value}: there is nothing to stop")
-        reason = "stopped before it started" if sheet.state is JobState.READY else STOPPED
-        event = await self._append(
-            job_uid, Cancelled(reason=reason), step_event_id(job_uid, "cancelled")
-        )
+        reason = STOPPED if sheet.state is JobState.RUNNING else "stopped before it started"
+        try:
+            event = await self._append(
+                job_uid, Cancelled(reason=reason), step_event_id(job_uid, "cancelled")
+            )
+        except IllegalTransitionError:
+            raise RunRefusedError(
+                f"job {job_uid} is {sheet.state.value}: there is nothing to stop"
+            ) from None
         return RunReply(job_uid=job_uid, state="cancelled", accepted=True), event
 
     async def claim(

@@ -215,6 +215,14 @@ class MemoryServer:
         queue.bindings.update(spec.bindings)
         return queue
 
+    def delete_queue(self, name: str) -> None:
+        """Delete queue `name` as anyone allowed to might: its messages go, and the broker
+        cancels its consumers (they consume again only once it is declared again)."""
+        queue = self.queues.pop(name, None)
+        if isinstance(queue, MemoryQueue):
+            queue.consumers.clear()
+            queue.ready.clear()
+
     def delete_queues_of(self, owner: object) -> None:
         """Delete the exclusive queues of `owner` (its connection closed)."""
         for name in [name for name, queue in self.queues.items() if queue.owner is owner]:

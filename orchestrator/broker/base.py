@@ -202,9 +202,10 @@ class Broker(Protocol):
         dead-letter queue is missing)."""
         ...
 
-    async def declare(self, *queues: QueueSpec) -> None:
+    async def declare(self, *queues: QueueSpec, shared: bool = True) -> None:
         """Declare the shared topology and `queues` (idempotent); a queue that exists with other
-        arguments raises TopologyError."""
+        arguments raises TopologyError. With `shared=False`, only `queues`: what a service or a
+        user may declare (the operator declares the exchanges and shared queues)."""
         ...
 
     async def publish(
@@ -244,6 +245,12 @@ class Broker(Protocol):
         other exception requeues it after a pause, until the queue's delivery limit dead-letters
         it. TopologyError if the queue does not exist.
         """
+        ...
+
+    async def lost_consumers(self, *, redeclare: bool = False) -> list[str]:
+        """The queues whose consumer the broker cancelled (queue deleted, node lost) and that are
+        not consumed again yet; with `redeclare`, each one `consume` was given as a `QueueSpec`
+        is declared again (alone), after which its consumer comes back by itself."""
         ...
 
     async def request(

@@ -81,9 +81,12 @@ class _MemoryConsumer(Generic[T]):
         adapter: TypeAdapter[T],
         handler: Handler[T],
         prefetch: int,
+        spec: QueueSpec | None,
     ) -> None:
         self._broker = broker
         self._queue = queue
+        self.spec = spec
+        """The queue as declared, to declare it again if it is deleted under the consumer."""
         self._adapter = adapter
         self._handler = handler
         self._prefetch = prefetch
@@ -108,6 +111,23 @@ class _MemoryConsumer(Generic[T]):
         self._deliveries[task] = message
         self.in_flight.add(task)
         task.add_done_callback(self.in_flight.discard)
+
+    @property
+    def active(self) -> bool:
+        """Consuming now: False once its queue was deleted (`MemoryServer.delete_queue`)."""
+        return self._broker.server.queues.get(self.queue) is self._queue
+
+    def resume(self) -> bool:
+        """Consume the queue again if it exists again (as a robust channel does); whether it
+        does now."""
+        queue = self._broker.server.queues.get(self.queue)
+        if not isinstance(queue, MemoryQueue):
+            return False
+        if queue is not self._queue:
+            self._queue = queue
+            queue.consumers.append(self)
+            queue.dispatch()
+        return True
 
     async def cancel(self) -> None:
         """Stop receiving; handlers in flight go on."""
@@ -322,12 +342,13 @@ class MemoryBroker:
 
     # --- topology and publishing ---------------------------------------------------------------
 
-    async def declare(self, *queues: QueueSpec) -> None:
-        """Declare the shared topology and `queues` (idempotent)."""
+    async def declare(self, *queues: QueueSpec, shared: bool = True) -> None:
+        """Declare the shared topology (unless not `shared`) and `queues` (idempotent)."""
         self._require()
-        for exchange in self.topology.exchanges:
-            self.server.declare_exchange(exchange)
-        for spec in (*self.topology.shared_queues, *queues):
+        if shared:
+            for exchange in self.topology.exchanges:
+                self.server.declare_exchange(exchange)
+        for spec in (*(self.topology.shared_queues if shared else ()), *queues):
             self.server.declare_queue(spec, owner=self)
 
     async def publish(
@@ -400,12 +421,32 @@ class MemoryBroker:
         self._require()
         target = self.server.queue(_name(queue))
         consumer = _MemoryConsumer(
-            self, target, adapter, handler, prefetch or self.settings.prefetch
+            self,
+            target,
+            adapter,
+            handler,
+            prefetch or self.settings.prefetch,
+            queue if not isinstance(queue, str) else None,
         )
         self._consumers.append(consumer)
         target.consumers.append(consumer)
         target.dispatch()
         return consumer
+
+    async def lost_consumers(self, *, redeclare: bool = False) -> list[str]:
+        """The queues whose consumer lost its queue (`MemoryServer.delete_queue`) and that are
+        not consumed again yet; with `redeclare`, each lost queue given as a `QueueSpec` is
+        declared again (alone), and consumed again, as on RabbitMQ."""
+        self._require()
+        lost = []
+        for consumer in self._consumers:
+            if consumer.active:
+                continue
+            if redeclare and consumer.spec is not None:
+                await self.declare(consumer.spec, shared=False)
+            if not consumer.resume():
+                lost.append(consumer.queue)
+        return lost
 
     # --- request / reply ------------------------------------------------------------------------
 

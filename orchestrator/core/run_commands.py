@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Final
 
+from pydantic import JsonValue
+
 from orchestrator.core.crypto import seal, unseal
 from orchestrator.core.keys import KeyPair, PublicKeys
 from orchestrator.errors import PARPermissionError, TamperedError
@@ -31,7 +33,7 @@ _ACTIONS: Final[dict[type[RunCommand], RunAction]] = {
 
 def run_command_info(action: RunAction, *, job_uid: str, requester: str) -> bytes:
     """The HPKE `info` a run command is sealed with: purpose, action, job and requester."""
-    binding = {"action": action, "job_uid": job_uid, "requester": requester}
+    binding: dict[str, JsonValue] = {"action": action, "job_uid": job_uid, "requester": requester}
     return signed_bytes(RUN_COMMAND_PURPOSE, canonical_json(binding))
 
 

@@ -38,7 +38,6 @@ from orchestrator.broker.identities import Identities, Role
 from orchestrator.broker.topology import QueueSpec, Topology, declare
 from orchestrator.errors import ConfigurationError
 from orchestrator.settings import AMQPSettings, ManagementSettings
-from workers.daemons import service_queues
 
 if TYPE_CHECKING:
     from tests.conftest import RabbitMQCtl
@@ -125,7 +124,7 @@ async def deployment(rabbitmqctl: RabbitMQCtl) -> AsyncIterator[Deployment]:
     amqp = AMQPSettings(prefix=f"perm-{uuid.uuid4().hex[:10]}")
     topology = Topology(amqp.prefix, amqp.delivery_limit)
     ids = Identities(topology)
-    queues = service_queues(topology)
+    queues = ids.service_queues()
     queues_of_services = list(itertools.chain(*queues.values()))
     admin = BrokerAdmin(ManagementSettings(), vhost=vhost_of(amqp.amqp_url.get_secret_value()))
     off: str | None = None

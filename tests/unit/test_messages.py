@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 import pytest
 from pydantic import BaseModel, TypeAdapter
 
+from orchestrator.broker.identities import Identities
 from orchestrator.broker.topology import RPC_REQUESTS, Topology
 from orchestrator.core.codec import decode
 from orchestrator.core.jobstate import fold
@@ -40,7 +41,6 @@ from schemas.messages import (
     StopRun,
 )
 from schemas.par import PARState
-from workers.daemons import service_queues
 
 UID = "0123456789abcdef" * 2
 SEALED = bytes(64)  # a sealed run capability: what the wire carries, whatever it holds
@@ -186,7 +186,8 @@ def test_each_rpc_service_takes_its_requests_and_names_its_replies() -> None:
 
 def test_every_queue_a_daemon_consumes_says_what_it_takes() -> None:
     topology = Topology("p")
-    queues = service_queues(topology)
+    ids = Identities(topology)
+    queues = ids.service_queues()
     taken = {spec.name: spec.accepts for specs in queues.values() for spec in specs}
     assert taken == {
         "p.rpc.access": ACCESS_REQUESTS,
@@ -196,6 +197,7 @@ def test_every_queue_a_daemon_consumes_says_what_it_takes() -> None:
         "p.rpc.compute": COMPUTE_REQUESTS,
         "p.rpc.runs": RUN_STARTS,
     }
+    assert ids.stops_queue("d1").accepts is JOB_EVENTS
     # Only the events exchange feeds the queues that take job events.
     for specs in queues.values():
         for spec in specs:
