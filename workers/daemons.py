@@ -14,23 +14,19 @@ redelivery, which finds the step done and returns its event.
 
 from __future__ import annotations
 
-import itertools
 import logging
 from datetime import timedelta
 
-import aio_pika
 import anyio
 from anyio.abc import TaskGroup
 
 from orchestrator.broker.base import IncomingMeta
-from orchestrator.broker.identities import Identities, Role
-from orchestrator.broker.topology import Topology
+from orchestrator.broker.identities import Role
 from orchestrator.core.pricing import Pricing
 from orchestrator.core.service_keys import is_service_role
 from orchestrator.errors import ParjobsError
 from orchestrator.par.issuer import PARIssuer
 from orchestrator.services.access import AccessService, Outcome
-from orchestrator.settings import AMQPSettings
 from schemas.messages import (
     AccessRequest,
     ClosePAR,
@@ -54,22 +50,6 @@ from workers.runtime import ServiceContext, serve
 from workers.storage import StorageWorker
 
 log = logging.getLogger("parjobs.service")
-
-
-async def delete_topology(settings: AMQPSettings) -> None:
-    """Delete every queue and exchange of `settings.prefix` (reply queues go with connections).
-
-    For throwaway prefixes (the demo, tests), as the operator; a deployment keeps its queues.
-    """
-    topology = Topology(settings.prefix, settings.delivery_limit)
-    service_queues = Identities(topology).service_queues().values()
-    queues = [*topology.shared_queues, *itertools.chain(*service_queues)]
-    connection = await aio_pika.connect(settings.amqp_url.get_secret_value())
-    async with connection, connection.channel() as channel:
-        for queue in queues:
-            await channel.queue_delete(queue.name)
-        for exchange in topology.exchanges:
-            await channel.exchange_delete(exchange.name)
 
 
 # --- access ---------------------------------------------------------------------------------------

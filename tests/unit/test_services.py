@@ -252,3 +252,25 @@ async def test_no_contract_after_expiry(services: Services) -> None:
     await anyio.sleep(1.1)
     await services.access.sweep(_collecting([]))
     assert await services.storage.on_submitted(submitted) is None
+
+
+async def test_an_expiry_is_published_even_if_the_sweep_is_cancelled_as_it_publishes(
+    services: Services,
+) -> None:
+    short = (
+        await services.access.submit(
+            services.submit_command(lifetime_s=1), message_id=uuid.uuid4().hex
+        )
+    ).events[0]
+    await anyio.sleep(1.1)
+    published: list[JobEvent] = []
+
+    async def slow_publish(event: JobEvent) -> None:
+        await anyio.sleep(0.3)  # the broker's confirm takes its time...
+        published.append(event)
+
+    with anyio.move_on_after(0.1):  # ...and the daemon is told to stop meanwhile
+        await services.access.sweep(slow_publish)
+    logged = await services.log.read(short.job_uid)
+    assert logged[-1].payload.type == "expired"
+    assert published == [logged[-1]]  # appended, and published all the same
