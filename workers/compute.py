@@ -170,21 +170,26 @@ class ComputeWorker:
             detail=sheet.progress or "",
         )
 
-    async def stop(self, command: StopRun, *, requester: str) -> tuple[RunReply, JobEvent]:
+    async def stop(
+        self, command: StopRun, *, requester: str, redelivered: bool = False
+    ) -> tuple[RunReply, JobEvent]:
         """Cancel the job: before its start, or while it runs (the `cancelled` event, published,
-        reaches the compute daemon running it, which kills the run). A stop repeated (or
-        redelivered) returns the same event, to publish again."""
+        reaches the compute daemon running it, which kills the run). A `redelivered` stop whose
+        `cancelled` is logged already returns that event, to publish again; any other stop of an
+        ended job is refused."""
         sheet, _ = await self.authorise(command, requester=requester)
         job_uid = sheet.job_uid
-        reason = STOPPED if sheet.state is JobState.RUNNING else "stopped before it started"
-        try:
-            event = await self._append(
-                job_uid, Cancelled(reason=reason), step_event_id(job_uid, "cancelled")
-            )
-        except IllegalTransitionError:
-            raise RunRefusedError(
-                f"job {job_uid} is {sheet.state.value}: there is nothing to stop"
-            ) from None
+        step = step_event_id(job_uid, "cancelled")
+        if sheet.state in (JobState.READY, JobState.RUNNING):
+            reason = STOPPED if sheet.state is JobState.RUNNING else "stopped before it started"
+            try:
+                event = await self._append(job_uid, Cancelled(reason=reason), step)
+            except IllegalTransitionError:
+                return await self.stop(command, requester=requester, redelivered=redelivered)
+        elif redelivered and (logged := (await self._log.read(job_uid))[-1]).event_id == step:
+            event = logged
+        else:
+            raise RunRefusedError(f"job {job_uid} is {sheet.state.value}: there is nothing to stop")
         return RunReply(job_uid=job_uid, state="cancelled", accepted=True), event
 
     async def claim(

@@ -168,7 +168,9 @@ async def setup_compute(context: ServiceContext, group: TaskGroup) -> None:
         match envelope.body:
             case StopRun() as stop:
                 with anyio.CancelScope(shield=True):  # what is appended is published
-                    reply, event = await worker.stop(stop, requester=requester)
+                    reply, event = await worker.stop(
+                        stop, requester=requester, redelivered=meta.redelivered
+                    )
                     await context.publish_event(event)
             case GetRunStatus() as status:
                 reply = await worker.status(status, requester=requester)

@@ -210,11 +210,14 @@ async def test_stop_before_start_cancels(services: Services) -> None:
     assert reply.state == "cancelled"
     assert event.payload.type == "cancelled"
     assert (await services.log.load(job_uid)).state is JobState.CANCELLED
-    # A stop repeated (a redelivery) returns the same event, to publish again.
+    # The same stop redelivered returns the same event, to publish again ...
     again = await services.compute.stop(
-        _stop(services, run_par), requester=services.user.fingerprint
+        _stop(services, run_par), requester=services.user.fingerprint, redelivered=True
     )
     assert again == (reply, event)
+    # ... a new stop of the ended job is refused.
+    with pytest.raises(RunRefusedError, match="nothing to stop"):
+        await services.compute.stop(_stop(services, run_par), requester=services.user.fingerprint)
 
 
 async def test_a_stop_reaches_the_run_as_its_cancelled_event(
