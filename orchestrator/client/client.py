@@ -41,7 +41,7 @@ from orchestrator.errors import ParjobsError
 from orchestrator.par.par import PAR
 from orchestrator.settings import ServiceSettings
 from schemas.auth import Authorisation, Cheque
-from schemas.events import JobRequest, JobSheetState, JobState
+from schemas.events import JobEvent, JobRequest, JobSheetState, JobState
 from schemas.messages import (
     ClosePAR,
     Envelope,
@@ -211,7 +211,14 @@ class ParjobsClient:
         query = GetJob(job_uid=job_uid, with_events=with_events)
         return await self._call("access", query, JobReply)
 
-    # --- following a job's events ----------------------------------------------------------------
+    # --- a job's events --------------------------------------------------------------------------
+
+    async def events(self, job_uid: str) -> list[JobEvent]:
+        """The job's log as access has it (one GetJob), each event verified and chained to the
+        one before; one that fails is logged and left out, and so is all that follows it."""
+        tracker = JobTracker(job_uid, self._inbox.keys)
+        await self._catch_up(tracker)
+        return tracker.events
 
     async def _catch_up(self, tracker: JobTracker) -> None:
         """Offer the tracker the job's whole log as access has it (one GetJob)."""
