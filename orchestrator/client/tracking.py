@@ -24,7 +24,8 @@ log = logging.getLogger("parjobs.client")
 
 
 class JobTracker:
-    """The verified events of job `job_uid`, from seq 1 without a gap, and the sheet they fold to.
+    """The verified events of job `job_uid`, from seq 1 without a gap, and the job's state after
+    each.
 
     `offer` each event as it comes; `changed()` returns once the sheet moved or a gap opened.
     """
@@ -34,11 +35,16 @@ class JobTracker:
         self._keys = keys
         self.events: list[JobEvent] = []
         """Applied: verified and chained, seq 1 to `len(events)`."""
-        self.sheet: JobSheetState | None = None
-        """The fold of `events`; None until event 1 is applied."""
+        self.sheets: list[JobSheetState] = []
+        """The job's state after each event applied: `sheets[i]` is the fold of `events[:i+1]`."""
         self._early: dict[int, JobEvent] = {}
         """Verified events whose predecessor has not come yet, by seq."""
         self._changed = anyio.Event()
+
+    @property
+    def sheet(self) -> JobSheetState | None:
+        """The job's state as its events applied so far leave it; None before event 1."""
+        return self.sheets[-1] if self.sheets else None
 
     @property
     def has_gap(self) -> bool:
@@ -118,5 +124,5 @@ class JobTracker:
             )
             return False
         self.events.append(event)
-        self.sheet = sheet
+        self.sheets.append(sheet)
         return True
