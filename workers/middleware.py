@@ -269,7 +269,11 @@ class VerifyRequests:
                 f"request {envelope.message_id} from {requester} asks for its reply on "
                 f"{meta.reply_to!r}, which is not {requester}'s: not answered"
             )
-        signer = await self._signer(envelope)
+        # The broker delivering a request again (its handler died) is no one sending it anew:
+        # judged by its time now, a redelivery after the window would strand what its first
+        # delivery began (a hold of the user's money, say).
+        window = timedelta.max if meta.redelivered else self._window
+        signer = await self._signer(envelope, window)
         if signer.name != requester:
             raise RequesterMismatchError(
                 f"request {envelope.message_id} is signed by user {signer.name!r} but was sent by "
@@ -282,7 +286,7 @@ class VerifyRequests:
         finally:
             _requester.reset(token)
 
-    async def _signer(self, envelope: Envelope[Any]) -> UserRecord:
+    async def _signer(self, envelope: Envelope[Any], window: timedelta) -> UserRecord:
         """The registered user whose key signed `envelope` (a SignatureError if none did)."""
         signature = envelope.signature
         record = None if signature is None else await self._user(signature.signer)
@@ -294,7 +298,7 @@ class VerifyRequests:
             body=envelope.body,
             keys=keys,
             now=self._clock(),
-            window=self._window,
+            window=window,
         )
         assert record is not None  # verify_message refuses a signer with no key
         return record
