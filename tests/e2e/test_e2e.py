@@ -39,6 +39,7 @@ from orchestrator.broker.identities import Identities
 from orchestrator.broker.topology import Topology
 from orchestrator.client.client import ParjobsClient
 from orchestrator.client.jobsheet import JobSheet
+from orchestrator.core.chain import seal_event
 from orchestrator.core.layout import JobKeys
 from orchestrator.core.message_signing import sign_message
 from orchestrator.core.run_commands import run_command
@@ -558,6 +559,9 @@ async def test_stop_ends_a_running_job(harness: Harness) -> None:
         "cancelled",
     }, kinds
     assert events[-1].payload.type == "cancelled"
+    # The stop reached the run as a message: nothing was written to the store for it to poll.
+    runs = await harness.store.list(f"{harness.root}runs/")
+    assert [info.key for info in runs if not info.key.endswith("/claim")] == []
     # An ended job cannot be started or stopped again through its run PAR.
     with pytest.raises(RunRefusedError):
         await control.start()
@@ -820,6 +824,79 @@ async def test_health_and_readiness_answer(harness: Harness) -> None:
             missing = await http.get(harness.health_url(role, "/nope"))
             assert missing.status_code == 404
             assert missing.json() == {"paths": ["/healthz", "/readyz"]}
+
+
+async def test_a_deleted_queue_makes_its_daemon_unready_until_it_consumes_again(
+    harness: Harness,
+) -> None:
+    """The operator (or a lost node) deletes storage's queue: storage's consumer is cancelled by
+    the broker, /readyz says so (503), storage declares its queue again, consumes it, and is
+    ready; new jobs flow."""
+    storage_queue = harness.topology.work_queue("storage").name
+    connection = await aio_pika.connect(harness.operator.settings.amqp_url.get_secret_value())
+    async with connection, connection.channel() as channel:
+        await channel.queue_delete(storage_queue)
+    seen: list[dict[str, Any]] = []
+
+    async def unready() -> bool:
+        seen.append(await harness.health("storage"))
+        return bool(seen[-1]["status"] == 503)
+
+    async def ready_again() -> bool:
+        return bool((await harness.health("storage"))["status"] == 200)
+
+    # Storage looks at its consumers every second: the 503 comes before it is restored.
+    await eventually(unready, "storage reports the lost consumer", timeout=3, interval=0.02)
+    assert seen[-1]["problems"] == [f"not consuming {storage_queue}"], seen[-1]
+    await eventually(ready_again, "storage consumes its queue again", timeout=15)
+    log = harness.cluster.log_path("storage").read_text()
+    assert "cancelled by the broker; declared again" in log, log[-2000:]
+    data = payload(3000, "after the queue was deleted")
+    sheet = await harness.run_job(data)
+    assert sheet.state is JobState.COMPLETED, sheet.reason
+    await harness.check_checksum_job(sheet.job_uid, data)
+
+
+async def test_a_forged_event_is_refused_by_the_services_and_changes_nothing(
+    harness: Harness,
+) -> None:
+    """Even one who may publish to the events exchange (here the operator) cannot make the
+    services act on an event no role sealed: compute dead-letters a forged `storage_contracted`
+    and mints nothing; the job goes on as its real events say."""
+    job_uid, upload, run = await harness.ready_job()
+    logged = await harness.events(job_uid)
+    records_before = await harness.registry_records()
+    real = logged[1]
+    assert real.payload.type == "storage_contracted"
+    forger = KeyPair.generate("forger")
+    forged = seal_event(real.model_copy(update={"signature": None}), logged[0], forger, "storage")
+    owner = harness.ids.user_username(ACCOUNT)
+    sent = await harness.operator.publish(
+        harness.topology.events,
+        harness.ids.event_routing_key(owner, job_uid, "storage_contracted"),
+        Envelope(sender="forger", body=EventPublished(event=forged)),
+    )
+
+    async def refused() -> list[DeadLetter]:
+        return [
+            letter for letter in await harness.operator.dead_letters() if letter.message_id == sent
+        ]
+
+    async def dead_lettered() -> bool:
+        return bool(await refused())
+
+    await eventually(dead_lettered, "compute dead-letters the forged event", timeout=15)
+    [letter] = await refused()
+    assert letter.original_queue == harness.topology.work_queue("compute").name
+    assert "signature.forged" in letter.reason
+    assert await harness.events(job_uid) == logged
+    assert await harness.registry_records() == records_before
+    data = payload(2000, "after a forged event")
+    await ObjectWriter(upload, harness.user).set_object(data)
+    control = run.execute(harness.user, control=harness.client)
+    assert (await control.start()).accepted
+    assert (await control.wait(timeout=60)).state == "completed"
+    await harness.check_checksum_job(job_uid, data)
 
 
 # --- crashes, disconnections, shutdown ----------------------------------------------------------

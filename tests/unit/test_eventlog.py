@@ -247,7 +247,7 @@ async def test_always_losing_gives_up_after_max_attempts(
 
 # --- sealed logs ---------------------------------------------------------------------------------
 
-ROLE_KEYS = {role: KeyPair.generate(role) for role in ("access", "storage", "compute")}
+ROLE_KEYS = {role: KeyPair.generate(role) for role in SERVICE_ROLES}
 SERVICE_KEYS = ServiceKeys({role: key.public for role, key in ROLE_KEYS.items()})
 
 

@@ -27,7 +27,7 @@ from orchestrator.core.layout import JobKeys
 from orchestrator.core.message_signing import sign_message, verify_message
 from orchestrator.core.service_keys import ServiceKeys
 from orchestrator.core.signing import request_fingerprint, sign_authorisation, write_cheque
-from orchestrator.errors import JobNotFoundError, PARNotFoundError
+from orchestrator.errors import JobNotFoundError, ObjectStoreError, PARNotFoundError
 from orchestrator.services.accounts import Accounts
 from orchestrator.settings import AMQPSettings, ServiceSettings
 from orchestrator.store.eventlog import EventLog
@@ -47,6 +47,7 @@ from schemas.messages import (
     SubmitJob,
 )
 from schemas.signing import SERVICE_ROLES, ServiceRole
+from tests._forwarding import ForwardingStore
 from tests._waiting import eventually
 from workers.daemons import setup_access, setup_storage
 from workers.runtime import ServiceContext, keep_consuming, readiness
@@ -460,3 +461,18 @@ async def test_readiness_reports_a_deleted_queue_until_its_consumer_is_back() ->
             return sheet.state is JobState.STORAGE_CONTRACTED
 
         await eventually(contracted, "storage contracts the new job", timeout=5)
+
+
+class _UnreachableStore(ForwardingStore):
+    async def check(self) -> None:
+        raise ObjectStoreError("S3 request for 'parjobs' failed: connection refused")
+
+
+async def test_readiness_checks_the_object_store_too() -> None:
+    async with running_world() as world:
+        storage = world.contexts["storage"]
+        answer = await readiness(storage.broker, _UnreachableStore(world.store))
+        assert answer["ready"] is False
+        assert answer["problems"] == [
+            "the object store does not answer: S3 request for 'parjobs' failed: connection refused"
+        ]

@@ -14,6 +14,7 @@ from orchestrator.core.keys import KeyPair
 from orchestrator.core.service_keys import ServiceKeys, is_service_role
 from orchestrator.errors import ConfigurationError
 from orchestrator.settings import ServiceSettings
+from schemas.signing import SERVICE_ROLES
 
 ACCESS, STORAGE, COMPUTE = (KeyPair.generate(role) for role in ("access", "storage", "compute"))
 OLD_COMPUTE = KeyPair.generate("compute-2029")
@@ -115,7 +116,7 @@ def test_the_setting_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 def test_the_operator_writes_the_service_keys_file_from_each_roles_public_key(
     tmp_path: Path,
 ) -> None:
-    pairs = {role: KeyPair.generate(role) for role in ("access", "storage", "compute")}
+    pairs = {role: KeyPair.generate(role) for role in SERVICE_ROLES}
     options = []
     for role, pair in pairs.items():
         public = tmp_path / f"{role}.key.pub"
