@@ -207,6 +207,10 @@ async def setup_compute(context: ServiceContext, group: TaskGroup) -> None:
                 await context.publish_event(started)
             if meta.redelivered:
                 mark_answered()  # by the first delivery; what fails in the run below is retried
+                # The daemon that had it died: what it appended may never have been published
+                # (a progress, say). Publish the job's log again; subscribers de-duplicate.
+                for event in await context.log.read(sheet.job_uid):
+                    await context.publish_event(event)
             else:
                 await context.reply(meta, worker.started_reply(sheet))
             await worker.run(sheet, handle, context.publish_event)

@@ -933,6 +933,13 @@ async def test_sigkilled_compute_mid_run_loses_no_job(
         reader = BucketReader(await h.client.outputs(job_uid), h.user)
         summary = await reader.get_json("summary.json")
         assert summary == {"calculation": "sleep", "seconds": 3.0, "exit_code": 0}
+        # Whatever the killed daemon appended and had not published yet, the next one published
+        # again: the stream agrees with the log.
+        log = EventLog(h.store, JobKeys(h.root).jobs)
+        [result] = [
+            r for r in await replay(log, h.operator, h.cluster.service_keys) if r.job_uid == job_uid
+        ]
+        assert result.ok, result.problems
 
 
 async def _none_alive(pids: set[int], job_uid: str) -> bool:
