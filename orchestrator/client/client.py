@@ -8,8 +8,10 @@ role it asked (`Inbox`), and an `ErrorReply` is raised as the very error the ser
 
 It listens rather than polls: waiting on a job means following the job's events on the client's
 own events queue (subscribed when the client starts), after one GetJob to catch up with what came
-before; each event is verified and applied in seq order (`JobTracker`). A gap in the seqs (an
-event not come yet, or lost) is filled by one more GetJob, asked for because an event showed it.
+before; each event is verified and applied in seq order (`JobTracker`). The client goes on
+following a job it waited on until the job ends, so the next wait on it (`RunControl.wait` after
+`request_services`) needs no catch-up, and no answer from access. A gap in the seqs (an event not
+come yet, or lost) is filled by one more GetJob, asked for because an event showed it.
 """
 
 from __future__ import annotations
@@ -115,6 +117,7 @@ class ParjobsClient:
         self.owner = registered_user(broker.username, broker.topology)
         """The registered user's name the broker connection is."""
         self.user = user
+        self._broker = broker
         keys = service_keys if service_keys is not None else ServiceSettings().service_keys()
         self._inbox = Inbox(broker, keys)
         self._started = False
@@ -222,22 +225,26 @@ class ParjobsClient:
 
     async def _catch_up(self, tracker: JobTracker) -> None:
         """Offer the tracker the job's whole log as access has it (one GetJob)."""
+        connection = self._broker.reconnections  # as of before the ask: events after it queue up
         for event in (await self.job(tracker.job_uid, with_events=True)).events:
             tracker.offer(event, source="GetJob")
+        tracker.caught_up_on = connection
 
-    async def watch(self, job_uid: str) -> AsyncGenerator[JobSheetState, None]:
-        """The job's state after each of its events, in seq order, from its first (caught up with
-        one GetJob, after subscribing) to the one that ends it; then the generator ends."""
+    async def _follow(self, job_uid: str) -> AsyncGenerator[list[JobSheetState], None]:
+        """The job's states after each of its events, in seq order, in batches as they come (a
+        catch-up brings many at once), until the one that ends it. Subscribed first, it catches
+        up with one GetJob, unless the client has followed the job since it last caught up on
+        this connection, or the job has ended (its log is whole)."""
         await self.start()
         with self._inbox.following(job_uid) as tracker:
-            await self._catch_up(tracker)
+            if not tracker.ended and tracker.caught_up_on != self._broker.reconnections:
+                await self._catch_up(tracker)
             shown, filled_at = 0, -1
             while True:
                 if shown < len(tracker.sheets):
-                    sheet = tracker.sheets[shown]
-                    shown += 1
-                    yield sheet
-                    if is_terminal(sheet.state):
+                    batch, shown = tracker.sheets[shown:], len(tracker.sheets)
+                    yield batch
+                    if is_terminal(batch[-1].state):
                         return
                 elif tracker.has_gap and filled_at != len(tracker.events):
                     # An event came before the one it follows: ask once for what is missing.
@@ -246,6 +253,14 @@ class ParjobsClient:
                 else:
                     await tracker.changed()
 
+    async def watch(self, job_uid: str) -> AsyncGenerator[JobSheetState, None]:
+        """The job's state after each of its events, in seq order, from its first to the one that
+        ends it; then the generator ends. Follows the job's events: no polling."""
+        async with aclosing(self._follow(job_uid)) as batches:
+            async for batch in batches:
+                for sheet in batch:
+                    yield sheet
+
     async def wait_until(
         self,
         job_uid: str,
@@ -253,13 +268,16 @@ class ParjobsClient:
         *,
         timeout: float = 120,  # noqa: ASYNC109 - a deadline for the whole wait
     ) -> JobSheetState:
-        """The job's state once it is in one of `states` or has ended; TimeoutError if not
-        within `timeout` seconds. Follows the job's events (`watch`): no polling."""
+        """The job's state once it is in one of `states`, or has ended (its end wins over an
+        earlier state it already left); TimeoutError if neither within `timeout` seconds.
+        Follows the job's events: no polling."""
         with anyio.fail_after(timeout):
-            async with aclosing(self.watch(job_uid)) as states_seen:
-                async for sheet in states_seen:
-                    if sheet.state in states or is_terminal(sheet.state):
-                        return sheet
+            async with aclosing(self._follow(job_uid)) as batches:
+                async for batch in batches:
+                    if is_terminal(batch[-1].state):
+                        return batch[-1]
+                    if reached := [sheet for sheet in batch if sheet.state in states]:
+                        return reached[0]
         raise errors.JobError(f"job {job_uid}: its events stopped before it ended")
 
     async def request_services(

@@ -7,8 +7,9 @@ jobs queues up from then on, whether or not anything waits on it yet.
 
 A reply is used only if it is signed by the service role the request went to; anything else that
 comes with the request's correlation id is dropped and logged, and the request keeps waiting for
-the genuine reply. An event goes to the `JobTracker` of its job, which verifies it, if someone
-follows that job; events of jobs nobody follows are dropped (a follower catches up with GetJob).
+the genuine reply. An event goes to the `JobTracker` of its job, which verifies it, if the client
+follows that job (someone waits on it, or waited and it has not ended yet); events of other jobs
+are dropped (a follower catches up with GetJob).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -46,6 +48,9 @@ ANY_JSON: TypeAdapter[JsonValue] = TypeAdapter(JsonValue)
 from them (a user may not write to the dead-letter exchange)."""
 REPLY_WINDOW = timedelta(minutes=5)
 """How far a reply's signed time may be from this clock (as a service allows a request)."""
+ENDED_KEPT = 256
+"""Trackers of ended jobs kept after their followers left (the most recent): a job that ended
+before the next wait on it began (a quick run) needs no catch-up, nor access, to be waited on."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,9 @@ class Inbox:
         self.events_queue = identities.events_queue(broker.username, instance)
         self._pending: dict[str, _Pending] = {}
         self._trackers: dict[str, tuple[JobTracker, int]] = {}
+        """Followed jobs: their tracker and how many follow them now (0: kept while it lives)."""
+        self._ended: OrderedDict[str, JobTracker] = OrderedDict()
+        """Trackers of ended jobs nobody follows, least recently ended first."""
         self._subscriptions: list[Subscription] = []
 
     async def start(self) -> None:
@@ -157,8 +165,15 @@ class Inbox:
 
     @contextmanager
     def following(self, job_uid: str) -> Iterator[JobTracker]:
-        """The tracker of job `job_uid`, fed with its events while the block runs."""
-        tracker, followers = self._trackers.get(job_uid, (JobTracker(job_uid, self.keys), 0))
+        """The tracker of job `job_uid`, fed with its events while the block runs. After it, a
+        caught-up tracker is kept (fed while its job lives, then among the `ENDED_KEPT`), so a
+        later wait on the job needs no catch-up."""
+        if (followed := self._trackers.get(job_uid)) is not None:
+            tracker, followers = followed
+        elif job_uid in self._ended:
+            tracker, followers = self._ended.pop(job_uid), 0
+        else:
+            tracker, followers = JobTracker(job_uid, self.keys), 0
         self._trackers[job_uid] = (tracker, followers + 1)
         try:
             yield tracker
@@ -166,6 +181,17 @@ class Inbox:
             tracker, followers = self._trackers.pop(job_uid)
             if followers > 1:
                 self._trackers[job_uid] = (tracker, followers - 1)
+            elif tracker.caught_up_on is not None:
+                self._keep(tracker)
+
+    def _keep(self, tracker: JobTracker) -> None:
+        """Keep a tracker nobody follows now: fed while its job lives, then among the ended."""
+        if not tracker.ended:
+            self._trackers[tracker.job_uid] = (tracker, 0)
+            return
+        self._ended[tracker.job_uid] = tracker
+        while len(self._ended) > ENDED_KEPT:
+            self._ended.popitem(last=False)
 
     async def _on_event(self, raw: JsonValue, meta: IncomingMeta) -> None:
         try:
@@ -177,4 +203,8 @@ class Inbox:
         if followed is None:
             log.debug("dropped event %d of job %s: nobody follows it", event.seq, event.job_uid)
             return
-        followed[0].offer(event, source=f"the events queue ({meta.routing_key})")
+        tracker, followers = followed
+        tracker.offer(event, source=f"the events queue ({meta.routing_key})")
+        if tracker.ended and not followers:
+            del self._trackers[event.job_uid]
+            self._keep(tracker)

@@ -40,6 +40,10 @@ class JobTracker:
         self._early: dict[int, JobEvent] = {}
         """Verified events whose predecessor has not come yet, by seq."""
         self._changed = anyio.Event()
+        self.caught_up_on: int | None = None
+        """The connection (its count of reconnections) on which a catch-up last gave it the log;
+        None: never. While the connection stays that one, its events queue (bound before the
+        catch-up) has fed it every event since: it misses none."""
 
     @property
     def sheet(self) -> JobSheetState | None:

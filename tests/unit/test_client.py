@@ -120,6 +120,8 @@ class Services:
     on_submit: list[str] = field(default_factory=list)
     """The log a submission makes (appended and published at once)."""
     run: PARData | None = None
+    access_answers: bool = True
+    """False: access takes requests and answers none (a stopped daemon, as far as a client sees)."""
 
     @property
     def kinds(self) -> Counter[str]:
@@ -144,6 +146,8 @@ class Services:
 
     async def on_access(self, envelope: Envelope[Any], meta: IncomingMeta) -> None:
         self.requests.append((envelope, meta))
+        if not self.access_answers:
+            return
         match envelope.body:
             case GetJob(job_uid=job_uid, with_events=with_events) if job_uid in self.logs:
                 log = self.logs[job_uid]
@@ -394,6 +398,43 @@ async def test_a_forged_event_does_not_end_a_wait(
     assert [(reply.state, reply.detail) for reply in final] == [("failed", failed.reason)]
     assert "does not verify" in caplog.text
     assert services.kinds == Counter({"get_job": 1})  # no run status polls
+
+
+async def test_a_job_followed_since_it_was_ready_needs_no_access_to_be_waited_on(
+    services: Services, client: ParjobsClient
+) -> None:
+    services.on_submit = ["submitted", "storage_contracted", "compute_contracted"]
+    _, _, run, _ = await client.request_services(CHECKSUM, account="alice", max_spend=Decimal(1))
+    services.access_answers = False
+    control = run.execute(ALICE, control=client)
+    await control.start()
+    await services.extend("run_started", "progress", "completed")
+    assert (await control.wait(timeout=5)).state == "completed"
+    assert services.kinds == Counter({"submit_job": 1, "get_job": 1, "start_run": 1})
+
+
+async def test_after_a_reconnection_a_live_job_is_caught_up_again_an_ended_one_never(
+    world: tuple[Services, MemoryBroker], client: ParjobsClient
+) -> None:
+    services, alice = world
+    services.on_submit = ["submitted", "storage_contracted", "compute_contracted"]
+    await client.request_services(CHECKSUM, account="alice", max_spend=Decimal(1))
+    alice.simulate_connection_loss()  # what was published meanwhile may be lost: ask again
+    await client.wait_until(JOB, READY, timeout=5)
+    assert services.kinds["get_job"] == 2
+    await services.extend("expired")
+    assert (await client.wait_until(JOB, frozenset(), timeout=5)).state is JobState.EXPIRED
+    alice.simulate_connection_loss()
+    services.access_answers = False
+    # Ended, its log is whole: every state, from the tracker the client kept.
+    assert [sheet.state async for sheet in client.watch(JOB)] == [
+        JobState.SUBMITTED,
+        JobState.STORAGE_CONTRACTED,
+        JobState.READY,
+        JobState.EXPIRED,
+    ]
+    assert (await client.wait_until(JOB, READY, timeout=5)).state is JobState.EXPIRED
+    assert services.kinds["get_job"] == 2
 
 
 async def test_a_wait_with_no_events_times_out(services: Services, client: ParjobsClient) -> None:
