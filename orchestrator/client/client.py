@@ -268,9 +268,9 @@ class ParjobsClient:
         *,
         timeout: float = 120,  # noqa: ASYNC109 - a deadline for the whole wait
     ) -> JobSheetState:
-        """The job's state once it is in one of `states`, or has ended (its end wins over an
-        earlier state it already left); TimeoutError if neither within `timeout` seconds.
-        Follows the job's events: no polling."""
+        """The job's state when it first reached one of `states`, or its end if it has ended
+        (an end wins over a state the job already left); TimeoutError if neither comes within
+        `timeout` seconds. Follows the job's events: no polling."""
         with anyio.fail_after(timeout):
             async with aclosing(self._follow(job_uid)) as batches:
                 async for batch in batches:
