@@ -62,7 +62,7 @@ MARKS += ",run_started,completed,client saw it"  # a parjobs job's timeline, in 
 NOTES = """
 ratio: the cost of all parjobs adds to the bare hops: S3 event-log appends (conditional creates,
 each handler re-reading the log), signing and checking every request, reply and event, PAR minting
-and HPKE sealing, the client's catch-up GetJob per wait, upload, input download, subprocess,
+and HPKE sealing, the client's one catch-up GetJob a job, upload, input download, subprocess,
 output upload.
 
 per job: msgs = AMQP messages published, queued = their copies routed into queues{kinds}
