@@ -21,7 +21,7 @@ import anyio
 import pytest
 import typer
 import typer.testing
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 from typer.testing import CliRunner, Result
@@ -29,12 +29,13 @@ from typer.testing import CliRunner, Result
 from orchestrator import KeyPair, __version__
 from orchestrator.cli import _common, app
 from orchestrator.cli._exit import EXIT_STATUS_HELP, ParjobsGroup
+from orchestrator.cli._inputs import strict_json
 from orchestrator.core import crypto
 from orchestrator.core.service_keys import ServiceKeys
 from orchestrator.errors import ParjobsError, UnknownUserError
 from orchestrator.store.memory import MemoryObjectStore
 from orchestrator.store.users import UserRegistry
-from schemas.signing import SERVICE_ROLES
+from schemas.signing import SERVICE_ROLES, canonical_json
 
 PASSPHRASE = "cli unit passphrase"
 UID = "0123456789abcdef" * 2
@@ -570,8 +571,18 @@ def test_integers_without_a_canonical_form_are_refused_in_one_line(files: Files,
 
 @PROPERTY
 @given(name=st.text(min_size=1, max_size=10).filter(lambda n: "=" not in n), value=FREE_TEXT)
-def test_every_param_value_is_accepted(files: Files, name: str, value: str) -> None:
-    assert refused(parjobs(*_submit(files, "-p", f"{name}={value}"))) == BROKER
+@example(name="n", value=str(2**53))
+@example(name="n", value=f"[1, {-(2**53)}]")
+def test_every_param_value_is_sent_or_refused_in_one_line(
+    files: Files, name: str, value: str
+) -> None:
+    """A value is sent as JSON if it is JSON, else as a string; but JSON that RFC 8785 cannot
+    encode (an integer beyond 2**53) is refused, as in --params-json, never sent as a string."""
+    line = refused(parjobs(*_submit(files, "-p", f"{name}={value}")))
+    if line != BROKER:
+        assert line.startswith("error: invalid JobRequest: parameters: "), line
+        with pytest.raises(ValueError, match="safe integer"):
+            canonical_json(strict_json(value))
 
 
 @PROPERTY
