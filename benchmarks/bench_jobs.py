@@ -1,14 +1,17 @@
 """Whole jobs through the three daemons: jobs/s, latency and AMQP messages per job, vs raw aio-pika.
 
-parjobs: LocalCluster (access, storage, compute subprocesses) on a private LocalSeaweed, own broker
-prefix; a job = `request_services` (submit, poll until ready) -> upload through the upload PAR ->
-`run_control.start()` -> `wait()` (polls status), calculation `checksum`. raw, same process: the
-same hops with aio-pika alone (persistent, mandatory, publisher confirms, the same quorum queues
-with manual ack, the events stream, an exclusive reply queue), a connection per service, a trivial
-handler per hop; its client hears "ready"/"completed" as events. ratio = parjobs / raw: the cost
-of everything parjobs adds (event log on S3, PARs, polling, transfers, subprocess). See README.md.
+parjobs: LocalCluster (access, storage, compute subprocesses, each its own broker user) on a
+private LocalSeaweed, own broker prefix; a registered user's client (their broker user, their key)
+runs each job: `request_services` (submit, then follow the job's events until ready) -> upload
+through the upload PAR -> `run_control.start()` -> `wait()` (follows events until it ends),
+calculation `checksum`. raw, same process: the same hops with aio-pika alone (persistent,
+mandatory, publisher confirms, the same quorum queues with manual ack, the events stream, an
+exclusive reply queue), a connection per service, a trivial handler per hop; its client hears
+"ready"/"completed" as events. ratio = parjobs / raw: the cost of everything parjobs adds (event
+log on S3, signatures, PARs, transfers, subprocess). See README.md.
 
     [PARJOBS_MAX_RUNS=2] .venv/bin/python benchmarks/bench_jobs.py [--jobs 50] [--concurrency 10]
+    .venv/bin/python benchmarks/bench_jobs.py --jobs 20 --concurrency 1 --json   # one JSON per row
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import math
 import os
 import shlex
@@ -35,7 +39,9 @@ from pamqp.common import FieldTable
 from pydantic import TypeAdapter
 
 from orchestrator import KeyPair, ObjectWriter
+from orchestrator.broker._memory import topic_matches
 from orchestrator.broker.amqp import AMQPBroker
+from orchestrator.broker.identities import Identities
 from orchestrator.broker.topology import QueueSpec, Topology, declare
 from orchestrator.client.client import ParjobsClient
 from orchestrator.core.layout import JobKeys
@@ -46,9 +52,8 @@ from orchestrator.store.seaweed import LocalSeaweed
 from schemas.events import JobRequest
 from schemas.messages import Envelope, EventPublished
 from workers.cluster import ROLES, LocalCluster
-from workers.daemons import delete_topology
 
-# Event bindings: '#' = <prefix>.events.stream; the others as workers/daemons.py binds its queues.
+# The raw pipeline's event bindings: '#' = <prefix>.events.stream, then storage's and compute's.
 BINDINGS = ("#", "job.*.submitted", "job.*.storage_contracted")
 RAW_CLIENT = ("job.*.compute_contracted", "job.*.completed")  # the raw client's queue: no polling
 RAW_QUEUES = "dlq events.stream rpc.access rpc.runs storage compute client".split()  # noqa: SIM905
@@ -56,12 +61,14 @@ MARKS = "client submit,submitted,storage_contracted,compute_contracted,client re
 MARKS += ",run_started,completed,client saw it"  # a parjobs job's timeline, in order
 NOTES = """
 ratio: the cost of all parjobs adds to the bare hops: S3 event-log appends (conditional creates,
-each handler re-reading the log), PAR minting and HPKE sealing, the client's polling (GetJob every
-0.2 s until ready, status every 0.5 s), upload, input download, subprocess, output upload.
+each handler re-reading the log), signing and checking every request, reply and event, PAR minting
+and HPKE sealing, the client's one catch-up GetJob a job, upload, input download, subprocess,
+output upload.
 
 per job: msgs = AMQP messages published, queued = their copies routed into queues{kinds}
   parjobs: the client's requests counted by its Broker, one reply each; events read back from the
-  events stream, each queued in the stream + storage (submitted) or compute (storage_contracted).
+  events stream, each queued in every queue bound to it (the stream, the service queues, compute's
+  stop queue, the client's own events queue): the client follows them, it does not poll.
   raw: counted as sent; its client's queue gets compute_contracted and completed: no polling.
 
 where a parjobs job's time goes (an event's time: when it was built, before its PUT)"""
@@ -76,8 +83,20 @@ class Result(NamedTuple):
 
 
 def routes(key: str, bindings: tuple[str, ...]) -> int:
-    """Queues the event job.<uid>.<type> lands in, for bindings '#' and 'job.*.<type>'."""
-    return sum(b in ("#", f"job.*.{key.split('.')[2]}") for b in bindings)
+    """Queues an event with routing key `key` lands in, for these topic bindings."""
+    return sum(topic_matches(binding, key) for binding in bindings)
+
+
+def parjobs_bindings(cluster: LocalCluster, user: str) -> tuple[str, ...]:
+    """Every binding on the parjobs events exchange: the stream, the services' queues, each
+    compute daemon's stop queue, and the user's client's events queue."""
+    topology = Topology(cluster.prefix)
+    identities = Identities(topology)
+    queues = [topology.events_stream, *itertools.chain(*identities.service_queues().values())]
+    queues += [identities.stops_queue(name) for name in cluster.replicas("compute")]
+    queues.append(identities.events_queue(identities.user_username(user), "bench"))
+    events = topology.events.name
+    return tuple(b.routing_key for q in queues for b in q.bindings if b.exchange == events)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -99,14 +118,14 @@ async def drive(job: Callable[[], Awaitable[None]], count: int, limit: int) -> l
 
 
 class CountingBroker(AMQPBroker):
-    """Counts the client's requests by kind; each one is answered by exactly one reply."""
+    """Counts the requests the client publishes, by kind; each one is answered by one reply."""
 
     requests: Counter[str] = Counter()  # noqa: RUF012 - one instance per run
 
-    async def request(self, *args: Any, **kwargs: Any) -> Any:  # (exchange, key, Envelope, ...)
-        kind = args[2].body.type
-        self.requests[f"request:{kind}"] += 1
-        return await super().request(*args, **kwargs)
+    async def publish(self, *args: Any, **kwargs: Any) -> str:  # (exchange, key, Envelope, ...)
+        if args[0] in (self.topology.commands, self.topology.commands.name):
+            self.requests[f"request:{args[2].body.type}"] += 1
+        return await super().publish(*args, **kwargs)
 
 
 async def run_raw(args: Namespace, prefix: str, runs_prefetch: int) -> Result:
@@ -184,83 +203,116 @@ async def run_raw(args: Namespace, prefix: str, runs_prefetch: int) -> Result:
 
 async def run_parjobs(args: Namespace, prefix: str) -> tuple[Result, list[Timeline], int]:
     """The result, each job's timeline, and the warnings in the daemons' logs."""
+    user = KeyPair.generate("bench")
     async with (
         LocalSeaweed() as s3,
-        LocalCluster(s3.settings, prefix=prefix) as cluster,  # PARJOBS_* come from os.environ
-        CountingBroker(cluster.amqp, name=f"{prefix}-client") as broker,
+        # PARJOBS_* come from os.environ; the cluster removes its topology and broker users.
+        LocalCluster(s3.settings, prefix=prefix, delete_topology=True) as cluster,
         S3ObjectStore(s3.settings) as store,
     ):
-        client, user = ParjobsClient(broker), KeyPair.generate("bench")
-        accounts = Accounts(store, JobKeys())  # a funded user: every job is signed and paid
-        await accounts.add_user(user.name, user.public)
-        await accounts.deposit(user.name, Decimal(1_000_000))
-        payload, marks = os.urandom(args.input_kib * 1024), dict[str, Timeline]()
+        amqp = await cluster.add_user(user.name, user.public)  # registered, own broker user
+        await Accounts(store, JobKeys()).deposit(user.name, Decimal(1_000_000))
+        async with (
+            CountingBroker(amqp, name=f"{prefix}-client") as broker,
+            ParjobsClient(broker, user, service_keys=cluster.service_keys) as client,
+        ):
+            payload, marks = os.urandom(args.input_kib * 1024), dict[str, Timeline]()
 
-        async def job() -> None:
-            mark = {"client submit": time.time()}
-            request = JobRequest(calculation="checksum")
-            uid, upload, run, _ = await client.request_services(
-                request, user, account=user.name, max_spend=Decimal(1)
-            )
-            mark["client ready"] = time.time()
-            await ObjectWriter(upload, user).set_object(payload)
-            mark["client uploaded"] = time.time()
-            control = run.execute(user, control=client)
-            await control.start()
-            if (reply := await control.wait(timeout=600)).state != "completed":
-                raise RuntimeError(f"job {uid} ended {reply.state}: {reply.detail}")
-            marks[uid] = mark | {"client saw it": time.time()}
+            async def job() -> None:
+                mark = {"client submit": time.time()}
+                request = JobRequest(calculation="checksum")
+                uid, upload, run, _ = await client.request_services(
+                    request, account=user.name, max_spend=Decimal(1)
+                )
+                mark["client ready"] = time.time()
+                await ObjectWriter(upload, user).set_object(payload)
+                mark["client uploaded"] = time.time()
+                control = run.execute(user, control=client)
+                await control.start()
+                if (reply := await control.wait(timeout=600)).state != "completed":
+                    raise RuntimeError(f"job {uid} ended {reply.state}: {reply.detail}")
+                marks[uid] = mark | {"client saw it": time.time()}
 
-        await drive(job, args.warmup, args.concurrency)
-        marks.clear()
-        broker.requests.clear()
-        wall, *latencies = await drive(job, args.jobs, args.concurrency)
+            await drive(job, args.warmup, args.concurrency)
+            marks.clear()
+            broker.requests.clear()
+            wall, *latencies = await drive(job, args.jobs, args.concurrency)
+            requests = broker.requests.copy()
         await asyncio.sleep(1)  # a job's log may show `completed` before its publish is confirmed
-        published = broker.requests + Counter(reply=broker.requests.total())
+        published = requests + Counter(reply=requests.total())
         queued = published.copy()  # a request or a reply: one queue
-        stream = broker.read_stream(broker.topology.events_stream, TypeAdapter(Envelope))
-        async for record in stream:
-            body = record.value.body
-            if isinstance(body, EventPublished) and (mark := marks.get(body.event.job_uid)):
-                published[kind := f"event:{body.event.payload.type}"] += 1
-                queued[kind] += routes(record.routing_key, BINDINGS)
-                mark.setdefault(body.event.payload.type, body.event.time.timestamp())
+        bindings = parjobs_bindings(cluster, user.name)
+        # The stream as the operator reads it (a user's broker user may not).
+        async with AMQPBroker(cluster.operator_amqp, name=f"{prefix}-reader") as operator:
+            stream = operator.read_stream(operator.topology.events_stream, TypeAdapter(Envelope))
+            async for record in stream:
+                body = record.value.body
+                if isinstance(body, EventPublished) and (mark := marks.get(body.event.job_uid)):
+                    published[kind := f"event:{body.event.payload.type}"] += 1
+                    queued[kind] += routes(record.routing_key, bindings)
+                    mark.setdefault(body.event.payload.type, body.event.time.timestamp())
         logs = (cluster.log_path(role).read_text() for role in ROLES)
         warnings = sum(log.count('"level": "warning"') for log in logs)
     return Result(wall, latencies, published, queued), list(marks.values()), warnings
 
 
-def row(name: str, result: Result, jobs: int) -> list[float]:
-    """Print the table row of `result`; its jobs/s and latency percentiles (ms)."""
-    values = [jobs / result.wall, *(1000 * pct(result.latencies, q) for q in (0.5, 0.9, 0.99, 1))]
-    cells = "".join(f"{v:>8.0f}" for v in values[1:])
-    per_job = f"{result.published.total() / jobs:>10.1f}{result.queued.total() / jobs:>10.1f}"
-    print(f"{name:<32}{values[0]:>8.2f}{cells}{per_job}")
-    return values
+Row = dict[str, Any]
+"""One row of the report: what `--json` prints, one JSON object per line."""
+LATENCIES = {"p50_ms": 0.5, "p90_ms": 0.9, "p99_ms": 0.99, "max_ms": 1.0}
 
 
-def report(args: Namespace, runs: int, raw: Result, ours: Result, lines: list[Timeline]) -> None:
-    print(f"command: {shlex.join(sys.orig_argv)}")
+def pipeline_row(name: str, result: Result, jobs: int) -> Row:
+    """jobs/s, latency percentiles (ms) and messages per job of one pipeline."""
+    return {
+        "row": "pipeline",
+        "pipeline": name,
+        "jobs_per_s": jobs / result.wall,
+        **{key: 1000 * pct(result.latencies, q) for key, q in LATENCIES.items()},
+        "msgs_per_job": result.published.total() / jobs,
+        "queued_per_job": result.queued.total() / jobs,
+        "msgs_per_job_by_kind": {k: n / jobs for k, n in sorted(result.published.items())},
+    }
+
+
+def stage_rows(lines: list[Timeline]) -> list[Row]:
+    """Where a parjobs job's time goes: each step of its timeline, percentiles in ms."""
+    rows = []
+    for a, b in itertools.pairwise(MARKS.split(",")):
+        spans = [1000 * (mark[b] - mark[a]) for mark in lines]
+        quantiles = {"p50_ms": 0.5, "p90_ms": 0.9, "max_ms": 1.0}
+        row = {key: pct(spans, q) for key, q in quantiles.items()}
+        rows.append({"row": "stage", "stage": f"{a} -> {b}", **row})
+    return rows
+
+
+def print_table(run: Row, raw: Row, ours: Row, stages: list[Row]) -> None:
+    print(f"command: {run['command']}")
     print(
-        f"{args.jobs} jobs, {args.concurrency} in flight, after {args.warmup} untimed warm-up "
-        f"job(s); checksum of {args.input_kib} KiB; runs at once: {runs} (PARJOBS_MAX_RUNS; raw: "
-        f"its runs queue's prefetch); {os.cpu_count()} CPUs, python {sys.version.split()[0]}\n"
+        f"{run['jobs']} jobs, {run['concurrency']} in flight, after {run['warmup']} untimed "
+        f"warm-up job(s); checksum of {run['input_kib']} KiB; runs at once: {run['runs']} "
+        f"(PARJOBS_MAX_RUNS; raw: its runs queue's prefetch); {run['cpus']} CPUs, python "
+        f"{run['python']}\n"
     )
-    head = f"{'pipeline':<32}{'jobs/s':>8}{'p50 ms':>8}{'p90 ms':>8}{'p99 ms':>8}{'max ms':>8}"
+    head = f"{'pipeline':<32}{'jobs/s':>8}" + "".join(
+        f"{key.replace('_ms', ' ms'):>8}" for key in LATENCIES
+    )
     print(f"{head}{'msgs/job':>10}{'queued':>10}\n{'-' * (len(head) + 20)}")
-    base = row("raw aio-pika, same hops", raw, args.jobs)
-    mine = row("parjobs: 3 daemons + SeaweedFS", ours, args.jobs)
-    ratios = "".join(f"{m / b:>7.1f}x" for m, b in zip(mine[1:], base[1:], strict=True))
-    print(f"{'ratio parjobs / raw':<32}{mine[0] / base[0]:>8.3f}{ratios}")
+    for row in (raw, ours):
+        cells = "".join(f"{row[key]:>8.0f}" for key in LATENCIES)
+        per_job = f"{row['msgs_per_job']:>10.1f}{row['queued_per_job']:>10.1f}"
+        print(f"{row['pipeline']:<32}{row['jobs_per_s']:>8.2f}{cells}{per_job}")
+    ratios = "".join(f"{ours[key] / raw[key]:>7.1f}x" for key in LATENCIES)
+    print(f"{'ratio parjobs / raw':<32}{ours['jobs_per_s'] / raw['jobs_per_s']:>8.3f}{ratios}")
     kinds = ""
-    for name, result in (("raw:", raw), ("parjobs:", ours)):
-        counts = ", ".join(f"{k} {n / args.jobs:.2f}" for k, n in sorted(result.published.items()))
+    for name, row in (("raw:", raw), ("parjobs:", ours)):
+        counts = ", ".join(f"{k} {n:.2f}" for k, n in row["msgs_per_job_by_kind"].items())
         kinds += "\n" + textwrap.fill(f"{name} {counts}", 98, subsequent_indent="    ")
     print(NOTES.format(kinds=textwrap.indent(kinds, "  ")))
     print(f"{'stage':<48}{'p50 ms':>8}{'p90 ms':>8}{'max ms':>8}")
-    for a, b in itertools.pairwise(MARKS.split(",")):
-        spans = [1000 * (mark[b] - mark[a]) for mark in lines]
-        print(f"{a + ' -> ' + b:<48}" + "".join(f"{pct(spans, q):>8.0f}" for q in (0.5, 0.9, 1)))
+    for stage in stages:
+        cells = "".join(f"{stage[key]:>8.0f}" for key in ("p50_ms", "p90_ms", "max_ms"))
+        print(f"{stage['stage']:<48}{cells}")
+    print(f"\nwarnings in the daemons' logs: {run['warnings']}")
 
 
 async def bench(args: Namespace) -> None:
@@ -268,16 +320,35 @@ async def bench(args: Namespace) -> None:
     try:
         raw = await run_raw(args, prefix + "-raw", runs)
         parjobs, timelines, warnings = await run_parjobs(args, prefix)
-    finally:  # delete what either declared (reply queues went with their connections)
-        await delete_topology(AMQPSettings(prefix=prefix))
+    finally:  # delete what the raw pipeline declared (LocalCluster removes its own)
         url = AMQPSettings().amqp_url.get_secret_value()
         async with await aio_pika.connect(url) as connection, connection.channel() as channel:
             for queue in RAW_QUEUES:
                 await channel.queue_delete(f"{prefix}-raw.{queue}")
             for exchange in Topology(prefix + "-raw").exchanges:
                 await channel.exchange_delete(exchange.name)
-    report(args, runs, raw, parjobs, timelines)
-    print(f"\nwarnings in the daemons' logs: {warnings}")
+    run: Row = {
+        "row": "run",
+        "command": shlex.join(sys.orig_argv),
+        "jobs": args.jobs,
+        "concurrency": args.concurrency,
+        "warmup": args.warmup,
+        "input_kib": args.input_kib,
+        "runs": runs,
+        "cpus": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "warnings": warnings,
+    }
+    rows = (
+        pipeline_row("raw aio-pika, same hops", raw, args.jobs),
+        pipeline_row("parjobs: 3 daemons + SeaweedFS", parjobs, args.jobs),
+    )
+    stages = stage_rows(timelines)
+    if args.json:
+        for row in (run, *rows, *stages):
+            print(json.dumps(row))
+    else:
+        print_table(run, *rows, stages)
 
 
 def main() -> None:
@@ -286,6 +357,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=10, help="jobs in flight at once")
     parser.add_argument("--input-kib", type=int, default=4, help="each job's input (KiB)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed jobs first, per pipeline")
+    parser.add_argument("--json", action="store_true", help="one JSON object per row, no table")
     asyncio.run(bench(parser.parse_args()))
 
 

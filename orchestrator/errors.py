@@ -214,6 +214,10 @@ class PARExpiredError(PARError, code="par.expired"):
     """The PAR has expired (or is within its safety buffer of expiring)."""
 
 
+class PARNotFoundError(PARError, LookupError, code="par.not_found"):
+    """No PAR with this uid was issued to the asker (none at all, or another user's)."""
+
+
 class PARPermissionError(PARError, PermissionError, code="par.permission"):
     """The PAR does not grant this operation (for example a write through a read-only PAR)."""
 
@@ -361,6 +365,11 @@ class MismatchedAuthorisationError(AuthorisationError, code="auth.mismatched"):
 
 class ReplayedAuthorisationError(AuthorisationError, code="auth.replayed"):
     """The authorisation's nonce was already used by another submission: sign a new one."""
+
+
+class RequesterMismatchError(AuthorisationError, code="auth.requester_mismatch"):
+    """A request (or the authorisation it carries) is signed by another user than the one the
+    broker says sent it: a user sends only what they signed themselves."""
 
 
 class ChequeError(ParjobsError, code="cheque", refusal=True):

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from aiobotocore.config import AioConfig
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from orchestrator.broker.topology import check_prefix
+from orchestrator.core.keys import KeyPair
+from orchestrator.core.service_keys import ServiceKeys
 from orchestrator.errors import ConfigurationError
 
 
@@ -109,6 +111,13 @@ class AMQPSettings(BaseSettings):
         return check_prefix(prefix)
 
     @property
+    def username(self) -> str:
+        """The broker user the URL connects as (aio-pika's default, `guest`, if it names none):
+        every message this connection publishes carries it as its `user_id`."""
+        username = urlsplit(self.amqp_url.get_secret_value()).username
+        return unquote(username) if username else "guest"
+
+    @property
     def display_url(self) -> str:
         """The URL with its password masked, for messages and logs."""
         parts = urlsplit(self.amqp_url.get_secret_value())
@@ -146,11 +155,12 @@ class ServiceSettings(BaseSettings):
 
     data_root: str = ""
     """Key prefix for everything parjobs keeps in the bucket (jobs, registry, runs)."""
-    compute_key_file: Path | None = None
-    """The compute service's key file (`parjobs keys new`): compute opens the bucket-write PARs
-    sealed for it; storage reads only its public half, which the file holds in clear."""
+    key_file: Path | None = None
+    """This daemon's own role key file (`parjobs keys new`): it signs the role's replies and
+    seals the events it appends; compute's also opens what is sealed for compute (bucket-write
+    PARs, run commands)."""
     key_passphrase: SecretStr | None = None
-    """The passphrase of the compute service's key file."""
+    """The passphrase of the daemon's key file."""
     service_keys_file: Path | None = None
     """The operator's file of each service role's public keys (`ServiceKeys`): what replies and
     events are checked against, by services, clients and `parjobs replay`."""
@@ -171,3 +181,21 @@ class ServiceSettings(BaseSettings):
     """On SIGTERM, how long in-flight work may take to finish before it is requeued."""
     health_port: int | None = Field(default=None, ge=0, le=65535)
     """Serve /healthz and /readyz on this port (127.0.0.1); None: no health endpoint."""
+
+    def service_keys(self) -> ServiceKeys:
+        """The operator's service keys (PARJOBS_SERVICE_KEYS_FILE), or ConfigurationError."""
+        if self.service_keys_file is None:
+            raise ConfigurationError(
+                "set PARJOBS_SERVICE_KEYS_FILE to the operator's service keys file (each role's "
+                "public keys: what replies and events are checked against)"
+            )
+        return ServiceKeys.load(self.service_keys_file)
+
+    def role_key(self, role: str) -> KeyPair:
+        """The daemon's own key pair (PARJOBS_KEY_FILE, PARJOBS_KEY_PASSPHRASE)."""
+        if self.key_file is None or self.key_passphrase is None:
+            raise ConfigurationError(
+                f"set PARJOBS_KEY_FILE and PARJOBS_KEY_PASSPHRASE to the {role} service's key "
+                "file (parjobs keys new) and its passphrase"
+            )
+        return KeyPair.load(self.key_file, self.key_passphrase.get_secret_value())

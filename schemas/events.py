@@ -17,7 +17,7 @@ from pydantic import AwareDatetime, Field, JsonValue, field_validator
 from schemas._base import WireModel
 from schemas.auth import Authorisation, Cheque
 from schemas.keys import PublicKeyData
-from schemas.ledger import Money
+from schemas.ledger import AccountName, Money
 from schemas.par import PARData, PARKind, Sha256Hex, Uid
 from schemas.signing import ServiceRole, Signature, canonical_json
 
@@ -80,6 +80,7 @@ class Payment(WireModel):
 class Submitted(WireModel):
     type: Literal["submitted"] = "submitted"
     request: JobRequest
+    owner: AccountName  # the registered user's name: the job's events are routed by it
     user: Sha256Hex  # fingerprint of the user's key pair: the PARs are sealed for it
     user_key: PublicKeyData  # the key pair's public half, to seal the user's PARs with
     expires_at: AwareDatetime  # input and start must come before this; the PARs expire then
@@ -197,6 +198,7 @@ class JobSheetState(WireModel):
     state: JobState
     seq: int = Field(ge=1)
     request: JobRequest
+    owner: AccountName  # the registered user whose job it is (their broker user routes its events)
     user: Sha256Hex
     user_key: PublicKeyData
     authorisation: Authorisation | None = None

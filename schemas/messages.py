@@ -17,10 +17,11 @@ from typing import Annotated, Any, Generic, Literal
 from pydantic import AwareDatetime, Field, JsonValue, TypeAdapter
 from typing_extensions import TypeVar
 
-from schemas._base import WireModel
+from schemas._base import B64Bytes, WireModel
 from schemas.auth import Authorisation, Cheque
 from schemas.events import JobEvent, JobRequest, JobSheetState
 from schemas.par import PARData, PARState, Sha256Hex, Uid
+from schemas.signing import MessageSignature
 
 # --- events -------------------------------------------------------------------------------------
 
@@ -81,29 +82,38 @@ class GetPARState(WireModel):
 
 # --- requests to compute: what a calculation PAR's holder may do with the run -------------------
 
-RunURL = Annotated[str, Field(min_length=1, max_length=500)]
 RunAction = Literal["start", "stop", "status"]
+SealedRunCapability = Annotated[B64Bytes, Field(min_length=48, max_length=2048)]
+"""A run capability (the opened run PAR's URL) sealed for compute: HPKE to compute's X25519 key,
+bound to the action, the job and the requester (`orchestrator.core.run_commands`)."""
 
 
 class StartRun(WireModel):
     """PAR holder → compute's run queue: start the run the calculation PAR grants."""
 
     type: Literal["start_run"] = "start_run"
-    run_url: RunURL
+    job_uid: Uid
+    sealed: SealedRunCapability
 
 
 class StopRun(WireModel):
     """PAR holder → compute: stop the run (or cancel the job if it has not started)."""
 
     type: Literal["stop_run"] = "stop_run"
-    run_url: RunURL
+    job_uid: Uid
+    sealed: SealedRunCapability
 
 
 class GetRunStatus(WireModel):
     """PAR holder → compute: the job's state and its last progress message."""
 
     type: Literal["get_run_status"] = "get_run_status"
-    run_url: RunURL
+    job_uid: Uid
+    sealed: SealedRunCapability
+
+
+RunCommand = StartRun | StopRun | GetRunStatus
+"""A command through a run PAR: its capability never travels in the clear."""
 
 
 # --- replies ------------------------------------------------------------------------------------
@@ -203,6 +213,10 @@ class Envelope(WireModel, Generic[Body]):
     sent_at: AwareDatetime = Field(default_factory=lambda: datetime.now(UTC))
     sender: str = Field(min_length=1, max_length=200)
     body: Body
+    signature: MessageSignature | None = None
+    """The sender's signature over message id, time and body (`orchestrator.core.message_signing`):
+    a user's over a request, the answering role's over a reply. Receivers refuse a message whose
+    signature is missing or does not verify."""
 
 
 class MessageUnion(Generic[Body]):

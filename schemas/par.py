@@ -85,3 +85,4 @@ class PARTombstone(WireModel):
     schema_version: Literal[1] = 1
     uid: Uid
     closed_at: AwareDatetime
+    recipient: Sha256Hex | None = None  # whose PAR it was (None: closed before this was kept)

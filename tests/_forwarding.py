@@ -38,6 +38,9 @@ class ForwardingStore:
     async def ensure_bucket(self) -> None:
         await self.inner.ensure_bucket()
 
+    async def check(self) -> None:
+        await self.inner.check()
+
     async def put(self, key: str, data: bytes, *, content_type: str | None = None) -> str:
         return await self.inner.put(key, data, content_type=content_type)
 

@@ -117,9 +117,9 @@ class _TestBroker(AMQPBroker):
         super().__init__(settings, name=name)
         self.declared = {spec.name for spec in self.topology.shared_queues}
 
-    async def declare(self, *queues: QueueSpec) -> None:
+    async def declare(self, *queues: QueueSpec, shared: bool = True) -> None:
         self.declared.update(spec.name for spec in queues)
-        await super().declare(*queues)
+        await super().declare(*queues, shared=shared)
 
     async def delete_topology(self) -> None:
         """Delete every queue and exchange of this test (reply queues go with the connection)."""

@@ -1,8 +1,12 @@
 """`LocalCluster`: the three daemons as separate processes, for `parjobs dev`, the demo and tests.
 
-It gives them one configuration through the environment (S3, broker prefix, a freshly made
-compute key file), a health port each, and log files; `start` returns once every daemon answers
-/readyz. `kill` and `restart` exist for the crash tests.
+It plays the operator: it makes a key pair per service role and the service keys file listing
+their public halves, gives the operator and each role a broker user of its own (through RabbitMQ's
+management API, as `PARJOBS_MANAGEMENT_*`'s administrator), declares the topology as the operator,
+and starts each daemon as its role (its own broker URL and key file), with a health port each and
+log files; `start` returns once every daemon answers /readyz. `add_user` registers a user and gives
+them a broker user, so a test client connects as that user (`user_amqp`). `kill` and `restart`
+exist for the crash tests.
 
 A role may run as several replicas (`replicas={"access": 2}`): the first is named after its role
 ("access"), the others "access#2", "access#3"...; every method that takes a daemon takes either
@@ -27,10 +31,24 @@ from typing import Self
 import anyio
 import httpx
 
-from orchestrator.core.keys import KeyPair
+from orchestrator.broker.admin import BrokerAdmin, vhost_of
+from orchestrator.broker.deployment import (
+    Deployment,
+    declare_topology,
+    delete_topology,
+    provision_roles,
+    provision_user,
+    remove_users,
+)
+from orchestrator.broker.identities import Role
+from orchestrator.core.keys import KeyPair, PublicKeys
+from orchestrator.core.layout import JobKeys
+from orchestrator.core.service_keys import ServiceKeys
 from orchestrator.errors import ConfigurationError
-from orchestrator.settings import AMQPSettings, S3Settings
-from workers.daemons import delete_topology
+from orchestrator.services.accounts import Accounts
+from orchestrator.settings import AMQPSettings, ManagementSettings, S3Settings
+from orchestrator.store.s3 import S3ObjectStore
+from schemas.signing import SERVICE_ROLES, ServiceRole
 
 ROLES = ("access", "storage", "compute")
 _REPLICA_MARK = "#"
@@ -83,6 +101,7 @@ class LocalCluster:
         keep_dir: bool = False,
         delete_topology: bool = False,
         replicas: dict[str, int] | None = None,
+        management: ManagementSettings | None = None,
     ) -> None:
         counts = {role: 1 for role in ROLES} | dict(replicas or {})
         if unknown := set(counts) - set(ROLES):
@@ -94,7 +113,9 @@ class LocalCluster:
         )
         """Every daemon's name, in start order: "access", "access#2", ..., "storage", ..."""
         self.keep_dir = keep_dir
-        self.delete_topology = delete_topology  # for throwaway prefixes: leave the broker clean
+        self.delete_topology = delete_topology
+        """For throwaway prefixes: leave the broker clean (topology and broker users) at stop."""
+        self.management = management if management is not None else ManagementSettings()
         self.s3 = s3
         self.prefix = prefix
         self._overrides = dict(overrides or {})
@@ -103,6 +124,11 @@ class LocalCluster:
         self.health_ports: dict[str, int] = {}
         self._processes: dict[str, subprocess.Popen[bytes]] = {}
         self._environment: dict[str, str] = {}
+        self.key_passphrase = secrets.token_urlsafe(16)
+        """The passphrase of every role's key file (`key_file`)."""
+        self.service_keys = self._make_keys()
+        """Each role's public keys, as the operator hands them out (`service_keys_file`)."""
+        self._deployment: Deployment | None = None
 
     @property
     def data_root(self) -> str:
@@ -110,7 +136,36 @@ class LocalCluster:
 
     @property
     def amqp(self) -> AMQPSettings:
+        """The broker as the operator's set-up user (an administrator) reaches it."""
         return AMQPSettings(prefix=self.prefix)
+
+    @property
+    def deployment(self) -> Deployment:
+        """The broker users provisioned for this cluster (once started)."""
+        if self._deployment is None:
+            raise ConfigurationError("the cluster is not started: its broker users do not exist")
+        return self._deployment
+
+    @property
+    def operator_amqp(self) -> AMQPSettings:
+        """The broker as the operator connects: declares, replays, reads the dead letters."""
+        return self.deployment.role_settings(Role.OPERATOR)
+
+    def user_amqp(self, name: str) -> AMQPSettings:
+        """The broker as the registered user `name` connects (after `add_user`)."""
+        return self.deployment.user_settings(name)
+
+    async def add_user(self, name: str, public_key: PublicKeys) -> AMQPSettings:
+        """Register `name` with `public_key` (as `parjobs users add`) and give them a broker
+        user: the settings their client connects with."""
+        async with S3ObjectStore(self.s3) as store:
+            await Accounts(store, JobKeys(self.data_root)).add_user(name, public_key)
+        async with self._admin() as admin:
+            await provision_user(admin, self.deployment, name)
+        return self.user_amqp(name)
+
+    def _admin(self) -> BrokerAdmin:
+        return BrokerAdmin(self.management, vhost=vhost_of(self.amqp.amqp_url.get_secret_value()))
 
     def replicas(self, role: str) -> tuple[str, ...]:
         """The names of `role`'s daemons ("access", "access#2", ...)."""
@@ -136,16 +191,37 @@ class LocalCluster:
     ) -> None:
         await self.stop()
 
+    def key_file(self, role: str) -> Path:
+        """The key file of service role `role` (its passphrase: `key_passphrase`)."""
+        return self.dir / f"{role}.key"
+
+    @property
+    def service_keys_file(self) -> Path:
+        """The operator's service keys file: what clients check replies and events against."""
+        return self.dir / "service-keys.json"
+
+    def _make_keys(self) -> ServiceKeys:
+        """A key pair per role, and the service keys file listing their public halves."""
+        public: dict[ServiceRole, PublicKeys] = {}
+        for role in SERVICE_ROLES:
+            pair = KeyPair.generate(role)
+            pair.save(self.key_file(role), self.key_passphrase)
+            public[role] = pair.public
+        service_keys = ServiceKeys(public)
+        service_keys.save(self.service_keys_file)
+        return service_keys
+
     async def start(self) -> None:
-        passphrase = secrets.token_urlsafe(16)
-        key_file = self.dir / "compute.key"
-        KeyPair.generate("compute").save(key_file, passphrase)
+        async with self._admin() as admin:
+            await admin.check()  # a clear error, naming the fix, if the management API is off
+            self._deployment = await provision_roles(admin, self.amqp)
+        await declare_topology(self.operator_amqp)
         self._environment = {
             **os.environ,
             **s3_environment(self.s3),
             "PARJOBS_PREFIX": self.prefix,
-            "PARJOBS_COMPUTE_KEY_FILE": str(key_file),
-            "PARJOBS_KEY_PASSPHRASE": passphrase,
+            "PARJOBS_SERVICE_KEYS_FILE": str(self.service_keys_file),
+            "PARJOBS_KEY_PASSPHRASE": self.key_passphrase,
             **self._overrides,
         }
         for name in self.instances:
@@ -155,7 +231,15 @@ class LocalCluster:
             await self.wait_ready(name)
 
     def _spawn(self, name: str) -> None:
-        env = {**self._environment, "PARJOBS_HEALTH_PORT": str(self.health_ports[name])}
+        role = role_of(name)
+        env = {
+            **self._environment,
+            "PARJOBS_HEALTH_PORT": str(self.health_ports[name]),
+            "PARJOBS_KEY_FILE": str(self.key_file(role)),
+            "PARJOBS_AMQP_URL": self.deployment.role_settings(
+                Role(role)
+            ).amqp_url.get_secret_value(),
+        }
         with self.log_path(name).open("ab") as log:
             self._processes[name] = subprocess.Popen(  # noqa: S603 - our own interpreter and module
                 [sys.executable, "-m", "orchestrator.cli", role_of(name)],
@@ -224,3 +308,6 @@ class LocalCluster:
             shutil.rmtree(self.dir, ignore_errors=True)
         if self.delete_topology:
             await delete_topology(self.amqp)
+            if self._deployment is not None:
+                async with self._admin() as admin:
+                    await remove_users(admin, self.amqp)

@@ -1,12 +1,15 @@
 """The compute worker's logic: contract the run PAR, then start, stop and run calculations.
 
 On `storage_contracted` it checks the calculation and its parameters, mints the run PAR (execute,
-sealed for the user) and appends `compute_contracted`. A `start` through the run PAR is checked
-against the issuer's registry (the capability's proof, not expired, not closed) and claimed once
+sealed for the user) and appends `compute_contracted`. A run command (start, stop, status) holds
+the run capability sealed for compute and bound to its job and requester
+(`orchestrator.core.run_commands`): it is opened, checked against the issuer's registry (the
+capability's proof, not expired, not closed) and against the job's user. A start is claimed once
 with a conditional create, so a run PAR starts at most one run. The run happens in a sandboxed
 subprocess (`workers.calculations`; `check_sandbox` at start makes sure one can be made); its
 output lines become `progress` events, its files are written through the job's bucket-write PAR,
-and the job ends completed, failed or cancelled.
+and the job ends completed, failed or cancelled. A stop appends `cancelled`; the event reaches
+every compute daemon (`on_cancelled`), and the one running the job kills the run.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import re
 import tempfile
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -24,8 +27,11 @@ import httpx
 from orchestrator.core.keys import KeyPair, PublicKeys
 from orchestrator.core.layout import JobKeys
 from orchestrator.core.par_rules import capability_proof
+from orchestrator.core.run_commands import open_run_command
 from orchestrator.errors import (
     CalculationError,
+    IllegalTransitionError,
+    JobNotFoundError,
     ObjectExistsError,
     PARExpiredError,
     PARPermissionError,
@@ -52,7 +58,7 @@ from schemas.events import (
     RunStarted,
     StorageContracted,
 )
-from schemas.messages import RunReply
+from schemas.messages import GetRunStatus, RunCommand, RunReply, StartRun, StopRun
 from schemas.par import Capability
 from workers.calculations import (
     CalculationRegistry,
@@ -68,7 +74,7 @@ from workers.steps import due_step
 
 _RUN_URL = re.compile(r"^parjobs-run://[^/]+/(?P<uid>[0-9a-f]{32})\?token=[A-Za-z0-9_-]+$")
 PROGRESS_INTERVAL = 0.5  # seconds: output lines are coalesced so the log is not flooded
-STOP_POLL_INTERVAL = 0.5
+STOPPED = "stopped through the run PAR"
 
 Publish = Callable[[JobEvent], Awaitable[None]]
 
@@ -102,6 +108,7 @@ class ComputeWorker:
         self._memory_limit_bytes = memory_limit_bytes
         self._http = http  # for presigned URLs; None: a client of each run's own
         self._sandbox: SandboxMode = sandbox
+        self._running: dict[str, list[RunHandle]] = {}  # job uid -> its runs here
 
     async def check_sandbox(self) -> None:
         """At start: ConfigurationError (naming the fix) if this worker's calculations cannot be
@@ -133,8 +140,13 @@ class ComputeWorker:
 
     # --- the run PAR's commands -----------------------------------------------------------------
 
-    async def authorise(self, run_url: str) -> tuple[str, str]:
-        """(job uid, run PAR uid) if `run_url` is a live run capability issued here."""
+    async def authorise(self, command: RunCommand, *, requester: str) -> tuple[JobSheetState, str]:
+        """(the job, run PAR uid) if `command` opens for `requester` (the verified signer of the
+        request) and holds a live run capability issued here for its job, owned by `requester`.
+
+        Another user's job is answered as one that does not exist: no existence leak.
+        """
+        run_url = open_run_command(command, requester=requester, key=self._compute_key)
         match = _RUN_URL.match(run_url)
         if match is None:
             raise PARPermissionError("not a parjobs run capability")
@@ -142,44 +154,54 @@ class ComputeWorker:
         record = await self._registry.verify(par_uid, capability_proof(Capability(run_url=run_url)))
         if record.expires_at <= datetime.now(UTC):
             raise PARExpiredError(f"run PAR {par_uid} expired at {record.expires_at.isoformat()}")
-        job_uid = record.driver_details.get("resource")
-        if job_uid is None:
-            raise PARPermissionError(f"run PAR {par_uid} names no job")
-        return job_uid, par_uid
+        if record.driver_details.get("resource") != command.job_uid:
+            raise PARPermissionError(f"run PAR {par_uid} is not job {command.job_uid}'s")
+        sheet = await self._log.load(command.job_uid)
+        if sheet.user != requester:
+            raise JobNotFoundError(f"no job {command.job_uid}: its log has no events")
+        return sheet, par_uid
 
-    async def status(self, run_url: str) -> RunReply:
-        job_uid, _ = await self.authorise(run_url)
-        sheet = await self._log.load(job_uid)
+    async def status(self, command: GetRunStatus, *, requester: str) -> RunReply:
+        sheet, _ = await self.authorise(command, requester=requester)
         return RunReply(
-            job_uid=job_uid, state=sheet.state.value, accepted=True, detail=sheet.progress or ""
+            job_uid=sheet.job_uid,
+            state=sheet.state.value,
+            accepted=True,
+            detail=sheet.progress or "",
         )
 
-    async def stop(self, run_url: str) -> tuple[RunReply, JobEvent | None]:
-        """Cancel a job not yet started; ask the running worker to stop a running one."""
-        job_uid, par_uid = await self.authorise(run_url)
-        sheet = await self._log.load(job_uid)
-        if sheet.state is JobState.READY:
-            event = await self._append(
-                job_uid,
-                Cancelled(reason="stopped before it started"),
-                step_event_id(job_uid, "cancelled"),
-            )
-            return RunReply(job_uid=job_uid, state="cancelled", accepted=True), event
-        if sheet.state is JobState.RUNNING:
-            await self._store.put(self._keys.stop_request(par_uid), b"")
-            return RunReply(
-                job_uid=job_uid, state="running", accepted=True, detail="stopping"
-            ), None
-        raise RunRefusedError(f"job {job_uid} is {sheet.state.value}: there is nothing to stop")
+    async def stop(
+        self, command: StopRun, *, requester: str, redelivered: bool = False
+    ) -> tuple[RunReply, JobEvent]:
+        """Cancel the job: before its start, or while it runs (the `cancelled` event, published,
+        reaches the compute daemon running it, which kills the run). A `redelivered` stop whose
+        `cancelled` is logged already returns that event, to publish again; any other stop of an
+        ended job is refused."""
+        sheet, _ = await self.authorise(command, requester=requester)
+        job_uid = sheet.job_uid
+        step = step_event_id(job_uid, "cancelled")
+        if sheet.state in (JobState.READY, JobState.RUNNING):
+            reason = STOPPED if sheet.state is JobState.RUNNING else "stopped before it started"
+            try:
+                event = await self._append(job_uid, Cancelled(reason=reason), step)
+            except IllegalTransitionError:
+                return await self.stop(command, requester=requester, redelivered=redelivered)
+        elif redelivered and (logged := (await self._log.read(job_uid))[-1]).event_id == step:
+            event = logged
+        else:
+            raise RunRefusedError(f"job {job_uid} is {sheet.state.value}: there is nothing to stop")
+        return RunReply(job_uid=job_uid, state="cancelled", accepted=True), event
 
-    async def claim(self, run_url: str, *, message_id: str) -> tuple[JobSheetState, str, JobEvent]:
+    async def claim(
+        self, command: StartRun, *, requester: str, message_id: str
+    ) -> tuple[JobSheetState, str, JobEvent]:
         """Check a start and claim the run PAR for it; returns (sheet, run PAR uid, run_started).
 
         A run PAR starts one run: the claim is a conditional create holding the start message's
         id, so only a redelivery of that same message (after a crash) may resume it.
         """
-        job_uid, par_uid = await self.authorise(run_url)
-        sheet = await self._log.load(job_uid)
+        sheet, par_uid = await self.authorise(command, requester=requester)
+        job_uid = sheet.job_uid
         if sheet.state is JobState.READY:
             if await self._store.head(self._keys.input(job_uid)) is None:
                 raise RunRefusedError(f"job {job_uid} has no input yet: upload it first")
@@ -199,8 +221,35 @@ class ComputeWorker:
 
     # --- running ---------------------------------------------------------------------------------
 
-    async def run(self, sheet: JobSheetState, par_uid: str, publish: Publish) -> JobEvent:
-        """Run the job's calculation to its end; returns the final event (already published)."""
+    @contextlib.contextmanager
+    def watching(self, job_uid: str) -> Iterator[RunHandle]:
+        """A handle to the run about to start for `job_uid`, which `on_cancelled` stops while
+        this block lasts. Entered before the start is checked, so a `cancelled` appended after
+        that check finds it (one appended before makes the check refuse the start)."""
+        handle = RunHandle()
+        handles = self._running.setdefault(job_uid, [])
+        handles.append(handle)
+        try:
+            yield handle
+        finally:
+            handles.remove(handle)
+            if not handles:
+                del self._running[job_uid]
+
+    def on_cancelled(self, event: JobEvent) -> bool:
+        """A job was cancelled: stop its run if it runs here; whether one did."""
+        if not isinstance(event.payload, Cancelled):
+            return False
+        handles = self._running.get(event.job_uid, [])
+        for handle in handles:
+            handle.request_stop()
+        return bool(handles)
+
+    async def run(self, sheet: JobSheetState, handle: RunHandle, publish: Publish) -> JobEvent:
+        """Run the job's calculation to its end; returns the final event (already published).
+
+        A stop (`on_cancelled`) has already ended the job: its `cancelled` event is the end.
+        """
         job_uid = sheet.job_uid
         with tempfile.TemporaryDirectory(prefix=f"parjobs-run-{job_uid[:8]}-") as scratch:
             workdir = Path(scratch)
@@ -218,26 +267,36 @@ class ComputeWorker:
                 output_dir=output_dir,
             )
             outcome = await self._run_watched(
-                job_uid, par_uid, invocation, workdir / "run", input_path, output_dir, publish
+                job_uid, invocation, workdir / "run", input_path, output_dir, handle, publish
             )
-            final = await self._final_payload(sheet, outcome, output_dir)
-        event = await self._append(job_uid, final, step_event_id(job_uid, "ended"))
-        await publish(event)
-        return event
+            final = (
+                None if outcome.stopped else await self._final_payload(sheet, outcome, output_dir)
+            )
+        if final is None:
+            return await self._ending(job_uid)
+        try:
+            return await self._append_and_publish(
+                job_uid, final, step_event_id(job_uid, "ended"), publish
+            )
+        except IllegalTransitionError:
+            return await self._ending(job_uid)  # stopped as it ended: the stop's event stands
+
+    async def _ending(self, job_uid: str) -> JobEvent:
+        """The event that ended the job (a stop's `cancelled`, published by the stop)."""
+        return (await self._log.read(job_uid))[-1]
 
     async def _run_watched(
         self,
         job_uid: str,
-        par_uid: str,
         invocation: Invocation,
         workdir: Path,
         input_path: Path,
         output_dir: Path,
+        handle: RunHandle,
         publish: Publish,
     ) -> RunOutcome:
-        """Run while coalescing output lines into progress events and watching for a stop."""
+        """Run while coalescing output lines into progress events; `handle` stops it."""
         latest: list[str] = []
-        handle = RunHandle()
 
         async def on_output(stream: Stream, line: str) -> None:
             latest.append(f"{stream}: {line}"[:500])
@@ -247,20 +306,16 @@ class ComputeWorker:
                 await anyio.sleep(PROGRESS_INTERVAL)
                 if latest:
                     message, latest[:] = latest[-1], []
-                    await publish(await self._append(job_uid, Progress(message=message), None))
-
-        async def watch_stop() -> None:
-            # The stop may have been asked on another worker: the request lives in the store.
-            while (
-                await self._store.head(self._keys.stop_request(par_uid)) is None
-            ):  # polls S3: the stop may come from elsewhere
-                await anyio.sleep(STOP_POLL_INTERVAL)
-            await handle.stop()
+                    try:
+                        await self._append_and_publish(
+                            job_uid, Progress(message=message), None, publish
+                        )
+                    except IllegalTransitionError:
+                        return  # a stop ended the job; the run is being stopped
 
         await anyio.Path(workdir).mkdir()
         async with anyio.create_task_group() as group:
             group.start_soon(report_progress)
-            group.start_soon(watch_stop)
             outcome = await run_calculation(
                 list(invocation.argv),
                 workdir=workdir,
@@ -279,8 +334,6 @@ class ComputeWorker:
     async def _final_payload(
         self, sheet: JobSheetState, outcome: RunOutcome, output_dir: Path
     ) -> EventPayload:
-        if outcome.stopped:
-            return Cancelled(reason="stopped through the run PAR")
         if outcome.reason is not None:
             return Failed(reason=outcome.reason)
         if sheet.output_par is None:
@@ -300,3 +353,13 @@ class ComputeWorker:
 
     async def _append(self, job_uid: str, payload: EventPayload, event_id: str | None) -> JobEvent:
         return await self._log.transition(job_uid, self._actor, payload, event_id=event_id)
+
+    async def _append_and_publish(
+        self, job_uid: str, payload: EventPayload, event_id: str | None, publish: Publish
+    ) -> JobEvent:
+        """Append and publish as one: a cancellation (a stop, the run's task group ending) cannot
+        come between them and leave an event in the log that nobody saw."""
+        with anyio.CancelScope(shield=True):
+            event = await self._append(job_uid, payload, event_id)
+            await publish(event)
+        return event

@@ -3,31 +3,31 @@
 The logic lives in `AccessService`, `StorageWorker` and `ComputeWorker`; here it is wired to the
 broker: act, publish the appended events, reply, and ack (by returning). Each queue takes its own
 message union, so a handler sees only the bodies its queue takes. The middleware around every
-handler (`workers.middleware`) answers refusals with error replies and puts the delivery on every
-log line.
+handler (`workers.middleware`) checks who sent a request and who sealed an event, answers
+refusals with signed error replies, and puts the delivery on every log line. Each request is then
+authorised against ownership: a user sees and acts on only their own jobs and PARs.
+
+An event appended here is published in the same shielded step, so a cancellation (a drain, a
+stop) cannot come between the two; a daemon that dies between them republishes on the trigger's
+redelivery, which finds the step done and returns its event.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 from datetime import timedelta
-from pathlib import Path
 
-import aio_pika
 import anyio
 from anyio.abc import TaskGroup
 
 from orchestrator.broker.base import IncomingMeta
-from orchestrator.broker.topology import QueueSpec, Topology
-from orchestrator.core.keys import KeyPair, PublicKeys
+from orchestrator.broker.identities import Role
 from orchestrator.core.pricing import Pricing
-from orchestrator.errors import ConfigurationError, ParjobsError
+from orchestrator.core.service_keys import is_service_role
+from orchestrator.errors import ParjobsError
 from orchestrator.par.issuer import PARIssuer
 from orchestrator.services.access import AccessService, Outcome
-from orchestrator.settings import AMQPSettings
 from schemas.messages import (
-    JOB_EVENTS,
     AccessRequest,
     ClosePAR,
     ComputeRequest,
@@ -45,55 +45,11 @@ from schemas.messages import (
 )
 from workers.calculations import CalculationRegistry
 from workers.compute import ComputeWorker
-from workers.middleware import bind_log_context, mark_answered
+from workers.middleware import bind_log_context, mark_answered, verified_requester
 from workers.runtime import ServiceContext, serve
 from workers.storage import StorageWorker
 
 log = logging.getLogger("parjobs.service")
-
-
-def service_queues(topology: Topology) -> dict[str, tuple[QueueSpec, ...]]:
-    """The queues each daemon consumes (declared by it; deleted by `delete_topology`), each with
-    the messages it takes: its RPC requests (`RPC_REQUESTS`), or job events."""
-    ended = [f"job.*.{state}" for state in ("completed", "failed", "cancelled", "expired")]
-    return {
-        "access": (
-            topology.rpc_queue("access"),
-            topology.work_queue("access", events=ended, accepts=JOB_EVENTS),
-        ),
-        "storage": (
-            topology.work_queue("storage", events=["job.*.submitted"], accepts=JOB_EVENTS),
-        ),
-        "compute": (
-            topology.work_queue("compute", events=["job.*.storage_contracted"], accepts=JOB_EVENTS),
-            topology.rpc_queue("compute"),
-            topology.rpc_queue("runs"),
-        ),
-    }
-
-
-async def delete_topology(settings: AMQPSettings) -> None:
-    """Delete every queue and exchange of `settings.prefix` (reply queues go with connections).
-
-    For throwaway prefixes (the demo, tests); a deployment keeps its queues.
-    """
-    topology = Topology(settings.prefix, settings.delivery_limit)
-    queues = [*topology.shared_queues, *itertools.chain(*service_queues(topology).values())]
-    connection = await aio_pika.connect(settings.amqp_url.get_secret_value())
-    async with connection, connection.channel() as channel:
-        for queue in queues:
-            await channel.queue_delete(queue.name)
-        for exchange in topology.exchanges:
-            await channel.exchange_delete(exchange.name)
-
-
-def _compute_key_file(context: ServiceContext) -> Path:
-    path = context.settings.compute_key_file
-    if path is None:
-        raise ConfigurationError(
-            "set PARJOBS_COMPUTE_KEY_FILE to the compute service's key file (parjobs keys new)"
-        )
-    return path
 
 
 # --- access ---------------------------------------------------------------------------------------
@@ -114,36 +70,39 @@ async def setup_access(context: ServiceContext, group: TaskGroup) -> None:
     registry = context.registry
 
     async def answer(envelope: Envelope[AccessRequest]) -> Outcome | PARStateReply:
+        requester = verified_requester()
         match envelope.body:
             case SubmitJob() as submit:
-                return await service.submit(submit, message_id=envelope.message_id)
+                return await service.submit(
+                    submit, message_id=envelope.message_id, requester=requester.fingerprint
+                )
             case GetJob() as query:
-                return await service.get(query)
+                return await service.get(query, owner=requester.name)
             case GetOutputs() as query:
-                return await service.outputs(query)
+                return await service.outputs(query, owner=requester.name)
             case ClosePAR(uid=uid, proof=proof):
-                await registry.close(uid, proof)
+                await registry.close(uid, proof, recipient=requester.fingerprint)
                 return PARStateReply(uid=uid, state=await registry.state(uid))
             case GetPARState(uid=uid):
-                return PARStateReply(uid=uid, state=await registry.state(uid))
+                state = await registry.state(uid, recipient=requester.fingerprint)
+                return PARStateReply(uid=uid, state=state)
 
     async def handle(envelope: Envelope[AccessRequest], meta: IncomingMeta) -> None:
-        result = await answer(envelope)
-        if isinstance(result, PARStateReply):
-            await context.reply(meta, result)
-            return
-        if isinstance(result.reply, JobReply):  # a submission's job uid is known from here
-            bind_log_context(job_uid=result.reply.sheet.job_uid)
-        for event in result.events:
-            await context.publish_event(event)
-        if result.reply is not None:
-            await context.reply(meta, result.reply)
+        with anyio.CancelScope(shield=True):  # what is appended is published
+            result = await answer(envelope)
+            events = [] if isinstance(result, PARStateReply) else result.events
+            for event in events:
+                await context.publish_event(event)
+        reply = result if isinstance(result, PARStateReply) else result.reply
+        if isinstance(reply, JobReply):  # a submission's job uid is known from here
+            bind_log_context(job_uid=reply.sheet.job_uid)
+        if reply is not None:
+            await context.reply(meta, reply)
 
     async def sweep() -> None:
         while True:
             try:
-                for event in await service.sweep():
-                    await context.publish_event(event)
+                await service.sweep(context.publish_event)
             except ParjobsError:
                 log.exception("expiry sweep failed; retrying at the next interval")
             await anyio.sleep(settings.sweep_interval_s)
@@ -152,8 +111,7 @@ async def setup_access(context: ServiceContext, group: TaskGroup) -> None:
         # A redelivered end settles nothing twice: the ledger finds the job's settlement.
         await service.settle(envelope.body.event.job_uid)
 
-    requests, endings = service_queues(context.broker.topology)["access"]
-    await context.broker.declare(requests, endings)
+    requests, endings = context.identities.service_queues()[Role.ACCESS]
     await context.consume(requests, handle)
     await context.consume(endings, settle)
     group.start_soon(sweep)
@@ -163,21 +121,20 @@ async def setup_access(context: ServiceContext, group: TaskGroup) -> None:
 
 
 async def setup_storage(context: ServiceContext, group: TaskGroup) -> None:
-    compute_key = PublicKeys.load(_compute_key_file(context))
     worker = StorageWorker(
         context.log,
         PARIssuer(context.store, context.registry, name="storage"),
-        compute_key,
+        context.service_keys.current("compute"),  # the bucket-write PARs are sealed for it
         context.keys,
     )
 
     async def handle(envelope: Envelope[EventPublished], meta: IncomingMeta) -> None:
-        contracted = await worker.on_submitted(envelope.body.event)
-        if contracted is not None:
-            await context.publish_event(contracted)
+        with anyio.CancelScope(shield=True):  # what is appended is published
+            contracted = await worker.on_submitted(envelope.body.event)
+            if contracted is not None:
+                await context.publish_event(contracted)
 
-    (queue,) = service_queues(context.broker.topology)["storage"]
-    await context.broker.declare(queue)
+    (queue,) = context.identities.service_queues()[Role.STORAGE]
     await context.consume(queue, handle)
 
 
@@ -186,9 +143,6 @@ async def setup_storage(context: ServiceContext, group: TaskGroup) -> None:
 
 async def setup_compute(context: ServiceContext, group: TaskGroup) -> None:
     settings = context.settings
-    if settings.key_passphrase is None:
-        raise ConfigurationError("set PARJOBS_KEY_PASSPHRASE for the compute service's key file")
-    key = KeyPair.load(_compute_key_file(context), settings.key_passphrase.get_secret_value())
     worker = ComputeWorker(
         context.store,
         context.log,
@@ -196,28 +150,35 @@ async def setup_compute(context: ServiceContext, group: TaskGroup) -> None:
         context.registry,
         CalculationRegistry.from_entry_points(),
         context.keys,
-        key,
+        context.key,
         time_limit_s=settings.time_limit_s,
         memory_limit_bytes=settings.memory_limit_bytes,
         sandbox=settings.sandbox,
     )
     await worker.check_sandbox()  # refuse to start rather than run calculations unconfined
-    topology = context.broker.topology
 
     async def on_contract(envelope: Envelope[EventPublished], meta: IncomingMeta) -> None:
-        contracted = await worker.on_storage_contracted(envelope.body.event)
-        if contracted is not None:
-            await context.publish_event(contracted)
+        with anyio.CancelScope(shield=True):  # what is appended is published
+            contracted = await worker.on_storage_contracted(envelope.body.event)
+            if contracted is not None:
+                await context.publish_event(contracted)
 
     async def on_control(envelope: Envelope[ComputeRequest], meta: IncomingMeta) -> None:
+        requester = verified_requester().fingerprint
         match envelope.body:
-            case StopRun(run_url=run_url):
-                reply, event = await worker.stop(run_url)
-                if event is not None:
+            case StopRun() as stop:
+                with anyio.CancelScope(shield=True):  # what is appended is published
+                    reply, event = await worker.stop(
+                        stop, requester=requester, redelivered=meta.redelivered
+                    )
                     await context.publish_event(event)
-            case GetRunStatus(run_url=run_url):
-                reply = await worker.status(run_url)
+            case GetRunStatus() as status:
+                reply = await worker.status(status, requester=requester)
         await context.reply(meta, reply)
+
+    async def on_cancelled(envelope: Envelope[EventPublished], meta: IncomingMeta) -> None:
+        if worker.on_cancelled(envelope.body.event):
+            log.info("stopping the run of job %s: it was cancelled", envelope.body.event.job_uid)
 
     # Start messages being handled here, by message id. A second delivery of one while the first
     # runs (a publisher's resend after a lost confirm) waits for it to end, then its claim finds
@@ -236,19 +197,30 @@ async def setup_compute(context: ServiceContext, group: TaskGroup) -> None:
     async def start(envelope: Envelope[StartRun], meta: IncomingMeta) -> None:
         # The message stays unacked for the whole run: if this daemon dies, the broker hands it
         # to the next one, whose claim recognises the same message and runs the job again.
-        sheet, par_uid, started = await worker.claim(
-            envelope.body.run_url, message_id=envelope.message_id
-        )
-        bind_log_context(job_uid=sheet.job_uid)
-        await context.publish_event(started)
-        if meta.redelivered:
-            mark_answered()  # by the first delivery; what fails in the run below is retried
-        else:
-            await context.reply(meta, worker.started_reply(sheet))
-        await worker.run(sheet, par_uid, context.publish_event)
+        with worker.watching(envelope.body.job_uid) as handle:
+            with anyio.CancelScope(shield=True):  # what is appended is published
+                sheet, _, started = await worker.claim(
+                    envelope.body,
+                    requester=verified_requester().fingerprint,
+                    message_id=envelope.message_id,
+                )
+                await context.publish_event(started)
+            if meta.redelivered:
+                mark_answered()  # by the first delivery; what fails in the run below is retried
+                # The daemon that had it died: what it appended may never have been published
+                # (a progress, say). Publish the job's log again; subscribers de-duplicate.
+                for event in await context.log.read(sheet.job_uid):
+                    await context.publish_event(event)
+            else:
+                await context.reply(meta, worker.started_reply(sheet))
+            await worker.run(sheet, handle, context.publish_event)
 
-    contracts, control, runs = service_queues(topology)["compute"]
-    await context.broker.declare(contracts, control, runs)
+    identities = context.identities
+    contracts, control, runs = identities.service_queues()[Role.COMPUTE]
+    # This daemon's own copy of every stop (a `cancelled` event): it goes with its connection.
+    stops = identities.stops_queue(context.instance)
+    await context.broker.declare(stops, shared=False)
+    await context.consume(stops, on_cancelled)
     await context.consume(contracts, on_contract)
     await context.consume(control, on_control)
     await context.consume(runs, on_start, prefetch=settings.max_runs)
@@ -256,4 +228,6 @@ async def setup_compute(context: ServiceContext, group: TaskGroup) -> None:
 
 async def run_daemon(role: str) -> None:
     setups = {"access": setup_access, "storage": setup_storage, "compute": setup_compute}
+    if not is_service_role(role):
+        raise ValueError(f"no daemon {role!r}: one of {', '.join(setups)}")
     await serve(role, setups[role])

@@ -3,15 +3,19 @@
 A middleware is one layer around a handler (as Dramatiq's middleware and FastStream's middlewares
 are): it gets the validated envelope, the delivery's metadata and `call_next`, the rest of the
 chain, and may act before it, after it, or on what it raises. `wrap` builds the chain once, when a
-consumer starts. Two layers exist now:
+consumer starts. The layers:
 
 - `LogContext` binds the delivery's message id, queue, body type and job uid (when the body names
   one; a handler adds one it learns with `bind_log_context`) to every log line of the handler;
 - `RefusalReplies` turns a refusal (`ParjobsError.refusal`) raised while answering a request into
   the request's `ErrorReply`, after which the message is done (acked); anything else propagates,
-  so the broker delivers the message again (or the consumer dead-letters a poison message).
+  so the broker delivers the message again (or the consumer dead-letters a poison message);
+- `VerifyRequests` lets a request through only if the broker-verified sender (its `user_id`) is
+  a registered user, its reply queue is theirs, and it is signed by that very user's key
+  (`verified_requester()` then names them to the handler); `VerifyEvents` lets an event through
+  only if a role allowed to emit it sealed it.
 
-Signature checks, metrics and tracing are further layers of the same shape.
+Metrics and tracing are further layers of the same shape.
 
 Why here, in `workers`, and not under `orchestrator/broker`: the broker seam is generic (any
 `TypeAdapter`, any handler) and knows nothing of parjobs' envelopes, errors or logs, while these
@@ -22,16 +26,41 @@ the broker, so any broker (the real one, a twin in tests) runs them the same.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 from typing import Any, Protocol
 
 from orchestrator.broker.base import IncomingMeta
-from orchestrator.errors import ParjobsError
-from schemas.messages import Envelope, ErrorReply, EventPublished, GetJob, GetOutputs
+from orchestrator.broker.identities import Identities
+from orchestrator.core.chain import verify_event
+from orchestrator.core.keys import PublicKeys
+from orchestrator.core.message_signing import verify_message
+from orchestrator.core.service_keys import ServiceKeys
+from orchestrator.errors import (
+    ParjobsError,
+    PoisonMessageError,
+    RequesterMismatchError,
+    SignatureError,
+    UnknownUserError,
+    UnsignedError,
+)
+from orchestrator.store.users import UserRegistry
+from schemas.auth import UserRecord
+from schemas.messages import (
+    Envelope,
+    ErrorReply,
+    EventPublished,
+    GetJob,
+    GetOutputs,
+    GetRunStatus,
+    StartRun,
+    StopRun,
+)
 
 log = logging.getLogger("parjobs.service")
 
@@ -95,7 +124,13 @@ def _job_uid(body: object) -> str | None:
     match body:
         case EventPublished(event=event):
             return event.job_uid
-        case GetJob(job_uid=job_uid) | GetOutputs(job_uid=job_uid):
+        case (
+            GetJob(job_uid=job_uid)
+            | GetOutputs(job_uid=job_uid)
+            | StartRun(job_uid=job_uid)
+            | StopRun(job_uid=job_uid)
+            | GetRunStatus(job_uid=job_uid)
+        ):
             return job_uid
     return None
 
@@ -159,3 +194,141 @@ class RefusalReplies:
             await self._send_reply(meta, exc.to_reply())
         finally:
             _answer.reset(token)
+
+
+# --- who sent a request, and whether they signed it -----------------------------------------------
+
+
+@dataclass(frozen=True)
+class Requester:
+    """The registered user a request came from: the broker vouches for `username`, the request's
+    signature for `fingerprint`, and the user registry that both are `name`'s."""
+
+    name: str
+    fingerprint: str
+    username: str
+
+
+_requester: ContextVar[Requester | None] = ContextVar("parjobs_requester", default=None)
+
+
+def verified_requester() -> Requester:
+    """The user whose request is being handled, as `VerifyRequests` verified them; a handler
+    reached without that check refuses (UnsignedError) rather than act for nobody."""
+    requester = _requester.get()
+    if requester is None:
+        raise UnsignedError("this request was not verified: no signed requester is known")
+    return requester
+
+
+_CACHED_USERS = 4096
+
+
+class VerifyRequests:
+    """Lets a request through only from a registered user who signed it, to a reply queue of
+    theirs; binds them for `verified_requester()`.
+
+    In order: the broker-verified sender (`meta.user_id`, through `Identities.requester`) must be
+    a registered user's broker user, and the reply queue in their namespace (else the request is
+    dead-lettered: there is nobody to answer, and no one else's queue is answered); then the
+    signature must verify against the key registered under the fingerprint it names, within
+    `window` of this clock (a `SignatureError` refusal), and that key's user must be the sender
+    (`RequesterMismatchError`): a request captured from one user and sent by another is refused.
+    Events pass untouched (`VerifyEvents` checks those).
+    """
+
+    def __init__(
+        self,
+        users: UserRegistry,
+        identities: Identities,
+        *,
+        window: timedelta,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._users = users
+        self._identities = identities
+        self._window = window
+        self._clock = clock
+        # A registered key is its user's for good (one name, one key): safe to remember.
+        self._by_fingerprint: OrderedDict[str, UserRecord] = OrderedDict()
+
+    async def __call__(
+        self, envelope: Envelope[Any], meta: IncomingMeta, call_next: EnvelopeHandler
+    ) -> None:
+        if isinstance(envelope.body, EventPublished):
+            await call_next(envelope, meta)
+            return
+        requester = self._identities.requester(meta.user_id, meta.headers)
+        if requester is None or meta.user_id is None:
+            raise PoisonMessageError(
+                f"request {envelope.message_id} was sent by broker user {meta.user_id!r}, who is "
+                "no registered user of this deployment: not answered"
+            )
+        if not meta.reply_to or not self._identities.owns(meta.user_id, meta.reply_to):
+            raise PoisonMessageError(
+                f"request {envelope.message_id} from {requester} asks for its reply on "
+                f"{meta.reply_to!r}, which is not {requester}'s: not answered"
+            )
+        # The broker delivering a request again (its handler died) is no one sending it anew:
+        # judged by its time now, a redelivery after the window would strand what its first
+        # delivery began (a hold of the user's money, say).
+        window = timedelta.max if meta.redelivered else self._window
+        signer = await self._signer(envelope, window)
+        if signer.name != requester:
+            raise RequesterMismatchError(
+                f"request {envelope.message_id} is signed by user {signer.name!r} but was sent by "
+                f"user {requester!r}: a user sends only requests they signed themselves"
+            )
+        key = PublicKeys.from_wire(signer.public_key)
+        token = _requester.set(Requester(signer.name, key.fingerprint, meta.user_id))
+        try:
+            await call_next(envelope, meta)
+        finally:
+            _requester.reset(token)
+
+    async def _signer(self, envelope: Envelope[Any], window: timedelta) -> UserRecord:
+        """The registered user whose key signed `envelope` (a SignatureError if none did)."""
+        signature = envelope.signature
+        record = None if signature is None else await self._user(signature.signer)
+        keys = [] if record is None else [PublicKeys.from_wire(record.public_key)]
+        verify_message(
+            signature,
+            message_id=envelope.message_id,
+            sent_at=envelope.sent_at,
+            body=envelope.body,
+            keys=keys,
+            now=self._clock(),
+            window=window,
+        )
+        assert record is not None  # verify_message refuses a signer with no key
+        return record
+
+    async def _user(self, fingerprint: str) -> UserRecord | None:
+        record = self._by_fingerprint.get(fingerprint)
+        if record is None:
+            try:
+                record = await self._users.by_fingerprint(fingerprint)
+            except UnknownUserError:
+                return None
+            self._by_fingerprint[fingerprint] = record
+            while len(self._by_fingerprint) > _CACHED_USERS:
+                self._by_fingerprint.popitem(last=False)
+        return record
+
+
+class VerifyEvents:
+    """Lets an event through only if it is sealed by a service role allowed to emit it; anything
+    else is dead-lettered with the reason, never acted on. Requests pass untouched."""
+
+    def __init__(self, keys: ServiceKeys) -> None:
+        self._keys = keys
+
+    async def __call__(
+        self, envelope: Envelope[Any], meta: IncomingMeta, call_next: EnvelopeHandler
+    ) -> None:
+        if isinstance(envelope.body, EventPublished):
+            try:
+                verify_event(envelope.body.event, self._keys)
+            except SignatureError as exc:
+                raise PoisonMessageError(f"event refused ({exc.code}): {exc}") from exc
+        await call_next(envelope, meta)

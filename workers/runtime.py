@@ -1,9 +1,15 @@
 """What every parjobs daemon shares: connections, consuming through the middleware, publishing
-events, replies, logs, health, shutdown.
+events, signed replies, logs, health, shutdown.
 
-A daemon is a `setup` function that declares its queues and starts its consumers on a
-`ServiceContext`; `serve` runs it until SIGTERM or SIGINT, then drains in-flight work within
-`shutdown_grace_s` (what does not finish is requeued by the broker) and exits.
+A daemon is a `setup` function that starts its consumers on a `ServiceContext`; `serve` runs it
+until SIGTERM or SIGINT, then drains in-flight work within `shutdown_grace_s` (what does not
+finish is requeued by the broker) and exits.
+
+Each daemon is one service role: it connects to the broker as the role's own broker user (the
+operator has declared the topology; `PARJOBS_AMQP_URL` carries the role's credentials), signs its
+replies and seals the events it appends with the role's key (`PARJOBS_KEY_FILE`), and checks what
+it consumes against the registered users' keys and the operator's service keys
+(`PARJOBS_SERVICE_KEYS_FILE`).
 """
 
 from __future__ import annotations
@@ -14,76 +20,138 @@ import os
 import signal
 import socket
 import sys
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import anyio
 from anyio.abc import TaskGroup
 
 from orchestrator.broker.amqp import AMQPBroker
 from orchestrator.broker.base import Broker, IncomingMeta
+from orchestrator.broker.identities import Identities
 from orchestrator.broker.topology import QueueSpec
+from orchestrator.core.keys import KeyPair
 from orchestrator.core.layout import JobKeys
-from orchestrator.errors import ConfigurationError
+from orchestrator.core.message_signing import sign_message
+from orchestrator.core.service_keys import ServiceKeys
+from orchestrator.errors import ConfigurationError, ObjectStoreError, PoisonMessageError
 from orchestrator.settings import AMQPSettings, S3Settings, ServiceSettings
 from orchestrator.store.base import ObjectStore
-from orchestrator.store.eventlog import EventLog
+from orchestrator.store.eventlog import EventLog, EventSealer
 from orchestrator.store.registry import PARRegistry
 from orchestrator.store.s3 import S3ObjectStore
+from orchestrator.store.users import UserRegistry
 from schemas.events import JobEvent
 from schemas.messages import Envelope, EventPublished, MessageBody
+from schemas.signing import ServiceRole
 from workers.middleware import (
     EnvelopeHandler,
     LogContext,
     Middleware,
     RefusalReplies,
+    VerifyEvents,
+    VerifyRequests,
     log_context,
     mark_answered,
     wrap,
 )
 
 log = logging.getLogger("parjobs.service")
+CONSUMER_CHECK_INTERVAL = 1.0
+"""Seconds between checks that every consumer is still consuming (a local look, no round trip)."""
 
 
 @dataclass
 class ServiceContext:
-    role: str
+    """One daemon's role, key, stores and broker, and what its handlers share."""
+
+    role: ServiceRole
     settings: ServiceSettings
     store: ObjectStore
     broker: Broker
     keys: JobKeys
-    log: EventLog
-    registry: PARRegistry
+    key: KeyPair
+    """The role's key pair: signs replies, seals appended events."""
+    service_keys: ServiceKeys
+    """Every role's public keys: what consumed events are checked against."""
+    instance: str = field(default_factory=lambda: uuid.uuid4().hex)
+    """This daemon's own id (names the queues it declares for itself)."""
+    log: EventLog = field(init=False)
+    registry: PARRegistry = field(init=False)
+    identities: Identities = field(init=False)
     middlewares: list[Middleware] = field(init=False)
     """Wrapped around every handler `consume` starts, the first outermost."""
 
     def __post_init__(self) -> None:
-        self.middlewares = [LogContext(), RefusalReplies(self.reply)]
+        if self.key.public != self.service_keys.current(self.role):
+            raise ConfigurationError(
+                f"the {self.role} key file holds key {self.key.fingerprint[:16]}…, but the "
+                f"service keys file names another as {self.role}'s current key: give the daemon "
+                "its own key file, or the service keys file that lists it"
+            )
+        self.log = EventLog(
+            self.store,
+            self.keys.jobs,
+            sealer=EventSealer(self.key, self.role),
+            keys=self.service_keys,
+        )
+        self.registry = PARRegistry(self.store, root=self.keys.registry)
+        self.identities = Identities(self.broker.topology)
+        users = UserRegistry(self.store, self.keys.users)
+        window = timedelta(seconds=self.settings.auth_window_s)
+        self.middlewares = [
+            LogContext(),
+            RefusalReplies(self._reply),
+            VerifyEvents(self.service_keys),
+            VerifyRequests(users, self.identities, window=window),
+        ]
 
     @property
     def sender(self) -> str:
         return f"{self.role}@{socket.gethostname()}:{os.getpid()}"
 
     async def publish_event(self, event: JobEvent) -> None:
-        """Publish an appended event: routing key `job.<uid>.<type>`, message id = event id."""
+        """Publish an appended event: routing key `job.<owner>.<job uid>.<type>` (the owner's
+        broker username), message id = event id (consumers de-duplicate by it)."""
+        owner = self.identities.user_username(await self.log.owner(event.job_uid))
         await self.broker.publish(
             self.broker.topology.events,
-            f"job.{event.job_uid}.{event.payload.type}",
+            self.identities.event_routing_key(owner, event.job_uid, event.payload.type),
             Envelope(sender=self.sender, body=EventPublished(event=event)),
             message_id=event.event_id,
         )
 
     async def reply(self, meta: IncomingMeta, body: MessageBody) -> None:
-        """Answer the request being handled (after which a refusal no longer answers it)."""
+        """Answer the request being handled, signed by this role (after which a refusal no
+        longer answers it)."""
         mark_answered()
-        await self.broker.reply(meta, Envelope(sender=self.sender, body=body))
+        await self._reply(meta, body)
+
+    async def _reply(self, meta: IncomingMeta, body: MessageBody) -> None:
+        # Only to a queue of the broker-verified requester's: never into anyone else's.
+        if meta.user_id is None or not self.identities.owns(meta.user_id, meta.reply_to or ""):
+            raise PoisonMessageError(
+                f"request {meta.message_id} asks for its reply on {meta.reply_to!r}, which is "
+                f"not its sender's ({meta.user_id!r}): not answered"
+            )
+        envelope = Envelope(sender=self.sender, body=body)
+        signature = sign_message(
+            self.key,
+            self.role,
+            message_id=envelope.message_id,
+            sent_at=envelope.sent_at,
+            body=body,
+        )
+        await self.broker.reply(meta, envelope.model_copy(update={"signature": signature}))
 
     async def consume(
         self, queue: QueueSpec, handler: EnvelopeHandler, *, prefetch: int | None = None
     ) -> None:
         """Run `handler`, inside the middlewares, on each message of `queue` that is one of the
-        queue's own union (`queue.accepts`); any other message is dead-lettered."""
+        queue's own union (`queue.accepts`) and passes the checks; any other message is
+        dead-lettered."""
         if queue.accepts is None:
             raise ConfigurationError(f"queue {queue.name} does not say which messages it takes")
         await self.broker.consume(
@@ -122,19 +190,45 @@ def configure_logging(role: str) -> None:
     root.setLevel(os.environ.get("PARJOBS_LOG_LEVEL", "INFO").upper())
 
 
-async def _health_server(broker: Broker, port: int, task_group: TaskGroup) -> None:
-    """/healthz: the process answers. /readyz: the broker connection is up (503 otherwise)."""
+async def readiness(broker: Broker, store: ObjectStore) -> dict[str, object]:
+    """Whether the daemon can do its work now: the broker connection is up, every consumer is
+    consuming (none cancelled by the broker and not yet restored), and the bucket answers."""
+    problems: list[str] = []
+    if not broker.is_connected:
+        problems.append("the broker connection is down")
+    elif lost := await broker.lost_consumers():
+        problems.append(f"not consuming {', '.join(lost)}")
+    try:
+        with anyio.fail_after(5):
+            await store.check()
+    except (ObjectStoreError, TimeoutError) as exc:
+        problems.append(f"the object store does not answer: {exc or 'timed out'}")
+    return {"ready": not problems, "problems": problems, "reconnections": broker.reconnections}
+
+
+async def keep_consuming(broker: Broker) -> None:
+    """Declare again any queue deleted under a consumer, so the consumer comes back."""
+    while True:
+        await anyio.sleep(CONSUMER_CHECK_INTERVAL)
+        if broker.is_connected and (lost := await broker.lost_consumers(redeclare=True)):
+            log.warning("consumers of %s cancelled by the broker; declared again", lost)
+
+
+async def _health_server(
+    broker: Broker, store: ObjectStore, port: int, task_group: TaskGroup
+) -> None:
+    """/healthz: the process answers. /readyz: `readiness` (503 unless ready)."""
 
     async def answer(stream: anyio.abc.SocketStream) -> None:
         async with stream:
             request = (await stream.receive(1024)).decode(errors="replace")
             path = request.split(" ", 2)[1] if request.count(" ") >= 2 else "/"
-            ready = broker.is_connected
-            body: dict[str, object] = {"ready": ready, "reconnections": broker.reconnections}
+            body: dict[str, object]
             if path.startswith("/readyz"):
-                status = "200 OK" if ready else "503 Service Unavailable"
+                body = await readiness(broker, store)
+                status = "200 OK" if body["ready"] else "503 Service Unavailable"
             elif path.startswith("/healthz"):
-                status = "200 OK"
+                status, body = "200 OK", {"alive": True}
             else:
                 status, body = "404 Not Found", {"paths": ["/healthz", "/readyz"]}
             payload = json.dumps(body).encode()
@@ -146,31 +240,38 @@ async def _health_server(broker: Broker, port: int, task_group: TaskGroup) -> No
     task_group.start_soon(listener.serve, answer)
 
 
-async def serve(role: str, setup: Setup) -> None:
+async def serve(role: ServiceRole, setup: Setup) -> None:
     """Run the daemon `role` until SIGTERM/SIGINT; then drain and exit."""
     configure_logging(role)
     settings = ServiceSettings()
+    key = settings.role_key(role)
+    service_keys = settings.service_keys()
     async with (
         S3ObjectStore(S3Settings()) as store,
         AMQPBroker(AMQPSettings(), name=f"parjobs-{role}-{os.getpid()}") as broker,
     ):
         await store.ensure_bucket()
-        keys = JobKeys(settings.data_root)
         context = ServiceContext(
             role=role,
             settings=settings,
             store=store,
             broker=broker,
-            keys=keys,
-            log=EventLog(store, keys.jobs),
-            registry=PARRegistry(store, root=keys.registry),
+            keys=JobKeys(settings.data_root),
+            key=key,
+            service_keys=service_keys,
         )
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with anyio.create_task_group() as group:
                 await setup(context, group)
+                group.start_soon(keep_consuming, broker)
                 if settings.health_port is not None:
-                    await _health_server(broker, settings.health_port, group)
-                log.info("%s ready (broker prefix %r)", role, broker.settings.prefix)
+                    await _health_server(broker, store, settings.health_port, group)
+                log.info(
+                    "%s ready (broker prefix %r, as %s)",
+                    role,
+                    broker.settings.prefix,
+                    broker.username,
+                )
                 async for received in signals:
                     log.info("%s stopping on %s", role, signal.Signals(received).name)
                     break

@@ -20,6 +20,7 @@ import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+import aiormq
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, ChannelNotFoundEntity
 
 from orchestrator.broker._dlq import dead_letter_copy
@@ -36,6 +37,8 @@ if TYPE_CHECKING:
     )
     from aio_pika.message import Message
     from pydantic import TypeAdapter
+
+    from orchestrator.broker.topology import QueueSpec
 
 T = TypeVar("T")
 log = logging.getLogger("parjobs.broker")
@@ -56,6 +59,7 @@ def incoming_meta(queue: str, message: AbstractIncomingMessage) -> IncomingMeta:
         delivery_count=count if isinstance(count, int) else 0,
         headers=headers,
         timestamp=message.timestamp,
+        user_id=message.user_id,
     )
 
 
@@ -83,8 +87,11 @@ class Consumer(Generic[T]):
         send_dead_letter: SendDeadLetter,
         *,
         retry_delay: float,
+        spec: QueueSpec | None = None,
     ) -> None:
         self.queue = queue
+        self.spec = spec
+        """The queue as declared, to declare it again if it is deleted under the consumer."""
         self._retry_delay = retry_delay
         self._adapter = adapter
         self._handler = handler
@@ -106,6 +113,17 @@ class Consumer(Generic[T]):
             await channel.close()
             raise TopologyError(f"queue {self.queue} does not exist: declare it first") from exc
         self._tag = await self._amqp_queue.consume(self._on_message)
+
+    async def active(self) -> bool:
+        """Consuming now: False while the broker has cancelled this consumer (its queue was
+        deleted, its node lost) and the robust channel has not restored it yet."""
+        if self._tag is None or self._channel is None or self._channel.is_closed:
+            return False
+        try:
+            underlay = await self._channel.get_underlay_channel()
+        except (ChannelInvalidStateError, AMQPError):
+            return False
+        return isinstance(underlay, aiormq.Channel) and self._tag in underlay.consumers
 
     async def cancel(self) -> None:
         """Stop receiving (the broker sends nothing more); handlers in flight go on."""

@@ -100,7 +100,7 @@ def dead_letter_copy(
 
 def _copy(message: AbstractIncomingMessage, headers: HeadersType) -> Message:
     # Not copied: expiration (it would expire in the DLQ) and user_id (RabbitMQ refuses a
-    # user_id other than the publishing connection's).
+    # user_id other than the publishing connection's: the publisher sets its own).
     return Message(
         message.body,
         headers=headers,

@@ -50,6 +50,8 @@ class StoredMessage:
     type: str | None = None
     app_id: str | None = None
     content_type: str | None = CONTENT_TYPE
+    user_id: str | None = None
+    """The publishing broker user (a `MemoryBroker`'s username), as RabbitMQ validates it."""
     delivery_count: int = 0
     """Failed deliveries so far (`x-delivery-count`)."""
     redelivered: bool = False
@@ -213,6 +215,14 @@ class MemoryServer:
         queue.bindings.update(spec.bindings)
         return queue
 
+    def delete_queue(self, name: str) -> None:
+        """Delete queue `name` as anyone allowed to might: its messages go, and the broker
+        cancels its consumers (they consume again only once it is declared again)."""
+        queue = self.queues.pop(name, None)
+        if isinstance(queue, MemoryQueue):
+            queue.consumers.clear()
+            queue.ready.clear()
+
     def delete_queues_of(self, owner: object) -> None:
         """Delete the exclusive queues of `owner` (its connection closed)."""
         for name in [name for name, queue in self.queues.items() if queue.owner is owner]:
@@ -294,9 +304,12 @@ class MemoryServer:
         *,
         message_id: str | None = None,
         headers: Mapping[str, Any] | None = None,
+        user_id: str | None = None,
+        reply_to: str | None = None,
     ) -> str:
         """Publish `body` as it is, as a foreign publisher might (to test how consumers take a
-        body that is not JSON, or not valid); its message id."""
+        body that is not JSON, or not valid, or forged by broker user `user_id`); its message
+        id."""
         message_id = message_id or uuid.uuid4().hex
         self.publish(
             StoredMessage(
@@ -307,6 +320,8 @@ class MemoryServer:
                 headers=dict(headers or {}),
                 timestamp=datetime.now(UTC),
                 content_type=None,
+                user_id=user_id,
+                reply_to=reply_to,
             )
         )
         return message_id

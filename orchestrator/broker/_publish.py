@@ -64,7 +64,9 @@ def outgoing(
 
 
 class Publisher:
-    """Publishes on one channel opened with publisher confirms and `on_return_raises`.
+    """Publishes on one channel opened with publisher confirms and `on_return_raises`, as the
+    connection's broker user: every message carries `user_id`, which RabbitMQ checks against the
+    connection's user, so consumers know who published it.
 
     A publish returns once the broker confirmed it; an unroutable message (mandatory) raises
     UnroutableError, a negative confirm PublishNackedError. A publish interrupted by a lost
@@ -72,12 +74,15 @@ class Publisher:
     the connection may thus yield a duplicate, with the same message id, for consumers to drop.
     """
 
-    def __init__(self, channel: AbstractRobustChannel, *, timeout: float) -> None:
+    def __init__(self, channel: AbstractRobustChannel, *, timeout: float, user_id: str) -> None:
         self._channel = channel
         self._timeout = timeout
+        self._user_id = user_id
 
     async def send(self, exchange: str, routing_key: str, message: Message) -> None:
-        """Publish `message` and wait for the broker's confirm."""
+        """Publish `message` as this connection's user and wait for the broker's confirm."""
+        # Set here, on every message, so dead-letter copies and re-drives carry it too.
+        message.user_id = self._user_id
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout
         where = f"exchange {exchange or '(default)'!r} with routing key {routing_key!r}"

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from typing import TYPE_CHECKING, Any, Literal, Self, TypeVar
 
 import aio_pika
-from aio_pika.exceptions import CONNECTION_EXCEPTIONS, ChannelNotFoundEntity
+from aio_pika.exceptions import CONNECTION_EXCEPTIONS, AMQPError, ChannelNotFoundEntity
 
 from orchestrator.broker import _dlq, _streams
 from orchestrator.broker._consumer import Consumer
@@ -68,6 +68,8 @@ class AMQPBroker:
         self.settings = settings if settings is not None else AMQPSettings()
         self.topology = Topology(self.settings.prefix, self.settings.delivery_limit)
         self.name = name
+        self.username = self.settings.username
+        """The broker user this connection is: the `user_id` of everything it publishes."""
         self._connection: aio_pika.RobustConnection | None = None
         self._publisher: Publisher | None = None
         self._setup_channel: AbstractRobustChannel | None = None
@@ -108,7 +110,9 @@ class AMQPBroker:
         connection.reconnect_callbacks.add(self._on_reconnect)
         channel = connection.channel(publisher_confirms=True, on_return_raises=True)
         await channel.initialize()
-        self._publisher = Publisher(channel, timeout=self.settings.publish_timeout)
+        self._publisher = Publisher(
+            channel, timeout=self.settings.publish_timeout, user_id=self.settings.username
+        )
 
     def _on_reconnect(self, _: AbstractRobustConnection | None) -> None:
         self.reconnections += 1
@@ -184,12 +188,13 @@ class AMQPBroker:
 
     # --- topology and publishing ---------------------------------------------------------------
 
-    async def declare(self, *queues: QueueSpec) -> None:
-        """Declare the shared topology and `queues` (idempotent; restored after reconnection)."""
+    async def declare(self, *queues: QueueSpec, shared: bool = True) -> None:
+        """Declare the shared topology (unless not `shared`) and `queues` (idempotent; restored
+        after reconnection)."""
         if self._setup_channel is None:
             self._setup_channel = self._require().channel(publisher_confirms=False)
             await self._setup_channel.initialize()
-        await declare(self._setup_channel, self.topology, queues)
+        await declare(self._setup_channel, self.topology, queues, shared=shared)
 
     async def publish(
         self,
@@ -242,10 +247,26 @@ class AMQPBroker:
             handler,
             self._send_dead_letter,
             retry_delay=self.settings.retry_delay,
+            spec=queue if isinstance(queue, QueueSpec) else None,
         )
         await consumer.start(self._require(), prefetch or self.settings.prefetch)
         self._consumers.append(consumer)
         return consumer
+
+    async def lost_consumers(self, *, redeclare: bool = False) -> list[str]:
+        """The queues whose consumer the broker cancelled and that are not consumed again yet.
+
+        The robust channel consumes again once the queue exists; with `redeclare`, each lost
+        queue given as a `QueueSpec` is declared again (alone: `shared=False`) so it does."""
+        lost = [consumer for consumer in self._consumers if not await consumer.active()]
+        for consumer in lost:
+            if redeclare and consumer.spec is not None:
+                try:  # on a channel of its own: a refusal closes the channel it comes on
+                    async with self._require().channel(publisher_confirms=False) as channel:
+                        await declare(channel, self.topology, [consumer.spec], shared=False)
+                except (BrokerError, AMQPError, *CONNECTION_EXCEPTIONS) as exc:
+                    log.warning("cannot declare %s again yet: %s", consumer.queue, exc)
+        return [consumer.queue for consumer in lost]
 
     # --- request / reply ------------------------------------------------------------------------
 

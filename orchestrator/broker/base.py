@@ -44,6 +44,8 @@ class IncomingMeta:
     """Earlier deliveries that ended without an ack (quorum queues' `x-delivery-count`)."""
     headers: Mapping[str, Any]
     timestamp: datetime | None
+    user_id: str | None = None
+    """The publisher's broker user, as RabbitMQ validated it (None: the publisher set none)."""
 
 
 Handler = Callable[[T, IncomingMeta], Awaitable[None]]
@@ -162,6 +164,8 @@ class Broker(Protocol):
     topology: Topology
     name: str
     """The connection name (RabbitMQ shows it; it is the `app_id` of what this broker sends)."""
+    username: str
+    """The broker user it connects as: the `user_id` of every message it publishes."""
     reconnections: int
     """Times the connection was lost and restored (channels, queues, consumers with it)."""
 
@@ -198,9 +202,10 @@ class Broker(Protocol):
         dead-letter queue is missing)."""
         ...
 
-    async def declare(self, *queues: QueueSpec) -> None:
+    async def declare(self, *queues: QueueSpec, shared: bool = True) -> None:
         """Declare the shared topology and `queues` (idempotent); a queue that exists with other
-        arguments raises TopologyError."""
+        arguments raises TopologyError. With `shared=False`, only `queues`: what a service or a
+        user may declare (the operator declares the exchanges and shared queues)."""
         ...
 
     async def publish(
@@ -240,6 +245,12 @@ class Broker(Protocol):
         other exception requeues it after a pause, until the queue's delivery limit dead-letters
         it. TopologyError if the queue does not exist.
         """
+        ...
+
+    async def lost_consumers(self, *, redeclare: bool = False) -> list[str]:
+        """The queues whose consumer the broker cancelled (queue deleted, node lost) and that are
+        not consumed again yet; with `redeclare`, each one `consume` was given as a `QueueSpec`
+        is declared again (alone), after which its consumer comes back by itself."""
         ...
 
     async def request(

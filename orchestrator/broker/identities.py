@@ -21,6 +21,7 @@ name each user literally.
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from orchestrator.broker.topology import (
     QuorumQueueArgs,
     Topology,
 )
+from schemas.messages import JOB_EVENTS
 
 USERNAME_CHARACTERS = "A-Za-z0-9_:@-"
 """Characters of a broker username: one routing-key word, literal in regexes and topic patterns."""
@@ -54,6 +56,8 @@ OWN_EVENTS_PATTERN = r"^job\.{username}\."
 """Bindings a user may make on the events exchange: only to their own jobs' events."""
 NOTHING = "^$"
 """The regex RabbitMQ reads as "no resource at all"."""
+ENDED_EVENTS = ("completed", "failed", "cancelled", "expired")
+"""The events that end a job (access settles its payment on each)."""
 DEATH_HEADER = "x-death"
 """What RabbitMQ adds to a message each time it dead-letters it."""
 
@@ -218,6 +222,41 @@ class Identities:
         """The binding key of every event of `owner`'s jobs (the only kind a user may bind)."""
         return f"job.{check_username(owner)}.#"
 
+    # --- the services' queues -------------------------------------------------------------------
+
+    def service_queues(self) -> dict[Role, tuple[QueueSpec, ...]]:
+        """The durable queues each service consumes (the operator declares them), each with the
+        messages it takes: its RPC requests (`RPC_REQUESTS`), or job events."""
+        topology = self.topology
+        ended = [self.events_of_type(state) for state in ENDED_EVENTS]
+        return {
+            Role.ACCESS: (
+                topology.rpc_queue("access"),
+                topology.work_queue("access", events=ended, accepts=JOB_EVENTS),
+            ),
+            Role.STORAGE: (
+                topology.work_queue(
+                    "storage", events=[self.events_of_type("submitted")], accepts=JOB_EVENTS
+                ),
+            ),
+            Role.COMPUTE: (
+                topology.work_queue(
+                    "compute",
+                    events=[self.events_of_type("storage_contracted")],
+                    accepts=JOB_EVENTS,
+                ),
+                topology.rpc_queue("compute"),
+                topology.rpc_queue("runs"),
+            ),
+        }
+
+    def stops_queue(self, daemon: str) -> QueueSpec:
+        """`<prefix>.stops.<daemon>`: one compute daemon's own copy of every `cancelled` event,
+        so the daemon running a job hears its stop (deleted with the daemon's connection)."""
+        name = f"{self.topology.prefix}.stops.{_word('daemon', daemon, _INSTANCE)}"
+        binding = Binding(self.topology.events.name, self.events_of_type("cancelled"))
+        return QueueSpec(name, ClassicQueueArgs(), (binding,), exclusive=True, accepts=JOB_EVENTS)
+
     # --- client queues --------------------------------------------------------------------------
 
     def client_namespace(self, username: str) -> str:
@@ -258,16 +297,23 @@ class Identities:
             (TopicPermission(topology.events.name, write=NOTHING, read=OWN_EVENTS_PATTERN),),
         )
 
-    def service_grant(self, role: Role, queues: Iterable[QueueSpec]) -> Grant:
+    def service_grant(
+        self, role: Role, queues: Iterable[QueueSpec], *, per_daemon: Iterable[QueueSpec] = ()
+    ) -> Grant:
         """A service that declares, binds and consumes `queues` (and nothing else), publishes
         events and dead letters, and replies through the default exchange if a queue of its
-        takes requests (is bound to the commands exchange)."""
+        takes requests (is bound to the commands exchange).
+
+        `per_daemon` are queues each daemon of the role declares for itself, named
+        `<namespace>.<daemon>` (as `stops_queue`): granted for every name of their namespace."""
         if Role(role) is Role.OPERATOR:
             raise ValueError("the operator is not a service: use operator_grant")
         specs = tuple(queues)
+        instances = tuple(per_daemon)
         topology = self.topology
         own = {spec.name for spec in specs}
-        bindings = [binding for spec in specs for binding in spec.bindings]
+        namespaces = {spec.name.rpartition(".")[0] for spec in instances}
+        bindings = [binding for spec in (*specs, *instances) for binding in spec.bindings]
         dead_letter_exchanges = {
             spec.args.dead_letter_exchange
             for spec in specs
@@ -279,9 +325,11 @@ class Identities:
         return Grant(
             self.role_username(role),
             Permissions(
-                configure=_matching(own),
-                write=_matching(own | write | ({DEFAULT_EXCHANGE} if replies else set())),
-                read=_matching(own | {binding.exchange for binding in bindings}),
+                configure=_matching(own, namespaces),
+                write=_matching(
+                    own | write | ({DEFAULT_EXCHANGE} if replies else set()), namespaces
+                ),
+                read=_matching(own | {binding.exchange for binding in bindings}, namespaces),
             ),
             (
                 TopicPermission(
@@ -291,6 +339,15 @@ class Identities:
                 ),
             ),
         )
+
+    def role_grants(self) -> dict[Role, Grant]:
+        """The grant of every role of the deployment: the operator's and each service's."""
+        queues = self.service_queues()
+        grants = {Role.OPERATOR: self.operator_grant(itertools.chain(*queues.values()))}
+        for role, specs in queues.items():
+            per_daemon = (self.stops_queue("daemon"),) if role is Role.COMPUTE else ()
+            grants[role] = self.service_grant(role, specs, per_daemon=per_daemon)
+        return grants
 
     def operator_grant(self, service_queues: Iterable[QueueSpec]) -> Grant:
         """The operator: declares and deletes the whole topology (exchanges, shared queues,

@@ -81,9 +81,12 @@ class _MemoryConsumer(Generic[T]):
         adapter: TypeAdapter[T],
         handler: Handler[T],
         prefetch: int,
+        spec: QueueSpec | None,
     ) -> None:
         self._broker = broker
         self._queue = queue
+        self.spec = spec
+        """The queue as declared, to declare it again if it is deleted under the consumer."""
         self._adapter = adapter
         self._handler = handler
         self._prefetch = prefetch
@@ -108,6 +111,23 @@ class _MemoryConsumer(Generic[T]):
         self._deliveries[task] = message
         self.in_flight.add(task)
         task.add_done_callback(self.in_flight.discard)
+
+    @property
+    def active(self) -> bool:
+        """Consuming now: False once its queue was deleted (`MemoryServer.delete_queue`)."""
+        return self._broker.server.queues.get(self.queue) is self._queue
+
+    def resume(self) -> bool:
+        """Consume the queue again if it exists again (as a robust channel does); whether it
+        does now."""
+        queue = self._broker.server.queues.get(self.queue)
+        if not isinstance(queue, MemoryQueue):
+            return False
+        if queue is not self._queue:
+            self._queue = queue
+            queue.consumers.append(self)
+            queue.dispatch()
+        return True
 
     async def cancel(self) -> None:
         """Stop receiving; handlers in flight go on."""
@@ -186,6 +206,7 @@ class _MemoryConsumer(Generic[T]):
             type=message.type,
             app_id=message.app_id,
             content_type=message.content_type,
+            user_id=self._broker.username,
         )
         if (held := self._settle(task)) is None:
             return
@@ -213,6 +234,7 @@ def _meta(queue: str, message: StoredMessage) -> IncomingMeta:
         delivery_count=message.delivery_count,
         headers=headers,
         timestamp=message.timestamp,
+        user_id=message.user_id,
     )
 
 
@@ -220,7 +242,8 @@ class MemoryBroker:
     """A `Broker` in memory, on a `MemoryServer` of its own unless given one to share.
 
     Use as `async with MemoryBroker() as broker:`; settings (prefix, delivery limit, prefetch,
-    retry delay) as for `AMQPBroker`.
+    retry delay) as for `AMQPBroker`. `username` is the broker user it connects as (by default
+    the settings URL's), stamped as `user_id` on everything it publishes, as RabbitMQ validates.
     """
 
     def __init__(
@@ -229,10 +252,13 @@ class MemoryBroker:
         *,
         name: str = "parjobs",
         server: MemoryServer | None = None,
+        username: str | None = None,
     ) -> None:
         self.settings = settings if settings is not None else AMQPSettings()
         self.topology = Topology(self.settings.prefix, self.settings.delivery_limit)
         self.name = name
+        self.username = username if username is not None else self.settings.username
+        """The broker user this connection is: the `user_id` of everything it publishes."""
         self.server = server if server is not None else MemoryServer()
         self.reconnections = 0
         """Times `simulate_connection_loss` dropped the connection (restored at once)."""
@@ -316,12 +342,13 @@ class MemoryBroker:
 
     # --- topology and publishing ---------------------------------------------------------------
 
-    async def declare(self, *queues: QueueSpec) -> None:
-        """Declare the shared topology and `queues` (idempotent)."""
+    async def declare(self, *queues: QueueSpec, shared: bool = True) -> None:
+        """Declare the shared topology (unless not `shared`) and `queues` (idempotent)."""
         self._require()
-        for exchange in self.topology.exchanges:
-            self.server.declare_exchange(exchange)
-        for spec in (*self.topology.shared_queues, *queues):
+        if shared:
+            for exchange in self.topology.exchanges:
+                self.server.declare_exchange(exchange)
+        for spec in (*(self.topology.shared_queues if shared else ()), *queues):
             self.server.declare_queue(spec, owner=self)
 
     async def publish(
@@ -376,6 +403,7 @@ class MemoryBroker:
             timestamp=datetime.now(UTC),
             type=type(message).__name__,
             app_id=self.name,
+            user_id=self.username,
         )
 
     # --- consuming ------------------------------------------------------------------------------
@@ -393,12 +421,32 @@ class MemoryBroker:
         self._require()
         target = self.server.queue(_name(queue))
         consumer = _MemoryConsumer(
-            self, target, adapter, handler, prefetch or self.settings.prefetch
+            self,
+            target,
+            adapter,
+            handler,
+            prefetch or self.settings.prefetch,
+            queue if not isinstance(queue, str) else None,
         )
         self._consumers.append(consumer)
         target.consumers.append(consumer)
         target.dispatch()
         return consumer
+
+    async def lost_consumers(self, *, redeclare: bool = False) -> list[str]:
+        """The queues whose consumer lost its queue (`MemoryServer.delete_queue`) and that are
+        not consumed again yet; with `redeclare`, each lost queue given as a `QueueSpec` is
+        declared again (alone), and consumed again, as on RabbitMQ."""
+        self._require()
+        lost = []
+        for consumer in self._consumers:
+            if consumer.active:
+                continue
+            if redeclare and consumer.spec is not None:
+                await self.declare(consumer.spec, shared=False)
+            if not consumer.resume():
+                lost.append(consumer.queue)
+        return lost
 
     # --- request / reply ------------------------------------------------------------------------
 
@@ -571,6 +619,7 @@ class MemoryBroker:
                         type=message.type,
                         app_id=message.app_id,
                         content_type=message.content_type,
+                        user_id=self.username,
                     )
                 )
             except PublishError as exc:

@@ -313,16 +313,23 @@ class Topology:
 
 
 async def declare(
-    channel: AbstractChannel, topology: Topology, queues: Iterable[QueueSpec] = ()
+    channel: AbstractChannel,
+    topology: Topology,
+    queues: Iterable[QueueSpec] = (),
+    *,
+    shared: bool = True,
 ) -> None:
-    """Declare the exchanges, the shared queues and `queues`, with their bindings.
+    """Declare the exchanges, the shared queues and `queues`, with their bindings; with
+    `shared=False` only `queues` (what a service or a user may declare: the operator declares the
+    exchanges and shared queues).
 
     Idempotent: what exists with the same arguments is left alone. A queue that exists with other
     arguments raises TopologyError (RabbitMQ never changes a queue's arguments in place).
     """
-    for exchange in topology.exchanges:
-        await channel.declare_exchange(exchange.name, exchange.kind, durable=True)
-    for spec in (*topology.shared_queues, *queues):
+    if shared:
+        for exchange in topology.exchanges:
+            await channel.declare_exchange(exchange.name, exchange.kind, durable=True)
+    for spec in (*(topology.shared_queues if shared else ()), *queues):
         try:
             queue = await channel.declare_queue(
                 spec.name,

@@ -19,7 +19,8 @@ from orchestrator.cli._common import console, load_key, passphrase
 from orchestrator.cli._exit import EXIT_STATUS_HELP, ParjobsGroup
 from orchestrator.cli._inputs import ACCOUNT, NEW_KEY_PATH
 from orchestrator.cli._pardemo import run_par_demo
-from orchestrator.core.keys import KeyPair
+from orchestrator.core.keys import KeyPair, PublicKeys
+from orchestrator.core.service_keys import ServiceKeys
 from orchestrator.store.seaweed import LocalSeaweed
 
 app = typer.Typer(
@@ -81,6 +82,37 @@ def keys_show(
     """Print a key file's name and fingerprint (asks for its passphrase to prove it opens)."""
     pair = load_key(path)
     console.print(f"{escape(pair.name)}: fingerprint {pair.fingerprint}")
+
+
+PublicKeyFile = Annotated[
+    Path,
+    typer.Option(
+        help="The role's public key: its key file, or the .pub `keys new` wrote beside it.",
+        exists=True,
+        dir_okay=False,
+        readable=True,
+    ),
+]
+
+
+@keys_app.command("services")
+def keys_services(
+    path: Annotated[Path, typer.Argument(help="Where to write the service keys file.")],
+    access: PublicKeyFile,
+    storage: PublicKeyFile,
+    compute: PublicKeyFile,
+) -> None:
+    """Write the operator's service keys file (PARJOBS_SERVICE_KEYS_FILE) from each role's public
+    key: what daemons, clients and `parjobs replay` check replies and events against."""
+    service_keys = ServiceKeys(
+        {
+            "access": PublicKeys.load(access),
+            "storage": PublicKeys.load(storage),
+            "compute": PublicKeys.load(compute),
+        }
+    )
+    service_keys.save(path)
+    console.print(f"wrote {escape(str(path))}: {service_keys!r} (public keys only)")
 
 
 @app.command()
@@ -149,6 +181,7 @@ app.command()(ops.replay)
 app.command()(contract.asyncapi)
 app.command()(contract.asyncapi)
 app.add_typer(ops.dlq_app, name="dlq")
+app.add_typer(ops.broker_app, name="broker")
 app.add_typer(money.users_app, name="users")
 app.add_typer(money.account_app, name="account")
 app.add_typer(money.cheque_app, name="cheque")

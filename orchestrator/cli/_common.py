@@ -1,7 +1,8 @@
 """What the CLI's commands share: the console, passphrases, key files, and the connections.
 
-Every connection a command opens (RabbitMQ, the object store) is opened here, after its inputs
-were checked: one place to see, and for the tests to prove, that nothing connects before that.
+Every connection a command opens (RabbitMQ, its management API, the object store) is opened here,
+after its inputs were checked: one place to see, and for the tests to prove, that nothing connects
+before that.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from orchestrator.broker.admin import BrokerAdmin, vhost_of
 from orchestrator.broker.amqp import AMQPBroker
 from orchestrator.broker.base import Broker
-from orchestrator.client.client import ParjobsClient
+from orchestrator.broker.topology import Topology
+from orchestrator.client.client import ParjobsClient, registered_user
 from orchestrator.core.keys import KeyPair
 from orchestrator.core.ledger_rules import user_account
-from orchestrator.settings import AMQPSettings, S3Settings
+from orchestrator.settings import AMQPSettings, ManagementSettings, S3Settings, ServiceSettings
 from orchestrator.store.s3 import S3ObjectStore
 
 console = Console()
@@ -58,19 +61,36 @@ def paying_account(account: str | None, key: KeyPair) -> str:
 
 
 @asynccontextmanager
-async def broker_session(name: str) -> AsyncIterator[Broker]:
-    """RabbitMQ as PARJOBS_AMQP_URL / PARJOBS_PREFIX say."""
+async def broker_session(name: str, settings: AMQPSettings | None = None) -> AsyncIterator[Broker]:
+    """RabbitMQ as PARJOBS_AMQP_URL / PARJOBS_PREFIX say (or `settings`)."""
     # aiormq logs a failed connect itself; the BrokerUnavailableError after it says it in one line.
     logging.getLogger("aiormq").setLevel(logging.CRITICAL)
-    async with AMQPBroker(AMQPSettings(), name=name) as broker:
+    async with AMQPBroker(settings or AMQPSettings(), name=name) as broker:
         yield broker
 
 
 @asynccontextmanager
-async def client_session() -> AsyncIterator[ParjobsClient]:
-    """A client of the parjobs services, over `broker_session`."""
-    async with broker_session("parjobs-cli") as broker:
-        yield ParjobsClient(broker, sender="cli")
+async def client_session(user: KeyPair) -> AsyncIterator[ParjobsClient]:
+    """A client of the parjobs services as `user`: connected as their broker user (the
+    PARJOBS_AMQP_URL `parjobs users add` printed), checking what comes against the operator's
+    PARJOBS_SERVICE_KEYS_FILE. Both settings are checked before anything connects."""
+    settings = AMQPSettings()
+    registered_user(settings.username, Topology(settings.prefix, settings.delivery_limit))
+    service_keys = ServiceSettings().service_keys()
+    async with (
+        broker_session("parjobs-cli", settings) as broker,
+        ParjobsClient(broker, user, service_keys=service_keys, sender="cli") as client,
+    ):
+        yield client
+
+
+@asynccontextmanager
+async def admin_session() -> AsyncIterator[BrokerAdmin]:
+    """RabbitMQ's management API (PARJOBS_MANAGEMENT_*), for the virtual host of
+    PARJOBS_AMQP_URL: where the operator provisions broker users."""
+    url = AMQPSettings().amqp_url.get_secret_value()
+    async with BrokerAdmin(ManagementSettings(), vhost=vhost_of(url)) as admin:
+        yield admin
 
 
 @asynccontextmanager

@@ -1,7 +1,8 @@
 """`parjobs demo`: one whole job end to end on the embedded default (a local SeaweedFS).
 
-Starts SeaweedFS and the three daemons as separate processes, registers a user and funds their
-account, submits a signed csv-summary job paid by a cheque, uploads the input through the upload
+Starts SeaweedFS and the three daemons as separate processes (each as its own broker user, with
+its own key), registers a user (with a broker user of their own) and funds their account, submits
+a signed csv-summary job paid by a cheque, uploads the input through the upload
 PAR, starts it through the run PAR, shows progress, downloads the outputs through a read PAR,
 prints the job's timeline and its payment (balance before, cheque, charge, refund, balance
 after), replays the log and verifies the books.
@@ -60,22 +61,27 @@ async def run_job_demo() -> None:
         cluster = LocalCluster(s3, prefix=prefix, delete_topology=True)
         await stack.enter_async_context(cluster)
         console.print(f"access, storage, compute daemons ready as separate processes ({prefix})")
-        broker = await stack.enter_async_context(AMQPBroker(cluster.amqp, name="parjobs-demo"))
-        client = ParjobsClient(broker, sender="demo")
         scratch = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         user = KeyPair.generate("demo-user")
+        user_amqp = await cluster.add_user(user.name, user.public)
+        broker = await stack.enter_async_context(AMQPBroker(user_amqp, name="parjobs-demo"))
+        client = await stack.enter_async_context(
+            ParjobsClient(broker, user, service_keys=cluster.service_keys, sender="demo")
+        )
         store = await stack.enter_async_context(S3ObjectStore(s3))
         accounts = Accounts(store, JobKeys())
-        await accounts.add_user(user.name, user.public)
         await accounts.deposit(user.name, DEPOSIT)
         before = await accounts.balance(user.name)
-        console.print(f"[green]✓[/] registered {user.name}; deposited {DEPOSIT}: balance {before}")
+        console.print(
+            f"[green]✓[/] registered {user.name} (a broker user of their own); deposited "
+            f"{DEPOSIT}: balance {before}"
+        )
         source = scratch / "weather.csv"
         _write_csv(source)
 
         request = JobRequest(calculation="csv-summary", parameters={"delimiter": ","})
         job_uid, upload, run_par, expires = await client.request_services(
-            request, user, account=user.name, max_spend=MAX_SPEND
+            request, account=user.name, max_spend=MAX_SPEND
         )
         console.print(f"[green]✓[/] job {job_uid} signed for, paid by a cheque, contracted:")
         console.print(f"  {upload!r}\n  {run_par!r}")
@@ -94,7 +100,10 @@ async def run_job_demo() -> None:
         console.print(timeline((await client.job(job_uid, with_events=True)).events))
 
         await _show_payment(accounts, user.name, job_uid, before, final)
-        results = await replay(EventLog(store, JobKeys().jobs), broker)
+        operator = await stack.enter_async_context(
+            AMQPBroker(cluster.operator_amqp, name="parjobs-demo-operator")
+        )
+        results = await replay(EventLog(store, JobKeys().jobs), operator, cluster.service_keys)
         mine = [r for r in results if r.job_uid == job_uid]
         verdict = "agrees" if mine and mine[0].ok else f"DIVERGES: {mine}"
         console.print(f"[green]✓[/] replay: the job rebuilt from the stream {verdict} with its log")

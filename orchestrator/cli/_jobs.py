@@ -1,9 +1,14 @@
-"""The user's commands: submit a job, follow it, read its timeline, fetch its outputs."""
+"""The user's commands: submit a job, follow it, read its timeline, fetch its outputs.
+
+Each signs its requests with the user's key (`--key`) and connects as the user's broker user;
+following a job means following its events, never polling.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import aclosing
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated
@@ -81,8 +86,8 @@ def timeline(events: tuple[JobEvent, ...] | list[JobEvent]) -> Table:
     return table
 
 
-async def watch_job(client: ParjobsClient, job_uid: str, *, poll: float = 0.3) -> JobSheetState:
-    """A live progress bar of the job until it ends; its final state."""
+async def watch_job(client: ParjobsClient, job_uid: str) -> JobSheetState:
+    """A live progress bar of the job, moved by its events, until it ends; its final state."""
     columns = (
         bars.TextColumn("[bold]{task.fields[state]}"),
         bars.BarColumn(),
@@ -90,26 +95,25 @@ async def watch_job(client: ParjobsClient, job_uid: str, *, poll: float = 0.3) -
     )
     with bars.Progress(*columns, bars.TextColumn("{task.description}"), console=console) as bar:
         task = bar.add_task("", total=1.0, state="…")
-        while True:
-            sheet = (await client.job(job_uid)).sheet
-            done = 1.0 if sheet.state in ENDED else sheet.fraction
-            bar.update(
-                task,
-                completed=done or 0,
-                state=sheet.state.value,
-                description=escape((sheet.progress or "")[:60]),
-            )
-            if sheet.state in ENDED:
-                return sheet
-            await anyio.sleep(poll)
+        async with aclosing(client.watch(job_uid)) as states:
+            async for sheet in states:
+                done = 1.0 if sheet.state in ENDED else sheet.fraction
+                bar.update(
+                    task,
+                    completed=done or 0,
+                    state=sheet.state.value,
+                    description=escape((sheet.progress or "")[:60]),
+                )
+    return sheet
 
 
 async def fetch_outputs(
     client: ParjobsClient, key: KeyPair, job_uid: str, target: Path
 ) -> list[Path]:
     """Download every output through a read PAR, each checked against its recorded SHA-256."""
-    events = (await client.job(job_uid, with_events=True)).events
-    completed = [e.payload for e in events if isinstance(e.payload, Completed)]
+    completed = [
+        e.payload for e in await client.events(job_uid) if isinstance(e.payload, Completed)
+    ]
     expected = {o.key: o.sha256 for o in completed[-1].outputs} if completed else {}
     reader = BucketReader(await client.outputs(job_uid), key)
     await anyio.Path(target).mkdir(parents=True, exist_ok=True)
@@ -180,10 +184,9 @@ def submit(
     )
 
     async def run() -> None:
-        async with client_session() as client:
+        async with client_session(user) as client:
             job_uid, upload, run_par, expires = await client.request_services(
                 request,
-                user,
                 account=payer,
                 max_spend=max_spend,
                 lifetime_s=lifetime,
@@ -203,11 +206,12 @@ def submit(
     anyio.run(run)
 
 
-def status(job_uid: JobUidArgument) -> None:
+def status(job_uid: JobUidArgument, key: KeyOption) -> None:
     """The job's state, last progress, expiry and outputs."""
+    user = load_key(key)
 
     async def run() -> None:
-        async with client_session() as client:
+        async with client_session(user) as client:
             sheet = (await client.job(job_uid)).sheet
         console.print_json(
             json.dumps(
@@ -226,23 +230,25 @@ def status(job_uid: JobUidArgument) -> None:
     anyio.run(run)
 
 
-def watch(job_uid: JobUidArgument) -> None:
-    """A live progress bar until the job ends."""
+def watch(job_uid: JobUidArgument, key: KeyOption) -> None:
+    """A live progress bar, moved by the job's events, until the job ends."""
+    user = load_key(key)
 
     async def run() -> None:
-        async with client_session() as client:
+        async with client_session(user) as client:
             final = await watch_job(client, job_uid)
         console.print(f"job {job_uid} {final.state.value} {escape(final.reason or '')}")
 
     anyio.run(run)
 
 
-def events(job_uid: JobUidArgument) -> None:
-    """The job's timeline: every event of its log."""
+def events(job_uid: JobUidArgument, key: KeyOption) -> None:
+    """The job's timeline: every event of its log (each verified)."""
+    user = load_key(key)
 
     async def run() -> None:
-        async with client_session() as client:
-            console.print(timeline((await client.job(job_uid, with_events=True)).events))
+        async with client_session(user) as client:
+            console.print(timeline(await client.events(job_uid)))
 
     anyio.run(run)
 
@@ -258,7 +264,7 @@ def fetch(
     user = load_key(key)
 
     async def run() -> None:
-        async with client_session() as client:
+        async with client_session(user) as client:
             for path in await fetch_outputs(client, user, job_uid, directory):
                 console.print(escape(str(path)))
 

@@ -1,7 +1,7 @@
 """Users, accounts, cheques and the ledger: `parjobs users|account|cheque|ledger`.
 
-`users`, `account` and `ledger` are the operator's (they need the object store's credentials);
-`cheque write` is the user's (it needs only their key file).
+`users`, `account` and `ledger` are the operator's (they need the object store's credentials, and
+`users add` RabbitMQ's management API); `cheque write` is the user's (it needs only their key file).
 """
 
 from __future__ import annotations
@@ -17,7 +17,17 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from orchestrator.cli._common import KeyOption, console, load_key, paying_account, store_session
+from orchestrator.broker.admin import Credentials
+from orchestrator.broker.identities import Identities
+from orchestrator.broker.topology import Topology
+from orchestrator.cli._common import (
+    KeyOption,
+    admin_session,
+    console,
+    load_key,
+    paying_account,
+    store_session,
+)
 from orchestrator.cli._exit import EXIT_PROBLEMS
 from orchestrator.cli._inputs import (
     ACCOUNT,
@@ -33,7 +43,7 @@ from orchestrator.core.layout import JobKeys
 from orchestrator.core.ledger_rules import ACCESS
 from orchestrator.core.signing import write_cheque
 from orchestrator.services.accounts import Accounts
-from orchestrator.settings import ServiceSettings
+from orchestrator.settings import AMQPSettings, ServiceSettings
 from schemas.ledger import StatementRow
 
 users_app = typer.Typer(help="Registered users: who may sign for jobs and pay for them.")
@@ -83,10 +93,28 @@ def users_add(
         ),
     ],
 ) -> None:
-    """Register a user's public key; their account opens at zero."""
+    """Register a user's public key (their account opens at zero) and give them a broker user of
+    their own; prints the AMQP URL they connect with, once (its password is stored nowhere: run
+    this again to give them a new one)."""
     record = _with_accounts(lambda a: a.add_user(name, public_key))
     console.print(
         f"registered {record.name} ({PublicKeys.from_wire(record.public_key).fingerprint})"
+    )
+    amqp = AMQPSettings()
+    grant = Identities(Topology(amqp.prefix, amqp.delivery_limit)).user_grant(name)
+
+    async def provision() -> Credentials:
+        async with admin_session() as admin:
+            return await admin.provision(grant)
+
+    credentials = anyio.run(provision)
+    url = credentials.amqp_url(amqp.amqp_url).get_secret_value()
+    console.print(
+        f"broker user {escape(credentials.username)}; give {record.name} this, with the service "
+        "keys file (shown once, stored nowhere):"
+    )
+    console.print(
+        f"  export PARJOBS_AMQP_URL='{url}'", markup=False, highlight=False, soft_wrap=True
     )
 
 

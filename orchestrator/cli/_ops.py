@@ -1,4 +1,5 @@
-"""Operators' commands: run everything locally, replay the log, look after dead letters."""
+"""Operators' commands: set up the broker, run everything locally, replay the log, look after
+dead letters."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from orchestrator.cli._common import broker_session, console, store_session
+from orchestrator.broker.deployment import Deployment, declare_topology, provision_roles
+from orchestrator.broker.identities import Role
+from orchestrator.cli._common import admin_session, broker_session, console, store_session
 from orchestrator.cli._exit import EXIT_PROBLEMS
 from orchestrator.core.layout import JobKeys
 from orchestrator.services.replay import replay as replay_jobs
@@ -21,6 +24,31 @@ from schemas.events import JobSheetState
 from workers.cluster import LocalCluster
 
 dlq_app = typer.Typer(help="The dead-letter queue: what could not be processed, and why.")
+broker_app = typer.Typer(help="The deployment on RabbitMQ: its roles' broker users, its topology.")
+
+
+@broker_app.command("setup")
+def broker_setup() -> None:
+    """Give the operator and each service role a broker user of its own (fresh passwords),
+    declare the topology as the operator, and print each role's AMQP URL, once: nothing keeps
+    them. Give each daemon its role's URL as PARJOBS_AMQP_URL, and the operator's to `replay`
+    and `dlq`. Runs as PARJOBS_MANAGEMENT_*'s administrator, for PARJOBS_PREFIX; running it
+    again changes every password."""
+
+    async def run() -> Deployment:
+        async with admin_session() as admin:
+            await admin.check()
+            deployment = await provision_roles(admin, AMQPSettings())
+        await declare_topology(deployment.role_settings(Role.OPERATOR))
+        return deployment
+
+    deployment = anyio.run(run)
+    console.print(f"topology of {deployment.amqp.prefix!r} declared as the operator")
+    console.print("each role's PARJOBS_AMQP_URL (shown once):")
+    for role in Role:
+        url = deployment.role_settings(role).amqp_url.get_secret_value()
+        # Whole, never wrapped or cut: the line is copied into the role's configuration.
+        console.print(f"{role.value}: {escape(url)}", soft_wrap=True, highlight=False)
 
 
 async def local_s3(stack: AsyncExitStack) -> S3Settings:
@@ -44,8 +72,12 @@ def dev() -> None:
                 LocalCluster(s3, prefix=prefix, keep_dir=True)
             )
             console.print(f"daemons ready (broker prefix {prefix!r}); logs in {cluster.dir}")
-            console.print("in another shell, for `parjobs submit|status|watch|events|fetch`:")
+            console.print("in another shell, register yourself (`parjobs users add`, which prints")
+            console.print(
+                "your PARJOBS_AMQP_URL), then `parjobs submit|status|watch|events|fetch`:"
+            )
             console.print(f"  export PARJOBS_PREFIX={prefix}")
+            console.print(f"  export PARJOBS_SERVICE_KEYS_FILE={cluster.service_keys_file}")
             console.print("Ctrl-C stops everything")
             await anyio.sleep_forever()
 
@@ -62,9 +94,11 @@ def replay(
     """Rebuild every JobSheet from the events stream and from the stored log; report divergence."""
 
     async def run() -> int:
-        keys = JobKeys(ServiceSettings().data_root)
+        settings = ServiceSettings()
+        keys = JobKeys(settings.data_root)
+        service_keys = settings.service_keys()
         async with store_session() as store, broker_session("replay") as broker:
-            results = await replay_jobs(EventLog(store, keys.jobs), broker)
+            results = await replay_jobs(EventLog(store, keys.jobs), broker, service_keys)
         table = Table("job", "stored", "streamed", "verdict")
         for result in results:
             if show_all or not result.ok:

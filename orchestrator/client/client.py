@@ -1,30 +1,49 @@
-"""`ParjobsClient`: a user's (or operator's) connection to the parjobs services over RabbitMQ.
+"""`ParjobsClient`: a registered user's connection to the parjobs services over RabbitMQ.
 
 It submits jobs, asks about them, fetches output PARs, and is the `RunService` a calculation PAR's
-`RunControl` uses to start and stop runs. Requests go to a service's RPC queue; the reply is read
-as one of what that service answers (`RPC_REQUESTS[service].replies`), and an `ErrorReply` is
-raised as the very error the service raised (`ParjobsError.from_reply`).
+`RunControl` uses to start and stop runs. It connects as the user's own broker user and signs
+every request with the user's key; it uses a reply only once it verifies as signed by the service
+role it asked (`Inbox`), and an `ErrorReply` is raised as the very error the service raised
+(`ParjobsError.from_reply`).
+
+It listens rather than polls: waiting on a job means following the job's events on the client's
+own events queue (subscribed when the client starts), after one GetJob to catch up with what came
+before; each event is verified and applied in seq order (`JobTracker`). The client goes on
+following a job it waited on until the job ends, so the next wait on it (`RunControl.wait` after
+`request_services`) needs no catch-up, and no answer from access. A gap in the seqs (an event not
+come yet, or lost) is filled by one more GetJob, asked for because an event showed it.
 """
 
 from __future__ import annotations
 
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Any, TypeVar
+from types import TracebackType
+from typing import Any, Self, TypeVar
 
 import anyio
 from pydantic import BaseModel
 
 from orchestrator import errors
 from orchestrator.broker.base import Broker
-from orchestrator.broker.topology import RPC_REQUESTS
+from orchestrator.broker.identities import Identities
+from orchestrator.broker.topology import RPC_REQUESTS, Topology
+from orchestrator.client.inbox import Inbox
+from orchestrator.client.tracking import JobTracker
+from orchestrator.core.jobstate import is_terminal
 from orchestrator.core.keys import KeyPair
 from orchestrator.core.ledger_rules import ACCESS
+from orchestrator.core.message_signing import sign_message
+from orchestrator.core.run_commands import run_command
+from orchestrator.core.service_keys import ServiceKeys
 from orchestrator.core.signing import request_fingerprint, sign_authorisation, write_cheque
 from orchestrator.errors import ParjobsError
 from orchestrator.par.par import PAR
+from orchestrator.settings import ServiceSettings
 from schemas.auth import Authorisation, Cheque
-from schemas.events import JobRequest, JobSheetState, JobState
+from schemas.events import JobEvent, JobRequest, JobSheetState, JobState
 from schemas.messages import (
     ClosePAR,
     Envelope,
@@ -32,29 +51,25 @@ from schemas.messages import (
     GetJob,
     GetOutputs,
     GetPARState,
-    GetRunStatus,
     JobReply,
     MessageUnion,
     OutputsReply,
     PARStateReply,
     RunAction,
     RunReply,
-    StartRun,
-    StopRun,
     SubmitJob,
 )
 from schemas.par import PARState
+from schemas.signing import ServiceRole
 
 R = TypeVar("R", bound=BaseModel)
 CHEQUE_LIFETIME = timedelta(hours=1)
 ENDED = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED, JobState.EXPIRED})
 # A start goes to the run queue (its worker holds it for the run); the rest to compute's RPC
-# queue, which is never blocked behind long runs.
-_RUN_REQUESTS: dict[RunAction, tuple[str, type[StartRun | StopRun | GetRunStatus]]] = {
-    "start": ("runs", StartRun),
-    "stop": ("compute", StopRun),
-    "status": ("compute", GetRunStatus),
-}
+# queue, which is never blocked behind long runs. Compute answers on both.
+_RUN_QUEUES: dict[RunAction, str] = {"start": "runs", "stop": "compute", "status": "compute"}
+_ROLES: dict[str, ServiceRole] = {"access": "access", "compute": "compute", "runs": "compute"}
+"""Each RPC queue -> the service role whose signature its replies must carry."""
 
 
 def raise_error_reply(reply: ErrorReply) -> None:
@@ -69,20 +84,87 @@ def _replies(service: str) -> MessageUnion[Any]:
     return requests.replies
 
 
-class ParjobsClient:
-    """Talks to access (jobs, PARs) and compute (runs); also usable as a PAR's control."""
+def registered_user(username: str, topology: Topology) -> str:
+    """The registered user behind broker user `username`, or ConfigurationError: a client
+    connects as its user's own broker user, whose name the services read as the requester."""
+    user = Identities(topology).user_of(username)
+    if user is None:
+        raise errors.ConfigurationError(
+            f"broker user {username!r} is no registered user of deployment {topology.prefix!r}: "
+            "connect with the AMQP URL `parjobs users add` printed for you (PARJOBS_AMQP_URL)"
+        )
+    return user
 
-    def __init__(self, broker: Broker, *, sender: str = "client", timeout: float = 60.0) -> None:
+
+class ParjobsClient:
+    """A user's client of access (jobs, PARs) and compute (runs); also usable as a PAR's control.
+
+    `broker` must be connected as the user's broker user (the AMQP URL `parjobs users add`
+    printed); `user` is their key pair, which signs every request. `service_keys` are the
+    operator's (default: the PARJOBS_SERVICE_KEYS_FILE). Use as `async with ParjobsClient(...)`,
+    or let it start on first use and `aclose()` it.
+    """
+
+    def __init__(
+        self,
+        broker: Broker,
+        user: KeyPair,
+        *,
+        service_keys: ServiceKeys | None = None,
+        timeout: float = 60.0,
+        sender: str = "client",
+    ) -> None:
+        self.owner = registered_user(broker.username, broker.topology)
+        """The registered user's name the broker connection is."""
+        self.user = user
         self._broker = broker
+        keys = service_keys if service_keys is not None else ServiceSettings().service_keys()
+        self._inbox = Inbox(broker, keys)
+        self._started = False
+        self._starting = anyio.Lock()
         self._sender = sender
         self._timeout = timeout
 
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def start(self) -> None:
+        """Declare and consume the client's reply and events queues (once; idempotent)."""
+        async with self._starting:
+            if not self._started:
+                await self._inbox.start()
+                self._started = True
+
+    async def aclose(self) -> None:
+        """Stop listening; requests still waiting fail."""
+        async with self._starting:
+            if self._started:
+                await self._inbox.close()
+                self._started = False
+
     async def _call(self, service: str, body: BaseModel, expected: type[R]) -> R:
-        topology = self._broker.topology
-        reply = await self._broker.request(
-            topology.commands,
-            topology.rpc_routing_key(service),
-            Envelope(sender=self._sender, body=body),
+        await self.start()
+        request = Envelope(sender=self._sender, body=body)
+        signature = sign_message(
+            self.user,
+            self.user.fingerprint,
+            message_id=request.message_id,
+            sent_at=request.sent_at,
+            body=body,
+        )
+        reply = await self._inbox.call(
+            service,
+            _ROLES[service],
+            request.model_copy(update={"signature": signature}),
             _replies(service).envelope,
             timeout=self._timeout,
         )
@@ -111,27 +193,73 @@ class ParjobsClient:
     async def submit_paid(
         self,
         request: JobRequest,
-        user: KeyPair,
         *,
         account: str,
         max_spend: Decimal,
         lifetime_s: int | None = None,
     ) -> JobSheetState:
-        """Sign for `request` with `user`'s key and pay from `account` (which `user` owns)."""
+        """Sign for `request` with the user's key and pay from `account` (which they own)."""
         cheque = write_cheque(
-            user,
+            self.user,
             payer=account,
             recipient=ACCESS,
             max_spend=max_spend,
             resource=request_fingerprint(request),
             lifetime=CHEQUE_LIFETIME,
         )
-        authorisation = sign_authorisation(user, request)
+        authorisation = sign_authorisation(self.user, request)
         return await self.submit(request, authorisation, cheque, lifetime_s=lifetime_s)
 
     async def job(self, job_uid: str, *, with_events: bool = False) -> JobReply:
         query = GetJob(job_uid=job_uid, with_events=with_events)
         return await self._call("access", query, JobReply)
+
+    # --- a job's events --------------------------------------------------------------------------
+
+    async def events(self, job_uid: str) -> list[JobEvent]:
+        """The job's log as access has it (one GetJob), each event verified and chained to the
+        one before; one that fails is logged and left out, and so is all that follows it."""
+        tracker = JobTracker(job_uid, self._inbox.keys)
+        await self._catch_up(tracker)
+        return tracker.events
+
+    async def _catch_up(self, tracker: JobTracker) -> None:
+        """Offer the tracker the job's whole log as access has it (one GetJob)."""
+        connection = self._broker.reconnections  # as of before the ask: events after it queue up
+        for event in (await self.job(tracker.job_uid, with_events=True)).events:
+            tracker.offer(event, source="GetJob")
+        tracker.caught_up_on = connection
+
+    async def _follow(self, job_uid: str) -> AsyncGenerator[list[JobSheetState], None]:
+        """The job's states after each of its events, in seq order, in batches as they come (a
+        catch-up brings many at once), until the one that ends it. Subscribed first, it catches
+        up with one GetJob, unless the client has followed the job since it last caught up on
+        this connection, or the job has ended (its log is whole)."""
+        await self.start()
+        with self._inbox.following(job_uid) as tracker:
+            if not tracker.ended and tracker.caught_up_on != self._broker.reconnections:
+                await self._catch_up(tracker)
+            shown, filled_at = 0, -1
+            while True:
+                if shown < len(tracker.sheets):
+                    batch, shown = tracker.sheets[shown:], len(tracker.sheets)
+                    yield batch
+                    if is_terminal(batch[-1].state):
+                        return
+                elif tracker.has_gap and filled_at != len(tracker.events):
+                    # An event came before the one it follows: ask once for what is missing.
+                    filled_at = len(tracker.events)
+                    await self._catch_up(tracker)
+                else:
+                    await tracker.changed()
+
+    async def watch(self, job_uid: str) -> AsyncGenerator[JobSheetState, None]:
+        """The job's state after each of its events, in seq order, from its first to the one that
+        ends it; then the generator ends. Follows the job's events: no polling."""
+        async with aclosing(self._follow(job_uid)) as batches:
+            async for batch in batches:
+                for sheet in batch:
+                    yield sheet
 
     async def wait_until(
         self,
@@ -139,20 +267,22 @@ class ParjobsClient:
         states: frozenset[JobState],
         *,
         timeout: float = 120,  # noqa: ASYNC109 - a deadline for the whole wait
-        poll_interval: float = 0.2,
     ) -> JobSheetState:
-        """Poll the job until it is in one of `states` (or has ended); TimeoutError if not."""
+        """The job's state when it first reached one of `states`, or its end if it has ended
+        (an end wins over a state the job already left); TimeoutError if neither comes within
+        `timeout` seconds. Follows the job's events: no polling."""
         with anyio.fail_after(timeout):
-            while True:
-                sheet = (await self.job(job_uid)).sheet
-                if sheet.state in states or sheet.state in ENDED:
-                    return sheet
-                await anyio.sleep(poll_interval)
+            async with aclosing(self._follow(job_uid)) as batches:
+                async for batch in batches:
+                    if is_terminal(batch[-1].state):
+                        return batch[-1]
+                    if reached := [sheet for sheet in batch if sheet.state in states]:
+                        return reached[0]
+        raise errors.JobError(f"job {job_uid}: its events stopped before it ended")
 
     async def request_services(
         self,
         request: JobRequest,
-        user: KeyPair,
         *,
         account: str,
         max_spend: Decimal,
@@ -163,18 +293,20 @@ class ParjobsClient:
         Submits the signed and paid job, then waits until storage and compute have contracted.
         """
         submitted = await self.submit_paid(
-            request, user, account=account, max_spend=max_spend, lifetime_s=lifetime_s
+            request, account=account, max_spend=max_spend, lifetime_s=lifetime_s
         )
-        return await self.wait_ready(submitted.job_uid)
+        sheet, upload, run = await self.wait_ready(submitted.job_uid)
+        return sheet.job_uid, upload, run, sheet.expires_at
 
-    async def wait_ready(self, job_uid: str) -> tuple[str, PAR, PAR, datetime]:
-        """Wait until the job is contracted: (job uid, upload PAR, run PAR, expiry)."""
+    async def wait_ready(self, job_uid: str) -> tuple[JobSheetState, PAR, PAR]:
+        """The job's state once it is contracted, with its upload and run PARs; JobError if it
+        ended before."""
         sheet = await self.wait_until(job_uid, frozenset({JobState.READY}))
         if sheet.state is not JobState.READY or sheet.upload_par is None or sheet.run_par is None:
             raise errors.JobError(
                 f"job {job_uid} ended {sheet.state.value} before it was ready: {sheet.reason or ''}"
             )
-        return job_uid, PAR(sheet.upload_par), PAR(sheet.run_par), sheet.expires_at
+        return sheet, PAR(sheet.upload_par), PAR(sheet.run_par)
 
     async def outputs(self, job_uid: str) -> PAR:
         """A bucket read PAR over the completed job's outputs, sealed for the job's user."""
@@ -188,6 +320,14 @@ class ParjobsClient:
     async def state(self, uid: str) -> PARState:
         return (await self._call("access", GetPARState(uid=uid), PARStateReply)).state
 
-    async def run_command(self, action: RunAction, run_url: str) -> RunReply:
-        service, request = _RUN_REQUESTS[action]
-        return await self._call(service, request(run_url=run_url), RunReply)
+    async def run_command(self, action: RunAction, job_uid: str, run_url: str) -> RunReply:
+        """`action` on job `job_uid`'s run, the capability `run_url` sealed for compute and bound
+        to the action, the job and this user's key (`orchestrator.core.run_commands`)."""
+        command = run_command(
+            action,
+            run_url,
+            job_uid=job_uid,
+            requester=self.user.fingerprint,
+            compute=self._inbox.keys.current("compute"),
+        )
+        return await self._call(_RUN_QUEUES[action], command, RunReply)

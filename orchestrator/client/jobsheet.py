@@ -2,8 +2,8 @@
 
 The log is the truth: a JobSheet holds the request it was made with and, once the job exists,
 the state folded from its events. `request_services` is the seed's flow: submit through the
-access service, wait for storage and compute to contract, return the upload PAR, the run PAR and
-their expiry.
+access service, wait for storage and compute to contract (following the job's events, no
+polling), return the upload PAR, the run PAR and their expiry.
 """
 
 from __future__ import annotations
@@ -112,9 +112,8 @@ class JobSheet:
         submitted = await client.submit(
             self._job, self._authorisation, self._cheque, lifetime_s=lifetime_s
         )
-        job_uid, upload, run, expires_at = await client.wait_ready(submitted.job_uid)
-        self._state = (await client.job(job_uid)).sheet
-        return upload, run, expires_at
+        self._state, upload, run = await client.wait_ready(submitted.job_uid)
+        return upload, run, self._state.expires_at
 
     async def refresh(self, client: ParjobsClient) -> JobSheetState:
         """Fetch the job's current state from the access service."""

@@ -115,6 +115,7 @@ def _changes(event: JobEvent) -> dict[str, Any]:
             return {
                 "job_uid": event.job_uid,
                 "request": submitted.request,
+                "owner": submitted.owner,
                 "user": submitted.user,
                 "user_key": submitted.user_key,
                 "authorisation": submitted.authorisation,

@@ -62,6 +62,3 @@ class JobKeys:
     def run_claim(self, run_par_uid: str) -> str:
         """Created once when a run PAR is used, so it cannot start a second run."""
         return f"{self.root}runs/{_UID.validate_python(run_par_uid)}/claim"
-
-    def stop_request(self, run_par_uid: str) -> str:
-        return f"{self.root}runs/{_UID.validate_python(run_par_uid)}/stop"

@@ -13,6 +13,7 @@ from contextvars import ContextVar
 from typing import Protocol, runtime_checkable
 
 from orchestrator.errors import ConfigurationError
+from schemas.events import JobSheetState, JobState
 from schemas.messages import RunAction, RunReply
 from schemas.par import PARState
 
@@ -28,10 +29,20 @@ class PARControl(Protocol):
 
 @runtime_checkable
 class RunService(PARControl, Protocol):
-    """A `PARControl` that also reaches the compute service, to act on calculation PARs."""
+    """A `PARControl` that also reaches the compute service, to act on calculation PARs, and
+    follows a job's events to learn when it has ended."""
 
-    async def run_command(self, action: RunAction, run_url: str) -> RunReply:
-        """Send `action` for the run `run_url` grants; the compute service's answer."""
+    async def run_command(self, action: RunAction, job_uid: str, run_url: str) -> RunReply:
+        """Send `action` for job `job_uid`'s run, which `run_url` grants; compute's answer."""
+
+    async def wait_until(
+        self,
+        job_uid: str,
+        states: frozenset[JobState],
+        *,
+        timeout: float = 120,  # noqa: ASYNC109 - a deadline for the whole wait
+    ) -> JobSheetState:
+        """The job's state once it is in one of `states` or has ended (TimeoutError if not)."""
 
 
 _current: ContextVar[PARControl | None] = ContextVar("parjobs_par_control", default=None)

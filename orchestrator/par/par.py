@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import anyio
 from pydantic import ValidationError
 
 from orchestrator.core import crypto, par_rules
@@ -34,7 +33,6 @@ from orchestrator.par.control import PARControl, RunService, resolve_par_control
 from schemas.messages import RunReply
 from schemas.par import Capability, PARData, PARKind
 
-_ENDED = frozenset({"completed", "failed", "cancelled", "expired"})
 _PROTECTED_FIELD = "protected_par"
 _PROTECTED_AAD = b"parjobs-par-data-v1"
 
@@ -275,13 +273,22 @@ class PAR:
 class RunControl:
     """What `PAR.execute` returns: the holder's handle on the run a calculation PAR grants.
 
-    It carries the opened run capability; the compute service checks it (signature in the
-    issuer's registry, not expired, not closed, not used for another run) before acting.
+    It carries the opened run capability, which travels only sealed for compute, bound to the
+    action, the job and the holder's key; compute checks it (signature in the issuer's registry,
+    not expired, not closed, not used for another run) before acting.
     """
 
     par: PAR
     run_url: str
     control: PARControl
+
+    @property
+    def job_uid(self) -> str:
+        """The job whose run the PAR grants (its `resource`)."""
+        job_uid = self.par.data.resource
+        if job_uid is None:
+            raise PARDataError(f"calculation PAR {self.par.uid} names no job to run")
+        return job_uid
 
     def _runs(self) -> RunService:
         if not isinstance(self.control, RunService):
@@ -293,19 +300,21 @@ class RunControl:
 
     async def start(self) -> RunReply:
         """Start the calculation (the job's input must be uploaded first)."""
-        return await self._runs().run_command("start", self.run_url)
+        return await self._runs().run_command("start", self.job_uid, self.run_url)
 
     async def stop(self) -> RunReply:
         """Stop the run (or cancel the job if it has not started)."""
-        return await self._runs().run_command("stop", self.run_url)
+        return await self._runs().run_command("stop", self.job_uid, self.run_url)
 
     async def status(self) -> RunReply:
         """The job's state and its last progress message."""
-        return await self._runs().run_command("status", self.run_url)
+        return await self._runs().run_command("status", self.job_uid, self.run_url)
 
-    async def wait(self, *, timeout: float = 3600, poll_interval: float = 0.5) -> RunReply:  # noqa: ASYNC109
-        """Poll `status` until the job has ended; TimeoutError after `timeout` seconds."""
-        with anyio.fail_after(timeout):
-            while (reply := await self.status()).state not in _ENDED:
-                await anyio.sleep(poll_interval)
-        return reply
+    async def wait(self, *, timeout: float = 3600) -> RunReply:  # noqa: ASYNC109
+        """The job's end, as its events tell it (no polling): its state, and why it failed or
+        was cancelled, else its last progress message; TimeoutError after `timeout` seconds."""
+        sheet = await self._runs().wait_until(self.job_uid, frozenset(), timeout=timeout)
+        detail = sheet.reason or sheet.progress or ""
+        return RunReply(
+            job_uid=sheet.job_uid, state=sheet.state.value, accepted=True, detail=detail
+        )

@@ -12,8 +12,11 @@ job, each step idempotent for the same message so a redelivery after a crash rep
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+
+import anyio
 
 from orchestrator.core.jobstate import fold, is_terminal
 from orchestrator.core.keys import PublicKeys
@@ -26,6 +29,7 @@ from orchestrator.errors import (
     JobError,
     JobNotCompletedError,
     JobNotFoundError,
+    RequesterMismatchError,
 )
 from orchestrator.par.issuer import PARIssuer
 from orchestrator.store.base import ObjectStore
@@ -47,6 +51,7 @@ DEFAULT_AUTH_WINDOW = timedelta(minutes=5)
 # States in which a job waits for its user; past its deadline it expires (a running job is
 # bounded by its calculation's time limit instead).
 _WAITING = frozenset({JobState.SUBMITTED, JobState.STORAGE_CONTRACTED, JobState.READY})
+Publish = Callable[[JobEvent], Awaitable[None]]
 
 
 @dataclass
@@ -80,12 +85,23 @@ class AccessService:
         self.nonces = NonceStore(store, keys.nonces)
         self.ledger = Ledger(store, keys.ledger)
 
-    async def submit(self, command: SubmitJob, *, message_id: str) -> Outcome:
-        """Admit the job (the uid derives from the message id: a redelivery finds its own job)."""
+    async def submit(
+        self, command: SubmitJob, *, message_id: str, requester: str | None = None
+    ) -> Outcome:
+        """Admit the job (the uid derives from the message id: a redelivery finds its own job).
+
+        `requester` is the key fingerprint that signed the request (verified by the daemon): the
+        job must be authorised by that same key, so no one submits another's authorisation.
+        """
+        request, authorisation, cheque = command.request, command.authorisation, command.cheque
+        if requester is not None and authorisation.user != requester:
+            raise RequesterMismatchError(
+                f"the authorisation is signed by key {authorisation.user[:16]}…, the request by "
+                f"{requester[:16]}…: a user submits only jobs they authorised themselves"
+            )
         job_uid = step_event_id(message_id, "job")
         if existing := await self._log.read(job_uid):
             return Outcome(reply=JobReply(sheet=fold(existing)), events=existing[:1])
-        request, authorisation, cheque = command.request, command.authorisation, command.cheque
         now = datetime.now(UTC)
         # A redelivery after a crash between the hold and the job's creation finds its hold: every
         # check passed when it was made (nothing is held before them), so the time-bound ones (the
@@ -115,6 +131,7 @@ class AccessService:
         )
         submitted = Submitted(
             request=request,
+            owner=user_record.name,
             user=user.fingerprint,
             user_key=user_record.public_key,
             expires_at=now + lifetime,
@@ -125,14 +142,20 @@ class AccessService:
         actor = f"user:{user_record.name}"
         event_id = step_event_id(job_uid, "submitted")
         event = await self._log.create(job_uid, actor, submitted, event_id=event_id)
-        return Outcome(reply=await self._job_reply(job_uid, with_events=False), events=[event])
+        return Outcome(
+            reply=await self._job_reply(job_uid, with_events=False, owner=None), events=[event]
+        )
 
-    async def get(self, query: GetJob) -> Outcome:
-        return Outcome(reply=await self._job_reply(query.job_uid, with_events=query.with_events))
+    async def get(self, query: GetJob, *, owner: str | None = None) -> Outcome:
+        """The job's sheet (and events); with `owner`, only if it is `owner`'s job: another
+        user's job is answered exactly as one that does not exist."""
+        reply = await self._job_reply(query.job_uid, with_events=query.with_events, owner=owner)
+        return Outcome(reply=reply)
 
-    async def outputs(self, query: GetOutputs) -> Outcome:
-        """A bucket read PAR over the job's outputs, sealed for the job's user."""
-        sheet = await self._log.load(query.job_uid)
+    async def outputs(self, query: GetOutputs, *, owner: str | None = None) -> Outcome:
+        """A bucket read PAR over the job's outputs, sealed for the job's user (with `owner`,
+        only for `owner`'s own job)."""
+        sheet = fold(await self._events(query.job_uid, owner=owner))
         if sheet.state is not JobState.COMPLETED:
             raise JobNotCompletedError(
                 f"job {query.job_uid} is {sheet.state.value}; outputs exist once it is completed"
@@ -148,32 +171,49 @@ class AccessService:
             return None
         return await self.ledger.settle(job_uid, self._pricing.charge(sheet))
 
-    async def sweep(self) -> list[JobEvent]:
-        """Expire jobs still waiting past their deadline; settle ended jobs nobody settled."""
+    async def sweep(self, publish: Publish) -> list[JobEvent]:
+        """Expire jobs still waiting past their deadline; settle ended jobs nobody settled.
+
+        Every event appended here is published as it is appended (the two shielded from
+        cancellation), and an ended job's last event is published again before its active
+        marker goes: an end whose publish a crash lost still reaches its subscribers
+        (they de-duplicate by event id). Returns the `expired` events appended.
+        """
         expired: list[JobEvent] = []
         now = datetime.now(UTC)
         prefix = self._keys.active_prefix
         for info in await self._store.list(prefix):
             job_uid = info.key.removeprefix(prefix)
             try:
-                sheet = await self._log.load(job_uid)
+                events = await self._log.read(job_uid)
             except JobError:
+                continue  # a log that fails its checks is not acted on
+            if not events:
                 continue  # submit wrote the marker but not (yet) the log
+            sheet = fold(events)
             if is_terminal(sheet.state):
                 await self.settle(job_uid)  # a no-op when its end was settled already
+                await publish(events[-1])
                 await self._store.delete(info.key)
             elif sheet.state in _WAITING and sheet.expires_at <= now:
-                try:
-                    event = await self._log.transition(
-                        job_uid, "access", Expired(), event_id=step_event_id(job_uid, "expired")
-                    )
-                except IllegalTransitionError:
-                    continue  # it started (or ended) since we looked: not ours to expire
+                with anyio.CancelScope(shield=True):
+                    try:
+                        event = await self._log.transition(
+                            job_uid, "access", Expired(), event_id=step_event_id(job_uid, "expired")
+                        )
+                    except IllegalTransitionError:
+                        continue  # it started (or ended) since we looked: not ours to expire
+                    await publish(event)
                 expired.append(event)
         return expired
 
-    async def _job_reply(self, job_uid: str, *, with_events: bool) -> JobReply:
+    async def _events(self, job_uid: str, *, owner: str | None) -> list[JobEvent]:
+        """The job's events; JobNotFoundError alike for no such job and for another's job."""
         events = await self._log.read(job_uid)
-        if not events:
+        if not events or (owner is not None and fold(events[:1]).owner != owner):
             raise JobNotFoundError(f"no job {job_uid} is known here")
+        return events
+
+    async def _job_reply(self, job_uid: str, *, with_events: bool, owner: str | None) -> JobReply:
+        events = await self._events(job_uid, owner=owner)
         return JobReply(sheet=fold(events), events=tuple(events) if with_events else ())

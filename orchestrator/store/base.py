@@ -47,6 +47,10 @@ class ObjectStore(Protocol):
         """Create the bucket unless it exists; calling it again is harmless."""
         ...
 
+    async def check(self) -> None:
+        """A round trip to the store: the bucket answers (an `ObjectStoreError` if not)."""
+        ...
+
     async def put(self, key: str, data: bytes, *, content_type: str | None = None) -> str:
         """Store `data` at `key`, replacing any object there; returns the ETag."""
         ...

@@ -3,17 +3,27 @@
 Event n of job U is `<root>U/events/<n, 10 digits>.json`: each job's log is an `AppendLog`, so
 two writers can never both write n. A writer that loses reads the events it missed, checks its
 transition again against the newer state, and tries the next seq.
+
+A service's log seals what it appends (`EventSealer`: the hash chain and its role's signature,
+`orchestrator.core.chain`) and, given the operator's `ServiceKeys`, verifies every event it reads:
+an event edited, forged or removed behind the services' back makes the job's log unreadable
+(EventLogCorruptError naming it) rather than acted on. `parjobs replay` reads unverified and
+checks the chain itself, to name every problem.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from dataclasses import dataclass
 
 from pydantic import TypeAdapter
 
+from orchestrator.core.chain import seal_event, verify_log
 from orchestrator.core.jobstate import apply, fold
+from orchestrator.core.keys import KeyPair
 from orchestrator.core.par_rules import validate_prefix
+from orchestrator.core.service_keys import ServiceKeys
 from orchestrator.errors import (
     AppendConflictError,
     EventLogCorruptError,
@@ -24,14 +34,26 @@ from orchestrator.store.appendlog import AppendLog, until_won
 from orchestrator.store.base import ObjectStore
 from schemas.events import EventPayload, JobEvent, JobSheetState, Submitted, new_event_id
 from schemas.par import Uid
+from schemas.signing import ServiceRole
 
 DEFAULT_MAX_ATTEMPTS = 20  # 8 writers hammering one job needed up to 12 on SeaweedFS
 _CACHED_JOBS = 4096  # logs kept in memory (least recently read dropped first)
 _UID = TypeAdapter(Uid)
 
 
+@dataclass(frozen=True)
+class EventSealer:
+    """What a service seals the events it appends with: its role and the role's key."""
+
+    key: KeyPair
+    role: ServiceRole
+
+    def seal(self, event: JobEvent, prev: JobEvent | None) -> JobEvent:
+        return seal_event(event, prev, self.key, self.role)
+
+
 class _JobLog(AppendLog[JobEvent]):
-    """One job's events, remembered once read."""
+    """One job's events, remembered once read (and, once verified, not verified again)."""
 
     model = JobEvent
     noun = "event"
@@ -40,6 +62,25 @@ class _JobLog(AppendLog[JobEvent]):
     def __init__(self, store: ObjectStore, prefix: str, job_uid: str) -> None:
         super().__init__(store, prefix, digits=10, where=f"job {job_uid}'s log")
         self._job_uid = job_uid
+        self.verified: list[JobEvent] = []  # events 1..n whose seals and links held
+
+    @property
+    def known(self) -> list[JobEvent]:
+        """Events 1..n as read or written so far (no I/O)."""
+        return self._known
+
+    def verify(self, events: list[JobEvent], keys: ServiceKeys) -> None:
+        """Check the seals and links of `events` (1..n) past those verified already."""
+        done = len(self.verified)
+        if len(events) <= done:
+            return
+        after = self.verified[-1] if self.verified else None
+        if problems := verify_log(events[done:], keys, after=after):
+            listed = "; ".join(str(problem) for problem in problems)
+            raise EventLogCorruptError(
+                f"job {self._job_uid}'s log fails its checks, so nothing acts on it: {listed}"
+            )
+        self.verified = events
 
     def misplaced(self, record: JobEvent, seq: int) -> str | None:
         if (record.job_uid, record.seq) == (self._job_uid, seq):
@@ -50,10 +91,19 @@ class _JobLog(AppendLog[JobEvent]):
 class EventLog:
     """Every job's events under `root` of one object store."""
 
-    def __init__(self, store: ObjectStore, root: str = "jobs/") -> None:
+    def __init__(
+        self,
+        store: ObjectStore,
+        root: str = "jobs/",
+        *,
+        sealer: EventSealer | None = None,
+        keys: ServiceKeys | None = None,
+    ) -> None:
         self._store = store
         self._root = validate_prefix(root)
         self._logs: OrderedDict[str, _JobLog] = OrderedDict()  # job uid -> its log
+        self._sealer = sealer  # None: appended events are not sealed (tests of the log alone)
+        self._keys = keys  # None: events are read unverified (replay verifies them itself)
 
     def events_prefix(self, job_uid: str) -> str:
         # Validated, so a job uid can never steer a key outside its own folder.
@@ -86,9 +136,25 @@ class EventLog:
 
         Events are never rewritten, so those already read are remembered (for the most recently
         read jobs) and only newer ones are listed and fetched: a poll costs one LIST, not a GET
-        per event of the whole history.
+        per event of the whole history. With service keys, every event read is verified first.
         """
-        return await self._log(job_uid).read(after=after)
+        log = self._log(job_uid)
+        if self._keys is None:
+            return await log.read(after=after)
+        events = await log.read()
+        log.verify(events, self._keys)
+        return events[after:]
+
+    async def owner(self, job_uid: str) -> str:
+        """The registered user whose job it is (from its `submitted` event, read once)."""
+        log = self._log(job_uid)
+        first = log.known[0] if log.known else (await self._read_existing(job_uid))[0]
+        if not isinstance(first.payload, Submitted):
+            raise EventLogCorruptError(f"job {job_uid}'s log does not start with `submitted`")
+        return first.payload.owner
+
+    def _sealed(self, event: JobEvent, prev: JobEvent | None) -> JobEvent:
+        return event if self._sealer is None else self._sealer.seal(event, prev)
 
     async def load(self, job_uid: str) -> JobSheetState:
         """The job as its whole log leaves it."""
@@ -123,6 +189,7 @@ class EventLog:
             payload=payload,
         )
         apply(None, event)  # only `submitted` may start a log
+        event = self._sealed(event, None)
         try:
             await self.append(event)
         except AppendConflictError:
@@ -155,19 +222,22 @@ class EventLog:
         log = self._log(job_uid)
         unseen = await self._read_existing(job_uid)
         sheet: JobSheetState | None = None  # as of the events checked so far
+        last: JobEvent | None = None  # the last of them: what the new event chains to
 
         async def attempt() -> JobEvent | None:
-            nonlocal unseen, sheet
+            nonlocal unseen, sheet, last
             if sheet is not None:  # a try before this one lost: read the events that won
-                unseen = await log.read(after=sheet.seq)
+                unseen = await self.read(job_uid, after=sheet.seq)
             for logged in unseen:
                 if logged.event_id == our_id:
                     return logged
             sheet = fold(unseen, sheet)
+            last = unseen[-1] if unseen else last
             event = JobEvent(
                 event_id=our_id, job_uid=job_uid, seq=sheet.seq + 1, actor=actor, payload=payload
             )
             apply(sheet, event)  # refuses an illegal transition before anything is written
+            event = self._sealed(event, last)
             return event if await log.append(event.seq, event) else None
 
         return await until_won(

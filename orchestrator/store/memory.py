@@ -110,6 +110,10 @@ class MemoryObjectStore:
         """The bucket always exists."""
         await checkpoint()
 
+    async def check(self) -> None:
+        """The bucket always answers."""
+        await checkpoint()
+
     async def put(self, key: str, data: bytes, *, content_type: str | None = None) -> str:
         await checkpoint()
         return self._store(key, data, content_type)

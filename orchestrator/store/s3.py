@@ -117,6 +117,11 @@ class S3ObjectStore:
                 if err.response.get("Error", {}).get("Code") != "BucketAlreadyOwnedByYou":
                     raise
 
+    async def check(self) -> None:
+        """A HEAD on the bucket: the server answers, with these credentials."""
+        with _s3_errors(self.bucket):
+            await self._s3.head_bucket(Bucket=self.bucket)
+
     async def put(self, key: str, data: bytes, *, content_type: str | None = None) -> str:
         """Store `data` at `key`, replacing any object there; returns the ETag."""
         with _s3_errors(key):

@@ -128,6 +128,8 @@ class BrokerContract:
         assert (meta.correlation_id, meta.headers["x-trace"]) == ("c-1", "t-1")
         assert (meta.redelivered, meta.delivery_count) == (False, 0)
         assert meta.timestamp is not None
+        # Every publish carries the connection's broker user, as the broker checked it.
+        assert meta.user_id == broker.username
 
     async def test_a_confirmed_publish_is_in_its_queue(
         self, broker: Broker, outside: Outside
@@ -344,6 +346,12 @@ class BrokerContract:
         assert await broker.redrive("all") == 1
         message, meta = await inbox.next()
         assert (message, meta.message_id, meta.delivery_count) == (Ping(n=5), message_id, 0)
+
+    async def test_consumers_are_not_lost_while_their_queues_exist(self, broker: Broker) -> None:
+        spec = await work_queue(broker)
+        await broker.consume(spec, MESSAGES, Inbox())
+        assert await broker.lost_consumers() == []
+        assert await broker.lost_consumers(redeclare=True) == []
 
     async def test_health_check(self, broker: Broker) -> None:
         assert broker.is_connected

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -31,12 +32,17 @@ async def cluster(seaweed: LocalSeaweed) -> AsyncIterator[LocalCluster]:
 
 
 def parjobs(
-    cluster: LocalCluster, *args: str, check: bool = True
+    cluster: LocalCluster, *args: str, as_user: str | None = None, check: bool = True
 ) -> subprocess.CompletedProcess[str]:
+    """`parjobs <args>` as the operator, or as a user connecting with `as_user` (the AMQP URL
+    `users add` printed for them)."""
+    operator = cluster.operator_amqp.amqp_url.get_secret_value()
     env = {
         **os.environ,
         **s3_environment(cluster.s3),
         "PARJOBS_PREFIX": cluster.prefix,
+        "PARJOBS_AMQP_URL": as_user or operator,
+        "PARJOBS_SERVICE_KEYS_FILE": str(cluster.service_keys_file),
         "PARJOBS_PASSPHRASE": "cli test passphrase",
         "PARJOBS_DATA_ROOT": cluster.data_root,
         "COLUMNS": "200",
@@ -54,16 +60,27 @@ def parjobs(
     return result
 
 
+def add_user(cluster: LocalCluster, name: str, public_key: Path) -> str:
+    """`parjobs users add`: the AMQP URL it prints once for the user."""
+    added = parjobs(cluster, "users", "add", name, "--public-key", str(public_key)).stdout
+    found = re.search(r"export PARJOBS_AMQP_URL='([^']+)'", added)
+    assert found is not None, added
+    assert f"broker user user:{name}@{cluster.prefix}" in added
+    return found.group(1)
+
+
 def test_submit_status_events_fetch_replay(cluster: LocalCluster, tmp_path: Path) -> None:
     key = tmp_path / "me.key"
     parjobs(cluster, "keys", "new", str(key), "--name", "me")
-    parjobs(cluster, "users", "add", "me", "--public-key", str(tmp_path / "me.key.pub"))
+    me = add_user(cluster, "me", tmp_path / "me.key.pub")
     assert "balance 10.000000" in parjobs(cluster, "account", "deposit", "me", "10").stdout
     data = tmp_path / "data.txt"
     data.write_text("one\ntwo\nthree\n")
     out = tmp_path / "out"
     submitted = parjobs(
-        cluster, "submit", "checksum", str(data), "--key", str(key), "--output", str(out)
+        cluster,
+        *("submit", "checksum", str(data), "--key", str(key), "--output", str(out)),
+        as_user=me,
     )
     job_uid = submitted.stdout.split("job ", 1)[1].split()[0]
     assert "completed" in submitted.stdout
@@ -71,10 +88,12 @@ def test_submit_status_events_fetch_replay(cluster: LocalCluster, tmp_path: Path
     assert summary["size_bytes"] == 14
     assert summary["lines"] == 3
 
-    status = json.loads(parjobs(cluster, "status", job_uid).stdout)
+    status = json.loads(parjobs(cluster, "status", job_uid, "--key", str(key), as_user=me).stdout)
     assert status["state"] == "completed"
     assert status["outputs"] == ["summary.json"]
-    timeline = parjobs(cluster, "events", job_uid).stdout
+    watched = parjobs(cluster, "watch", job_uid, "--key", str(key), as_user=me).stdout
+    assert f"job {job_uid} completed" in watched
+    timeline = parjobs(cluster, "events", job_uid, "--key", str(key), as_user=me).stdout
     for event in (
         "submitted",
         "storage_contracted",
@@ -84,7 +103,7 @@ def test_submit_status_events_fetch_replay(cluster: LocalCluster, tmp_path: Path
     ):
         assert event in timeline
     again = tmp_path / "again"
-    parjobs(cluster, "fetch", job_uid, str(again), "--key", str(key))
+    parjobs(cluster, "fetch", job_uid, str(again), "--key", str(key), as_user=me)
     assert (again / "summary.json").read_bytes() == (out / "summary.json").read_bytes()
     replayed = parjobs(cluster, "replay")
     assert "0 diverge" in replayed.stdout
@@ -97,21 +116,37 @@ def test_submit_status_events_fetch_replay(cluster: LocalCluster, tmp_path: Path
     assert "the books balance" in parjobs(cluster, "ledger", "verify").stdout
 
 
+def test_users_commands_need_their_own_broker_user(cluster: LocalCluster, tmp_path: Path) -> None:
+    key = tmp_path / "me.key"
+    parjobs(cluster, "keys", "new", str(key), "--name", "nobody")
+    as_operator = parjobs(cluster, "status", "0" * 32, "--key", str(key), check=False)
+    assert as_operator.returncode == 2
+    assert "is no registered user" in as_operator.stderr
+    # A URL `users add` printed, with another password: RabbitMQ refuses it.
+    url = add_user(cluster, "nobody", tmp_path / "me.key.pub")
+    wrong = re.sub(r":[^:@/]+@127", ":not-the-password@127", url)
+    refused = parjobs(cluster, "status", "0" * 32, "--key", str(key), as_user=wrong, check=False)
+    assert refused.returncode == 2
+    assert "(broker.unavailable)" in refused.stderr
+
+
 def test_errors_are_specific(cluster: LocalCluster, tmp_path: Path) -> None:
     key = tmp_path / "me.key"
     parjobs(cluster, "keys", "new", str(key), "--name", "other")
-    parjobs(cluster, "users", "add", "other", "--public-key", str(tmp_path / "me.key.pub"))
-    missing = parjobs(cluster, "status", "0" * 32, check=False)
+    other = add_user(cluster, "other", tmp_path / "me.key.pub")
+    missing = parjobs(cluster, "status", "0" * 32, "--key", str(key), as_user=other, check=False)
     assert missing.returncode == 2
     assert "no job" in missing.stderr
     assert "(job.not_found)" in missing.stderr
     data = tmp_path / "d"
     data.write_text("x")
-    unknown = parjobs(cluster, "submit", "no-such-calc", str(data), "--key", str(key), check=False)
+    submit = ("submit", "no-such-calc", str(data), "--key", str(key))
+    unknown = parjobs(cluster, *submit, as_user=other, check=False)
     assert unknown.returncode == 2
     assert "no-such-calc" in unknown.stderr
     assert "(calculation.unknown)" in unknown.stderr
-    broke = parjobs(cluster, "submit", "checksum", str(data), "--key", str(key), check=False)
+    submit = ("submit", "checksum", str(data), "--key", str(key))
+    broke = parjobs(cluster, *submit, as_user=other, check=False)
     assert broke.returncode == 2
     assert "too little" in broke.stderr
     assert "(ledger.insufficient_funds)" in broke.stderr

@@ -34,29 +34,35 @@ from pydantic import JsonValue, TypeAdapter
 from orchestrator import PAR, BucketReader, KeyPair, ObjectWriter
 from orchestrator.broker._dlq import CODE_HEADER, REASON_HEADER
 from orchestrator.broker.amqp import AMQPBroker
-from orchestrator.broker.base import Broker, DeadLetter, DeadLetterReason
+from orchestrator.broker.base import Broker, DeadLetter, DeadLetterReason, IncomingMeta
+from orchestrator.broker.identities import Identities
 from orchestrator.broker.topology import Topology
 from orchestrator.client.client import ParjobsClient
 from orchestrator.client.jobsheet import JobSheet
+from orchestrator.core.chain import seal_event
 from orchestrator.core.layout import JobKeys
+from orchestrator.core.message_signing import sign_message
+from orchestrator.core.run_commands import run_command
 from orchestrator.core.signing import request_fingerprint, sign_authorisation, write_cheque
 from orchestrator.errors import PARExpiredError, RunRefusedError, WrongKeyError
 from orchestrator.par.par import RunControl
 from orchestrator.par.transfer import PARTransport
 from orchestrator.services.accounts import Accounts
+from orchestrator.services.replay import replay
 from orchestrator.store.base import ObjectStore
 from orchestrator.store.eventlog import EventLog
 from orchestrator.store.seaweed import LocalSeaweed
 from schemas.events import Completed, JobEvent, JobRequest, JobSheetState, JobState
-from schemas.messages import Envelope, ErrorReply, EventPublished, RunReply, StartRun
+from schemas.messages import Envelope, ErrorReply, EventPublished, RunReply
 from tests._waiting import eventually
 from tests.conftest import RabbitMQCtl
 from workers.cluster import ROLES, LocalCluster
-from workers.daemons import delete_topology
 
 pytestmark = pytest.mark.integration
 
 ENVELOPE = TypeAdapter(Envelope)
+PROCESSES_PER_RUN = 3
+"""What one sandboxed run is on this machine: bwrap, the sandbox's supervisor, the calculation."""
 HAPPY_PATH = ("submitted", "storage_contracted", "compute_contracted", "run_started", "completed")
 
 
@@ -69,10 +75,14 @@ MAX_SPEND = Decimal(5)
 
 @dataclass
 class Harness:
-    """A running cluster and a user of it: their key pair, a client, a broker connection."""
+    """A running cluster and a user of it: their key pair, a client on their own broker
+    connection; and the operator's broker connection, to look at the system from outside."""
 
     cluster: LocalCluster
     broker: Broker
+    """The user's broker connection (as their own broker user)."""
+    operator: Broker
+    """The operator's: reads the events stream and the dead letters, publishes anywhere."""
     client: ParjobsClient
     store: ObjectStore
     root: str  # the cluster's PARJOBS_DATA_ROOT
@@ -82,12 +92,16 @@ class Harness:
     def topology(self) -> Topology:
         return self.broker.topology
 
+    @property
+    def ids(self) -> Identities:
+        return Identities(self.topology)
+
     # --- a user's steps --------------------------------------------------------------------------
 
     async def submit(self, request: JobRequest, *, lifetime_s: int | None = None) -> JobSheetState:
         """Submit `request`, signed by the user and paid from their account."""
         return await self.client.submit_paid(
-            request, self.user, account=ACCOUNT, max_spend=MAX_SPEND, lifetime_s=lifetime_s
+            request, account=ACCOUNT, max_spend=MAX_SPEND, lifetime_s=lifetime_s
         )
 
     async def ready_job(
@@ -96,14 +110,11 @@ class Harness:
         parameters: dict[str, JsonValue] | None = None,
         *,
         lifetime_s: int | None = None,
-        poll_interval: float = 0.2,
     ) -> tuple[str, PAR, PAR]:
         """Submit and wait until storage and compute contracted: (job uid, upload, run PAR)."""
         request = JobRequest(calculation=calculation, parameters=parameters or {})
         sheet = await self.submit(request, lifetime_s=lifetime_s)
-        ready = await self.client.wait_until(
-            sheet.job_uid, frozenset({JobState.READY}), timeout=60, poll_interval=poll_interval
-        )
+        ready = await self.client.wait_until(sheet.job_uid, frozenset({JobState.READY}), timeout=60)
         assert ready.state is JobState.READY, f"{ready.state}: {ready.reason}"
         assert ready.upload_par is not None
         assert ready.run_par is not None
@@ -114,13 +125,9 @@ class Harness:
         data: bytes,
         calculation: str = "checksum",
         parameters: dict[str, JsonValue] | None = None,
-        *,
-        poll_interval: float = 0.2,
     ) -> tuple[str, RunControl]:
         """A job whose input is uploaded and whose run was started (accepted)."""
-        job_uid, upload, run = await self.ready_job(
-            calculation, parameters, poll_interval=poll_interval
-        )
+        job_uid, upload, run = await self.ready_job(calculation, parameters)
         sent = await ObjectWriter(upload, self.user).set_object(data)
         assert sent.size == len(data)
         control = run.execute(self.user, control=self.client)
@@ -136,13 +143,10 @@ class Harness:
         parameters: dict[str, JsonValue] | None = None,
         *,
         timeout: float = 60,  # noqa: ASYNC109 - a deadline for the whole job
-        poll_interval: float = 0.2,
     ) -> JobSheetState:
         """Submit, upload, start and wait until the job ends; its final sheet."""
-        job_uid, control = await self.start_job(
-            data, calculation, parameters, poll_interval=poll_interval
-        )
-        await control.wait(timeout=timeout, poll_interval=poll_interval)
+        job_uid, control = await self.start_job(data, calculation, parameters)
+        await control.wait(timeout=timeout)
         return (await self.client.job(job_uid)).sheet
 
     async def events(self, job_uid: str) -> list[JobEvent]:
@@ -184,7 +188,7 @@ class Harness:
     async def stream_records(self, job_uid: str) -> list[tuple[str | None, Envelope]]:
         """(message id, envelope) of every message the events stream holds for `job_uid`."""
         found = []
-        async for record in self.broker.read_stream(self.topology.events_stream, ENVELOPE):
+        async for record in self.operator.read_stream(self.topology.events_stream, ENVELOPE):
             body = record.value.body
             if isinstance(body, EventPublished) and body.event.job_uid == job_uid:
                 found.append((record.message_id, record.value))
@@ -220,32 +224,39 @@ async def open_cluster(
         seaweed.settings,
         prefix=f"e2e-{tag}",
         overrides={"PARJOBS_DATA_ROOT": root, **(overrides or {})},
+        delete_topology=True,  # stop() deletes the prefix's queues, exchanges and broker users
     )
     user = KeyPair.generate("e2e-user")
     try:
         await cluster.start()
-        accounts = Accounts(store, JobKeys(root))
-        await accounts.add_user(ACCOUNT, user.public)
-        await accounts.deposit(ACCOUNT, Decimal(10_000))
-        async with AMQPBroker(cluster.amqp, name=f"e2e-client-{tag}") as broker:
+        user_amqp = await cluster.add_user(ACCOUNT, user.public)
+        await Accounts(store, JobKeys(root)).deposit(ACCOUNT, Decimal(10_000))
+        async with (
+            AMQPBroker(user_amqp, name=f"e2e-client-{tag}") as broker,
+            AMQPBroker(cluster.operator_amqp, name=f"e2e-operator-{tag}") as operator,
+            ParjobsClient(broker, user, service_keys=cluster.service_keys) as client,
+        ):
             yield Harness(
                 cluster=cluster,
                 broker=broker,
-                client=ParjobsClient(broker, sender="e2e-test"),
+                operator=operator,
+                client=client,
                 store=store,
                 root=root,
                 user=user,
             )
     finally:
         await cluster.stop()
-        await delete_topology(cluster.amqp)
         await store.delete_prefix(root)
 
 
 @pytest.fixture(scope="module")
 async def harness(seaweed: LocalSeaweed, store: ObjectStore) -> AsyncIterator[Harness]:
-    """The module's cluster: up to 10 runs at once, so 50 jobs go through quickly."""
-    async with open_cluster(seaweed, store, {"PARJOBS_MAX_RUNS": "10"}) as opened:
+    """The module's cluster: up to 10 runs at once, so 50 jobs go through quickly. Its sweep
+    runs once, at the start: no expiry here, and the stream counts below see no end re-published
+    by the sweep (tests/unit/test_services.py covers that)."""
+    overrides = {"PARJOBS_MAX_RUNS": "10", "PARJOBS_SWEEP_INTERVAL_S": "3600"}
+    async with open_cluster(seaweed, store, overrides) as opened:
         yield opened
 
 
@@ -278,7 +289,7 @@ def _is_live(proc: Path, marker: bytes) -> bool:
 async def ready_messages(harness: Harness, queue: str) -> int:
     """Messages waiting in `queue` for a consumer, as the broker says now (a passive declare;
     the counters `rabbitmqctl list_queues` shows are refreshed only every few seconds)."""
-    connection = await aio_pika.connect(harness.broker.settings.amqp_url.get_secret_value())
+    connection = await aio_pika.connect(harness.operator.settings.amqp_url.get_secret_value())
     async with connection, connection.channel() as channel:
         declared = await channel.declare_queue(queue, passive=True)
         return declared.declaration_result.message_count or 0
@@ -381,7 +392,7 @@ async def test_fifty_concurrent_jobs_all_complete_exactly_once(harness: Harness)
     started = time.monotonic()
 
     async def one(name: str, data: bytes) -> None:
-        sheet = await harness.run_job(data, timeout=100, poll_interval=0.5)
+        sheet = await harness.run_job(data, timeout=100)
         assert sheet.state is JobState.COMPLETED, f"{name}: {sheet.state} {sheet.reason}"
         finished[name] = (sheet.job_uid, data)
 
@@ -407,7 +418,7 @@ async def test_fifty_concurrent_jobs_all_complete_exactly_once(harness: Harness)
     # Nothing was published that is not in a log: the stream holds each job's events, by id.
     job_uids = {job_uid for job_uid, _ in finished.values()}
     published: dict[str, set[str]] = {job_uid: set() for job_uid in job_uids}
-    async for record in harness.broker.read_stream(harness.topology.events_stream, ENVELOPE):
+    async for record in harness.operator.read_stream(harness.topology.events_stream, ENVELOPE):
         body = record.value.body
         if isinstance(body, EventPublished) and body.event.job_uid in job_uids:
             published[body.event.job_uid].add(body.event.event_id)
@@ -415,6 +426,42 @@ async def test_fifty_concurrent_jobs_all_complete_exactly_once(harness: Harness)
         logged = {event.event_id for event in await harness.events(job_uid)}
         assert published[job_uid] == logged, job_uid
     print(f"50 jobs in {elapsed:.1f}s")
+
+
+async def test_two_hundred_jobs_with_progress_replay_with_no_divergence(harness: Harness) -> None:
+    """Every appended event is published: 200 jobs, each with progress events appended while its
+    run's task group is being torn down, then `replay` compares every stored log with the events
+    stream and finds nothing missing, nothing rejected, nothing different."""
+    job_uids: set[str] = set()
+    flows = anyio.Semaphore(40)  # jobs in flight at once (10 runs, the rest contracting)
+
+    async def one(n: int) -> None:
+        async with flows:
+            sheet = await harness.run_job(b"%d\n" % n, "sleep", {"seconds": 1.2}, timeout=150)
+        assert sheet.state is JobState.COMPLETED, f"{n}: {sheet.state} {sheet.reason}"
+        job_uids.add(sheet.job_uid)
+
+    started = time.monotonic()
+    with anyio.fail_after(170):
+        async with anyio.create_task_group() as group:
+            for n in range(200):
+                group.start_soon(one, n)
+    ran = time.monotonic() - started
+    assert len(job_uids) == 200
+
+    log = EventLog(harness.store, JobKeys(harness.root).jobs)
+    results = {
+        result.job_uid: result
+        for result in await replay(log, harness.operator, harness.cluster.service_keys)
+    }
+    assert job_uids <= set(results)
+    diverged = {uid: results[uid].problems for uid in job_uids if not results[uid].ok}
+    assert diverged == {}, f"{len(diverged)} of 200 jobs diverge: {diverged}"
+    assert [r for r in results.values() if r.rejected] == []  # nothing forged on the stream
+    assert [r for r in results.values() if r.tampered] == []
+    progress = [kinds_of(await log.read(uid))["progress"] for uid in sorted(job_uids)[:20]]
+    assert all(count >= 1 for count in progress), progress
+    print(f"200 jobs with progress in {ran:.1f}s; replay: 0 divergence")
 
 
 # --- expiry and stop ----------------------------------------------------------------------------
@@ -437,9 +484,7 @@ async def test_expiry_ends_a_job_and_its_pars_are_refused(
         assert await h.store.head(f"{h.root}jobs/{unstarted_uid}/input") is not None
 
         for job_uid in runs:
-            sheet = await h.client.wait_until(
-                job_uid, frozenset({JobState.EXPIRED}), timeout=15, poll_interval=0.2
-            )
+            sheet = await h.client.wait_until(job_uid, frozenset({JobState.EXPIRED}), timeout=15)
             assert sheet.state is JobState.EXPIRED
             assert (sheet.expires_at - sheet.created_at).total_seconds() <= 4.5
             assert sheet.updated_at >= sheet.expires_at
@@ -485,18 +530,20 @@ async def test_stop_ends_a_running_job(harness: Harness) -> None:
         lambda: _running_with_process(harness, job_uid), "the sleep calculation is running"
     )
     pids = run_processes(job_uid)
-    assert len(pids) == 3, pids  # bwrap, the sandbox's supervisor, the sleep script
+    assert len(pids) == PROCESSES_PER_RUN, pids
 
     asked = time.monotonic()
     reply = await control.stop()
     assert reply.accepted, reply
-    final = await control.wait(timeout=10, poll_interval=0.1)
+    final = await control.wait(timeout=10)
     took = time.monotonic() - asked
     assert final.state == "cancelled", final
     assert took < 8, f"the stop took {took:.1f}s"
-    assert not any(
-        _is_live(Path(f"/proc/{pid}"), f"parjobs-run-{job_uid[:8]}-".encode()) for pid in pids
-    ), "the sleep process survived the stop"
+    # The job ends as the stop is logged; its `cancelled` event, delivered to every compute
+    # daemon, has the one running it kill the run (SIGTERM, then SIGKILL after the grace).
+    await eventually(
+        lambda: _none_alive(pids, job_uid), "the stop killed the sleep process", timeout=8
+    )
     assert run_processes(job_uid) == set()
 
     events = await harness.events(job_uid)
@@ -512,6 +559,9 @@ async def test_stop_ends_a_running_job(harness: Harness) -> None:
         "cancelled",
     }, kinds
     assert events[-1].payload.type == "cancelled"
+    # The stop reached the run as a message: nothing was written to the store for it to poll.
+    runs = await harness.store.list(f"{harness.root}runs/")
+    assert [info.key for info in runs if not info.key.endswith("/claim")] == []
     # An ended job cannot be started or stopped again through its run PAR.
     with pytest.raises(RunRefusedError):
         await control.start()
@@ -539,7 +589,7 @@ async def test_a_poison_message_is_dead_lettered_once(harness: Harness) -> None:
         "sender": "e2e-test",
         "body": {"type": "make_coffee", "strength": 11},
     }
-    connection = await aio_pika.connect(harness.broker.settings.amqp_url.get_secret_value())
+    connection = await aio_pika.connect(harness.operator.settings.amqp_url.get_secret_value())
     async with connection, connection.channel(publisher_confirms=True) as channel:
         # Straight into the storage work queue (not through the events exchange, whose stream
         # would keep the bad bytes for every later reader of the history).
@@ -556,7 +606,7 @@ async def test_a_poison_message_is_dead_lettered_once(harness: Harness) -> None:
     async def letters() -> list[DeadLetter]:
         return [
             letter
-            for letter in await harness.broker.dead_letters()
+            for letter in await harness.operator.dead_letters()
             if letter.message_id in (undecodable_id, unknown_id)
         ]
 
@@ -599,7 +649,7 @@ async def test_a_poison_message_is_dead_lettered_once(harness: Harness) -> None:
 
 async def _raw_dead_letter_headers(harness: Harness, ids: set[str]) -> dict[str, dict[str, Any]]:
     """The headers of the dead letters with these ids, as they sit in the queue (handed back)."""
-    connection = await aio_pika.connect(harness.broker.settings.amqp_url.get_secret_value())
+    connection = await aio_pika.connect(harness.operator.settings.amqp_url.get_secret_value())
     found: dict[str, dict[str, Any]] = {}
     async with connection, connection.channel() as channel:
         queue = await channel.declare_queue(harness.topology.dead_letter_queue.name, passive=True)
@@ -623,7 +673,9 @@ async def test_a_duplicate_delivery_has_no_second_effect(harness: Harness) -> No
         "compute_contracted",
     ]
 
-    # The very envelopes the services published, from the stream, published again.
+    # The very envelopes the services published, from the stream, published again (by the
+    # operator: no user may publish events).
+    owner = harness.ids.user_username(ACCOUNT)
     originals = {
         envelope.body.event.payload.type: (message_id, envelope)
         for message_id, envelope in await harness.stream_records(job_uid)
@@ -633,8 +685,11 @@ async def test_a_duplicate_delivery_has_no_second_effect(harness: Harness) -> No
         message_id, envelope = originals[kind]
         assert isinstance(envelope.body, EventPublished)
         assert message_id == envelope.body.event.event_id
-        await harness.broker.publish(
-            harness.topology.events, f"job.{job_uid}.{kind}", envelope, message_id=message_id
+        await harness.operator.publish(
+            harness.topology.events,
+            harness.ids.event_routing_key(owner, job_uid, kind),
+            envelope,
+            message_id=message_id,
         )
 
     # Storage answers the duplicate `submitted` by publishing its logged `storage_contracted`
@@ -661,7 +716,7 @@ async def test_a_duplicate_delivery_has_no_second_effect(harness: Harness) -> No
     await ObjectWriter(upload, harness.user).set_object(data)
     control = run.execute(harness.user, control=harness.client)
     assert (await control.start()).accepted
-    assert (await control.wait(timeout=60, poll_interval=0.2)).state == "completed"
+    assert (await control.wait(timeout=60)).state == "completed"
     await harness.check_checksum_job(job_uid, data)
     # A second start through the same run PAR is refused: one run PAR, one run.
     with pytest.raises(RunRefusedError):
@@ -678,7 +733,7 @@ async def test_a_duplicate_delivery_has_no_second_effect(harness: Harness) -> No
     }
     assert not [
         letter
-        for letter in await harness.broker.dead_letters()
+        for letter in await harness.operator.dead_letters()
         if job_uid in (letter.original_routing_key or "")
     ]
 
@@ -689,14 +744,43 @@ async def test_a_duplicate_start_starts_no_second_run(harness: Harness) -> None:
     capability = run.open(harness.user)
     assert capability.run_url is not None
     # One start message, delivered twice (as a publisher's resend after a lost confirm would):
-    # the same envelope, the same message id.
-    start = Envelope(sender="e2e-test", body=StartRun(run_url=capability.run_url))
+    # the same envelope, signed once by the user, with the same message id.
+    body = run_command(
+        "start",
+        capability.run_url,
+        job_uid=job_uid,
+        requester=harness.user.fingerprint,
+        compute=harness.cluster.service_keys.current("compute"),
+    )
+    unsigned: Envelope = Envelope(sender="e2e-test", body=body)
+    signature = sign_message(
+        harness.user,
+        harness.user.fingerprint,
+        message_id=unsigned.message_id,
+        sent_at=unsigned.sent_at,
+        body=body,
+    )
+    start = unsigned.model_copy(update={"signature": signature})
     topology = harness.topology
+    reply_queue = harness.ids.reply_queue(harness.broker.username, uuid.uuid4().hex)
+    await harness.broker.declare(reply_queue, shared=False)
+    sent_replies, replies = anyio.create_memory_object_stream[Envelope](2)
+
+    async def on_reply(envelope: Envelope, meta: IncomingMeta) -> None:
+        await sent_replies.send(envelope)
+
+    await harness.broker.consume(reply_queue, ENVELOPE, on_reply)
 
     async def send() -> Envelope:
-        return await harness.broker.request(
-            topology.commands, topology.rpc_routing_key("runs"), start, ENVELOPE, timeout=60
+        await harness.broker.publish(
+            topology.commands,
+            topology.rpc_routing_key("runs"),
+            start,
+            reply_to=reply_queue.name,
+            message_id=start.message_id,
         )
+        with anyio.fail_after(60):
+            return await replies.receive()
 
     watch = RunWatch(job_uid)
     async with anyio.create_task_group() as group:
@@ -711,8 +795,8 @@ async def test_a_duplicate_start_starts_no_second_run(harness: Harness) -> None:
     assert (await harness.client.job(job_uid)).sheet.state is JobState.COMPLETED
     assert isinstance(second.body, ErrorReply), second.body
     assert second.body.code == RunRefusedError.code == "job.run_refused"
-    assert len(watch.pids) == 1, f"{len(watch.pids)} runs of one start"
-    assert watch.most_at_once == 1
+    assert len(watch.pids) == PROCESSES_PER_RUN, f"{watch.pids}: more than one run of one start"
+    assert watch.most_at_once == PROCESSES_PER_RUN
     events = await harness.events(job_uid)
     kinds = kinds_of(events)
     assert {kind: kinds[kind] for kind in HAPPY_PATH} == dict.fromkeys(HAPPY_PATH, 1), kinds
@@ -733,13 +817,86 @@ async def test_health_and_readiness_answer(harness: Harness) -> None:
         for role in ROLES:
             healthz = await http.get(harness.health_url(role, "/healthz"))
             assert healthz.status_code == 200
-            assert healthz.json()["ready"] is True
+            assert healthz.json() == {"alive": True}
             readyz = await http.get(harness.health_url(role, "/readyz"))
             assert readyz.status_code == 200
-            assert readyz.json() == {"ready": True, "reconnections": 0}
+            assert readyz.json() == {"ready": True, "problems": [], "reconnections": 0}
             missing = await http.get(harness.health_url(role, "/nope"))
             assert missing.status_code == 404
             assert missing.json() == {"paths": ["/healthz", "/readyz"]}
+
+
+async def test_a_deleted_queue_makes_its_daemon_unready_until_it_consumes_again(
+    harness: Harness,
+) -> None:
+    """The operator (or a lost node) deletes storage's queue: storage's consumer is cancelled by
+    the broker, /readyz says so (503), storage declares its queue again, consumes it, and is
+    ready; new jobs flow."""
+    storage_queue = harness.topology.work_queue("storage").name
+    connection = await aio_pika.connect(harness.operator.settings.amqp_url.get_secret_value())
+    async with connection, connection.channel() as channel:
+        await channel.queue_delete(storage_queue)
+    seen: list[dict[str, Any]] = []
+
+    async def unready() -> bool:
+        seen.append(await harness.health("storage"))
+        return bool(seen[-1]["status"] == 503)
+
+    async def ready_again() -> bool:
+        return bool((await harness.health("storage"))["status"] == 200)
+
+    # Storage looks at its consumers every second: the 503 comes before it is restored.
+    await eventually(unready, "storage reports the lost consumer", timeout=3, interval=0.02)
+    assert seen[-1]["problems"] == [f"not consuming {storage_queue}"], seen[-1]
+    await eventually(ready_again, "storage consumes its queue again", timeout=15)
+    log = harness.cluster.log_path("storage").read_text()
+    assert "cancelled by the broker; declared again" in log, log[-2000:]
+    data = payload(3000, "after the queue was deleted")
+    sheet = await harness.run_job(data)
+    assert sheet.state is JobState.COMPLETED, sheet.reason
+    await harness.check_checksum_job(sheet.job_uid, data)
+
+
+async def test_a_forged_event_is_refused_by_the_services_and_changes_nothing(
+    harness: Harness,
+) -> None:
+    """Even one who may publish to the events exchange (here the operator) cannot make the
+    services act on an event no role sealed: compute dead-letters a forged `storage_contracted`
+    and mints nothing; the job goes on as its real events say."""
+    job_uid, upload, run = await harness.ready_job()
+    logged = await harness.events(job_uid)
+    records_before = await harness.registry_records()
+    real = logged[1]
+    assert real.payload.type == "storage_contracted"
+    forger = KeyPair.generate("forger")
+    forged = seal_event(real.model_copy(update={"signature": None}), logged[0], forger, "storage")
+    owner = harness.ids.user_username(ACCOUNT)
+    sent = await harness.operator.publish(
+        harness.topology.events,
+        harness.ids.event_routing_key(owner, job_uid, "storage_contracted"),
+        Envelope(sender="forger", body=EventPublished(event=forged)),
+    )
+
+    async def refused() -> list[DeadLetter]:
+        return [
+            letter for letter in await harness.operator.dead_letters() if letter.message_id == sent
+        ]
+
+    async def dead_lettered() -> bool:
+        return bool(await refused())
+
+    await eventually(dead_lettered, "compute dead-letters the forged event", timeout=15)
+    [letter] = await refused()
+    assert letter.original_queue == harness.topology.work_queue("compute").name
+    assert "signature.forged" in letter.reason
+    assert await harness.events(job_uid) == logged
+    assert await harness.registry_records() == records_before
+    data = payload(2000, "after a forged event")
+    await ObjectWriter(upload, harness.user).set_object(data)
+    control = run.execute(harness.user, control=harness.client)
+    assert (await control.start()).accepted
+    assert (await control.wait(timeout=60)).state == "completed"
+    await harness.check_checksum_job(job_uid, data)
 
 
 # --- crashes, disconnections, shutdown ----------------------------------------------------------
@@ -765,7 +922,7 @@ async def test_sigkilled_compute_mid_run_loses_no_job(
         await h.cluster.wait_ready("compute")
         assert h.cluster.pid("compute") != killed_pid
         # The unacked start is redelivered to the new daemon, which recognises its own claim.
-        final = await control.wait(timeout=30, poll_interval=0.2)
+        final = await control.wait(timeout=30)
         assert final.state == "completed", final
 
         events = await h.events(job_uid)
@@ -776,6 +933,13 @@ async def test_sigkilled_compute_mid_run_loses_no_job(
         reader = BucketReader(await h.client.outputs(job_uid), h.user)
         summary = await reader.get_json("summary.json")
         assert summary == {"calculation": "sleep", "seconds": 3.0, "exit_code": 0}
+        # Whatever the killed daemon appended and had not published yet, the next one published
+        # again: the stream agrees with the log.
+        log = EventLog(h.store, JobKeys(h.root).jobs)
+        [result] = [
+            r for r in await replay(log, h.operator, h.cluster.service_keys) if r.job_uid == job_uid
+        ]
+        assert result.ok, result.problems
 
 
 async def _none_alive(pids: set[int], job_uid: str) -> bool:
@@ -822,7 +986,7 @@ async def test_sigkilled_storage_between_submit_and_contract_loses_no_job(
         await ObjectWriter(PAR(ready.upload_par), h.user).set_object(data)
         control = PAR(ready.run_par).execute(h.user, control=h.client)
         assert (await control.start()).accepted
-        assert (await control.wait(timeout=30, poll_interval=0.2)).state == "completed"
+        assert (await control.wait(timeout=30)).state == "completed"
         await h.check_checksum_job(job_uid, data)
 
 
@@ -843,10 +1007,10 @@ async def test_a_broker_side_connection_close_is_survived(
 
             await eventually(all_reconnected, "every daemon reconnected", timeout=30)
             # The job that was running when its worker lost the broker still ends, once.
-            final = await control.wait(timeout=30, poll_interval=0.2)
+            final = await control.wait(timeout=30)
             group.cancel_scope.cancel()
         assert final.state == "completed", final
-        assert watch.most_at_once == 1, "two runs of one job at once"
+        assert watch.most_at_once == PROCESSES_PER_RUN, "two runs of one job at once"
         kinds = kinds_of(await h.events(running_uid))
         assert {kind: kinds[kind] for kind in HAPPY_PATH} == dict.fromkeys(HAPPY_PATH, 1), kinds
         assert set(kinds) <= {*HAPPY_PATH, "progress"}, kinds

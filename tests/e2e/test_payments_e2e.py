@@ -39,6 +39,7 @@ import pytest
 from orchestrator import PAR, KeyPair, ObjectWriter
 from orchestrator.broker.amqp import AMQPBroker
 from orchestrator.broker.base import Broker
+from orchestrator.broker.identities import ENDED_EVENTS, Identities
 from orchestrator.client.client import ParjobsClient
 from orchestrator.core.jobstate import is_terminal
 from orchestrator.core.layout import JobKeys
@@ -98,6 +99,9 @@ class Paid:
 
     cluster: LocalCluster
     broker: Broker
+    """The user's broker connection (as their own broker user)."""
+    operator: Broker
+    """The operator's: the queues' counts, the dead letters, every job's events."""
     client: ParjobsClient
     store: ObjectStore
     root: str  # the cluster's PARJOBS_DATA_ROOT
@@ -145,12 +149,10 @@ class Paid:
         finally:
             self.submitting -= 1
 
-    async def ready(self, request: JobRequest, *, poll_interval: float = 0.5) -> tuple[str, PAR]:
+    async def ready(self, request: JobRequest) -> tuple[str, PAR]:
         """Submit, wait until contracted, upload a small input: (job uid, run PAR)."""
         sheet = await self.submit(request)
-        ready = await self.client.wait_until(
-            sheet.job_uid, READY, timeout=90, poll_interval=poll_interval
-        )
+        ready = await self.client.wait_until(sheet.job_uid, READY, timeout=90)
         assert ready.state is JobState.READY, f"{ready.state}: {ready.reason}"
         assert ready.upload_par is not None
         assert ready.run_par is not None
@@ -161,12 +163,12 @@ class Paid:
     def control(self, run: PAR) -> RunControl:
         return run.execute(self.user, control=self.client)
 
-    async def run(self, request: JobRequest, *, poll_interval: float = 0.5) -> tuple[str, str]:
+    async def run(self, request: JobRequest) -> tuple[str, str]:
         """Submit, upload, start and wait until the run ends: (job uid, final state)."""
-        job_uid, run = await self.ready(request, poll_interval=poll_interval)
+        job_uid, run = await self.ready(request)
         control = self.control(run)
         assert (await control.start()).accepted
-        final = await control.wait(timeout=90, poll_interval=poll_interval)
+        final = await control.wait(timeout=90)
         return job_uid, final.state
 
     # --- the system as the store holds it (not through the access service) -----------------------
@@ -214,7 +216,7 @@ class Paid:
 
     async def queue_counts(self, queue: str) -> tuple[int, int]:
         """(messages ready, consumers) of `queue`, as the broker says now."""
-        url = self.broker.settings.amqp_url.get_secret_value()
+        url = self.operator.settings.amqp_url.get_secret_value()
         connection = await aio_pika.connect(url)
         async with connection, connection.channel() as channel:
             declared = await channel.declare_queue(queue, passive=True)
@@ -242,19 +244,26 @@ async def open_cluster(
             **(overrides or {}),
         },
         replicas=replicas,
-        delete_topology=True,  # stop() deletes the prefix's queues and exchanges
+        delete_topology=True,  # stop() deletes the prefix's queues, exchanges and broker users
     )
     user = KeyPair.generate(ACCOUNT)
     try:
         await cluster.start()
+        user_amqp = await cluster.add_user(ACCOUNT, user.public)
         accounts = Accounts(store, JobKeys(root))
-        await accounts.add_user(ACCOUNT, user.public)
         await accounts.deposit(ACCOUNT, DEPOSIT)
-        async with AMQPBroker(cluster.amqp, name=f"pay-client-{tag}") as broker:
+        async with (
+            AMQPBroker(user_amqp, name=f"pay-client-{tag}") as broker,
+            AMQPBroker(cluster.operator_amqp, name=f"pay-operator-{tag}") as operator,
+            ParjobsClient(
+                broker, user, service_keys=cluster.service_keys, timeout=90, sender="pay-test"
+            ) as client,
+        ):
             yield Paid(
                 cluster=cluster,
                 broker=broker,
-                client=ParjobsClient(broker, sender="pay-test", timeout=90),
+                operator=operator,
+                client=client,
                 store=store,
                 root=root,
                 user=user,
@@ -485,7 +494,7 @@ async def test_a_hundred_mixed_jobs_settle_once_and_every_balance_reconciles(
             sheet = await h.submit(CHECKSUM, lifetime_s=4)
             expected[sheet.job_uid] = JobState.EXPIRED
             ended = await h.client.wait_until(
-                sheet.job_uid, frozenset({JobState.EXPIRED}), timeout=60, poll_interval=1.0
+                sheet.job_uid, frozenset({JobState.EXPIRED}), timeout=60
             )
             assert ended.state is JobState.EXPIRED, (sheet.job_uid, ended.state)
 
@@ -503,7 +512,7 @@ async def test_a_hundred_mixed_jobs_settle_once_and_every_balance_reconciles(
                 control = h.control(run)
                 assert (await control.start()).accepted  # claimed: the job is running
                 assert (await control.stop()).accepted
-                final = await control.wait(timeout=30, poll_interval=0.5)
+                final = await control.wait(timeout=30)
             expected[job_uid] = JobState.CANCELLED
             reasons[job_uid] = "stopped through the run PAR"  # the running sleep was stopped
             assert final.state == "cancelled", (job_uid, final)
@@ -644,15 +653,15 @@ async def test_access_killed_between_a_jobs_end_and_its_settlement_settles_after
 ) -> None:
     overrides = {"PARJOBS_SWEEP_INTERVAL_S": "0.5"}
     async with open_cluster(seaweed, store, overrides) as h:
-        completing_uid, completing = await h.ready(CHECKSUM, poll_interval=0.2)
-        cancelling_uid, cancelling = await h.ready(CHECKSUM, poll_interval=0.2)
+        completing_uid, completing = await h.ready(CHECKSUM)
+        cancelling_uid, cancelling = await h.ready(CHECKSUM)
         endings = h.broker.topology.work_queue("access").name
 
         # Freeze access, then end both jobs (through compute: access is not needed for that).
         os.killpg(h.cluster.pid("access"), signal.SIGSTOP)
         completed = h.control(completing)
         assert (await completed.start()).accepted
-        assert (await completed.wait(timeout=30, poll_interval=0.2)).state == "completed"
+        assert (await completed.wait(timeout=30)).state == "completed"
         assert (await h.control(cancelling).stop()).state == "cancelled"
         for job_uid in (completing_uid, cancelling_uid):
             assert is_terminal((await h.log.load(job_uid)).state)
@@ -716,13 +725,17 @@ async def test_access_sigkilled_at_random_moments_leaves_the_books_balanced(
 
         async def watch_ends(ready: anyio.Event) -> None:
             nonlocal ends_published
+            # The user's own view: her events queue, bound to her jobs' events.
+            ids = Identities(h.broker.topology)
             url = h.broker.settings.amqp_url.get_secret_value()
             connection = await aio_pika.connect(url)
             async with connection:  # its exclusive queue goes with it
                 channel = await connection.channel()
-                queue = await channel.declare_queue(exclusive=True, auto_delete=True)
-                for state in ("completed", "failed", "cancelled", "expired"):
-                    await queue.bind(h.broker.topology.events.name, f"job.*.{state}")
+                spec = ids.events_queue(h.broker.username, uuid.uuid4().hex)
+                queue = await channel.declare_queue(spec.name, exclusive=True)
+                for state in ENDED_EVENTS:
+                    key = f"job.{h.broker.username}.*.{state}"
+                    await queue.bind(h.broker.topology.events.name, key)
                 ready.set()
                 async with queue.iterator(no_ack=True) as messages:
                     async for _ in messages:
@@ -779,7 +792,7 @@ async def test_access_sigkilled_at_random_moments_leaves_the_books_balanced(
         books = await check_books(h)
         assert {uid: sheet.state for uid, sheet in books.sheets.items()} == expected
         assert await h.accounts.balance(HELD) == ZERO
-        assert await h.broker.dead_letters() == [], f"seed {seed}: a message was given up"
+        assert await h.operator.dead_letters() == [], f"seed {seed}: a message was given up"
         code, output = await h.ledger_verify_cli()
         assert code == 0, output
 

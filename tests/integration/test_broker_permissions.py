@@ -38,7 +38,6 @@ from orchestrator.broker.identities import Identities, Role
 from orchestrator.broker.topology import QueueSpec, Topology, declare
 from orchestrator.errors import ConfigurationError
 from orchestrator.settings import AMQPSettings, ManagementSettings
-from workers.daemons import service_queues
 
 if TYPE_CHECKING:
     from tests.conftest import RabbitMQCtl
@@ -57,7 +56,7 @@ class Deployment:
 
     topology: Topology
     ids: Identities
-    queues: Mapping[str, tuple[QueueSpec, ...]]
+    queues: Mapping[Role, tuple[QueueSpec, ...]]
     amqp_url: SecretStr
     vhost: str
     credentials: Mapping[str, Credentials]
@@ -125,7 +124,7 @@ async def deployment(rabbitmqctl: RabbitMQCtl) -> AsyncIterator[Deployment]:
     amqp = AMQPSettings(prefix=f"perm-{uuid.uuid4().hex[:10]}")
     topology = Topology(amqp.prefix, amqp.delivery_limit)
     ids = Identities(topology)
-    queues = service_queues(topology)
+    queues = ids.service_queues()
     queues_of_services = list(itertools.chain(*queues.values()))
     admin = BrokerAdmin(ManagementSettings(), vhost=vhost_of(amqp.amqp_url.get_secret_value()))
     off: str | None = None
@@ -137,12 +136,10 @@ async def deployment(rabbitmqctl: RabbitMQCtl) -> AsyncIterator[Deployment]:
         await admin.aclose()
         pytest.fail(off, pytrace=False)
     try:
+        grants = ids.role_grants()
         credentials = {
-            "operator": await admin.provision(ids.operator_grant(queues_of_services)),
-            **{
-                role.value: await admin.provision(ids.service_grant(role, queues[role]))
-                for role in SERVICES
-            },
+            "operator": await admin.provision(grants[Role.OPERATOR]),
+            **{role.value: await admin.provision(grants[role]) for role in SERVICES},
             **{name: await admin.provision(ids.user_grant(name)) for name in USERS},
         }
         deployed = Deployment(topology, ids, queues, amqp.amqp_url, admin.vhost, credentials)
@@ -305,7 +302,7 @@ async def test_mallory_cannot_publish_an_event(deployment: Deployment, mallory: 
 async def test_mallory_cannot_publish_straight_into_a_queue(
     deployment: Deployment, alice: Client, mallory: Client
 ) -> None:
-    for queue in (alice.reply_queue, *deployment.queues["compute"]):
+    for queue in (alice.reply_queue, *deployment.queues[Role.COMPUTE]):
         await mallory.session.assert_refused(publish("", queue.name), what="exchange 'amq.default'")
 
 
@@ -501,6 +498,28 @@ async def test_a_service_declares_its_queues_and_publishes_as_itself(
         await service.assert_refused(declare_queue(dlq), what=f"queue '{dlq.name}'")
     async with deployment.connect("operator") as operator:  # the DLQ as it was
         await operator.do(purge_queue(topology.dead_letter_queue.name))
+
+
+async def test_each_compute_daemon_keeps_a_stops_queue_of_its_own(
+    deployment: Deployment, mallory: Client
+) -> None:
+    """Compute declares, binds (to every job's `cancelled`) and consumes a queue per daemon; no
+    other service and no user may."""
+    stops = deployment.ids.stops_queue(uuid.uuid4().hex)
+    async with deployment.connect("compute") as compute:
+        channel = await compute.connection.channel()
+        queue = await channel.declare_queue(stops.name, exclusive=True)
+        (binding,) = stops.bindings
+        await queue.bind(binding.exchange, binding.routing_key)
+        await queue.consume(_drop)
+        async with deployment.connect("storage") as storage:
+            other = deployment.ids.stops_queue(uuid.uuid4().hex)
+            await storage.assert_refused(declare_queue(other), what=f"queue '{other.name}'")
+    await mallory.session.assert_refused(declare_queue(stops), what=f"queue '{stops.name}'")
+
+
+async def _drop(message: AbstractIncomingMessage) -> None:
+    await message.ack()
 
 
 @pytest.mark.parametrize("role", [Role.ACCESS, Role.COMPUTE])

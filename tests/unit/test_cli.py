@@ -17,10 +17,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import anyio
 import pytest
 import typer
 import typer.testing
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 from typer.testing import CliRunner, Result
@@ -28,8 +29,13 @@ from typer.testing import CliRunner, Result
 from orchestrator import KeyPair, __version__
 from orchestrator.cli import _common, app
 from orchestrator.cli._exit import EXIT_STATUS_HELP, ParjobsGroup
+from orchestrator.cli._inputs import strict_json
 from orchestrator.core import crypto
+from orchestrator.core.service_keys import ServiceKeys
 from orchestrator.errors import ParjobsError, UnknownUserError
+from orchestrator.store.memory import MemoryObjectStore
+from orchestrator.store.users import UserRegistry
+from schemas.signing import SERVICE_ROLES, canonical_json
 
 PASSPHRASE = "cli unit passphrase"
 UID = "0123456789abcdef" * 2
@@ -49,6 +55,10 @@ def _refuse_to_connect(server: str) -> object:
 
 BROKER = "error: would connect to RabbitMQ (test.connection_attempted)"
 STORE = "error: would connect to the object store (test.connection_attempted)"
+ADMIN = "error: would connect to the management API (test.connection_attempted)"
+PREFIX = "parjobs"
+# The broker user `parjobs users add me` makes (its name quoted: it holds `:` and `@`).
+USER_URL = f"amqp://user%3Ame%40{PREFIX}:secret@127.0.0.1:5672/"
 
 
 @dataclass(frozen=True)
@@ -63,11 +73,18 @@ class Files:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def no_servers() -> Iterator[None]:
-    """Every connection the CLI opens goes through `_common`: there, it is refused."""
+def no_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Every connection the CLI opens goes through `_common`: there, it is refused. The user's
+    settings are a registered user's broker URL and the operator's service keys file."""
+    service_keys = tmp_path_factory.mktemp("operator") / "service-keys.json"
+    ServiceKeys({role: KeyPair.generate(role).public for role in SERVICE_ROLES}).save(service_keys)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(_common, "AMQPBroker", _refuse_to_connect("RabbitMQ"))
         patch.setattr(_common, "S3ObjectStore", _refuse_to_connect("the object store"))
+        patch.setattr(_common, "BrokerAdmin", _refuse_to_connect("the management API"))
+        patch.setenv("PARJOBS_AMQP_URL", USER_URL)
+        patch.setenv("PARJOBS_PREFIX", PREFIX)
+        patch.setenv("PARJOBS_SERVICE_KEYS_FILE", str(service_keys))
         patch.setenv("PARJOBS_PASSPHRASE", PASSPHRASE)
         patch.setenv("PARJOBS_S3_ACCESS_KEY_ID", "unit")
         patch.setenv("PARJOBS_S3_SECRET_ACCESS_KEY", "unit-secret")
@@ -206,10 +223,13 @@ WRONG_INPUTS: list[tuple[str, Args, str]] = [
         lambda f: ["submit", "\udcff", f.input, "--key", f.key],
         "is not valid UTF-8",
     ),
-    ("status-uid", lambda f: ["status", "xyz"], "'xyz' is not a job uid"),
-    ("status-uid-upper", lambda f: ["status", UID.upper()], "is not a job uid"),
-    ("watch-uid", lambda f: ["watch", "1"], "is not a job uid"),
-    ("events-uid", lambda f: ["events", UID + "0"], "is not a job uid"),
+    ("status-uid", lambda f: ["status", "xyz", "--key", f.key], "'xyz' is not a job uid"),
+    ("status-uid-upper", lambda f: ["status", UID.upper(), "--key", f.key], "is not a job uid"),
+    ("watch-uid", lambda f: ["watch", "1", "--key", f.key], "is not a job uid"),
+    ("events-uid", lambda f: ["events", UID + "0", "--key", f.key], "is not a job uid"),
+    ("status-key-missing", lambda f: ["status", UID], "Missing option '--key'"),
+    ("watch-key-missing", lambda f: ["watch", UID], "Missing option '--key'"),
+    ("events-key-missing", lambda f: ["events", UID], "Missing option '--key'"),
     ("fetch-uid", lambda f: ["fetch", "x", f.dir, "--key", f.key], "is not a job uid"),
     ("fetch-into-file", lambda f: ["fetch", UID, f.input, "--key", f.key], "is a file"),
     (
@@ -298,22 +318,22 @@ def test_a_wrong_input_is_one_line_and_exit_2(files: Files, build: Args, says: s
 
 
 @pytest.mark.parametrize(
-    ("args", "server"),
+    ("build", "server"),
     [
-        pytest.param(["status", UID], BROKER, id="status"),
-        pytest.param(["watch", UID], BROKER, id="watch"),
-        pytest.param(["events", UID], BROKER, id="events"),
-        pytest.param(["dlq", "list", "--limit", "5"], BROKER, id="dlq-list"),
-        pytest.param(["dlq", "redrive", "--all"], BROKER, id="dlq-redrive"),
-        pytest.param(["account", "deposit", "me", "12.50"], STORE, id="deposit"),
-        pytest.param(["account", "balance", "access"], STORE, id="balance"),
-        pytest.param(["account", "statement", "me"], STORE, id="statement"),
-        pytest.param(["ledger", "verify"], STORE, id="ledger-verify"),
-        pytest.param(["replay", "--all"], STORE, id="replay"),
+        pytest.param(lambda f: ["status", UID, "--key", f.key], BROKER, id="status"),
+        pytest.param(lambda f: ["watch", UID, "--key", f.key], BROKER, id="watch"),
+        pytest.param(lambda f: ["events", UID, "--key", f.key], BROKER, id="events"),
+        pytest.param(lambda f: ["dlq", "list", "--limit", "5"], BROKER, id="dlq-list"),
+        pytest.param(lambda f: ["dlq", "redrive", "--all"], BROKER, id="dlq-redrive"),
+        pytest.param(lambda f: ["account", "deposit", "me", "12.50"], STORE, id="deposit"),
+        pytest.param(lambda f: ["account", "balance", "access"], STORE, id="balance"),
+        pytest.param(lambda f: ["account", "statement", "me"], STORE, id="statement"),
+        pytest.param(lambda f: ["ledger", "verify"], STORE, id="ledger-verify"),
+        pytest.param(lambda f: ["replay", "--all"], STORE, id="replay"),
     ],
 )
-def test_valid_inputs_get_as_far_as_connecting(args: list[str], server: str) -> None:
-    assert refused(parjobs(*args)) == server
+def test_valid_inputs_get_as_far_as_connecting(files: Files, build: Args, server: str) -> None:
+    assert refused(parjobs(*build(files))) == server
 
 
 def test_valid_submit_and_fetch_get_as_far_as_connecting(files: Files) -> None:
@@ -334,11 +354,48 @@ def test_no_passphrase_at_the_prompt(files: Files, monkeypatch: pytest.MonkeyPat
     assert refused(parjobs("keys", "show", files.key)) == "error: aborted at the prompt"
 
 
-def test_invalid_setting_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_invalid_setting_is_named(files: Files, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PARJOBS_AMQP_URL", "http://rabbit")
-    line = refused_before_connecting(parjobs("status", UID))
+    line = refused_before_connecting(parjobs("status", UID, "--key", files.key))
     assert line.startswith("error: invalid AMQPSettings: amqp_url: ")
     assert "Value error" not in line
+
+
+USERS_COMMANDS: dict[str, Args] = {
+    "submit": _submit,
+    "status": lambda f: ["status", UID, "--key", f.key],
+    "watch": lambda f: ["watch", UID, "--key", f.key],
+    "events": lambda f: ["events", UID, "--key", f.key],
+    "fetch": lambda f: ["fetch", UID, f.dir, "--key", f.key],
+}
+
+
+@pytest.mark.parametrize("command", sorted(USERS_COMMANDS))
+def test_a_users_command_connects_only_as_a_registered_users_broker_user(
+    files: Files, monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    monkeypatch.setenv("PARJOBS_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+    line = refused_before_connecting(parjobs(*USERS_COMMANDS[command](files)))
+    assert "broker user 'guest' is no registered user" in line
+    assert "parjobs users add" in line
+
+
+def test_a_users_command_needs_the_operators_service_keys(
+    files: Files, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("PARJOBS_SERVICE_KEYS_FILE")
+    line = refused_before_connecting(parjobs("watch", UID, "--key", files.key))
+    assert "set PARJOBS_SERVICE_KEYS_FILE" in line
+
+
+def test_users_add_registers_the_key_then_provisions_the_broker_user(
+    files: Files, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = MemoryObjectStore()
+    monkeypatch.setattr(_common, "S3ObjectStore", lambda *_args, **_kwargs: store)
+    assert refused(parjobs("users", "add", "me", "--public-key", files.pub)) == ADMIN
+    record = anyio.run(UserRegistry(store).get, "me")
+    assert record.public_key == KeyPair.load(files.key, PASSPHRASE).public.to_wire()
 
 
 def test_keys_new_then_show(tmp_path: Path) -> None:
@@ -514,14 +571,24 @@ def test_integers_without_a_canonical_form_are_refused_in_one_line(files: Files,
 
 @PROPERTY
 @given(name=st.text(min_size=1, max_size=10).filter(lambda n: "=" not in n), value=FREE_TEXT)
-def test_every_param_value_is_accepted(files: Files, name: str, value: str) -> None:
-    assert refused(parjobs(*_submit(files, "-p", f"{name}={value}"))) == BROKER
+@example(name="n", value=str(2**53))
+@example(name="n", value=f"[1, {-(2**53)}]")
+def test_every_param_value_is_sent_or_refused_in_one_line(
+    files: Files, name: str, value: str
+) -> None:
+    """A value is sent as JSON if it is JSON, else as a string; but JSON that RFC 8785 cannot
+    encode (an integer beyond 2**53) is refused, as in --params-json, never sent as a string."""
+    line = refused(parjobs(*_submit(files, "-p", f"{name}={value}")))
+    if line != BROKER:
+        assert line.startswith("error: invalid JobRequest: parameters: "), line
+        with pytest.raises(ValueError, match="safe integer"):
+            canonical_json(strict_json(value))
 
 
 @PROPERTY
 @given(text=FREE_TEXT | st.from_regex(r"[0-9a-f]{32}", fullmatch=True))
-def test_a_job_uid_is_sent_exactly_when_it_is_one(text: str) -> None:
-    line = refused(parjobs("status", "--", text))
+def test_a_job_uid_is_sent_exactly_when_it_is_one(files: Files, text: str) -> None:
+    line = refused(parjobs("status", "--key", files.key, "--", text))
     assert (line == BROKER) == bool(re.fullmatch(r"[0-9a-f]{32}", text))
 
 

@@ -12,10 +12,12 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+ROLES = ("access", "storage", "compute")
 CREDENTIALS = {
     "PARJOBS_S3_ACCESS_KEY_ID": "id",
     "PARJOBS_S3_SECRET_ACCESS_KEY": "secret",
     "PARJOBS_KEY_PASSPHRASE": "passphrase",
+    **{f"PARJOBS_{role.upper()}_AMQP_URL": f"amqp://{role}:pw@rabbitmq:5672/" for role in ROLES},
 }
 
 
@@ -61,15 +63,29 @@ def test_services_and_their_dependencies(rendered: dict[str, Any]) -> None:
     services = rendered["services"]
     assert set(services) == {"rabbitmq", "seaweedfs", "access", "storage", "compute"}
     assert services["rabbitmq"]["image"].endswith("-management")
-    for name in ("access", "storage", "compute"):
+    for name in ROLES:
         service = services[name]
         assert service["command"] == ["parjobs", name]
         assert service["depends_on"]["rabbitmq"]["condition"] == "service_healthy"
         assert service["depends_on"]["seaweedfs"]["condition"] == "service_healthy"
-        assert service["environment"]["PARJOBS_S3_ACCESS_KEY_ID"] == "id"
-        assert service["environment"]["PARJOBS_COMPUTE_KEY_FILE"] == "/run/secrets/compute-key"
-        assert [secret["source"] for secret in service["secrets"]] == ["compute-key"]
+        environment = service["environment"]
+        assert environment["PARJOBS_S3_ACCESS_KEY_ID"] == "id"
         assert "/readyz" in " ".join(service["healthcheck"]["test"])
+        # Its own broker user, its own key (mounted as role-key), everyone's public keys.
+        assert environment["PARJOBS_AMQP_URL"] == f"amqp://{name}:pw@rabbitmq:5672/"
+        assert environment["PARJOBS_KEY_FILE"] == "/run/secrets/role-key"
+        assert environment["PARJOBS_SERVICE_KEYS_FILE"] == "/run/secrets/service-keys"
+        mounted = {(secret["source"], secret["target"]) for secret in service["secrets"]}
+        assert mounted == {
+            ("service-keys", "/run/secrets/service-keys"),
+            (f"{name}-key", "/run/secrets/role-key"),
+        }
+
+
+def test_a_missing_role_url_names_the_setup_command() -> None:
+    result = _config({**CREDENTIALS, "PARJOBS_STORAGE_AMQP_URL": ""}, "--quiet")
+    assert result.returncode != 0
+    assert "run parjobs broker setup" in result.stderr
 
 
 def test_seaweedfs_runs_with_auth_on(rendered: dict[str, Any]) -> None:

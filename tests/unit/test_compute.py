@@ -10,11 +10,25 @@ import httpx
 import pytest
 from pydantic import JsonValue
 
-from orchestrator import PAR, BucketReader, ObjectWriter, PARPermissionError
-from orchestrator.errors import PARClosedError, RunRefusedError, UnknownCalculationError
+from orchestrator import PAR, BucketReader, KeyPair, ObjectWriter, PARPermissionError
+from orchestrator.core.run_commands import run_command
+from orchestrator.errors import (
+    JobNotFoundError,
+    PARClosedError,
+    RunRefusedError,
+    UnknownCalculationError,
+)
 from orchestrator.store.base import ObjectStore
-from schemas.events import Completed, ComputeContracted, Failed, JobEvent, JobState
-from schemas.messages import GetOutputs, OutputsReply
+from schemas.events import Completed, ComputeContracted, Failed, JobEvent, JobSheetState, JobState
+from schemas.messages import (
+    GetOutputs,
+    GetRunStatus,
+    OutputsReply,
+    RunAction,
+    RunCommand,
+    StartRun,
+    StopRun,
+)
 from tests.unit.test_services import Services
 from workers.calculations import CalculationRegistry
 
@@ -49,16 +63,38 @@ async def _collect(events: list[JobEvent], event: JobEvent) -> None:
     events.append(event)
 
 
+def _start(services: Services, run_par: PAR) -> StartRun:
+    command = services.run_command("start", run_par)
+    assert isinstance(command, StartRun)
+    return command
+
+
+def _stop(services: Services, run_par: PAR) -> StopRun:
+    command = services.run_command("stop", run_par)
+    assert isinstance(command, StopRun)
+    return command
+
+
+async def _claim(services: Services, command: StartRun, message_id: str) -> JobSheetState:
+    sheet, _, _ = await services.compute.claim(
+        command, requester=services.user.fingerprint, message_id=message_id
+    )
+    return sheet
+
+
 async def test_whole_job_through_the_services(services: Services) -> None:
     job_uid, upload, run_par = await _ready_job(services)
     await ObjectWriter(upload, services.user, transport=services.transport).set_object(
         b"hello\nworld\n"
     )
-    run_url = run_par.execute(services.user, control=services.registry).run_url
-    sheet, par_uid, started = await services.compute.claim(run_url, message_id="m1")
-    assert sheet.state is JobState.RUNNING
-    published: list[JobEvent] = []
-    final = await services.compute.run(sheet, par_uid, lambda e: _collect(published, e))
+    start = _start(services, run_par)
+    with services.compute.watching(job_uid) as handle:
+        sheet, _, started = await services.compute.claim(
+            start, requester=services.user.fingerprint, message_id="m1"
+        )
+        assert sheet.state is JobState.RUNNING
+        published: list[JobEvent] = []
+        final = await services.compute.run(sheet, handle, lambda e: _collect(published, e))
     assert isinstance(final.payload, Completed)
     assert [o.key for o in final.payload.outputs] == ["summary.json"]
     assert published[-1] == final
@@ -75,69 +111,144 @@ async def test_whole_job_through_the_services(services: Services) -> None:
 async def test_run_par_starts_one_run_only(services: Services) -> None:
     _, upload, run_par = await _ready_job(services)
     await ObjectWriter(upload, services.user, transport=services.transport).set_object(b"x")
-    run_url = run_par.execute(services.user, control=services.registry).run_url
-    await services.compute.claim(run_url, message_id="first")
+    start = _start(services, run_par)
+    await _claim(services, start, "first")
     # A redelivery of the same start message may resume (after a crash) ...
-    await services.compute.claim(run_url, message_id="first")
+    await _claim(services, start, "first")
     # ... a second start through the same PAR may not.
     with pytest.raises(RunRefusedError, match="already used"):
-        await services.compute.claim(run_url, message_id="second")
+        await _claim(services, start, "second")
 
 
 async def test_start_before_upload_is_refused_without_using_the_par(services: Services) -> None:
     _, upload, run_par = await _ready_job(services)
-    run_url = run_par.execute(services.user, control=services.registry).run_url
+    start = _start(services, run_par)
     with pytest.raises(RunRefusedError, match="upload it first"):
-        await services.compute.claim(run_url, message_id="early")
+        await _claim(services, start, "early")
     await ObjectWriter(upload, services.user, transport=services.transport).set_object(b"x")
-    sheet, _, _ = await services.compute.claim(run_url, message_id="later")
-    assert sheet.state is JobState.RUNNING
+    assert (await _claim(services, start, "later")).state is JobState.RUNNING
+
+
+def _sealed(services: Services, action: RunAction, run_url: str, job_uid: str) -> RunCommand:
+    return run_command(
+        action,
+        run_url,
+        job_uid=job_uid,
+        requester=services.user.fingerprint,
+        compute=services.compute_key.public,
+    )
 
 
 async def test_forged_or_closed_run_capability_is_refused(services: Services) -> None:
-    _, _, run_par = await _ready_job(services)
+    job_uid, _, run_par = await _ready_job(services)
     run_url = run_par.execute(services.user, control=services.registry).run_url
-    forged = run_url[:-4] + "AAAA"
+    forged = _sealed(services, "start", run_url[:-4] + "AAAA", job_uid)
+    assert isinstance(forged, StartRun)
     with pytest.raises(PARPermissionError, match="proof of possession"):
-        await services.compute.claim(forged, message_id="m")
+        await _claim(services, forged, "m")
+    elsewhere = _sealed(services, "start", "https://evil.example/run", job_uid)
+    assert isinstance(elsewhere, StartRun)
     with pytest.raises(PARPermissionError, match="not a parjobs run capability"):
-        await services.compute.claim("https://evil.example/run", message_id="m")
+        await _claim(services, elsewhere, "m")
     await run_par.close(services.user, control=services.registry)
     with pytest.raises(PARClosedError):
-        await services.compute.claim(run_url, message_id="m")
+        await _claim(services, _start(services, run_par), "m")
+
+
+async def test_a_sealed_command_opens_only_for_its_job_requester_and_action(
+    services: Services,
+) -> None:
+    job_uid, upload, run_par = await _ready_job(services)
+    other_uid, _, other_run_par = await _ready_job(services)
+    await ObjectWriter(upload, services.user, transport=services.transport).set_object(b"x")
+    start = _start(services, run_par)
+    assert b"token" not in start.model_dump_json().encode()  # nothing of it in the clear
+    # Copied into a request about another job, or made another action, it does not open.
+    with pytest.raises(PARPermissionError, match="does not open"):
+        await _claim(services, start.model_copy(update={"job_uid": other_uid}), "m")
+    status = GetRunStatus(job_uid=job_uid, sealed=start.sealed)
+    with pytest.raises(PARPermissionError, match="does not open"):
+        await services.compute.status(status, requester=services.user.fingerprint)
+    # Sent by someone else (another requester), it does not open either.
+    with pytest.raises(PARPermissionError, match="does not open"):
+        await services.compute.claim(start, requester="e" * 64, message_id="m")
+    # A capability of one job, sealed as a command about another: refused.
+    own_capability = other_run_par.execute(services.user, control=services.registry).run_url
+    crossed = _sealed(services, "start", own_capability, job_uid)
+    assert isinstance(crossed, StartRun)
+    with pytest.raises(PARPermissionError, match="not job"):
+        await _claim(services, crossed, "m")
+    assert (await services.log.load(job_uid)).state is JobState.READY
+
+
+async def test_another_users_run_capability_answers_as_no_such_job(services: Services) -> None:
+    job_uid, _, run_par = await _ready_job(services)
+    mallory = KeyPair.generate("mallory")
+    # Mallory somehow holds alice's run capability: sealed by her, it still opens, but the job
+    # is not hers, and compute answers exactly as for a job that does not exist.
+    capability = run_par.execute(services.user, control=services.registry).run_url
+    command = run_command(
+        "status",
+        capability,
+        job_uid=job_uid,
+        requester=mallory.fingerprint,
+        compute=services.compute_key.public,
+    )
+    assert isinstance(command, GetRunStatus)
+    with pytest.raises(JobNotFoundError) as refused:
+        await services.compute.status(command, requester=mallory.fingerprint)
+    with pytest.raises(JobNotFoundError) as absent:
+        await services.log.load("0" * 32)
+    assert str(refused.value) == str(absent.value).replace("0" * 32, job_uid)
 
 
 async def test_stop_before_start_cancels(services: Services) -> None:
     job_uid, _, run_par = await _ready_job(services)
-    run_url = run_par.execute(services.user, control=services.registry).run_url
-    reply, event = await services.compute.stop(run_url)
+    reply, event = await services.compute.stop(
+        _stop(services, run_par), requester=services.user.fingerprint
+    )
     assert reply.state == "cancelled"
-    assert event is not None
+    assert event.payload.type == "cancelled"
     assert (await services.log.load(job_uid)).state is JobState.CANCELLED
+    # The same stop redelivered returns the same event, to publish again ...
+    again = await services.compute.stop(
+        _stop(services, run_par), requester=services.user.fingerprint, redelivered=True
+    )
+    assert again == (reply, event)
+    # ... a new stop of the ended job is refused.
+    with pytest.raises(RunRefusedError, match="nothing to stop"):
+        await services.compute.stop(_stop(services, run_par), requester=services.user.fingerprint)
 
 
-async def test_stop_during_run_cancels_it(services: Services) -> None:
+async def test_a_stop_reaches_the_run_as_its_cancelled_event(
+    services: Services, store: ObjectStore
+) -> None:
     job_uid, upload, run_par = await _ready_job(services, "sleep", {"seconds": 30})
     await ObjectWriter(upload, services.user, transport=services.transport).set_object(b"x")
-    run_url = run_par.execute(services.user, control=services.registry).run_url
-    sheet, par_uid, _ = await services.compute.claim(run_url, message_id="m")
     published: list[JobEvent] = []
-    async with anyio.create_task_group() as group:
-        group.start_soon(services.compute.run, sheet, par_uid, lambda e: _collect(published, e))
-        await anyio.sleep(1.5)
-        reply, _ = await services.compute.stop(run_url)
-        assert reply.detail == "stopping"
+    with services.compute.watching(job_uid) as handle:
+        sheet = await _claim(services, _start(services, run_par), "m")
+        async with anyio.create_task_group() as group:
+            group.start_soon(services.compute.run, sheet, handle, lambda e: _collect(published, e))
+            await anyio.sleep(1.5)
+            reply, cancelled = await services.compute.stop(
+                _stop(services, run_par), requester=services.user.fingerprint
+            )
+            assert reply.state == "cancelled"
+            # The event, delivered to every compute daemon's stops queue, stops the run here.
+            assert services.compute.on_cancelled(cancelled)
     final = await services.log.load(job_uid)
     assert final.state is JobState.CANCELLED
     assert any(e.payload.type == "progress" for e in published)
+    assert not services.compute.on_cancelled(cancelled)  # nothing runs any more
+    # The stop went by the event, not through the store: no stop request was written there.
+    assert [info.key for info in await store.list(services.keys.root) if "stop" in info.key] == []
 
 
 async def test_failing_calculation_ends_failed(services: Services) -> None:
     _, upload, run_par = await _ready_job(services, "sleep", {"seconds": 0, "exit_code": 3})
     await ObjectWriter(upload, services.user, transport=services.transport).set_object(b"x")
-    run_url = run_par.execute(services.user, control=services.registry).run_url
-    sheet, par_uid, _ = await services.compute.claim(run_url, message_id="m")
-    final = await services.compute.run(sheet, par_uid, lambda e: _collect([], e))
+    final = await services.run(run_par, lambda e: _collect([], e))
     assert isinstance(final.payload, Failed)
     assert "3" in final.payload.reason
 

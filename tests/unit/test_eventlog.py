@@ -10,7 +10,10 @@ import uuid
 import pytest
 from pydantic import ValidationError
 
+from orchestrator.core.chain import event_hash, verify_log
 from orchestrator.core.jobstate import fold
+from orchestrator.core.keys import KeyPair
+from orchestrator.core.service_keys import ServiceKeys
 from orchestrator.errors import (
     AppendConflictError,
     EventLogCorruptError,
@@ -19,7 +22,7 @@ from orchestrator.errors import (
     JobNotFoundError,
 )
 from orchestrator.store.base import ObjectStore
-from orchestrator.store.eventlog import EventLog
+from orchestrator.store.eventlog import EventLog, EventSealer
 from schemas.events import (
     EventPayload,
     Failed,
@@ -28,6 +31,7 @@ from schemas.events import (
     Progress,
     RunStarted,
 )
+from schemas.signing import SERVICE_ROLES, ServiceRole
 from tests._forwarding import ForwardingStore
 from tests.unit.test_jobstate import RUN, SAMPLES, SUBMITTED, USER
 
@@ -239,3 +243,58 @@ async def test_always_losing_gives_up_after_max_attempts(
                 job, "compute", Progress(message="ours"), max_attempts=3
             )
     assert [event.seq for event in await log.read(job)] == [1, 2, 3, 4, 5, 6, 7]
+
+
+# --- sealed logs ---------------------------------------------------------------------------------
+
+ROLE_KEYS = {role: KeyPair.generate(role) for role in SERVICE_ROLES}
+SERVICE_KEYS = ServiceKeys({role: key.public for role, key in ROLE_KEYS.items()})
+
+
+def sealed_log(store: ObjectStore, root: str, role: ServiceRole) -> EventLog:
+    """`role`'s log, as its daemon has it: sealing what it appends, verifying what it reads."""
+    return EventLog(store, root, sealer=EventSealer(ROLE_KEYS[role], role), keys=SERVICE_KEYS)
+
+
+async def test_each_role_seals_what_it_appends_into_one_chain(
+    store: ObjectStore, root: str
+) -> None:
+    access, storage, compute = (sealed_log(store, root, role) for role in SERVICE_ROLES)
+    job = uuid.uuid4().hex
+    await access.create(job, f"user:{USER}", SUBMITTED)
+    await storage.transition(job, "storage", SAMPLES["storage_contracted"])
+    await compute.transition(job, "compute", SAMPLES["compute_contracted"])
+    events = await EventLog(store, root).read(job)  # as stored
+    assert [event.signer for event in events] == ["access", "storage", "compute"]
+    assert verify_log(events, SERVICE_KEYS) == []
+    assert [event.prev_hash for event in events[1:]] == [event_hash(e) for e in events[:-1]]
+    # Each reader verifies, and they agree.
+    assert await access.read(job) == await compute.read(job) == events
+    assert await access.owner(job) == SUBMITTED.owner
+
+
+async def test_an_event_edited_behind_the_services_back_makes_the_log_unreadable(
+    store: ObjectStore, root: str
+) -> None:
+    access = sealed_log(store, root, "access")
+    job = uuid.uuid4().hex
+    await access.create(job, f"user:{USER}", SUBMITTED)
+    await sealed_log(store, root, "storage").transition(
+        job, "storage", SAMPLES["storage_contracted"]
+    )
+    first = (await EventLog(store, root).read(job))[0]
+    edited = first.model_copy(update={"actor": "user:mallory"})
+    await store.put(access.event_key(job, 1), edited.model_dump_json().encode())
+    reader = sealed_log(store, root, "compute")  # a daemon that has not read it before
+    with pytest.raises(EventLogCorruptError, match=r"event 1 .*signature invalid"):
+        await reader.read(job)
+    with pytest.raises(EventLogCorruptError):
+        await reader.transition(job, "compute", SAMPLES["compute_contracted"])
+    assert len(await EventLog(store, root).read(job)) == 2  # nothing appended on top
+
+
+async def test_an_unsealed_event_in_a_sealed_log_is_refused(store: ObjectStore, root: str) -> None:
+    job = uuid.uuid4().hex
+    await EventLog(store, root).create(job, f"user:{USER}", SUBMITTED)  # written unsealed
+    with pytest.raises(EventLogCorruptError, match="unsigned"):
+        await sealed_log(store, root, "storage").read(job)

@@ -21,11 +21,10 @@ from orchestrator.broker.identities import (
     check_username,
 )
 from orchestrator.broker.topology import Topology
-from workers.daemons import service_queues
 
 TOPOLOGY = Topology("acme.prod")
 IDS = Identities(TOPOLOGY)
-QUEUES = service_queues(TOPOLOGY)
+QUEUES = IDS.service_queues()
 ALICE = IDS.user_username("alice")
 MALLORY = IDS.user_username("mallory")
 
@@ -236,7 +235,7 @@ def test_only_services_that_take_requests_reply_through_the_default_exchange() -
 
 def test_a_service_binds_exactly_the_events_its_queues_are_bound_to() -> None:
     (events,) = _service(Role.STORAGE).topic_permissions
-    (binding,) = [b for spec in QUEUES["storage"] for b in spec.bindings]
+    (binding,) = [b for spec in QUEUES[Role.STORAGE] for b in spec.bindings]
     assert allows(events.read, binding.routing_key)
     assert not allows(events.read, "#")
     assert not allows(events.read, "job.*.completed")
@@ -279,3 +278,37 @@ def test_every_resource_regex_is_anchored_at_both_ends() -> None:
         for regex in (permissions.configure, permissions.write, permissions.read):
             assert regex.startswith("^")
             assert regex.endswith("$")
+
+
+def test_services_bind_events_of_every_owner_by_type() -> None:
+    (storage,) = QUEUES[Role.STORAGE]
+    (binding,) = storage.bindings
+    key = IDS.event_routing_key(ALICE, "a" * 32, "submitted")
+    assert binding.routing_key == IDS.events_of_type("submitted")
+    assert re.fullmatch(binding.routing_key.replace("*", "[^.]+").replace(".", r"\."), key)
+
+
+def test_each_compute_daemon_may_keep_a_stops_queue_of_its_own() -> None:
+    grant = IDS.role_grants()[Role.COMPUTE]
+    stops = IDS.stops_queue("d1")
+    assert stops.exclusive
+    assert stops.name == "acme.prod.stops.d1"
+    assert [b.routing_key for b in stops.bindings] == [IDS.events_of_type("cancelled")]
+    for regex in (grant.permissions.configure, grant.permissions.read, grant.permissions.write):
+        assert allows(regex, stops.name)
+        assert allows(regex, IDS.stops_queue("another-daemon").name)
+        assert not allows(regex, "acme.prod.stopsx.d1")
+    (events,) = grant.topic_permissions
+    assert allows(events.read, IDS.events_of_type("cancelled"))
+    for role in (Role.ACCESS, Role.STORAGE):
+        assert not allows(IDS.role_grants()[role].permissions.configure, stops.name)
+
+
+def test_the_role_grants_are_the_operators_and_each_services() -> None:
+    grants = IDS.role_grants()
+    assert set(grants) == set(Role)
+    assert grants[Role.OPERATOR] == IDS.operator_grant(itertools.chain(*QUEUES.values()))
+    assert grants[Role.STORAGE] == IDS.service_grant(Role.STORAGE, QUEUES[Role.STORAGE])
+    assert {grant.username for grant in grants.values()} == {
+        IDS.role_username(role) for role in Role
+    }

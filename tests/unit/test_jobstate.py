@@ -58,7 +58,7 @@ REQUEST = JobRequest(calculation="checksum", parameters={"algo": "sha256", "n": 
 OUTPUTS = (OutputFile(key="summary.json", size=12, sha256="0" * 64),)
 USER_KEY = PublicKeyData(name="user", x25519=bytes(32), ed25519=bytes(32))
 SUBMITTED = Submitted(
-    request=REQUEST, user=USER, user_key=USER_KEY, expires_at=T0 + timedelta(hours=1)
+    request=REQUEST, owner="ada", user=USER, user_key=USER_KEY, expires_at=T0 + timedelta(hours=1)
 )
 
 SAMPLES: dict[str, EventPayload] = {

@@ -204,3 +204,34 @@ async def test_a_closed_broker_refuses_work(amqp_settings: AMQPSettings) -> None
     assert not broker.is_connected
     with pytest.raises(BrokerError, match="not connected"):
         await broker.check()
+
+
+async def test_a_deleted_queue_loses_its_consumer_until_declared_again(
+    memory_broker: MemoryBroker,
+) -> None:
+    spec = await work_queue(memory_broker)
+    inbox = Inbox()
+    await memory_broker.consume(spec, MESSAGES, inbox)
+    memory_broker.server.delete_queue(spec.name)
+    assert await memory_broker.lost_consumers() == [spec.name]
+    assert await memory_broker.lost_consumers(redeclare=True) == []
+    await memory_broker.publish(memory_broker.topology.events, "job.x", Ping(n=7))
+    message, meta = await inbox.next()
+    assert message == Ping(n=7)
+    assert meta.user_id == memory_broker.username
+
+
+async def test_each_connection_publishes_as_its_own_broker_user(
+    amqp_settings: AMQPSettings,
+) -> None:
+    server = MemoryServer()
+    async with (
+        MemoryBroker(amqp_settings, server=server, username="role:access@x") as access,
+        MemoryBroker(amqp_settings, server=server, username="user:alice@x") as alice,
+    ):
+        spec = await work_queue(access)
+        inbox = Inbox()
+        await access.consume(spec, MESSAGES, inbox)
+        await alice.publish(alice.topology.events, "job.a", Ping(n=1))
+        assert (await inbox.next())[1].user_id == "user:alice@x"
+        assert MemoryBroker(amqp_settings).username == "guest"  # the URL's user, as aio-pika's

@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 import pytest
 from pydantic import BaseModel, TypeAdapter
 
+from orchestrator.broker.identities import Identities
 from orchestrator.broker.topology import RPC_REQUESTS, Topology
 from orchestrator.core.codec import decode
 from orchestrator.core.jobstate import fold
@@ -40,16 +41,16 @@ from schemas.messages import (
     StopRun,
 )
 from schemas.par import PARState
-from workers.daemons import service_queues
 
 UID = "0123456789abcdef" * 2
-RUN_URL = f"parjobs-run://compute/{UID}?token=abc"
+SEALED = bytes(64)  # a sealed run capability: what the wire carries, whatever it holds
 SUBMITTED = JobEvent(
     job_uid=UID,
     seq=1,
     actor="access",
     payload=Submitted(
         request=JobRequest(calculation="checksum"),
+        owner="ada",
         user="f" * 64,
         user_key=PublicKeyData(name="user", x25519=bytes(32), ed25519=bytes(32)),
         expires_at=datetime(2030, 1, 1, tzinfo=UTC),
@@ -62,9 +63,9 @@ REQUESTS: dict[str, BaseModel] = {
     "get_outputs": GetOutputs(job_uid=UID),
     "close_par": ClosePAR(uid=UID, proof="0" * 64),
     "get_par_state": GetPARState(uid=UID),
-    "start_run": StartRun(run_url=RUN_URL),
-    "stop_run": StopRun(run_url=RUN_URL),
-    "get_run_status": GetRunStatus(run_url=RUN_URL),
+    "start_run": StartRun(job_uid=UID, sealed=SEALED),
+    "stop_run": StopRun(job_uid=UID, sealed=SEALED),
+    "get_run_status": GetRunStatus(job_uid=UID, sealed=SEALED),
 }
 TAKES = {
     "access requests": {"submit_job", "get_job", "get_outputs", "close_par", "get_par_state"},
@@ -185,7 +186,8 @@ def test_each_rpc_service_takes_its_requests_and_names_its_replies() -> None:
 
 def test_every_queue_a_daemon_consumes_says_what_it_takes() -> None:
     topology = Topology("p")
-    queues = service_queues(topology)
+    ids = Identities(topology)
+    queues = ids.service_queues()
     taken = {spec.name: spec.accepts for specs in queues.values() for spec in specs}
     assert taken == {
         "p.rpc.access": ACCESS_REQUESTS,
@@ -195,6 +197,7 @@ def test_every_queue_a_daemon_consumes_says_what_it_takes() -> None:
         "p.rpc.compute": COMPUTE_REQUESTS,
         "p.rpc.runs": RUN_STARTS,
     }
+    assert ids.stops_queue("d1").accepts is JOB_EVENTS
     # Only the events exchange feeds the queues that take job events.
     for specs in queues.values():
         for spec in specs:

@@ -18,7 +18,7 @@ from orchestrator.errors import (
     PoisonMessageError,
     RunRefusedError,
 )
-from schemas.messages import Envelope, ErrorReply, GetJob, GetRunStatus
+from schemas.messages import Envelope, ErrorReply, GetJob, GetPARState, GetRunStatus
 from workers.middleware import (
     EnvelopeHandler,
     LogContext,
@@ -31,7 +31,6 @@ from workers.middleware import (
 from workers.runtime import _JsonLines
 
 JOB_UID = "0123456789abcdef" * 2
-RUN_URL = f"parjobs-run://compute/{'f' * 32}?token=abc"
 
 
 def _meta(*, reply_to: str | None = "p.reply.caller") -> IncomingMeta:
@@ -193,9 +192,20 @@ async def test_a_body_that_names_no_job_binds_no_job_uid() -> None:
     async def handler(envelope: Envelope[Any], meta: IncomingMeta) -> None:
         seen.append(dict(log_context()))
 
-    await LogContext()(Envelope(sender="t", body=GetRunStatus(run_url=RUN_URL)), _meta(), handler)
+    await LogContext()(Envelope(sender="t", body=GetPARState(uid=JOB_UID)), _meta(), handler)
     assert "job_uid" not in seen[0]
-    assert seen[0]["message_type"] == "get_run_status"
+    assert seen[0]["message_type"] == "get_par_state"
+
+
+async def test_a_run_command_binds_the_job_it_names() -> None:
+    seen: list[dict[str, str]] = []
+
+    async def handler(envelope: Envelope[Any], meta: IncomingMeta) -> None:
+        seen.append(dict(log_context()))
+
+    status = GetRunStatus(job_uid=JOB_UID, sealed=bytes(64))
+    await LogContext()(Envelope(sender="t", body=status), _meta(), handler)
+    assert seen[0]["job_uid"] == JOB_UID
 
 
 async def test_every_json_log_line_of_a_handler_carries_its_context() -> None:

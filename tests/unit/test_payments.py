@@ -33,7 +33,7 @@ from orchestrator.errors import (
 from orchestrator.store.base import ObjectStore
 from schemas.auth import Cheque
 from schemas.events import JobRequest, JobState
-from schemas.messages import SubmitJob
+from schemas.messages import StopRun, SubmitJob
 from tests.unit.test_services import FUNDS, Services
 
 REQUEST = JobRequest(calculation="checksum")
@@ -224,13 +224,11 @@ async def _run_to_end(
     assert sheet.payment is not None
     writer = ObjectWriter(PAR(sheet.upload_par), services.user, transport=services.transport)
     await writer.set_object(b"data\n")
-    run_url = PAR(sheet.run_par).execute(services.user, control=services.registry).run_url
-    running, par_uid, _ = await services.compute.claim(run_url, message_id="start")
 
     async def ignore(_: object) -> None:
         return None
 
-    await services.compute.run(running, par_uid, ignore)
+    await services.run(PAR(sheet.run_par), ignore)
     await services.access.settle(submitted.job_uid)
     return submitted.job_uid, sheet.payment.held
 
@@ -244,7 +242,8 @@ async def _cancel_before_start(services: Services) -> str:
     await services.compute.on_storage_contracted(contracted)
     sheet = await services.log.load(submitted.job_uid)
     assert sheet.run_par is not None
-    run_url = PAR(sheet.run_par).execute(services.user, control=services.registry).run_url
-    await services.compute.stop(run_url)
+    stop = services.run_command("stop", PAR(sheet.run_par))
+    assert isinstance(stop, StopRun)
+    await services.compute.stop(stop, requester=services.user.fingerprint)
     await services.access.settle(submitted.job_uid)
     return submitted.job_uid

@@ -7,11 +7,14 @@ import stat
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from orchestrator.cli._app import app
 from orchestrator.core.keys import KeyPair
 from orchestrator.core.service_keys import ServiceKeys, is_service_role
 from orchestrator.errors import ConfigurationError
 from orchestrator.settings import ServiceSettings
+from schemas.signing import SERVICE_ROLES
 
 ACCESS, STORAGE, COMPUTE = (KeyPair.generate(role) for role in ("access", "storage", "compute"))
 OLD_COMPUTE = KeyPair.generate("compute-2029")
@@ -108,3 +111,21 @@ def test_the_setting_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     configured_path = ServiceSettings().service_keys_file
     assert configured_path == path
     assert ServiceKeys.load(configured_path).current("access") == ACCESS.public
+
+
+def test_the_operator_writes_the_service_keys_file_from_each_roles_public_key(
+    tmp_path: Path,
+) -> None:
+    pairs = {role: KeyPair.generate(role) for role in SERVICE_ROLES}
+    options = []
+    for role, pair in pairs.items():
+        public = tmp_path / f"{role}.key.pub"
+        public.write_text(json.dumps(pair.public.to_data()))
+        options += [f"--{role}", str(public)]
+    target = tmp_path / "service-keys.json"
+    result = CliRunner().invoke(app, ["keys", "services", str(target), *options])
+    assert result.exit_code == 0, result.output
+    written = ServiceKeys.load(target)
+    assert {role: written.current(role) for role in pairs} == {
+        role: pair.public for role, pair in pairs.items()
+    }

@@ -12,9 +12,10 @@ import httpx
 import pytest
 from pydantic import JsonValue
 
-from orchestrator import KeyPair
+from orchestrator import PAR, KeyPair
 from orchestrator.core.layout import JobKeys
 from orchestrator.core.pricing import Pricing
+from orchestrator.core.run_commands import run_command
 from orchestrator.core.signing import request_fingerprint, sign_authorisation, write_cheque
 from orchestrator.errors import (
     JobNotCompletedError,
@@ -29,10 +30,18 @@ from orchestrator.store.base import ObjectStore
 from orchestrator.store.eventlog import EventLog, step_event_id
 from orchestrator.store.registry import PARRegistry
 from schemas.auth import Cheque
-from schemas.events import JobRequest, JobState, StorageContracted
-from schemas.messages import GetJob, GetOutputs, JobReply, SubmitJob
+from schemas.events import JobEvent, JobRequest, JobState, StorageContracted
+from schemas.messages import (
+    GetJob,
+    GetOutputs,
+    JobReply,
+    RunAction,
+    RunCommand,
+    StartRun,
+    SubmitJob,
+)
 from workers.calculations import CalculationRegistry, Price
-from workers.compute import ComputeWorker
+from workers.compute import ComputeWorker, Publish
 from workers.storage import StorageWorker
 
 TIME_LIMIT_S = 20
@@ -76,6 +85,26 @@ class Services:
             http=http,
         )
 
+    def run_command(self, action: RunAction, run_par: PAR) -> RunCommand:
+        """The user's `action` through `run_par`, sealed for compute as the client seals it."""
+        return run_command(
+            action,
+            run_par.execute(self.user, control=self.registry).run_url,
+            job_uid=run_par.data.resource or "",
+            requester=self.user.fingerprint,
+            compute=self.compute_key.public,
+        )
+
+    async def run(self, run_par: PAR, publish: Publish, *, message_id: str = "start") -> JobEvent:
+        """Start the run through `run_par` and run it to its end; its final event."""
+        start = self.run_command("start", run_par)
+        assert isinstance(start, StartRun)
+        with self.compute.watching(start.job_uid) as handle:
+            sheet, _, _ = await self.compute.claim(
+                start, requester=self.user.fingerprint, message_id=message_id
+            )
+            return await self.compute.run(sheet, handle, publish)
+
     def access_job_uid(self, message_id: str) -> str:
         """The job uid access derives from a submit's message id."""
         return step_event_id(message_id, "job")
@@ -118,6 +147,13 @@ async def services(store: ObjectStore, prefix: str, http: httpx.AsyncClient) -> 
     ready = Services(store, prefix, http)
     await ready.onboard()
     return ready
+
+
+def _collecting(into: list[JobEvent]) -> Publish:
+    async def publish(event: JobEvent) -> None:
+        into.append(event)
+
+    return publish
 
 
 def _sheet(reply: object) -> JobReply:
@@ -191,12 +227,17 @@ async def test_sweep_expires_waiting_jobs_past_their_deadline(services: Services
     contracted = await services.storage.on_submitted(short)
     assert contracted is not None
     await anyio.sleep(3.1)
-    expired = await services.access.sweep()
+    published: list[JobEvent] = []
+    expired = await services.access.sweep(_collecting(published))
     assert [e.job_uid for e in expired] == [short.job_uid]
+    assert published == expired  # each expiry is published as it is appended
     assert (await services.log.load(short.job_uid)).state is JobState.EXPIRED
     assert (await services.log.load(long.job_uid)).state is JobState.SUBMITTED
-    # The next sweep forgets the ended job and expires nothing twice.
-    assert await services.access.sweep() == []
+    # The next sweep publishes the end once more as it forgets the job, and expires nothing twice.
+    assert await services.access.sweep(_collecting(published)) == []
+    assert published == [*expired, *expired]
+    assert await services.access.sweep(_collecting(published)) == []
+    assert len(published) == 2
     # A redelivered `submitted` finds the old contract: nothing new is minted or appended.
     assert await services.storage.on_submitted(short) == contracted
     assert (await services.log.load(short.job_uid)).state is JobState.EXPIRED
@@ -209,5 +250,27 @@ async def test_no_contract_after_expiry(services: Services) -> None:
         )
     ).events[0]
     await anyio.sleep(1.1)
-    await services.access.sweep()
+    await services.access.sweep(_collecting([]))
     assert await services.storage.on_submitted(submitted) is None
+
+
+async def test_an_expiry_is_published_even_if_the_sweep_is_cancelled_as_it_publishes(
+    services: Services,
+) -> None:
+    short = (
+        await services.access.submit(
+            services.submit_command(lifetime_s=1), message_id=uuid.uuid4().hex
+        )
+    ).events[0]
+    await anyio.sleep(1.1)
+    published: list[JobEvent] = []
+
+    async def slow_publish(event: JobEvent) -> None:
+        await anyio.sleep(0.3)  # the broker's confirm takes its time...
+        published.append(event)
+
+    with anyio.move_on_after(0.1):  # ...and the daemon is told to stop meanwhile
+        await services.access.sweep(slow_publish)
+    logged = await services.log.read(short.job_uid)
+    assert logged[-1].payload.type == "expired"
+    assert published == [logged[-1]]  # appended, and published all the same

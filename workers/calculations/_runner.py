@@ -104,13 +104,17 @@ class RunHandle:
         self._finished = anyio.Event()
         self._grace_s = DEFAULT_STOP_GRACE_S
 
+    def request_stop(self, grace_s: float = DEFAULT_STOP_GRACE_S) -> None:
+        """Ask for the stop `stop` makes, without waiting for the run to end (nor to start)."""
+        if not self._requested.is_set():
+            self._grace_s = grace_s
+            self._requested.set()
+
     async def stop(self, grace_s: float = DEFAULT_STOP_GRACE_S) -> None:
         """SIGTERM to the run's whole process group, SIGKILL after `grace_s` if anything is left;
         returns once the child has ended (also when called from the run's `on_output`).
         Stopping before the run starts stops it as soon as it starts."""
-        if not self._requested.is_set():
-            self._grace_s = grace_s
-            self._requested.set()
+        self.request_stop(grace_s)
         await self._finished.wait()
 
 

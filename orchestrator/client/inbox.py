@@ -1,0 +1,210 @@
+"""The client's own two queues on the broker: its replies and its jobs' events, verified before use.
+
+Both are in the user's namespace (`identities.reply_queue`, `identities.events_queue`), exclusive
+to the client's connection and declared once, when the client starts. The events queue is bound
+to `job.<username>.#`, the only events RabbitMQ lets a user bind, so every event of the user's
+jobs queues up from then on, whether or not anything waits on it yet.
+
+A reply is used only if it is signed by the service role the request went to; anything else that
+comes with the request's correlation id is dropped and logged, and the request keeps waiting for
+the genuine reply. An event goes to the `JobTracker` of its job, which verifies it, if the client
+follows that job (someone waits on it, or waited and it has not ended yet); events of other jobs
+are dropped (a follower catches up with GetJob).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import anyio
+from pydantic import JsonValue, TypeAdapter, ValidationError
+
+from orchestrator.broker.base import Broker, IncomingMeta, Subscription
+from orchestrator.broker.identities import Identities
+from orchestrator.client.tracking import JobTracker
+from orchestrator.core.message_signing import verify_message
+from orchestrator.core.service_keys import ServiceKeys
+from orchestrator.errors import (
+    BrokerError,
+    ForgedSignatureError,
+    RequestTimeoutError,
+    SignatureError,
+)
+from schemas.messages import JOB_EVENTS, Envelope
+from schemas.signing import ServiceRole
+
+log = logging.getLogger("parjobs.client")
+
+ANY_JSON: TypeAdapter[JsonValue] = TypeAdapter(JsonValue)
+"""What the client's queues are consumed as: validated here, so nothing is ever dead-lettered
+from them (a user may not write to the dead-letter exchange)."""
+REPLY_WINDOW = timedelta(minutes=5)
+"""How far a reply's signed time may be from this clock (as a service allows a request)."""
+ENDED_KEPT = 256
+"""Trackers of ended jobs kept after their followers left (the most recent): a job that ended
+before the next wait on it began (a quick run) needs no catch-up, nor access, to be waited on."""
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """A request waiting for its reply: who must have signed it, and what it may be."""
+
+    role: ServiceRole
+    replies: TypeAdapter[Envelope[Any]]
+    reply: asyncio.Future[Envelope[Any]]
+
+
+class Inbox:
+    """The client's reply queue and events queue, and what waits on them."""
+
+    def __init__(self, broker: Broker, keys: ServiceKeys, *, window: timedelta = REPLY_WINDOW):
+        identities = Identities(broker.topology)
+        instance = uuid.uuid4().hex
+        self._broker = broker
+        self.keys = keys
+        """The operator's service keys: what replies and events are checked against."""
+        self._window = window
+        self.reply_queue = identities.reply_queue(broker.username, instance)
+        self.events_queue = identities.events_queue(broker.username, instance)
+        self._pending: dict[str, _Pending] = {}
+        self._trackers: dict[str, tuple[JobTracker, int]] = {}
+        """Followed jobs: their tracker and how many follow them now (0: kept while it lives)."""
+        self._ended: OrderedDict[str, JobTracker] = OrderedDict()
+        """Trackers of ended jobs nobody follows, least recently ended first."""
+        self._subscriptions: list[Subscription] = []
+
+    async def start(self) -> None:
+        """Declare both queues and consume them."""
+        await self._broker.declare(self.reply_queue, self.events_queue, shared=False)
+        self._subscriptions = [
+            await self._broker.consume(self.reply_queue, ANY_JSON, self._on_reply),
+            await self._broker.consume(self.events_queue, ANY_JSON, self._on_event),
+        ]
+
+    async def close(self) -> None:
+        """Stop consuming; requests still waiting fail (the queues go with the connection)."""
+        subscriptions, self._subscriptions = self._subscriptions, []
+        for subscription in subscriptions:
+            await subscription.cancel()
+        for pending in self._pending.values():
+            if not pending.reply.done():
+                pending.reply.set_exception(BrokerError("the parjobs client was closed"))
+
+    # --- requests and replies -------------------------------------------------------------------
+
+    async def call(
+        self,
+        service: str,
+        role: ServiceRole,
+        request: Envelope[Any],
+        replies: TypeAdapter[Envelope[Any]],
+        *,
+        timeout: float,  # noqa: ASYNC109 - it becomes RequestTimeoutError
+    ) -> Envelope[Any]:
+        """Send `request` to `service`'s RPC queue; its reply, signed by `role`."""
+        topology = self._broker.topology
+        correlation_id = uuid.uuid4().hex
+        reply: asyncio.Future[Envelope[Any]] = asyncio.get_running_loop().create_future()
+        self._pending[correlation_id] = _Pending(role, replies, reply)
+        try:
+            with anyio.fail_after(timeout):
+                await self._broker.publish(
+                    topology.commands,
+                    topology.rpc_routing_key(service),
+                    request,
+                    correlation_id=correlation_id,
+                    reply_to=self.reply_queue.name,
+                    message_id=request.message_id,
+                )
+                return await reply
+        except TimeoutError as exc:
+            raise RequestTimeoutError(
+                f"no reply signed by {role} within {timeout:g}s to the {request.body.type} "
+                f"request sent to {service}"
+            ) from exc
+        finally:
+            self._pending.pop(correlation_id, None)
+
+    async def _on_reply(self, raw: JsonValue, meta: IncomingMeta) -> None:
+        pending = self._pending.get(meta.correlation_id or "")
+        if pending is None or pending.reply.done():
+            log.debug("dropped a reply nobody waits for (%s)", meta.correlation_id)
+            return
+        try:
+            envelope = pending.replies.validate_python(raw)
+            signer = verify_message(
+                envelope.signature,
+                message_id=envelope.message_id,
+                sent_at=envelope.sent_at,
+                body=envelope.body,
+                keys=self.keys.keys_for(pending.role),
+                now=datetime.now(UTC),
+                window=self._window,
+            )
+            if signer != pending.role:
+                raise ForgedSignatureError(f"it is signed by {signer}, not by {pending.role}")
+        except (ValidationError, SignatureError) as exc:
+            log.warning(
+                "dropped a reply to %s from broker user %s, still waiting: %s",
+                meta.correlation_id,
+                meta.user_id,
+                exc,
+            )
+            return
+        pending.reply.set_result(envelope)
+
+    # --- events ---------------------------------------------------------------------------------
+
+    @contextmanager
+    def following(self, job_uid: str) -> Iterator[JobTracker]:
+        """The tracker of job `job_uid`, fed with its events while the block runs. After it, a
+        caught-up tracker is kept (fed while its job lives, then among the `ENDED_KEPT`), so a
+        later wait on the job needs no catch-up."""
+        if (followed := self._trackers.get(job_uid)) is not None:
+            tracker, followers = followed
+        elif job_uid in self._ended:
+            tracker, followers = self._ended.pop(job_uid), 0
+        else:
+            tracker, followers = JobTracker(job_uid, self.keys), 0
+        self._trackers[job_uid] = (tracker, followers + 1)
+        try:
+            yield tracker
+        finally:
+            tracker, followers = self._trackers.pop(job_uid)
+            if followers > 1:
+                self._trackers[job_uid] = (tracker, followers - 1)
+            elif tracker.caught_up_on is not None:
+                self._keep(tracker)
+
+    def _keep(self, tracker: JobTracker) -> None:
+        """Keep a tracker nobody follows now: fed while its job lives, then among the ended."""
+        if not tracker.ended:
+            self._trackers[tracker.job_uid] = (tracker, 0)
+            return
+        self._ended[tracker.job_uid] = tracker
+        while len(self._ended) > ENDED_KEPT:
+            self._ended.popitem(last=False)
+
+    async def _on_event(self, raw: JsonValue, meta: IncomingMeta) -> None:
+        try:
+            event = JOB_EVENTS.envelope.validate_python(raw).body.event
+        except ValidationError as exc:
+            log.warning("dropped a message on the events queue from %s: %s", meta.user_id, exc)
+            return
+        followed = self._trackers.get(event.job_uid)
+        if followed is None:
+            log.debug("dropped event %d of job %s: nobody follows it", event.seq, event.job_uid)
+            return
+        tracker, followers = followed
+        tracker.offer(event, source=f"the events queue ({meta.routing_key})")
+        if tracker.ended and not followers:
+            del self._trackers[event.job_uid]
+            self._keep(tracker)

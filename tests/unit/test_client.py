@@ -1,0 +1,487 @@
+"""The client on the twins (MemoryBroker): it signs every request, uses only replies and events that
+verify, and waits on its own events queue instead of polling.
+
+The services here are stand-ins that answer as access and compute do (replies signed by their
+role's key, events sealed and published under the job owner's routing key): what the client does
+with what comes, forged or genuine, is what is under test.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import anyio
+import pytest
+from pydantic import BaseModel
+
+from orchestrator.broker.base import IncomingMeta
+from orchestrator.broker.identities import Identities, Role
+from orchestrator.broker.memory import MemoryBroker, MemoryServer
+from orchestrator.client.client import ParjobsClient
+from orchestrator.client.jobsheet import JobSheet
+from orchestrator.core.chain import seal_event
+from orchestrator.core.jobstate import fold
+from orchestrator.core.keys import KeyPair
+from orchestrator.core.message_signing import sign_message, verify_message
+from orchestrator.core.run_commands import open_run_command
+from orchestrator.core.signing import sign_authorisation, write_cheque
+from orchestrator.errors import ConfigurationError, JobNotFoundError, RequestTimeoutError
+from orchestrator.par.par import PAR
+from orchestrator.settings import AMQPSettings
+from schemas.events import Completed, Failed, JobEvent, JobRequest, JobState, Submitted
+from schemas.messages import (
+    ACCESS_REQUESTS,
+    COMPUTE_REQUESTS,
+    RUN_STARTS,
+    Envelope,
+    EventPublished,
+    GetJob,
+    GetRunStatus,
+    JobReply,
+    RunReply,
+    StartRun,
+    StopRun,
+    SubmitJob,
+)
+from schemas.par import Capability, PARData, PARKind
+from schemas.signing import ServiceRole
+from tests.unit.test_chain import APPENDED_BY, KEYS, SERVICE_KEYS
+from tests.unit.test_jobstate import SAMPLES, SUBMITTED, T0
+
+JOB = "0123456789abcdef" * 2
+ALICE = KeyPair.generate("alice")
+RUN_URL = f"parjobs-run://compute/{'e' * 32}?token=secret-run-token"
+CHECKSUM = JobRequest(calculation="checksum")
+READY = frozenset({JobState.READY})
+
+
+def run_par() -> PAR:
+    """A run PAR of job JOB sealed for alice, as compute mints it."""
+    return PAR.seal(
+        Capability(run_url=RUN_URL),
+        kind=PARKind.CALCULATION,
+        recipient=ALICE.public,
+        issuer="compute",
+        expires_at=datetime.now(UTC) + timedelta(hours=1),
+        is_executable=True,
+        resource=JOB,
+    )
+
+
+def sealed(
+    types: list[str], *, after: list[JobEvent] | None = None, run: PARData | None = None
+) -> list[JobEvent]:
+    """Job JOB's log as the services append it (alice's job; compute_contracted holds `run`):
+    `types` sealed one onto the other, continuing the log `after`."""
+    log = list(after or [])
+    for seq, name in enumerate(types, start=len(log) + 1):
+        payload = SAMPLES[name]
+        if isinstance(payload, Submitted):
+            payload = payload.model_copy(update={"owner": "alice", "user": ALICE.fingerprint})
+        if name == "compute_contracted" and run is not None:
+            payload = payload.model_copy(update={"run_par": run})
+        role = APPENDED_BY[name]
+        unsealed = JobEvent(
+            job_uid=JOB, seq=seq, time=T0 + timedelta(seconds=seq), actor=role, payload=payload
+        )
+        log.append(seal_event(unsealed, log[-1] if log else None, KEYS[role], role))
+    return log
+
+
+def signed_reply(role: ServiceRole, body: BaseModel, key: KeyPair | None = None) -> Envelope:
+    """A reply as `role` signs it (with `key` instead of the role's, to forge one)."""
+    envelope = Envelope(sender=role, body=body)
+    signature = sign_message(
+        key or KEYS[role], role, message_id=envelope.message_id, sent_at=envelope.sent_at, body=body
+    )
+    return envelope.model_copy(update={"signature": signature})
+
+
+Forge = Callable[[IncomingMeta], Awaitable[None]]
+
+
+@dataclass
+class Services:
+    """Access and compute as a client sees them, on the twins."""
+
+    ids: Identities
+    access: MemoryBroker
+    compute: MemoryBroker
+    logs: dict[str, list[JobEvent]] = field(default_factory=dict)
+    """What access has stored, by job."""
+    requests: list[tuple[Envelope, IncomingMeta]] = field(default_factory=list)
+    forge: Forge | None = None
+    """Sent before each genuine reply: what a forger slips in with the request's correlation id."""
+    on_submit: list[str] = field(default_factory=list)
+    """The log a submission makes (appended and published at once)."""
+    run: PARData | None = None
+    access_answers: bool = True
+    """False: access takes requests and answers none (a stopped daemon, as far as a client sees)."""
+
+    @property
+    def kinds(self) -> Counter[str]:
+        return Counter(envelope.body.type for envelope, _ in self.requests)
+
+    async def publish(self, event: JobEvent) -> None:
+        """Publish `event` as its role does: to the events exchange, under alice's routing key."""
+        broker = self.access if event.signer == "access" else self.compute
+        key = self.ids.event_routing_key(
+            self.ids.user_username("alice"), event.job_uid, event.payload.type
+        )
+        await broker.publish(
+            broker.topology.events, key, Envelope(sender="svc", body=EventPublished(event=event))
+        )
+
+    async def _answer(
+        self, broker: MemoryBroker, role: ServiceRole, meta: IncomingMeta, body: BaseModel
+    ) -> None:
+        if self.forge is not None:
+            await self.forge(meta)
+        await broker.reply(meta, signed_reply(role, body))
+
+    async def on_access(self, envelope: Envelope[Any], meta: IncomingMeta) -> None:
+        self.requests.append((envelope, meta))
+        if not self.access_answers:
+            return
+        match envelope.body:
+            case GetJob(job_uid=job_uid, with_events=with_events) if job_uid in self.logs:
+                log = self.logs[job_uid]
+                events = tuple(log) if with_events else ()
+                await self._answer(
+                    self.access, "access", meta, JobReply(sheet=fold(log), events=events)
+                )
+            case GetJob(job_uid=job_uid):
+                error = JobNotFoundError(f"no job {job_uid} is known here")
+                await self._answer(self.access, "access", meta, error.to_reply())
+            case SubmitJob():
+                log = self.logs[JOB] = sealed(self.on_submit, run=self.run)
+                await self._answer(self.access, "access", meta, JobReply(sheet=fold(log[:1])))
+                for event in log:
+                    await self.publish(event)
+
+    async def on_compute(self, envelope: Envelope[Any], meta: IncomingMeta) -> None:
+        self.requests.append((envelope, meta))
+        state = "running" if isinstance(envelope.body, StartRun | GetRunStatus) else "cancelled"
+        body = RunReply(job_uid=envelope.body.job_uid, state=state, accepted=True)
+        await self._answer(self.compute, "compute", meta, body)
+
+    async def extend(self, *types: str) -> None:
+        """Append `types` to JOB's log and publish them."""
+        known = len(self.logs[JOB])
+        self.logs[JOB] = sealed(list(types), after=self.logs[JOB], run=self.run)
+        for event in self.logs[JOB][known:]:
+            await self.publish(event)
+
+
+@pytest.fixture
+async def world() -> AsyncIterator[tuple[Services, MemoryBroker]]:
+    """The services (access, compute) and alice's broker connection, on one MemoryServer."""
+    server = MemoryServer()
+    settings = AMQPSettings(prefix="unit-client")
+    ids = Identities(MemoryBroker(settings).topology)
+
+    def connect(username: str) -> MemoryBroker:
+        return MemoryBroker(settings, server=server, username=username)
+
+    async with (
+        connect(ids.role_username(Role.OPERATOR)) as operator,
+        connect(ids.role_username(Role.ACCESS)) as access,
+        connect(ids.role_username(Role.COMPUTE)) as compute,
+        connect(ids.user_username("alice")) as alice,
+    ):
+        topology = operator.topology
+        rpc = {name: topology.rpc_queue(name) for name in ("access", "compute", "runs")}
+        await operator.declare(*rpc.values())
+        services = Services(ids, access, compute, run=run_par().data)
+        await access.consume(rpc["access"], ACCESS_REQUESTS.envelope, services.on_access)
+        await compute.consume(rpc["compute"], COMPUTE_REQUESTS.envelope, services.on_compute)
+        await compute.consume(rpc["runs"], RUN_STARTS.envelope, services.on_compute)
+        yield services, alice
+
+
+@pytest.fixture
+async def client(world: tuple[Services, MemoryBroker]) -> AsyncIterator[ParjobsClient]:
+    async with ParjobsClient(world[1], ALICE, service_keys=SERVICE_KEYS, timeout=2) as alice:
+        yield alice
+
+
+@pytest.fixture
+def services(world: tuple[Services, MemoryBroker]) -> Services:
+    return world[0]
+
+
+# --- requests ------------------------------------------------------------------------------------
+
+
+async def test_every_request_is_signed_by_the_user_and_answered_to_her_own_queue(
+    services: Services, client: ParjobsClient
+) -> None:
+    services.logs[JOB] = sealed(["submitted"])
+    await client.job(JOB)
+    await client.run_command("status", JOB, RUN_URL)
+    assert services.kinds == Counter({"get_job": 1, "get_run_status": 1})
+    for envelope, meta in services.requests:
+        signer = verify_message(
+            envelope.signature,
+            message_id=envelope.message_id,
+            sent_at=envelope.sent_at,
+            body=envelope.body,
+            keys=[ALICE.public],
+            now=datetime.now(UTC),
+            window=timedelta(seconds=30),
+        )
+        assert signer == ALICE.fingerprint
+        assert meta.user_id == services.ids.user_username("alice")
+        assert meta.reply_to is not None
+        assert services.ids.owns(services.ids.user_username("alice"), meta.reply_to)
+
+
+async def test_a_run_command_carries_the_capability_only_sealed_for_compute(
+    services: Services, client: ParjobsClient
+) -> None:
+    control = run_par().execute(ALICE, control=client)
+    assert (await control.start()).state == "running"
+    assert (await control.stop()).state == "cancelled"
+    assert [envelope.body.type for envelope, _ in services.requests] == ["start_run", "stop_run"]
+    for envelope, _ in services.requests:
+        assert "secret-run-token" not in envelope.model_dump_json()
+        assert isinstance(envelope.body, StartRun | StopRun)
+        assert envelope.body.job_uid == JOB
+        opened = open_run_command(envelope.body, requester=ALICE.fingerprint, key=KEYS["compute"])
+        assert opened == RUN_URL
+
+
+async def test_an_error_reply_is_raised_as_the_services_error(client: ParjobsClient) -> None:
+    with pytest.raises(JobNotFoundError, match="no job"):
+        await client.job("f" * 32)
+
+
+def _signed_by_alice(role: ServiceRole, body: BaseModel) -> Envelope:
+    envelope = Envelope(sender=role, body=body)
+    signature = sign_message(
+        ALICE,
+        ALICE.fingerprint,
+        message_id=envelope.message_id,
+        sent_at=envelope.sent_at,
+        body=body,
+    )
+    return envelope.model_copy(update={"signature": signature})
+
+
+STRANGER = KeyPair.generate("compute")
+FORGERIES: dict[str, Callable[[ServiceRole, BaseModel], Envelope]] = {
+    "unsigned": lambda role, body: Envelope(sender=role, body=body),
+    "signed by a key not the role's": lambda role, body: signed_reply(role, body, STRANGER),
+    "signed by another role": lambda role, body: signed_reply("access", body),
+    "signed by the user's key": _signed_by_alice,
+    "edited after signing": lambda role, body: signed_reply(
+        role, RunReply(job_uid=JOB, state="running", accepted=True)
+    ).model_copy(update={"body": body}),
+}
+
+
+@pytest.mark.parametrize("forgery", sorted(FORGERIES))
+async def test_a_forged_reply_is_dropped_and_the_request_waits_for_the_genuine_one(
+    services: Services,
+    client: ParjobsClient,
+    forgery: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    forged_done = RunReply(job_uid=JOB, state="completed", accepted=True)
+
+    async def slip_in(meta: IncomingMeta) -> None:
+        await services.compute.reply(meta, FORGERIES[forgery]("compute", forged_done))
+
+    services.forge = slip_in
+    reply = await client.run_command("status", JOB, RUN_URL)
+    assert reply.state == "running"
+    assert "dropped a reply" in caplog.text
+
+
+async def test_a_request_answered_only_by_forgeries_times_out(
+    services: Services, client: ParjobsClient
+) -> None:
+    async def only_forgeries(meta: IncomingMeta) -> None:
+        forged = Envelope(
+            sender="compute", body=RunReply(job_uid=JOB, state="completed", accepted=True)
+        )
+        await services.compute.reply(meta, forged)
+        raise anyio.get_cancelled_exc_class()  # the genuine reply never comes
+
+    services.forge = only_forgeries
+    with pytest.raises(RequestTimeoutError, match="no reply signed by compute"):
+        await client.run_command("status", JOB, RUN_URL)
+
+
+# --- waiting on events ---------------------------------------------------------------------------
+
+
+async def test_wait_until_follows_events_after_one_catch_up(
+    services: Services, client: ParjobsClient
+) -> None:
+    services.logs[JOB] = sealed(["submitted"])
+    async with anyio.create_task_group() as group:
+        result: list[JobState] = []
+
+        async def wait() -> None:
+            result.append((await client.wait_until(JOB, READY, timeout=5)).state)
+
+        group.start_soon(wait)
+        await anyio.wait_all_tasks_blocked()
+        await services.extend("storage_contracted")
+        await anyio.wait_all_tasks_blocked()
+        assert result == []
+        await services.extend("compute_contracted")
+    assert result == [JobState.READY]
+    assert services.kinds == Counter({"get_job": 1})  # the catch-up; then events alone
+
+
+async def test_watch_yields_each_state_once_in_order_through_copies_and_reordering(
+    services: Services, client: ParjobsClient
+) -> None:
+    services.logs[JOB] = sealed(["submitted"])
+    seen: list[tuple[int, JobState]] = []
+
+    async def watch() -> None:
+        async for sheet in client.watch(JOB):
+            seen.append((sheet.seq, sheet.state))
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as group:
+            group.start_soon(watch)
+            await anyio.wait_all_tasks_blocked()
+            later = ["storage_contracted", "compute_contracted", "run_started", "progress"]
+            full = sealed([*later, "completed"], after=services.logs[JOB])
+            services.logs[JOB] = full[:5]
+            for event in (full[0], full[1], full[1], full[2], full[4]):  # a copy; 4 after 5
+                await services.publish(event)
+                await anyio.wait_all_tasks_blocked()
+            await services.publish(full[3])
+            services.logs[JOB] = full
+            await services.publish(full[5])
+            await services.publish(full[5])
+    assert [seq for seq, _ in seen] == [1, 2, 3, 4, 5, 6]
+    assert seen[-1][1] is JobState.COMPLETED
+    # The catch-up, and one more when event 5 came before event 4.
+    assert services.kinds == Counter({"get_job": 2})
+
+
+async def test_a_forged_event_does_not_end_a_wait(
+    services: Services, client: ParjobsClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    services.logs[JOB] = sealed(
+        ["submitted", "storage_contracted", "compute_contracted", "run_started"]
+    )
+    stranger = KeyPair.generate("compute")
+    claim = JobEvent(job_uid=JOB, seq=5, actor="compute", payload=Completed(summary="forged"))
+    forged = seal_event(claim, services.logs[JOB][-1], stranger, "compute")
+    control = run_par().execute(ALICE, control=client)
+    async with anyio.create_task_group() as group:
+        final: list[RunReply] = []
+
+        async def wait() -> None:
+            final.append(await control.wait(timeout=5))
+
+        group.start_soon(wait)
+        await anyio.wait_all_tasks_blocked()
+        await services.publish(forged)
+        await anyio.wait_all_tasks_blocked()
+        assert final == []
+        await services.extend("progress", "failed")
+    failed = SAMPLES["failed"]
+    assert isinstance(failed, Failed)
+    assert [(reply.state, reply.detail) for reply in final] == [("failed", failed.reason)]
+    assert "does not verify" in caplog.text
+    assert services.kinds == Counter({"get_job": 1})  # no run status polls
+
+
+async def test_a_job_followed_since_it_was_ready_needs_no_access_to_be_waited_on(
+    services: Services, client: ParjobsClient
+) -> None:
+    services.on_submit = ["submitted", "storage_contracted", "compute_contracted"]
+    _, _, run, _ = await client.request_services(CHECKSUM, account="alice", max_spend=Decimal(1))
+    services.access_answers = False
+    control = run.execute(ALICE, control=client)
+    await control.start()
+    await services.extend("run_started", "progress", "completed")
+    assert (await control.wait(timeout=5)).state == "completed"
+    assert services.kinds == Counter({"submit_job": 1, "get_job": 1, "start_run": 1})
+
+
+async def test_after_a_reconnection_a_live_job_is_caught_up_again_an_ended_one_never(
+    world: tuple[Services, MemoryBroker], client: ParjobsClient
+) -> None:
+    services, alice = world
+    services.on_submit = ["submitted", "storage_contracted", "compute_contracted"]
+    await client.request_services(CHECKSUM, account="alice", max_spend=Decimal(1))
+    alice.simulate_connection_loss()  # what was published meanwhile may be lost: ask again
+    await client.wait_until(JOB, READY, timeout=5)
+    assert services.kinds["get_job"] == 2
+    await services.extend("expired")
+    assert (await client.wait_until(JOB, frozenset(), timeout=5)).state is JobState.EXPIRED
+    alice.simulate_connection_loss()
+    services.access_answers = False
+    # Ended, its log is whole: every state, from the tracker the client kept.
+    assert [sheet.state async for sheet in client.watch(JOB)] == [
+        JobState.SUBMITTED,
+        JobState.STORAGE_CONTRACTED,
+        JobState.READY,
+        JobState.EXPIRED,
+    ]
+    assert (await client.wait_until(JOB, READY, timeout=5)).state is JobState.EXPIRED
+    assert services.kinds["get_job"] == 2
+
+
+async def test_a_wait_with_no_events_times_out(services: Services, client: ParjobsClient) -> None:
+    services.logs[JOB] = sealed(["submitted"])
+    with pytest.raises(TimeoutError):
+        await client.wait_until(JOB, READY, timeout=0.3)
+
+
+async def test_request_services_returns_the_pars_once_contracted(
+    services: Services, client: ParjobsClient
+) -> None:
+    services.on_submit = ["submitted", "storage_contracted", "compute_contracted"]
+    job_uid, upload, run, expires = await client.request_services(
+        CHECKSUM, account="alice", max_spend=Decimal(1)
+    )
+    assert job_uid == JOB
+    assert services.run is not None
+    assert run.uid == services.run.uid
+    assert upload.kind is PARKind.OBJECT
+    assert expires == SUBMITTED.expires_at
+    assert services.kinds == Counter({"submit_job": 1, "get_job": 1})
+
+
+async def test_jobsheet_request_services_waits_on_events(
+    services: Services, client: ParjobsClient
+) -> None:
+    services.on_submit = ["submitted", "storage_contracted", "compute_contracted"]
+    sheet = JobSheet(CHECKSUM, sign_authorisation(ALICE, CHECKSUM))
+    cheque = write_cheque(
+        ALICE,
+        payer="alice",
+        recipient="access",
+        max_spend=Decimal(1),
+        resource="0" * 64,
+        lifetime=timedelta(hours=1),
+    )
+    sheet.set_payment(cheque)
+    upload, run, _ = await sheet.request_services(client)
+    assert sheet.uid() == JOB
+    state = sheet.state()
+    assert state is not None
+    assert state.state is JobState.READY
+    assert run.is_executable
+    assert upload.is_writeable
+
+
+async def test_a_client_must_connect_as_a_registered_users_broker_user() -> None:
+    async with MemoryBroker(AMQPSettings(prefix="unit-client")) as guest:
+        with pytest.raises(ConfigurationError, match="parjobs users add"):
+            ParjobsClient(guest, ALICE, service_keys=SERVICE_KEYS)
