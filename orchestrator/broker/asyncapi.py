@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any, get_args
 
@@ -69,12 +69,10 @@ JsonObject = dict[str, Any]
 _SCHEMAS = "#/components/schemas/"
 
 
-def asyncapi_document(
-    topology: Topology, services: Mapping[str, Sequence[QueueSpec]], *, version: str
-) -> JsonObject:
-    """The AsyncAPI 3.0 document of a deployment of `topology` whose services consume `services`
-    (role -> its queues, as `workers.daemons.service_queues` says), titled with `version`."""
-    return _Contract(topology, services).document(version)
+def asyncapi_document(topology: Topology, *, version: str) -> JsonObject:
+    """The AsyncAPI 3.0 document of a deployment of `topology` (each service consuming the queues
+    `Identities.service_queues` gives it), titled with `version`."""
+    return _Contract(topology).document(version)
 
 
 def to_json(document: JsonObject) -> str:
@@ -191,6 +189,8 @@ def _parameterised(text: str, *parameters: str) -> str:
 _CLIENT_REPLIES = "client.reply"
 _CLIENT_EVENTS = "client.events"
 _CLIENT_PARAMETERS = ("username", "instance")
+_COMPUTE_STOPS = "stops"
+"""Each compute daemon's own queue of `cancelled` events (`{instance}`: the daemon)."""
 _EVENT_PARAMETERS = ("owner", "jobUid", "eventType")
 _SERVICE_PARAMETER = "service"
 
@@ -243,10 +243,10 @@ def _queue_description(queue: QueueSpec) -> str:
 class _Contract:
     """One deployment's channels, operations and messages, as the AsyncAPI document says them."""
 
-    def __init__(self, topology: Topology, services: Mapping[str, Sequence[QueueSpec]]) -> None:
+    def __init__(self, topology: Topology) -> None:
         self.topology = topology
         self.identities = Identities(topology)
-        self.services = {Role(role): tuple(queues) for role, queues in services.items()}
+        self.services = self.identities.service_queues()
         service_queues = [queue for queues in self.services.values() for queue in queues]
         self.queues = {
             self._short(queue.name): queue for queue in (*topology.shared_queues, *service_queues)
@@ -254,6 +254,7 @@ class _Contract:
         client = [_placeholder(parameter) for parameter in _CLIENT_PARAMETERS]
         self.queues[_CLIENT_REPLIES] = self.identities.reply_queue(*client)
         self.queues[_CLIENT_EVENTS] = self.identities.events_queue(*client)
+        self.queues[_COMPUTE_STOPS] = self.identities.stops_queue(_placeholder("instance"))
         accepted = [queue.accepts for queue in self.queues.values() if queue.accepts is not None]
         self.requests = {
             _message_id(union): union for union in accepted if union.replies is not None
@@ -430,17 +431,19 @@ class _Contract:
             "description": f"{_queue_description(queue)} {self._consumer(channel)}",
             "messages": self._messages(self._queue_messages(channel)),
         }
-        if address != queue.name:
-            described["parameters"] = {
-                "username": {
-                    "description": f"The user's broker username (`{self._user_username()}`): "
-                    f"a user may declare queues only under `{self._client_namespace()}.`.",
-                },
-                "instance": {
-                    "description": f"One connection's id (up to {MAX_INSTANCE_LENGTH} letters, "
-                    "digits, `_` or `-`).",
-                },
-            }
+        parameters = {
+            "username": {
+                "description": f"The user's broker username (`{self._user_username()}`): "
+                f"a user may declare queues only under `{self._client_namespace()}.`.",
+            },
+            "instance": {
+                "description": f"One connection's id (up to {MAX_INSTANCE_LENGTH} letters, "
+                "digits, `_` or `-`).",
+            },
+        }
+        present = {name: text for name, text in parameters.items() if f"{{{name}}}" in address}
+        if present:
+            described["parameters"] = present
         amqp: JsonObject = {
             "is": "queue",
             "queue": {
@@ -669,13 +672,8 @@ class _Contract:
     # --- security -------------------------------------------------------------------------------
 
     def security_scheme(self) -> JsonObject:
-        service_queues = [queue for queues in self.services.values() for queue in queues]
         grants: list[Grant] = [
-            *(
-                self.identities.service_grant(role, queues)
-                for role, queues in self.services.items()
-            ),
-            self.identities.operator_grant(service_queues),
+            *self.identities.role_grants().values(),
             self.identities.user_grant(_placeholder("name")),
         ]
         roles = ", ".join(f"`{self.identities.role_username(role)}`" for role in self.services)

@@ -25,10 +25,7 @@ class Format(StrEnum):
 
 def published() -> JsonObject:
     """The AsyncAPI document of parjobs with the default names (prefix `parjobs`)."""
-    from workers.daemons import service_queues  # the daemons' imports stay out of other commands
-
-    topology = Topology()
-    return asyncapi_document(topology, service_queues(topology), version=__version__)
+    return asyncapi_document(Topology(), version=__version__)
 
 
 def render(document: JsonObject, form: Format) -> str:

@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 
 from orchestrator import KeyPair, request_fingerprint, sign_authorisation, write_cheque
 from orchestrator.broker.asyncapi import DEAD_LETTER, JsonObject, asyncapi_document, to_json
+from orchestrator.broker.identities import Identities
 from orchestrator.broker.topology import QueueSpec, Topology
 from orchestrator.cli import app
 from orchestrator.cli._contract import CHECKED_IN, REGENERATE, published
@@ -37,13 +38,15 @@ from schemas.messages import (
     MessageUnion,
     SubmitJob,
 )
-from workers.daemons import service_queues
 
 ROOT = Path(__file__).resolve().parents[2]
 VALIDATOR = ROOT / "scripts" / "validate-asyncapi.mjs"
 PARSER = ROOT / "node_modules" / "@asyncapi" / "parser"
 TOPOLOGY = Topology()
-QUEUES = [*TOPOLOGY.shared_queues, *itertools.chain(*service_queues(TOPOLOGY).values())]
+QUEUES = [
+    *TOPOLOGY.shared_queues,
+    *itertools.chain(*Identities(TOPOLOGY).service_queues().values()),
+]
 UID = "0123456789abcdef" * 2
 
 
@@ -289,10 +292,10 @@ def test_an_error_reply_matches_the_replies_schema(document: JsonObject) -> None
 
 def test_the_document_follows_the_deployments_prefix_and_delivery_limit() -> None:
     topology = Topology("acme.prod", delivery_limit=3)
-    document = asyncapi_document(topology, service_queues(topology), version="1")
+    document = asyncapi_document(topology, version="1")
     amqp = [channel["bindings"]["amqp"] for channel in document["channels"].values()]
     names = {binding.get("queue", binding.get("exchange"))["name"] for binding in amqp}
-    assert len(names) == len(TOPOLOGY.exchanges) + len(QUEUES) + 2  # and a user's two queues
+    assert len(names) == len(TOPOLOGY.exchanges) + len(QUEUES) + 3  # a user's two, compute's stops
     assert all(name.startswith("acme.prod.") for name in names)
     queues = [binding for binding in amqp if binding["is"] == "queue"]
     limits = {binding["x-arguments"].get("x-delivery-limit") for binding in queues}
