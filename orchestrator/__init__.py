@@ -2,6 +2,9 @@
 
     from orchestrator import PAR, ObjectReader, ObjectWriter, JobSheet, ParjobsClient, KeyPair
 
+    job = await client.run("csv-summary", "data.csv", params, max_spend=Decimal(2))  # a `Job`
+    sheet = await job.result()              # completed, or JobFailedError/Cancelled/Expired
+
 Every error parjobs can raise is importable from here too (they live in `orchestrator.errors`).
 Service internals live in the subpackages: `core` (pure rules), `store` and `broker` (the two
 seams, each with an in-memory twin), `par`, `services`, `client`.
@@ -10,6 +13,7 @@ seams, each with an in-memory twin), `par`, `services`, `client`.
 from importlib.metadata import PackageNotFoundError, version
 
 from orchestrator.client.client import ParjobsClient
+from orchestrator.client.job import Job
 from orchestrator.client.jobsheet import JobSheet
 from orchestrator.core.keys import KeyPair, PublicKeys
 from orchestrator.core.signing import request_fingerprint, sign_authorisation, write_cheque
@@ -43,8 +47,12 @@ from orchestrator.errors import (
     InvalidMessageError,
     InvalidParametersError,
     InvalidPARError,
+    JobCancelledError,
+    JobEndedError,
     JobError,
     JobExistsError,
+    JobExpiredError,
+    JobFailedError,
     JobNotCompletedError,
     JobNotFoundError,
     KeyFileError,
@@ -142,8 +150,13 @@ __all__ = [
     "InvalidMessageError",
     "InvalidPARError",
     "InvalidParametersError",
+    "Job",
+    "JobCancelledError",
+    "JobEndedError",
     "JobError",
     "JobExistsError",
+    "JobExpiredError",
+    "JobFailedError",
     "JobNotCompletedError",
     "JobNotFoundError",
     "JobSheet",

@@ -336,6 +336,27 @@ class EventLogCorruptError(JobError, code="job.log_corrupt"):
     """A stored event is unreadable, or is not the event its key says it is."""
 
 
+class JobEndedError(JobError, code="job.ended"):
+    """The job ended without completing (`Job.result()`); the subclass says how, `reason` why."""
+
+    def __init__(self, message: str, *, job_uid: str, reason: str | None) -> None:
+        super().__init__(message)
+        self.job_uid = job_uid
+        self.reason = reason
+
+
+class JobFailedError(JobEndedError, code="job.failed"):
+    """The job failed: its calculation, or a service on its behalf, gave up on it."""
+
+
+class JobCancelledError(JobEndedError, code="job.cancelled"):
+    """The job was cancelled (its run stopped through the run PAR) before it completed."""
+
+
+class JobExpiredError(JobEndedError, code="job.expired"):
+    """The job's lifetime ran out before it completed."""
+
+
 # --- authorisation and cheques -----------------------------------------------------------------
 
 

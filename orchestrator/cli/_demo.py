@@ -23,7 +23,7 @@ from rich.table import Table
 
 from orchestrator.broker.amqp import AMQPBroker
 from orchestrator.cli._common import console
-from orchestrator.cli._jobs import fetch_outputs, timeline, watch_job
+from orchestrator.cli._jobs import timeline, watch_job
 from orchestrator.cli._money import statement_table
 from orchestrator.cli._ops import local_s3
 from orchestrator.client.client import ParjobsClient
@@ -93,7 +93,7 @@ async def run_job_demo() -> None:
         final = await watch_job(client, job_uid)
         if final.state.value != "completed":
             raise ParjobsError(f"the demo job ended {final.state.value}: {final.reason}")
-        for path in await fetch_outputs(client, user, job_uid, scratch / "outputs"):
+        for path in await client.fetch(job_uid, scratch / "outputs"):
             console.print(f"[green]✓[/] downloaded {path.name} through a read PAR, SHA-256 checked")
             summary = json.loads(path.read_text())
             console.print_json(json.dumps({k: summary[k] for k in list(summary)[:3]}))

@@ -32,9 +32,7 @@ from orchestrator.cli._inputs import (
     Parameter,
 )
 from orchestrator.client.client import ENDED, ParjobsClient
-from orchestrator.core.keys import KeyPair
-from orchestrator.errors import IntegrityError
-from orchestrator.par.io import BucketReader, ObjectWriter
+from orchestrator.par.io import ObjectWriter
 from schemas.events import (
     Cancelled,
     Completed,
@@ -105,27 +103,6 @@ async def watch_job(client: ParjobsClient, job_uid: str) -> JobSheetState:
                     description=escape((sheet.progress or "")[:60]),
                 )
     return sheet
-
-
-async def fetch_outputs(
-    client: ParjobsClient, key: KeyPair, job_uid: str, target: Path
-) -> list[Path]:
-    """Download every output through a read PAR, each checked against its recorded SHA-256."""
-    completed = [
-        e.payload for e in await client.events(job_uid) if isinstance(e.payload, Completed)
-    ]
-    expected = {o.key: o.sha256 for o in completed[-1].outputs} if completed else {}
-    reader = BucketReader(await client.outputs(job_uid), key)
-    await anyio.Path(target).mkdir(parents=True, exist_ok=True)
-    written = []
-    for name in reader.list_keys():
-        if name not in expected:
-            raise IntegrityError(f"output {name!r} is not among those the job recorded")
-        path = target / name
-        await anyio.Path(path.parent).mkdir(parents=True, exist_ok=True)
-        await reader.get_object_as_file(name, path, expected_sha256=expected[name])
-        written.append(path)
-    return written
 
 
 def submit(
@@ -200,7 +177,7 @@ def submit(
             final = await watch_job(client, job_uid)
             console.print(f"job {job_uid} {final.state.value} {escape(final.reason or '')}")
             if output is not None and final.state.value == "completed":
-                for path in await fetch_outputs(client, user, job_uid, output):
+                for path in await client.fetch(job_uid, output):
                     console.print(f"  {escape(str(path))}")
 
     anyio.run(run)
@@ -265,7 +242,7 @@ def fetch(
 
     async def run() -> None:
         async with client_session(user) as client:
-            for path in await fetch_outputs(client, user, job_uid, directory):
+            for path in await client.fetch(job_uid, directory):
                 console.print(escape(str(path)))
 
     anyio.run(run)

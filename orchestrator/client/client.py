@@ -16,34 +16,39 @@ come yet, or lost) is filled by one more GetJob, asked for because an event show
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+import hashlib
+from collections.abc import AsyncGenerator, Mapping
 from contextlib import aclosing
 from datetime import datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
 import anyio
-from pydantic import BaseModel
+from pydantic import BaseModel, JsonValue
 
 from orchestrator import errors
 from orchestrator.broker.base import Broker
 from orchestrator.broker.identities import Identities
 from orchestrator.broker.topology import RPC_REQUESTS, Topology
 from orchestrator.client.inbox import Inbox
+from orchestrator.client.job import Job
 from orchestrator.client.tracking import JobTracker
 from orchestrator.core.jobstate import is_terminal
 from orchestrator.core.keys import KeyPair
-from orchestrator.core.ledger_rules import ACCESS
+from orchestrator.core.ledger_rules import ACCESS, user_account
 from orchestrator.core.message_signing import sign_message
 from orchestrator.core.run_commands import run_command
 from orchestrator.core.service_keys import ServiceKeys
 from orchestrator.core.signing import request_fingerprint, sign_authorisation, write_cheque
 from orchestrator.errors import ParjobsError
+from orchestrator.par.io import BucketReader, ObjectWriter
 from orchestrator.par.par import PAR
+from orchestrator.par.transfer import PARTransport
 from orchestrator.settings import ServiceSettings
 from schemas.auth import Authorisation, Cheque
-from schemas.events import JobEvent, JobRequest, JobSheetState, JobState
+from schemas.events import Completed, JobEvent, JobRequest, JobSheetState, JobState
 from schemas.messages import (
     ClosePAR,
     Envelope,
@@ -82,6 +87,12 @@ def _replies(service: str) -> MessageUnion[Any]:
     if requests is None or requests.replies is None:
         raise errors.ConfigurationError(f"parjobs has no RPC service {service!r}")
     return requests.replies
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of the file at `path`, read in chunks: it may be larger than memory."""
+    with path.open("rb") as source:
+        return hashlib.file_digest(source, "sha256").hexdigest()
 
 
 def registered_user(username: str, topology: Topology) -> str:
@@ -230,9 +241,11 @@ class ParjobsClient:
             tracker.offer(event, source="GetJob")
         tracker.caught_up_on = connection
 
-    async def _follow(self, job_uid: str) -> AsyncGenerator[list[JobSheetState], None]:
-        """The job's states after each of its events, in seq order, in batches as they come (a
-        catch-up brings many at once), until the one that ends it. Subscribed first, it catches
+    async def _follow(
+        self, job_uid: str
+    ) -> AsyncGenerator[list[tuple[JobEvent, JobSheetState]], None]:
+        """The job's events, each with its state after it, in seq order, in batches as they come
+        (a catch-up brings many at once), until the one that ends it. Subscribed first, it catches
         up with one GetJob, unless the client has followed the job since it last caught up on
         this connection, or the job has ended (its log is whole)."""
         await self.start()
@@ -242,9 +255,10 @@ class ParjobsClient:
             shown, filled_at = 0, -1
             while True:
                 if shown < len(tracker.sheets):
-                    batch, shown = tracker.sheets[shown:], len(tracker.sheets)
+                    batch = list(zip(tracker.events[shown:], tracker.sheets[shown:], strict=True))
+                    shown = len(tracker.sheets)
                     yield batch
-                    if is_terminal(batch[-1].state):
+                    if is_terminal(batch[-1][1].state):
                         return
                 elif tracker.has_gap and filled_at != len(tracker.events):
                     # An event came before the one it follows: ask once for what is missing.
@@ -253,12 +267,20 @@ class ParjobsClient:
                 else:
                     await tracker.changed()
 
+    async def follow(self, job_uid: str) -> AsyncGenerator[JobEvent, None]:
+        """The job's events, each verified and chained, in seq order, from its first to the one
+        that ends it; then the generator ends. Follows the job's events: no polling."""
+        async with aclosing(self._follow(job_uid)) as batches:
+            async for batch in batches:
+                for event, _ in batch:
+                    yield event
+
     async def watch(self, job_uid: str) -> AsyncGenerator[JobSheetState, None]:
         """The job's state after each of its events, in seq order, from its first to the one that
         ends it; then the generator ends. Follows the job's events: no polling."""
         async with aclosing(self._follow(job_uid)) as batches:
             async for batch in batches:
-                for sheet in batch:
+                for _, sheet in batch:
                     yield sheet
 
     async def wait_until(
@@ -274,9 +296,9 @@ class ParjobsClient:
         with anyio.fail_after(timeout):
             async with aclosing(self._follow(job_uid)) as batches:
                 async for batch in batches:
-                    if is_terminal(batch[-1].state):
-                        return batch[-1]
-                    if reached := [sheet for sheet in batch if sheet.state in states]:
+                    if is_terminal(batch[-1][1].state):
+                        return batch[-1][1]
+                    if reached := [sheet for _, sheet in batch if sheet.state in states]:
                         return reached[0]
         raise errors.JobError(f"job {job_uid}: its events stopped before it ended")
 
@@ -311,6 +333,69 @@ class ParjobsClient:
     async def outputs(self, job_uid: str) -> PAR:
         """A bucket read PAR over the completed job's outputs, sealed for the job's user."""
         return PAR((await self._call("access", GetOutputs(job_uid=job_uid), OutputsReply)).read_par)
+
+    async def fetch(
+        self, job_uid: str, directory: str | Path, *, transport: PARTransport | None = None
+    ) -> list[Path]:
+        """Download every output of the completed job into `directory` through a read PAR, each
+        checked against the SHA-256 its `completed` event recorded; the paths written."""
+        completed = [
+            e.payload for e in await self.events(job_uid) if isinstance(e.payload, Completed)
+        ]
+        expected = {o.key: o.sha256 for o in completed[-1].outputs} if completed else {}
+        reader = BucketReader(await self.outputs(job_uid), self.user, transport=transport)
+        target = Path(directory)
+        await anyio.Path(target).mkdir(parents=True, exist_ok=True)
+        written = []
+        for name in reader.list_keys():
+            if name not in expected:
+                raise errors.IntegrityError(f"output {name!r} is not among those the job recorded")
+            path = target / name
+            await anyio.Path(path.parent).mkdir(parents=True, exist_ok=True)
+            await reader.get_object_as_file(name, path, expected_sha256=expected[name])
+            written.append(path)
+        return written
+
+    # --- the two-line form ------------------------------------------------------------------------
+
+    async def run(
+        self,
+        calculation: str,
+        input_data: str | Path | bytes,
+        params: Mapping[str, JsonValue] | None = None,
+        *,
+        max_spend: Decimal,
+        account: str | None = None,
+        lifetime_s: int | None = None,
+        transport: PARTransport | None = None,
+    ) -> Job:
+        """Submit a job of `calculation` on `input_data` (a file's path, or the bytes themselves),
+        paid from `account` (default: the user's own) up to `max_spend`; upload the input through
+        the job's upload PAR and start it through its run PAR. The `Job` follows it from there.
+
+        `transport` is the HTTP the PARs' transfers use (default: one per transfer).
+        """
+        if isinstance(input_data, bytes):
+            digest = hashlib.sha256(input_data).hexdigest()
+        else:
+            digest = await anyio.to_thread.run_sync(file_sha256, Path(input_data))
+        request = JobRequest(
+            calculation=calculation, parameters=dict(params or {}), input_sha256=digest
+        )
+        job_uid, upload, run, expires_at = await self.request_services(
+            request,
+            account=user_account(self.owner) if account is None else account,
+            max_spend=max_spend,
+            lifetime_s=lifetime_s,
+        )
+        writer = ObjectWriter(upload, self.user, transport=transport)
+        if isinstance(input_data, bytes):
+            await writer.set_object(input_data)
+        else:
+            await writer.set_object_from_file(input_data)
+        control = run.execute(self.user, control=self)
+        await control.start()
+        return Job(self, job_uid, control=control, expires_at=expires_at, transport=transport)
 
     # --- PARControl and RunService ---------------------------------------------------------------
 

@@ -8,11 +8,13 @@ with what comes, forged or genuine, is what is under test.
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -30,10 +32,33 @@ from orchestrator.core.keys import KeyPair
 from orchestrator.core.message_signing import sign_message, verify_message
 from orchestrator.core.run_commands import open_run_command
 from orchestrator.core.signing import sign_authorisation, write_cheque
-from orchestrator.errors import ConfigurationError, JobNotFoundError, RequestTimeoutError
+from orchestrator.errors import (
+    ConfigurationError,
+    IntegrityError,
+    JobCancelledError,
+    JobEndedError,
+    JobExpiredError,
+    JobFailedError,
+    JobNotFoundError,
+    RequestTimeoutError,
+)
+from orchestrator.par.issuer import PARIssuer
 from orchestrator.par.par import PAR
+from orchestrator.par.transfer import PARTransport
 from orchestrator.settings import AMQPSettings
-from schemas.events import Completed, Failed, JobEvent, JobRequest, JobState, Submitted
+from orchestrator.store.memory import MemoryObjectStore
+from orchestrator.store.registry import PARRegistry
+from schemas.events import (
+    Completed,
+    EventPayload,
+    Failed,
+    JobEvent,
+    JobRequest,
+    JobState,
+    OutputFile,
+    StorageContracted,
+    Submitted,
+)
 from schemas.messages import (
     ACCESS_REQUESTS,
     COMPUTE_REQUESTS,
@@ -41,8 +66,10 @@ from schemas.messages import (
     Envelope,
     EventPublished,
     GetJob,
+    GetOutputs,
     GetRunStatus,
     JobReply,
+    OutputsReply,
     RunReply,
     StartRun,
     StopRun,
@@ -74,13 +101,18 @@ def run_par() -> PAR:
 
 
 def sealed(
-    types: list[str], *, after: list[JobEvent] | None = None, run: PARData | None = None
+    types: list[str],
+    *,
+    after: list[JobEvent] | None = None,
+    run: PARData | None = None,
+    payloads: Mapping[str, EventPayload] | None = None,
 ) -> list[JobEvent]:
     """Job JOB's log as the services append it (alice's job; compute_contracted holds `run`):
-    `types` sealed one onto the other, continuing the log `after`."""
+    `types` sealed one onto the other, continuing the log `after`; each event's payload is the
+    sample of its type, or the one `payloads` gives for it."""
     log = list(after or [])
     for seq, name in enumerate(types, start=len(log) + 1):
-        payload = SAMPLES[name]
+        payload = (payloads or {}).get(name, SAMPLES[name])
         if isinstance(payload, Submitted):
             payload = payload.model_copy(update={"owner": "alice", "user": ALICE.fingerprint})
         if name == "compute_contracted" and run is not None:
@@ -122,6 +154,10 @@ class Services:
     run: PARData | None = None
     access_answers: bool = True
     """False: access takes requests and answers none (a stopped daemon, as far as a client sees)."""
+    payloads: dict[str, EventPayload] = field(default_factory=dict)
+    """Payloads the log takes instead of the samples (real PARs, the outputs made), by type."""
+    read_par: PARData | None = None
+    """What access answers a GetOutputs with."""
 
     @property
     def kinds(self) -> Counter[str]:
@@ -158,8 +194,12 @@ class Services:
             case GetJob(job_uid=job_uid):
                 error = JobNotFoundError(f"no job {job_uid} is known here")
                 await self._answer(self.access, "access", meta, error.to_reply())
+            case GetOutputs() if self.read_par is not None:
+                await self._answer(
+                    self.access, "access", meta, OutputsReply(read_par=self.read_par)
+                )
             case SubmitJob():
-                log = self.logs[JOB] = sealed(self.on_submit, run=self.run)
+                log = self.logs[JOB] = sealed(self.on_submit, run=self.run, payloads=self.payloads)
                 await self._answer(self.access, "access", meta, JobReply(sheet=fold(log[:1])))
                 for event in log:
                     await self.publish(event)
@@ -173,7 +213,9 @@ class Services:
     async def extend(self, *types: str) -> None:
         """Append `types` to JOB's log and publish them."""
         known = len(self.logs[JOB])
-        self.logs[JOB] = sealed(list(types), after=self.logs[JOB], run=self.run)
+        self.logs[JOB] = sealed(
+            list(types), after=self.logs[JOB], run=self.run, payloads=self.payloads
+        )
         for event in self.logs[JOB][known:]:
             await self.publish(event)
 
@@ -485,3 +527,148 @@ async def test_a_client_must_connect_as_a_registered_users_broker_user() -> None
     async with MemoryBroker(AMQPSettings(prefix="unit-client")) as guest:
         with pytest.raises(ConfigurationError, match="parjobs users add"):
             ParjobsClient(guest, ALICE, service_keys=SERVICE_KEYS)
+
+
+# --- the two-line form: client.run and its Job ---------------------------------------------------
+
+INPUT = b"city,rain_mm\nOslo,2.5\n"
+OUTPUT_PREFIX = f"jobs/{JOB}/outputs/"
+MADE = {"summary.json": b'{"rows": 1}', "deep/rain.csv": b"Oslo,2.5\n"}
+
+
+@pytest.fixture
+async def minted(services: Services, memory_store: MemoryObjectStore) -> Services:
+    """The services' log holds real PARs on the in-memory store: the input's upload PAR, and
+    (answering GetOutputs) a read PAR over the outputs the `completed` event records."""
+    issuer = PARIssuer(memory_store, PARRegistry(memory_store), name="storage")
+    upload = await issuer.object_par(
+        f"jobs/{JOB}/input", ALICE.public, readable=False, writeable=True
+    )
+    contracted = SAMPLES["storage_contracted"]
+    assert isinstance(contracted, StorageContracted)
+    services.payloads["storage_contracted"] = contracted.model_copy(
+        update={"upload_par": upload.data}
+    )
+    for key, data in MADE.items():
+        await memory_store.put(OUTPUT_PREFIX + key, data)
+    services.payloads["completed"] = Completed(
+        outputs=tuple(
+            OutputFile(key=key, size=len(data), sha256=hashlib.sha256(data).hexdigest())
+            for key, data in MADE.items()
+        )
+    )
+    services.read_par = (await issuer.bucket_read_par(OUTPUT_PREFIX, ALICE.public)).data
+    services.on_submit = ["submitted", "storage_contracted", "compute_contracted"]
+    return services
+
+
+async def test_run_uploads_the_input_through_the_upload_par_and_starts_the_run(
+    minted: Services,
+    client: ParjobsClient,
+    memory_store: MemoryObjectStore,
+    par_transport: PARTransport,
+) -> None:
+    job = await client.run(
+        "checksum", INPUT, {"algo": "sha256"}, max_spend=Decimal(2), transport=par_transport
+    )
+    assert job.uid == JOB
+    assert await memory_store.get(f"jobs/{JOB}/input") == INPUT
+    assert minted.kinds == Counter({"submit_job": 1, "get_job": 1, "start_run": 1})
+    submitted = minted.requests[0][0].body
+    assert isinstance(submitted, SubmitJob)
+    assert submitted.request.input_sha256 == hashlib.sha256(INPUT).hexdigest()
+    assert submitted.request.parameters == {"algo": "sha256"}
+    assert submitted.cheque.payer == "alice"  # the user's own account by default
+    assert submitted.cheque.max_spend == Decimal(2)
+
+
+async def test_run_streams_an_input_file(
+    minted: Services,
+    client: ParjobsClient,
+    memory_store: MemoryObjectStore,
+    par_transport: PARTransport,
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "data.csv").write_bytes(INPUT)
+    await client.run(
+        "checksum", tmp_path / "data.csv", max_spend=Decimal(1), transport=par_transport
+    )
+    assert await memory_store.get(f"jobs/{JOB}/input") == INPUT
+
+
+async def test_a_job_yields_its_events_as_they_come_then_its_result_then_its_outputs(
+    minted: Services, client: ParjobsClient, par_transport: PARTransport, tmp_path: Path
+) -> None:
+    job = await client.run("checksum", INPUT, max_spend=Decimal(1), transport=par_transport)
+    seen: list[str] = []
+
+    async def follow() -> None:
+        async for event in job.events():
+            seen.append(event.payload.type)
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as group:
+            group.start_soon(follow)
+            await anyio.wait_all_tasks_blocked()
+            assert seen == ["submitted", "storage_contracted", "compute_contracted"]
+            await minted.extend("run_started", "progress")
+            await anyio.wait_all_tasks_blocked()
+            assert seen[-1] == "progress"
+            await minted.extend("completed")
+    assert seen[3:] == ["run_started", "progress", "completed"]
+    sheet = await job.result(timeout=5)
+    assert sheet.state is JobState.COMPLETED
+    written = await job.fetch(tmp_path / "out")
+    assert sorted(path.relative_to(tmp_path / "out").as_posix() for path in written) == sorted(MADE)
+    for key, data in MADE.items():
+        assert (tmp_path / "out" / key).read_bytes() == data
+    assert minted.kinds["get_job"] == 2  # the catch-up at the start, and fetch's read of the log
+
+
+async def test_fetch_refuses_an_output_that_is_not_what_the_job_recorded(
+    minted: Services, client: ParjobsClient, par_transport: PARTransport, tmp_path: Path
+) -> None:
+    job = await client.run("checksum", INPUT, max_spend=Decimal(1), transport=par_transport)
+    minted.payloads["completed"] = Completed(
+        outputs=(OutputFile(key="summary.json", size=3, sha256="0" * 64),)
+    )
+    await minted.extend("run_started", "completed")
+    await job.result(timeout=5)
+    with pytest.raises(IntegrityError):
+        await job.fetch(tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    ("end", "error"),
+    [("failed", JobFailedError), ("cancelled", JobCancelledError), ("expired", JobExpiredError)],
+)
+async def test_a_job_that_ended_without_completing_raises_how_it_ended(
+    minted: Services,
+    client: ParjobsClient,
+    par_transport: PARTransport,
+    end: str,
+    error: type[JobEndedError],
+) -> None:
+    job = await client.run("checksum", INPUT, max_spend=Decimal(1), transport=par_transport)
+    await minted.extend(end)
+    with pytest.raises(error) as raised:
+        await job.result(timeout=5)
+    assert raised.value.job_uid == JOB
+    assert raised.value.reason == getattr(SAMPLES[end], "reason", None)
+    assert isinstance(raised.value, JobEndedError)
+
+
+async def test_a_result_not_come_within_its_timeout_is_a_timeout(
+    minted: Services, client: ParjobsClient, par_transport: PARTransport
+) -> None:
+    job = await client.run("checksum", INPUT, max_spend=Decimal(1), transport=par_transport)
+    with pytest.raises(TimeoutError):
+        await job.result(timeout=0.2)
+
+
+async def test_cancel_stops_the_run_through_the_run_par(
+    minted: Services, client: ParjobsClient, par_transport: PARTransport
+) -> None:
+    job = await client.run("checksum", INPUT, max_spend=Decimal(1), transport=par_transport)
+    assert (await job.cancel()).state == "cancelled"
+    assert minted.kinds["stop_run"] == 1

@@ -58,8 +58,12 @@ CODES = {
     "InvalidMessageError": "message.invalid",
     "InvalidPARError": "par.invalid",
     "InvalidParametersError": "calculation.invalid_parameters",
+    "JobCancelledError": "job.cancelled",
+    "JobEndedError": "job.ended",
     "JobError": "job",
     "JobExistsError": "job.exists",
+    "JobExpiredError": "job.expired",
+    "JobFailedError": "job.failed",
     "JobNotCompletedError": "job.not_completed",
     "JobNotFoundError": "job.not_found",
     "KeyFileError": "crypto.key_file",
@@ -175,6 +179,15 @@ SAMPLES: dict[type[ParjobsError], dict[str, object]] = {
         "amount": Decimal("3.5"),
     },
     errors.ChequeAlreadyCashedError: {"cheque_id": "c" * 32, "job_uid": "b" * 32},
+    **{
+        ended: {"job_uid": "d" * 32, "reason": "calculation exited with status 3"}
+        for ended in (
+            errors.JobEndedError,
+            errors.JobFailedError,
+            errors.JobCancelledError,
+            errors.JobExpiredError,
+        )
+    },
 }
 
 
