@@ -1,8 +1,13 @@
-"""The `parjobs` command line (typer): key management, the demo, a local S3 server."""
+"""The `parjobs` command line (typer), in groups: jobs, accounts, admin, daemons, dev; and keys.
+
+Every command grouped here is also reachable by its name before the grouping (`parjobs submit`,
+`parjobs account balance`, `parjobs replay`...), hidden from `--help`, so scripts keep working.
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -15,7 +20,7 @@ from orchestrator.cli import _contract as contract
 from orchestrator.cli import _jobs as jobs
 from orchestrator.cli import _money as money
 from orchestrator.cli import _ops as ops
-from orchestrator.cli._common import console, load_key, passphrase
+from orchestrator.cli._common import JsonOption, console, load_key, passphrase, print_json
 from orchestrator.cli._exit import EXIT_STATUS_HELP, ParjobsGroup
 from orchestrator.cli._inputs import ACCOUNT, NEW_KEY_PATH
 from orchestrator.cli._pardemo import run_par_demo
@@ -59,7 +64,7 @@ def keys_new(
         str, typer.Option(help="Whose keys these are: their account name.", parser=ACCOUNT)
     ] = "me",
 ) -> None:
-    """Make a key pair, saved under a passphrase (prompted, or $PARJOBS_PASSPHRASE)."""
+    """Make a key pair, saved under a passphrase (prompted, or $PARJOBS_KEY_PASSPHRASE)."""
     pair = KeyPair.generate(name)
     pair.save(path, passphrase(confirm=True))
     public_path = path.with_name(path.name + ".pub")
@@ -78,10 +83,14 @@ def keys_show(
             help="A key file from `keys new`.", exists=True, dir_okay=False, readable=True
         ),
     ],
+    as_json: JsonOption = False,
 ) -> None:
     """Print a key file's name and fingerprint (asks for its passphrase to prove it opens)."""
     pair = load_key(path)
-    console.print(f"{escape(pair.name)}: fingerprint {pair.fingerprint}")
+    if as_json:
+        print_json({"name": pair.name, "fingerprint": pair.fingerprint})
+    else:
+        console.print(f"{escape(pair.name)}: fingerprint {pair.fingerprint}")
 
 
 PublicKeyFile = Annotated[
@@ -115,7 +124,6 @@ def keys_services(
     console.print(f"wrote {escape(str(path))}: {service_keys!r} (public keys only)")
 
 
-@app.command()
 def demo() -> None:
     """A whole job end to end: local SeaweedFS, the three daemons, submit, run, fetch, replay."""
     from orchestrator.cli._demo import run_job_demo
@@ -123,7 +131,6 @@ def demo() -> None:
     anyio.run(run_job_demo)
 
 
-@app.command("par-demo")
 def par_demo() -> None:
     """PAR round trip on a real S3 server: mint, seal, upload, read back, expire, close."""
     anyio.run(run_par_demo, console)
@@ -135,25 +142,21 @@ def _daemon(role: str) -> None:
     anyio.run(run_daemon, role)
 
 
-@app.command()
 def access() -> None:
     """The access service daemon: submits jobs, answers about them, expires idle ones."""
     _daemon("access")
 
 
-@app.command()
 def storage() -> None:
     """The storage daemon: mints each job's upload and output PARs."""
     _daemon("storage")
 
 
-@app.command()
 def compute() -> None:
     """The compute daemon: mints run PARs and runs calculations."""
     _daemon("compute")
 
 
-@app.command("s3")
 def s3_server() -> None:
     """Run a local SeaweedFS with auth on until Ctrl-C; prints the settings to export."""
 
@@ -171,21 +174,67 @@ def s3_server() -> None:
     anyio.run(serve)
 
 
-app.command()(jobs.submit)
-app.command()(jobs.status)
-app.command()(jobs.watch)
-app.command()(jobs.events)
-app.command()(jobs.fetch)
-app.command()(ops.dev)
-app.command()(ops.replay)
-app.command()(contract.asyncapi)
-app.command()(contract.asyncapi)
-app.add_typer(ops.dlq_app, name="dlq")
-app.add_typer(ops.broker_app, name="broker")
-app.add_typer(money.users_app, name="users")
-app.add_typer(money.account_app, name="account")
-app.add_typer(money.cheque_app, name="cheque")
-app.add_typer(money.ledger_app, name="ledger")
+jobs_app = typer.Typer(help="Your jobs: submit one, follow it, read its timeline, fetch outputs.")
+accounts_app = typer.Typer(help="Users, their accounts and cheques, and the ledger.")
+admin_app = typer.Typer(
+    help="The operator's: the broker's setup, the service keys, dead letters, replay, AsyncAPI."
+)
+daemons_app = typer.Typer(help="The service daemons, one role a process.")
+dev_app = typer.Typer(
+    help="On one machine: everything (`parjobs dev` alone, or `dev up`), the demos, a local S3."
+)
+
+
+@dev_app.callback(invoke_without_command=True)
+def _dev_group(ctx: typer.Context) -> None:
+    if ctx.invoked_subcommand is None:  # `parjobs dev`, as before the commands were grouped
+        ops.dev()
+
+
+Command = Callable[..., None]
+COMMANDS: list[tuple[typer.Typer, str, Command]] = [
+    (jobs_app, "submit", jobs.submit),
+    (jobs_app, "status", jobs.status),
+    (jobs_app, "watch", jobs.watch),
+    (jobs_app, "events", jobs.events),
+    (jobs_app, "fetch", jobs.fetch),
+    (admin_app, "replay", ops.replay),
+    (admin_app, "asyncapi", contract.asyncapi),
+    (daemons_app, "access", access),
+    (daemons_app, "storage", storage),
+    (daemons_app, "compute", compute),
+    (dev_app, "demo", demo),
+    (dev_app, "par-demo", par_demo),
+    (dev_app, "s3", s3_server),
+]
+"""Each grouped command: `parjobs <group> <name>`, and `parjobs <name>` as before (hidden)."""
+SUBGROUPS: list[tuple[typer.Typer, str, typer.Typer]] = [
+    (accounts_app, "users", money.users_app),
+    (accounts_app, "cheque", money.cheque_app),
+    (accounts_app, "ledger", money.ledger_app),
+    (admin_app, "broker", ops.broker_app),
+    (admin_app, "dlq", ops.dlq_app),
+]
+"""Each grouped group: `parjobs <group> <name> ...`, and `parjobs <name> ...` as before."""
+
+for group, name, command in COMMANDS:
+    group.command(name)(command)
+    app.command(name, hidden=True)(command)
+for group, name, commands in SUBGROUPS:
+    group.add_typer(commands, name=name)
+    app.add_typer(commands, name=name, hidden=True)
+# `parjobs account deposit|balance|statement` before; `parjobs accounts deposit|...` now.
+accounts_app.command("deposit")(money.account_deposit)
+accounts_app.command("balance")(money.account_balance)
+accounts_app.command("statement")(money.account_statement)
+app.add_typer(money.account_app, name="account", hidden=True)
+dev_app.command("up")(ops.dev)
+
+app.add_typer(jobs_app, name="jobs")
+app.add_typer(accounts_app, name="accounts")
+app.add_typer(admin_app, name="admin")
+app.add_typer(daemons_app, name="daemons")
+app.add_typer(dev_app, name="dev")
 
 
 def main() -> None:

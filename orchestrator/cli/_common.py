@@ -7,6 +7,7 @@ before that.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import JsonValue
 from rich.console import Console
 
 from orchestrator.broker.admin import BrokerAdmin, vhost_of
@@ -28,7 +30,10 @@ from orchestrator.settings import AMQPSettings, ManagementSettings, S3Settings, 
 from orchestrator.store.s3 import S3ObjectStore
 
 console = Console()
-PASSPHRASE_ENV = "PARJOBS_PASSPHRASE"  # noqa: S105 - the variable's name, not a secret
+PASSPHRASE_ENV = "PARJOBS_KEY_PASSPHRASE"  # noqa: S105 - the variable's name, not a secret
+"""A key file's passphrase: the daemons' setting of the same name, so one name for both."""
+OLD_PASSPHRASE_ENV = "PARJOBS_PASSPHRASE"  # noqa: S105 - the variable's name, not a secret
+"""The CLI's name for it before, still read (with a note on stderr) when the new one is unset."""
 
 KeyOption = Annotated[
     Path,
@@ -40,13 +45,27 @@ KeyOption = Annotated[
         readable=True,
     ),
 ]
+JsonOption = Annotated[
+    bool, typer.Option("--json", help="Print JSON on stdout (one document) for scripts.")
+]
+
+
+def print_json(value: JsonValue) -> None:
+    """`value` as indented JSON on stdout, nothing else: what `--json` promises scripts."""
+    typer.echo(json.dumps(value, indent=2, ensure_ascii=False))
 
 
 def passphrase(*, confirm: bool) -> str:
-    """$PARJOBS_PASSPHRASE, or asked for on the terminal."""
+    """$PARJOBS_KEY_PASSPHRASE (or, deprecated, $PARJOBS_PASSPHRASE), or asked on the terminal."""
     from_env = os.environ.get(PASSPHRASE_ENV)
     if from_env:
         return from_env
+    from_old_env = os.environ.get(OLD_PASSPHRASE_ENV)
+    if from_old_env:
+        typer.echo(
+            f"note: {OLD_PASSPHRASE_ENV} is deprecated; set {PASSPHRASE_ENV} instead", err=True
+        )
+        return from_old_env
     return str(typer.prompt("Passphrase", hide_input=True, confirmation_prompt=confirm, type=str))
 
 

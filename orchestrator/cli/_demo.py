@@ -23,7 +23,7 @@ from rich.table import Table
 
 from orchestrator.broker.amqp import AMQPBroker
 from orchestrator.cli._common import console
-from orchestrator.cli._jobs import timeline, watch_job
+from orchestrator.cli._jobs import follow_job, timeline
 from orchestrator.cli._money import statement_table
 from orchestrator.cli._ops import local_s3
 from orchestrator.client.client import ParjobsClient
@@ -90,7 +90,7 @@ async def run_job_demo() -> None:
         console.print(f"[green]✓[/] uploaded {sent.size:,} bytes through the upload PAR")
         await run_par.execute(user, control=client).start()
         console.print("[green]✓[/] started through the run PAR")
-        final = await watch_job(client, job_uid)
+        final = await follow_job(client, job_uid, show=True)
         if final.state.value != "completed":
             raise ParjobsError(f"the demo job ended {final.state.value}: {final.reason}")
         for path in await client.fetch(job_uid, scratch / "outputs"):

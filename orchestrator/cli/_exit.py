@@ -19,15 +19,28 @@ from pydantic_core import ErrorDetails
 from typer.core import TyperGroup
 
 from orchestrator.errors import ParjobsError
+from schemas.events import JobState
 
 EXIT_OK = 0
 EXIT_PROBLEMS = 1  # the command ran and found problems: `ledger verify`, `replay`
 EXIT_ERROR = 2
+# A job followed to its end (`jobs submit`, `jobs watch`) that did not complete:
+EXIT_JOB_FAILED = 3
+EXIT_JOB_CANCELLED = 4
+EXIT_JOB_EXPIRED = 5
+JOB_END_STATUS: dict[JobState, int] = {
+    JobState.COMPLETED: EXIT_OK,
+    JobState.FAILED: EXIT_JOB_FAILED,
+    JobState.CANCELLED: EXIT_JOB_CANCELLED,
+    JobState.EXPIRED: EXIT_JOB_EXPIRED,
+}
 
 EXIT_STATUS_HELP = (
     "Exit status: 0 done; 1 the command ran and found problems (ledger verify, replay); "
     "2 error, told in one line 'error: ...' on stderr: a wrong input (checked before anything "
-    "connects), or a refusal by parjobs or one of its services; 130 interrupted (Ctrl-C)."
+    "connects), or a refusal by parjobs or one of its services; a job followed to its end "
+    "(jobs submit, jobs watch) that did not complete: 3 failed, 4 cancelled, 5 expired; "
+    "130 interrupted (Ctrl-C)."
 )
 
 REPORTED: tuple[type[Exception], ...] = (

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from contextlib import aclosing
 from decimal import Decimal
 from pathlib import Path
@@ -20,7 +21,16 @@ from rich import progress as bars
 from rich.markup import escape
 from rich.table import Table
 
-from orchestrator.cli._common import KeyOption, client_session, console, load_key, paying_account
+from orchestrator.cli._common import (
+    JsonOption,
+    KeyOption,
+    client_session,
+    console,
+    load_key,
+    paying_account,
+    print_json,
+)
+from orchestrator.cli._exit import JOB_END_STATUS
 from orchestrator.cli._inputs import (
     CALCULATION,
     JOB_LIFETIME,
@@ -41,6 +51,7 @@ from schemas.events import (
     JobEvent,
     JobRequest,
     JobSheetState,
+    JobState,
     Progress,
     StorageContracted,
     Submitted,
@@ -84,8 +95,11 @@ def timeline(events: tuple[JobEvent, ...] | list[JobEvent]) -> Table:
     return table
 
 
-async def watch_job(client: ParjobsClient, job_uid: str) -> JobSheetState:
-    """A live progress bar of the job, moved by its events, until it ends; its final state."""
+async def follow_job(client: ParjobsClient, job_uid: str, *, show: bool) -> JobSheetState:
+    """Follow the job's events until it ends, moving a live progress bar if `show`; its final
+    state."""
+    if not show:
+        return await client.wait_until(job_uid, frozenset(), timeout=math.inf)
     columns = (
         bars.TextColumn("[bold]{task.fields[state]}"),
         bars.BarColumn(),
@@ -149,9 +163,10 @@ def submit(
     max_spend: Annotated[
         Decimal, typer.Option(help="The cheque's limit.", parser=MAX_SPEND, metavar="AMOUNT")
     ] = Decimal(1),
+    as_json: JsonOption = False,
 ) -> None:
     """Sign for and pay for a job, upload its input through the upload PAR, start it through the
-    run PAR, and follow it."""
+    run PAR, and follow it: the exit status says how it ended (see `parjobs --help`)."""
     user = load_key(key)
     payer = paying_account(account, user)
     with input_file.open("rb") as source:  # streamed: an input may be larger than memory
@@ -160,7 +175,11 @@ def submit(
         calculation=calculation, parameters=_parameters(param, params_json), input_sha256=digest
     )
 
-    async def run() -> None:
+    def say(text: str) -> None:
+        if not as_json:  # --json: stdout is the one JSON document
+            console.print(text)
+
+    async def run() -> tuple[str, JobSheetState | None, list[Path]]:
         async with client_session(user) as client:
             job_uid, upload, run_par, expires = await client.request_services(
                 request,
@@ -168,66 +187,92 @@ def submit(
                 max_spend=max_spend,
                 lifetime_s=lifetime,
             )
-            console.print(f"job [bold]{job_uid}[/] ready; PARs expire {expires:%Y-%m-%d %H:%M:%S}Z")
+            say(f"job [bold]{job_uid}[/] ready; PARs expire {expires:%Y-%m-%d %H:%M:%S}Z")
             await ObjectWriter(upload, user).set_object_from_file(input_file)
             await run_par.execute(user, control=client).start()
-            console.print("input uploaded through the upload PAR; run started through the run PAR")
+            say("input uploaded through the upload PAR; run started through the run PAR")
             if not watch:
-                return
-            final = await watch_job(client, job_uid)
-            console.print(f"job {job_uid} {final.state.value} {escape(final.reason or '')}")
-            if output is not None and final.state.value == "completed":
-                for path in await client.fetch(job_uid, output):
-                    console.print(f"  {escape(str(path))}")
+                return job_uid, None, []
+            final = await follow_job(client, job_uid, show=not as_json)
+            say(f"job {job_uid} {final.state.value} {escape(final.reason or '')}")
+            fetched = []
+            if output is not None and final.state is JobState.COMPLETED:
+                fetched = await client.fetch(job_uid, output)
+                for path in fetched:
+                    say(f"  {escape(str(path))}")
+            return job_uid, final, fetched
 
-    anyio.run(run)
+    job_uid, final, fetched = anyio.run(run)
+    if as_json:
+        summary = sheet_summary(final) if final is not None else {"job": job_uid}
+        print_json({**summary, "fetched": [str(path) for path in fetched]})
+    if final is not None:
+        raise typer.Exit(JOB_END_STATUS[final.state])
 
 
-def status(job_uid: JobUidArgument, key: KeyOption) -> None:
+def sheet_summary(sheet: JobSheetState) -> dict[str, JsonValue]:
+    """What `jobs status` tells of a job (and `--json` prints)."""
+    return {
+        "job": sheet.job_uid,
+        "state": sheet.state.value,
+        "calculation": sheet.request.calculation,
+        "progress": sheet.progress,
+        "expires_at": sheet.expires_at.isoformat(),
+        "outputs": [o.key for o in sheet.outputs],
+        "reason": sheet.reason,
+    }
+
+
+def status(job_uid: JobUidArgument, key: KeyOption, as_json: JsonOption = False) -> None:
     """The job's state, last progress, expiry and outputs."""
     user = load_key(key)
 
-    async def run() -> None:
+    async def run() -> JobSheetState:
         async with client_session(user) as client:
-            sheet = (await client.job(job_uid)).sheet
-        console.print_json(
-            json.dumps(
-                {
-                    "job": sheet.job_uid,
-                    "state": sheet.state.value,
-                    "calculation": sheet.request.calculation,
-                    "progress": sheet.progress,
-                    "expires_at": sheet.expires_at.isoformat(),
-                    "outputs": [o.key for o in sheet.outputs],
-                    "reason": sheet.reason,
-                }
-            )
-        )
+            return (await client.job(job_uid)).sheet
 
-    anyio.run(run)
+    summary = sheet_summary(anyio.run(run))
+    if as_json:
+        print_json(summary)
+        return
+    for name, value in summary.items():
+        shown = ", ".join(map(str, value)) if isinstance(value, list) else value
+        console.print(f"{name}: {escape(str(shown if shown is not None else '-'))}")
 
 
-def watch(job_uid: JobUidArgument, key: KeyOption) -> None:
-    """A live progress bar, moved by the job's events, until the job ends."""
+def watch(job_uid: JobUidArgument, key: KeyOption, as_json: JsonOption = False) -> None:
+    """A live progress bar, moved by the job's events, until the job ends (--json: each state as
+    a line of JSON instead); the exit status says how it ended (see `parjobs --help`)."""
     user = load_key(key)
 
-    async def run() -> None:
+    async def run() -> JobSheetState:
         async with client_session(user) as client:
-            final = await watch_job(client, job_uid)
+            if not as_json:
+                return await follow_job(client, job_uid, show=True)
+            async with aclosing(client.watch(job_uid)) as states:
+                async for sheet in states:
+                    typer.echo(json.dumps(sheet_summary(sheet), ensure_ascii=False))
+            return sheet
+
+    final = anyio.run(run)
+    if not as_json:
         console.print(f"job {job_uid} {final.state.value} {escape(final.reason or '')}")
+    raise typer.Exit(JOB_END_STATUS[final.state])
 
-    anyio.run(run)
 
-
-def events(job_uid: JobUidArgument, key: KeyOption) -> None:
+def events(job_uid: JobUidArgument, key: KeyOption, as_json: JsonOption = False) -> None:
     """The job's timeline: every event of its log (each verified)."""
     user = load_key(key)
 
-    async def run() -> None:
+    async def run() -> list[JobEvent]:
         async with client_session(user) as client:
-            console.print(timeline(await client.events(job_uid)))
+            return await client.events(job_uid)
 
-    anyio.run(run)
+    log = anyio.run(run)
+    if as_json:
+        print_json([event.model_dump(mode="json") for event in log])
+    else:
+        console.print(timeline(log))
 
 
 def fetch(

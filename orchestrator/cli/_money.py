@@ -1,4 +1,5 @@
-"""Users, accounts, cheques and the ledger: `parjobs users|account|cheque|ledger`.
+"""Users, accounts, cheques and the ledger: `parjobs accounts users|deposit|balance|statement|
+cheque|ledger` (before the grouping: `parjobs users|account|cheque|ledger`).
 
 `users`, `account` and `ledger` are the operator's (they need the object store's credentials, and
 `users add` RabbitMQ's management API); `cheque write` is the user's (it needs only their key file).
@@ -21,11 +22,13 @@ from orchestrator.broker.admin import Credentials
 from orchestrator.broker.identities import Identities
 from orchestrator.broker.topology import Topology
 from orchestrator.cli._common import (
+    JsonOption,
     KeyOption,
     admin_session,
     console,
     load_key,
     paying_account,
+    print_json,
     store_session,
 )
 from orchestrator.cli._exit import EXIT_PROBLEMS
@@ -136,15 +139,23 @@ AccountArgument = Annotated[
 
 
 @account_app.command("balance")
-def account_balance(name: AccountArgument) -> None:
+def account_balance(name: AccountArgument, as_json: JsonOption = False) -> None:
     """The account's balance."""
-    console.print(f"{name}: {_with_accounts(lambda a: a.balance(name))}")
+    balance = _with_accounts(lambda a: a.balance(name))
+    if as_json:
+        print_json({"account": name, "balance": str(balance)})
+    else:
+        console.print(f"{name}: {balance}")
 
 
 @account_app.command("statement")
-def account_statement(name: AccountArgument) -> None:
+def account_statement(name: AccountArgument, as_json: JsonOption = False) -> None:
     """Every movement of the account with its running balance."""
-    console.print(statement_table(_with_accounts(lambda a: a.statement(name))))
+    rows = _with_accounts(lambda a: a.statement(name))
+    if as_json:
+        print_json([row.model_dump(mode="json") for row in rows])
+    else:
+        console.print(statement_table(rows))
 
 
 @cheque_app.command("write")
@@ -187,12 +198,16 @@ def cheque_write(
 
 
 @ledger_app.command("verify")
-def ledger_verify() -> None:
+def ledger_verify(as_json: JsonOption = False) -> None:
     """Check the books: every transaction balances, a replay reproduces every balance, no
     account below its limit, each hold charged or refunded exactly once when its job ends."""
     problems = _with_accounts(lambda a: a.verify_books())
-    for problem in problems:
-        console.print(f"[red]✗[/] {escape(problem)}")
+    if as_json:
+        print_json({"ok": not problems, "problems": list(problems)})
+    else:
+        for problem in problems:
+            console.print(f"[red]✗[/] {escape(problem)}")
+        if not problems:
+            console.print("[green]✓[/] the books balance and every invariant holds")
     if problems:
         raise typer.Exit(EXIT_PROBLEMS)
-    console.print("[green]✓[/] the books balance and every invariant holds")

@@ -11,11 +11,20 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from orchestrator.broker.base import DeadLetter
 from orchestrator.broker.deployment import Deployment, declare_topology, provision_roles
 from orchestrator.broker.identities import Role
-from orchestrator.cli._common import admin_session, broker_session, console, store_session
+from orchestrator.cli._common import (
+    JsonOption,
+    admin_session,
+    broker_session,
+    console,
+    print_json,
+    store_session,
+)
 from orchestrator.cli._exit import EXIT_PROBLEMS
 from orchestrator.core.layout import JobKeys
+from orchestrator.services.replay import ReplayResult
 from orchestrator.services.replay import replay as replay_jobs
 from orchestrator.settings import AMQPSettings, S3Settings, ServiceSettings
 from orchestrator.store.eventlog import EventLog
@@ -72,9 +81,9 @@ def dev() -> None:
                 LocalCluster(s3, prefix=prefix, keep_dir=True)
             )
             console.print(f"daemons ready (broker prefix {prefix!r}); logs in {cluster.dir}")
-            console.print("in another shell, register yourself (`parjobs users add`, which prints")
+            console.print("in another shell, register yourself (`parjobs accounts users add`,")
             console.print(
-                "your PARJOBS_AMQP_URL), then `parjobs submit|status|watch|events|fetch`:"
+                "which prints your PARJOBS_AMQP_URL), then `parjobs jobs submit|status|watch|...`:"
             )
             console.print(f"  export PARJOBS_PREFIX={prefix}")
             console.print(f"  export PARJOBS_SERVICE_KEYS_FILE={cluster.service_keys_file}")
@@ -90,57 +99,87 @@ def _at(sheet: JobSheetState | None) -> str:
 
 def replay(
     show_all: Annotated[bool, typer.Option("--all", help="List agreeing jobs too.")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Rebuild every JobSheet from the events stream and from the stored log; report divergence."""
 
-    async def run() -> int:
+    async def run() -> list[ReplayResult]:
         settings = ServiceSettings()
         keys = JobKeys(settings.data_root)
         service_keys = settings.service_keys()
         async with store_session() as store, broker_session("replay") as broker:
-            results = await replay_jobs(EventLog(store, keys.jobs), broker, service_keys)
-        table = Table("job", "stored", "streamed", "verdict")
-        for result in results:
-            if show_all or not result.ok:
-                stored = (
-                    f"{result.stored.state.value}@{result.stored.seq}" if result.stored else "-"
-                )
-                streamed = (
-                    f"{result.streamed.state.value}@{result.streamed.seq}"
-                    if result.streamed
-                    else "-"
-                )
-                verdict = "agrees" if result.ok else "; ".join(result.problems)
-                table.add_row(result.job_uid, stored, streamed, escape(verdict))
-        console.print(table)
-        diverged = sum(not result.ok for result in results)
-        console.print(f"{len(results)} job(s) replayed, {diverged} diverge")
-        return diverged
+            return await replay_jobs(EventLog(store, keys.jobs), broker, service_keys)
 
-    if anyio.run(run):
+    results = anyio.run(run)
+    shown = [result for result in results if show_all or not result.ok]
+    diverged = sum(not result.ok for result in results)
+    if as_json:
+        print_json(
+            {
+                "replayed": len(results),
+                "diverged": diverged,
+                "jobs": [
+                    {
+                        "job": result.job_uid,
+                        "stored": _at(result.stored),
+                        "streamed": _at(result.streamed),
+                        "ok": result.ok,
+                        "problems": list(result.problems),
+                    }
+                    for result in shown
+                ],
+            }
+        )
+    else:
+        table = Table("job", "stored", "streamed", "verdict")
+        for result in shown:
+            verdict = "agrees" if result.ok else "; ".join(result.problems)
+            table.add_row(result.job_uid, _at(result.stored), _at(result.streamed), escape(verdict))
+        console.print(table)
+        console.print(f"{len(results)} job(s) replayed, {diverged} diverge")
+    if diverged:
         raise typer.Exit(EXIT_PROBLEMS)
 
 
 @dlq_app.command("list")
-def dlq_list(limit: Annotated[int, typer.Option(help="At most this many.", min=1)] = 100) -> None:
+def dlq_list(
+    limit: Annotated[int, typer.Option(help="At most this many.", min=1)] = 100,
+    as_json: JsonOption = False,
+) -> None:
     """Dead letters, oldest first, with their reason (they stay in the queue)."""
 
-    async def run() -> None:
+    async def run() -> list[DeadLetter]:
         async with broker_session("parjobs-dlq") as broker:
-            letters = await broker.dead_letters(limit)
-        table = Table("message id", "why", "from queue", "when", "reason")
-        for letter in letters:
-            when = letter.dead_lettered_at.isoformat() if letter.dead_lettered_at else "-"
-            table.add_row(
-                escape(letter.message_id or "-"),
-                letter.code.value,
-                escape(letter.original_queue or "-"),
-                when,
-                escape(letter.reason[:80]),
-            )
-        console.print(table)
+            return await broker.dead_letters(limit)
 
-    anyio.run(run)
+    letters = anyio.run(run)
+    if as_json:
+        print_json(
+            [
+                {
+                    "message_id": letter.message_id,
+                    "why": letter.code.value,
+                    "from_queue": letter.original_queue,
+                    "when": letter.dead_lettered_at.isoformat()
+                    if letter.dead_lettered_at
+                    else None,
+                    "reason": letter.reason,
+                }
+                for letter in letters
+            ]
+        )
+        return
+    table = Table("message id", "why", "from queue", "when", "reason")
+    for letter in letters:
+        when = letter.dead_lettered_at.isoformat() if letter.dead_lettered_at else "-"
+        table.add_row(
+            escape(letter.message_id or "-"),
+            letter.code.value,
+            escape(letter.original_queue or "-"),
+            when,
+            escape(letter.reason[:80]),
+        )
+    console.print(table)
 
 
 @dlq_app.command("redrive")

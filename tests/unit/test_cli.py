@@ -85,7 +85,7 @@ def no_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
         patch.setenv("PARJOBS_AMQP_URL", USER_URL)
         patch.setenv("PARJOBS_PREFIX", PREFIX)
         patch.setenv("PARJOBS_SERVICE_KEYS_FILE", str(service_keys))
-        patch.setenv("PARJOBS_PASSPHRASE", PASSPHRASE)
+        patch.setenv("PARJOBS_KEY_PASSPHRASE", PASSPHRASE)
         patch.setenv("PARJOBS_S3_ACCESS_KEY_ID", "unit")
         patch.setenv("PARJOBS_S3_SECRET_ACCESS_KEY", "unit-secret")
         # Building the click command from the typer app takes ~25 ms, far more than a run: build
@@ -344,13 +344,13 @@ def test_valid_submit_and_fetch_get_as_far_as_connecting(files: Files) -> None:
 
 
 def test_wrong_passphrase(files: Files, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PARJOBS_PASSPHRASE", "not it")
+    monkeypatch.setenv("PARJOBS_KEY_PASSPHRASE", "not it")
     line = refused_before_connecting(parjobs("fetch", UID, files.dir, "--key", files.key))
     assert "wrong passphrase" in line
 
 
 def test_no_passphrase_at_the_prompt(files: Files, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("PARJOBS_PASSPHRASE")
+    monkeypatch.delenv("PARJOBS_KEY_PASSPHRASE")
     assert refused(parjobs("keys", "show", files.key)) == "error: aborted at the prompt"
 
 
@@ -432,7 +432,7 @@ def test_as_a_process_an_error_is_one_line_on_stderr(files: Files) -> None:
     def run(*args: str | Path) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "orchestrator.cli", *map(str, args)],
-            env={**os.environ, "PARJOBS_PASSPHRASE": PASSPHRASE},
+            env={**os.environ, "PARJOBS_KEY_PASSPHRASE": PASSPHRASE},
             capture_output=True,
             text=True,
             timeout=60,
