@@ -13,7 +13,8 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,18 +25,29 @@ import typer.testing
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
+from typer.core import TyperGroup
 from typer.testing import CliRunner, Result
 
 from orchestrator import KeyPair, __version__
-from orchestrator.cli import _common, app
-from orchestrator.cli._exit import EXIT_STATUS_HELP, ParjobsGroup
+from orchestrator.cli import _common, _jobs, app
+from orchestrator.cli._exit import (
+    EXIT_JOB_CANCELLED,
+    EXIT_JOB_EXPIRED,
+    EXIT_JOB_FAILED,
+    EXIT_OK,
+    EXIT_STATUS_HELP,
+    ParjobsGroup,
+)
 from orchestrator.cli._inputs import strict_json
 from orchestrator.core import crypto
+from orchestrator.core.jobstate import fold
 from orchestrator.core.service_keys import ServiceKeys
 from orchestrator.errors import ParjobsError, UnknownUserError
 from orchestrator.store.memory import MemoryObjectStore
 from orchestrator.store.users import UserRegistry
+from schemas.events import JobEvent, JobSheetState
 from schemas.signing import SERVICE_ROLES, canonical_json
+from tests.unit.test_jobstate import SAMPLES as JOB_SAMPLES
 
 PASSPHRASE = "cli unit passphrase"
 UID = "0123456789abcdef" * 2
@@ -455,6 +467,155 @@ def test_help_tells_the_exit_statuses() -> None:
     shown = parjobs("--help")
     assert shown.exit_code == 0
     assert EXIT_STATUS_HELP in " ".join(shown.stdout.split())
+
+
+# --- the groups, and the spellings before them ---------------------------------------------------
+
+# (the group now, the command's spelling before the grouping, where it gets)
+GROUPED: list[tuple[str, Args, str]] = [
+    ("jobs", lambda f: _submit(f, "--json"), BROKER),
+    ("jobs", lambda f: ["status", UID, "--key", f.key, "--json"], BROKER),
+    ("jobs", lambda f: ["watch", UID, "--key", f.key, "--json"], BROKER),
+    ("jobs", lambda f: ["events", UID, "--key", f.key, "--json"], BROKER),
+    ("jobs", lambda f: ["fetch", UID, f.dir / "out", "--key", f.key], BROKER),
+    ("accounts", lambda f: ["users", "add", "bob", "--public-key", f.pub], STORE),
+    ("accounts", lambda f: ["ledger", "verify", "--json"], STORE),
+    ("admin", lambda f: ["replay", "--json"], STORE),
+    ("admin", lambda f: ["dlq", "list", "--json"], BROKER),
+    ("admin", lambda f: ["dlq", "redrive", "--all"], BROKER),
+    ("admin", lambda f: ["broker", "setup"], ADMIN),
+]
+
+
+@pytest.mark.parametrize(
+    ("group", "build", "server"),
+    [pytest.param(*case, id=f"{case[0]}-{i}") for i, case in enumerate(GROUPED)],
+)
+def test_a_grouped_command_answers_to_its_old_spelling_too(
+    files: Files, group: str, build: Args, server: str
+) -> None:
+    assert refused(parjobs(group, *build(files))) == server
+    assert refused(parjobs(*build(files))) == server
+
+
+@pytest.mark.parametrize(
+    ("now", "before"),
+    [
+        (["accounts", "deposit", "me", "1"], ["account", "deposit", "me", "1"]),
+        (["accounts", "balance", "me", "--json"], ["account", "balance", "me", "--json"]),
+        (["accounts", "statement", "me", "--json"], ["account", "statement", "me", "--json"]),
+    ],
+)
+def test_account_commands_moved_up_into_accounts(now: list[str], before: list[str]) -> None:
+    assert refused(parjobs(*now)) == STORE
+    assert refused(parjobs(*before)) == STORE
+
+
+def test_commands_that_need_no_server_answer_the_same_both_ways(files: Files) -> None:
+    cheque = ("cheque", "write", "--key", files.key, "--resource", FINGERPRINT, "--max-spend", "3")
+    for written in (parjobs("accounts", *cheque), parjobs(*cheque)):
+        assert written.exit_code == 0, written.stderr
+        assert json.loads(written.stdout)["payer"] == "me"
+    now, before = parjobs("admin", "asyncapi"), parjobs("asyncapi")
+    assert now.exit_code == before.exit_code == 0
+    assert now.stdout == before.stdout
+    assert json.loads(now.stdout)["asyncapi"].startswith("3.")
+
+
+def test_help_lists_the_groups_and_hides_the_old_spellings() -> None:
+    root = typer.main.get_command(app)
+    assert isinstance(root, TyperGroup)
+    listed = [name for name, command in root.commands.items() if not command.hidden]
+    assert listed == ["keys", "jobs", "accounts", "admin", "daemons", "dev"]
+    hidden = {name for name, command in root.commands.items() if command.hidden}
+    assert hidden == {
+        *("submit", "status", "watch", "events", "fetch"),
+        *("users", "account", "cheque", "ledger"),
+        *("broker", "dlq", "replay", "asyncapi"),
+        *("access", "storage", "compute"),
+        *("demo", "par-demo", "s3"),
+    }
+    dev = root.commands["dev"]
+    assert isinstance(dev, TyperGroup)
+    assert set(dev.commands) == {"up", "demo", "par-demo", "s3"}
+
+
+def test_keys_show_as_json(files: Files) -> None:
+    shown = parjobs("keys", "show", files.key, "--json")
+    assert shown.exit_code == 0, shown.stderr
+    assert json.loads(shown.stdout) == {
+        "name": "me",
+        "fingerprint": KeyPair.load(files.key, PASSPHRASE).fingerprint,
+    }
+
+
+def test_the_passphrase_variable_before_still_opens_keys_with_a_note(
+    files: Files, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("PARJOBS_KEY_PASSPHRASE")
+    monkeypatch.setenv("PARJOBS_PASSPHRASE", PASSPHRASE)
+    shown = parjobs("keys", "show", files.key)
+    assert shown.exit_code == 0, shown.stderr
+    assert shown.stdout.startswith("me: fingerprint ")
+    assert shown.stderr == (
+        "note: PARJOBS_PASSPHRASE is deprecated; set PARJOBS_KEY_PASSPHRASE instead\n"
+    )
+    monkeypatch.setenv("PARJOBS_KEY_PASSPHRASE", "the new one wins")
+    assert "wrong passphrase" in refused(parjobs("keys", "show", files.key))
+
+
+# --- how a followed job ended is the exit status -------------------------------------------------
+
+
+def _ended(end: str) -> list[JobSheetState]:
+    """The states of a job that ran and ended `end` (unsealed: the fake client trusts them)."""
+    ran = [] if end == "expired" else ["run_started"]  # a job expires only before it runs
+    types = ["submitted", "storage_contracted", "compute_contracted", *ran, end]
+    events = [
+        JobEvent(job_uid=UID, seq=seq, actor="access", payload=JOB_SAMPLES[name])
+        for seq, name in enumerate(types, start=1)
+    ]
+    return [fold(events[:n]) for n in range(1, len(events) + 1)]
+
+
+@dataclass
+class EndingClient:
+    """Stands in for the client: the job's states come, and it ends as told."""
+
+    sheets: list[JobSheetState]
+
+    async def watch(self, job_uid: str) -> AsyncIterator[JobSheetState]:
+        for sheet in self.sheets:
+            yield sheet
+
+
+@pytest.mark.parametrize(
+    ("end", "status"),
+    [
+        ("completed", EXIT_OK),
+        ("failed", EXIT_JOB_FAILED),
+        ("cancelled", EXIT_JOB_CANCELLED),
+        ("expired", EXIT_JOB_EXPIRED),
+    ],
+)
+@pytest.mark.parametrize("as_json", [False, True])
+def test_watch_exits_with_how_the_job_ended(
+    files: Files, monkeypatch: pytest.MonkeyPatch, end: str, status: int, as_json: bool
+) -> None:
+    sheets = _ended(end)
+
+    @asynccontextmanager
+    async def session(_user: KeyPair) -> AsyncIterator[EndingClient]:
+        yield EndingClient(sheets)
+
+    monkeypatch.setattr(_jobs, "client_session", session)
+    watched = parjobs("jobs", "watch", UID, "--key", files.key, *(["--json"] if as_json else []))
+    assert watched.exit_code == status, watched.stderr
+    if as_json:
+        lines = [json.loads(line) for line in watched.stdout.splitlines()]
+        assert [line["state"] for line in lines] == [sheet.state.value for sheet in sheets]
+    else:
+        assert f"job {UID} {sheets[-1].state.value}" in watched.stdout
 
 
 # --- the root command's reporting, on a command that raises what it is told -----------------------
