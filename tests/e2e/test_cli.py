@@ -43,7 +43,7 @@ def parjobs(
         "PARJOBS_PREFIX": cluster.prefix,
         "PARJOBS_AMQP_URL": as_user or operator,
         "PARJOBS_SERVICE_KEYS_FILE": str(cluster.service_keys_file),
-        "PARJOBS_PASSPHRASE": "cli test passphrase",
+        "PARJOBS_KEY_PASSPHRASE": "cli test passphrase",
         "PARJOBS_DATA_ROOT": cluster.data_root,
         "COLUMNS": "200",
     }
@@ -61,8 +61,9 @@ def parjobs(
 
 
 def add_user(cluster: LocalCluster, name: str, public_key: Path) -> str:
-    """`parjobs users add`: the AMQP URL it prints once for the user."""
-    added = parjobs(cluster, "users", "add", name, "--public-key", str(public_key)).stdout
+    """`parjobs accounts users add`: the AMQP URL it prints once for the user."""
+    adding = ("accounts", "users", "add", name, "--public-key", str(public_key))
+    added = parjobs(cluster, *adding).stdout
     found = re.search(r"export PARJOBS_AMQP_URL='([^']+)'", added)
     assert found is not None, added
     assert f"broker user user:{name}@{cluster.prefix}" in added
@@ -73,26 +74,33 @@ def test_submit_status_events_fetch_replay(cluster: LocalCluster, tmp_path: Path
     key = tmp_path / "me.key"
     parjobs(cluster, "keys", "new", str(key), "--name", "me")
     me = add_user(cluster, "me", tmp_path / "me.key.pub")
-    assert "balance 10.000000" in parjobs(cluster, "account", "deposit", "me", "10").stdout
+    assert "balance 10.000000" in parjobs(cluster, "accounts", "deposit", "me", "10").stdout
     data = tmp_path / "data.txt"
     data.write_text("one\ntwo\nthree\n")
     out = tmp_path / "out"
     submitted = parjobs(
         cluster,
-        *("submit", "checksum", str(data), "--key", str(key), "--output", str(out)),
+        *("jobs", "submit", "checksum", str(data), "--key", str(key), "--output", str(out)),
+        "--json",
         as_user=me,
     )
-    job_uid = submitted.stdout.split("job ", 1)[1].split()[0]
-    assert "completed" in submitted.stdout
+    done = json.loads(submitted.stdout)  # --json: stdout is the one document
+    job_uid = done["job"]
+    assert done["state"] == "completed"
+    assert done["fetched"] == [str(out / "summary.json")]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["size_bytes"] == 14
     assert summary["lines"] == 3
 
-    status = json.loads(parjobs(cluster, "status", job_uid, "--key", str(key), as_user=me).stdout)
-    assert status["state"] == "completed"
-    assert status["outputs"] == ["summary.json"]
+    status = parjobs(cluster, "jobs", "status", job_uid, "--key", str(key), "--json", as_user=me)
+    assert json.loads(status.stdout)["state"] == "completed"
+    assert json.loads(status.stdout)["outputs"] == ["summary.json"]
+    told = parjobs(cluster, "status", job_uid, "--key", str(key), as_user=me).stdout
+    assert "state: completed" in told  # the spelling before the groups, as a person reads it
     watched = parjobs(cluster, "watch", job_uid, "--key", str(key), as_user=me).stdout
     assert f"job {job_uid} completed" in watched
+    logged = parjobs(cluster, "jobs", "events", job_uid, "--key", str(key), "--json", as_user=me)
+    assert [event["seq"] for event in json.loads(logged.stdout)] == [1, 2, 3, 4, 5]
     timeline = parjobs(cluster, "events", job_uid, "--key", str(key), as_user=me).stdout
     for event in (
         "submitted",
@@ -107,13 +115,18 @@ def test_submit_status_events_fetch_replay(cluster: LocalCluster, tmp_path: Path
     assert (again / "summary.json").read_bytes() == (out / "summary.json").read_bytes()
     replayed = parjobs(cluster, "replay")
     assert "0 diverge" in replayed.stdout
+    assert json.loads(parjobs(cluster, "admin", "replay", "--json").stdout)["diverged"] == 0
     # Paid for: held when cashed, then charged for the CPU used and the rest refunded.
     balance = parjobs(cluster, "account", "balance", "me").stdout
     assert Decimal("9") < Decimal(balance.split(":")[1]) < Decimal(10)
+    as_json = json.loads(parjobs(cluster, "accounts", "balance", "me", "--json").stdout)
+    assert as_json == {"account": "me", "balance": balance.split(":")[1].strip()}
     statement = parjobs(cluster, "account", "statement", "me").stdout
     for kind in ("deposit", "hold", "settle"):
         assert kind in statement
     assert "the books balance" in parjobs(cluster, "ledger", "verify").stdout
+    verified = parjobs(cluster, "accounts", "ledger", "verify", "--json").stdout
+    assert json.loads(verified) == {"ok": True, "problems": []}
 
 
 def test_users_commands_need_their_own_broker_user(cluster: LocalCluster, tmp_path: Path) -> None:
@@ -168,3 +181,4 @@ def test_cheque_write_prints_a_signed_cheque(cluster: LocalCluster, tmp_path: Pa
 def test_dlq_list_runs(cluster: LocalCluster) -> None:
     listed = parjobs(cluster, "dlq", "list")
     assert "message id" in listed.stdout
+    assert isinstance(json.loads(parjobs(cluster, "admin", "dlq", "list", "--json").stdout), list)
