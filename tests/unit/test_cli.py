@@ -29,7 +29,7 @@ from typer.core import TyperGroup
 from typer.testing import CliRunner, Result
 
 from orchestrator import KeyPair, __version__
-from orchestrator.cli import _common, _jobs, app
+from orchestrator.cli import _common, _jobs, _ops, app
 from orchestrator.cli._exit import (
     EXIT_JOB_CANCELLED,
     EXIT_JOB_EXPIRED,
@@ -538,6 +538,13 @@ def test_help_lists_the_groups_and_hides_the_old_spellings() -> None:
     dev = root.commands["dev"]
     assert isinstance(dev, TyperGroup)
     assert set(dev.commands) == {"up", "demo", "par-demo", "s3"}
+
+
+def test_dev_alone_runs_everything_as_before(monkeypatch: pytest.MonkeyPatch) -> None:
+    started: list[str] = []
+    monkeypatch.setattr(_ops, "dev", lambda: started.append("dev"))
+    assert parjobs("dev").exit_code == 0
+    assert started == ["dev"]
 
 
 def test_keys_show_as_json(files: Files) -> None:
