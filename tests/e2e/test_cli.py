@@ -129,6 +129,27 @@ def test_submit_status_events_fetch_replay(cluster: LocalCluster, tmp_path: Path
     assert json.loads(verified) == {"ok": True, "problems": []}
 
 
+def test_a_job_that_failed_is_exit_3_for_submit_and_watch(
+    cluster: LocalCluster, tmp_path: Path
+) -> None:
+    key = tmp_path / "me.key"
+    parjobs(cluster, "keys", "new", str(key), "--name", "failing")
+    me = add_user(cluster, "failing", tmp_path / "me.key.pub")
+    parjobs(cluster, "accounts", "deposit", "failing", "10")
+    data = tmp_path / "data.txt"
+    data.write_text("x")
+    submit = ("jobs", "submit", "sleep", str(data), "--key", str(key), "--json")
+    failed = parjobs(
+        cluster, *submit, "-p", "seconds=0", "-p", "exit_code=3", as_user=me, check=False
+    )
+    assert failed.returncode == 3, failed.stdout + failed.stderr
+    told = json.loads(failed.stdout)
+    assert told["state"] == "failed"
+    watched = parjobs(cluster, "watch", told["job"], "--key", str(key), as_user=me, check=False)
+    assert watched.returncode == 3, watched.stdout + watched.stderr
+    assert f"job {told['job']} failed" in watched.stdout
+
+
 def test_users_commands_need_their_own_broker_user(cluster: LocalCluster, tmp_path: Path) -> None:
     key = tmp_path / "me.key"
     parjobs(cluster, "keys", "new", str(key), "--name", "nobody")

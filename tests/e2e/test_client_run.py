@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import Job, KeyPair, ParjobsClient
+from orchestrator import Job, JobFailedError, KeyPair, ParjobsClient
 from orchestrator.broker.amqp import AMQPBroker
 from orchestrator.core.layout import JobKeys
 from orchestrator.services.accounts import Accounts
@@ -23,7 +23,7 @@ from workers.cluster import LocalCluster
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 async def client(seaweed: LocalSeaweed) -> AsyncIterator[ParjobsClient]:
     """A registered, funded user's client of a cluster of their own."""
     overrides = {"PARJOBS_DATA_ROOT": f"run-{uuid.uuid4().hex[:8]}/"}
@@ -57,3 +57,11 @@ async def test_run_then_events_result_and_fetch(client: ParjobsClient, tmp_path:
     [summary] = await job.fetch(tmp_path / "out")
     assert summary.name == "summary.json"
     assert json.loads(summary.read_text())["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+async def test_a_job_that_failed_raises_job_failed_error(client: ParjobsClient) -> None:
+    job = await client.run("sleep", b"x", {"seconds": 0, "exit_code": 3}, max_spend=Decimal(1))
+    with pytest.raises(JobFailedError) as failed:
+        await job.result(timeout=60)
+    assert failed.value.job_uid == job.uid
+    assert failed.value.reason
