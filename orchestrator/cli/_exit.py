@@ -4,7 +4,8 @@ The root command's `main` runs every command, so it is the one place errors are 
 error (typer's, or a bad value from `_inputs`), a parjobs refusal (`ParjobsError`, raised here or
 sent back by a service), an invalid setting or message (pydantic's `ValidationError`) or a file
 the system refused (`OSError`) all become `error: <message>` and exit status 2. Anything else is a
-bug in parjobs and keeps its traceback.
+bug in parjobs and keeps its traceback. A command that followed a job to its end exits with how the
+job ended (`JOB_END_STATUS`), so a script tells a completed job from one that did not complete.
 """
 
 from __future__ import annotations

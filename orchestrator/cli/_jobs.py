@@ -6,7 +6,6 @@ following a job means following its events, never polling.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from contextlib import aclosing
@@ -42,7 +41,6 @@ from orchestrator.cli._inputs import (
     Parameter,
 )
 from orchestrator.client.client import ENDED, ParjobsClient
-from orchestrator.par.io import ObjectWriter
 from schemas.events import (
     Cancelled,
     Completed,
@@ -169,11 +167,8 @@ def submit(
     run PAR, and follow it: the exit status says how it ended (see `parjobs --help`)."""
     user = load_key(key)
     payer = paying_account(account, user)
-    with input_file.open("rb") as source:  # streamed: an input may be larger than memory
-        digest = hashlib.file_digest(source, "sha256").hexdigest()
-    request = JobRequest(
-        calculation=calculation, parameters=_parameters(param, params_json), input_sha256=digest
-    )
+    # Checked here, before anything connects; `client.run` makes the request it signs.
+    request = JobRequest(calculation=calculation, parameters=_parameters(param, params_json))
 
     def say(text: str) -> None:
         if not as_json:  # --json: stdout is the one JSON document
@@ -181,16 +176,19 @@ def submit(
 
     async def run() -> tuple[str, JobSheetState | None, list[Path]]:
         async with client_session(user) as client:
-            job_uid, upload, run_par, expires = await client.request_services(
-                request,
-                account=payer,
+            job = await client.run(
+                request.calculation,
+                input_file,
+                request.parameters,
                 max_spend=max_spend,
+                account=payer,
                 lifetime_s=lifetime,
             )
-            say(f"job [bold]{job_uid}[/] ready; PARs expire {expires:%Y-%m-%d %H:%M:%S}Z")
-            await ObjectWriter(upload, user).set_object_from_file(input_file)
-            await run_par.execute(user, control=client).start()
-            say("input uploaded through the upload PAR; run started through the run PAR")
+            job_uid = job.uid
+            say(
+                f"job [bold]{job_uid}[/]: input uploaded through the upload PAR, run started "
+                f"through the run PAR; PARs expire {job.expires_at:%Y-%m-%d %H:%M:%S}Z"
+            )
             if not watch:
                 return job_uid, None, []
             final = await follow_job(client, job_uid, show=not as_json)
