@@ -2,10 +2,10 @@
 
 It submits jobs, asks about them, fetches output PARs, and is the `RunService` a calculation PAR's
 `RunControl` uses to start and stop runs. `run` does a job's steps in one call and hands back a
-`Job` (`orchestrator.client.job`) to follow it, wait for its result and fetch its outputs. It connects as the user's own broker user and signs
-every request with the user's key; it uses a reply only once it verifies as signed by the service
-role it asked (`Inbox`), and an `ErrorReply` is raised as the very error the service raised
-(`ParjobsError.from_reply`).
+`Job` (`orchestrator.client.job`) to follow it, wait for its result and fetch its outputs. It
+connects as the user's own broker user and signs every request with the user's key; it uses a
+reply only once it verifies as signed by the service role it asked (`Inbox`), and an
+`ErrorReply` is raised as the very error the service raised (`ParjobsError.from_reply`).
 
 It listens rather than polls: waiting on a job means following the job's events on the client's
 own events queue (subscribed when the client starts), after one GetJob to catch up with what came
