@@ -3,8 +3,10 @@
 A middleware is one layer around a handler (as Dramatiq's middleware and FastStream's middlewares
 are): it gets the validated envelope, the delivery's metadata and `call_next`, the rest of the
 chain, and may act before it, after it, or on what it raises. `wrap` builds the chain once, when a
-consumer starts. The layers:
+consumer starts. The layers, outermost first:
 
+- `Metrics` counts every delivery by outcome, times its handler and records its queue lag
+  (`orchestrator.metrics`);
 - `LogContext` binds the delivery's message id, queue, body type and job uid (when the body names
   one; a handler adds one it learns with `bind_log_context`) to every log line of the handler;
 - `RefusalReplies` turns a refusal (`ParjobsError.refusal`) raised while answering a request into
@@ -14,8 +16,6 @@ consumer starts. The layers:
   a registered user, its reply queue is theirs, and it is signed by that very user's key
   (`verified_requester()` then names them to the handler); `VerifyEvents` lets an event through
   only if a role allowed to emit it sealed it.
-
-Metrics and tracing are further layers of the same shape.
 
 Why here, in `workers`, and not under `orchestrator/broker`: the broker seam is generic (any
 `TypeAdapter`, any handler) and knows nothing of parjobs' envelopes, errors or logs, while these
@@ -48,6 +48,14 @@ from orchestrator.errors import (
     SignatureError,
     UnknownUserError,
     UnsignedError,
+)
+from orchestrator.metrics import (
+    HANDLER_SECONDS,
+    HANDLERS_IN_FLIGHT,
+    MESSAGE_LAG_SECONDS,
+    MESSAGES_CONSUMED,
+    MESSAGES_REDELIVERED,
+    MESSAGES_REFUSED,
 )
 from orchestrator.store.users import UserRegistry
 from schemas.auth import UserRecord
@@ -153,6 +161,41 @@ class LogContext:
             await call_next(envelope, meta)
 
 
+# --- metrics -------------------------------------------------------------------------------------
+
+
+class Metrics:
+    """Counts every delivery by queue, type and outcome, times its handler, and records how
+    long it waited in its queue and how many of the queue's deliveries are in flight (see
+    `orchestrator.metrics`). Outermost, so it sees the whole chain's outcome."""
+
+    def __init__(self, clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+        self._clock = clock
+
+    async def __call__(
+        self, envelope: Envelope[Any], meta: IncomingMeta, call_next: EnvelopeHandler
+    ) -> None:
+        message_type = str(envelope.body.type)
+        if meta.timestamp is not None:
+            lag = (self._clock() - meta.timestamp).total_seconds()
+            MESSAGE_LAG_SECONDS.labels(meta.queue).observe(max(lag, 0.0))
+        if meta.redelivered:
+            MESSAGES_REDELIVERED.labels(meta.queue, message_type).inc()
+        outcome = "failed"  # unless the chain returns, or marks the message poison
+        with (
+            HANDLERS_IN_FLIGHT.labels(meta.queue).track_inprogress(),
+            HANDLER_SECONDS.labels(meta.queue, message_type).time(),
+        ):
+            try:
+                await call_next(envelope, meta)
+                outcome = "ok"
+            except PoisonMessageError:
+                outcome = "poison"
+                raise
+            finally:
+                MESSAGES_CONSUMED.labels(meta.queue, message_type, outcome).inc()
+
+
 # --- refusals ------------------------------------------------------------------------------------
 
 
@@ -191,6 +234,7 @@ class RefusalReplies:
             if not exc.refusal or answer.given or not meta.reply_to:
                 raise
             log.info("refused (%s): %s", exc.code, exc)
+            MESSAGES_REFUSED.labels(str(envelope.body.type), exc.code).inc()
             await self._send_reply(meta, exc.to_reply())
         finally:
             _answer.reset(token)

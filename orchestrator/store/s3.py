@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import time
 from collections.abc import Iterator
 from contextlib import AsyncExitStack, contextmanager
 from typing import TYPE_CHECKING, Any, Self
@@ -11,6 +12,7 @@ from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
 from orchestrator.errors import ObjectExistsError, ObjectNotFoundError, ObjectStoreError
+from orchestrator.metrics import S3_REQUEST_SECONDS
 from orchestrator.store.base import ObjectInfo, PresignedPost
 
 if TYPE_CHECKING:
@@ -61,6 +63,28 @@ def _s3_errors(key: str) -> Iterator[None]:
         raise ObjectStoreError(f"S3 request for {key!r} failed: {err}") from err
 
 
+@contextmanager
+def _s3_call(operation: str, key: str) -> Iterator[None]:
+    """One S3 operation: its botocore errors translated (`_s3_errors`), its time and outcome
+    recorded (`parjobs_s3_request_seconds`)."""
+    outcome = "ok"
+    started = time.perf_counter()
+    try:
+        with _s3_errors(key):
+            yield
+    except ObjectNotFoundError:
+        outcome = "not_found"
+        raise
+    except ObjectExistsError:
+        outcome = "exists"
+        raise
+    except ObjectStoreError:
+        outcome = "error"
+        raise
+    finally:
+        S3_REQUEST_SECONDS.labels(operation, outcome).observe(time.perf_counter() - started)
+
+
 class S3ObjectStore:
     """One bucket on one S3 server (an `ObjectStore`): `async with S3ObjectStore(s) as store:`."""
 
@@ -104,7 +128,7 @@ class S3ObjectStore:
 
     async def ensure_bucket(self) -> None:
         """Create the bucket unless it exists (idempotent)."""
-        with _s3_errors(self.bucket):
+        with _s3_call("ensure_bucket", self.bucket):
             try:
                 await self._s3.head_bucket(Bucket=self.bucket)
                 return
@@ -119,12 +143,12 @@ class S3ObjectStore:
 
     async def check(self) -> None:
         """A HEAD on the bucket: the server answers, with these credentials."""
-        with _s3_errors(self.bucket):
+        with _s3_call("head_bucket", self.bucket):
             await self._s3.head_bucket(Bucket=self.bucket)
 
     async def put(self, key: str, data: bytes, *, content_type: str | None = None) -> str:
         """Store `data` at `key`, replacing any object there; returns the ETag."""
-        with _s3_errors(key):
+        with _s3_call("put_object", key):
             response = await self._s3.put_object(
                 Bucket=self.bucket,
                 Key=key,
@@ -135,7 +159,7 @@ class S3ObjectStore:
 
     async def put_if_absent(self, key: str, data: bytes) -> str:
         """Create `key` only if nothing is there (`If-None-Match: *`); ObjectExistsError if not."""
-        with _s3_errors(key):
+        with _s3_call("put_object_if_absent", key):
             response = await self._s3.put_object(
                 Bucket=self.bucket, Key=key, Body=data, IfNoneMatch="*"
             )
@@ -143,7 +167,7 @@ class S3ObjectStore:
 
     async def get(self, key: str) -> bytes:
         """The object's bytes; ObjectNotFoundError if there is none."""
-        with _s3_errors(key):
+        with _s3_call("get_object", key):
             response = await self._s3.get_object(Bucket=self.bucket, Key=key)
             async with response["Body"] as body:
                 return await body.read()
@@ -151,7 +175,7 @@ class S3ObjectStore:
     async def head(self, key: str) -> ObjectInfo | None:
         """The object's size, ETag and metadata, or None if there is none."""
         try:
-            with _s3_errors(key):
+            with _s3_call("head_object", key):
                 response = await self._s3.head_object(Bucket=self.bucket, Key=key)
         except ObjectNotFoundError:
             return None
@@ -164,7 +188,7 @@ class S3ObjectStore:
 
     async def delete(self, key: str) -> None:
         """Remove the object at `key`; removing a missing object is not an error."""
-        with _s3_errors(key):
+        with _s3_call("delete_object", key):
             await self._s3.delete_object(Bucket=self.bucket, Key=key)
 
     async def delete_prefix(self, prefix: str) -> int:
@@ -174,7 +198,7 @@ class S3ObjectStore:
         keys = [info.key for info in await self.list(prefix)]
         for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
             batch = keys[start : start + 1000]
-            with _s3_errors(prefix):
+            with _s3_call("delete_objects", prefix):
                 await self._s3.delete_objects(
                     Bucket=self.bucket,
                     Delete={"Objects": [{"Key": key} for key in batch], "Quiet": True},
@@ -226,7 +250,7 @@ class S3ObjectStore:
     ) -> builtins.list[ObjectInfo]:
         """Every object under `prefix` (only keys after `start_after`, if given), sorted by key."""
         found: builtins.list[ObjectInfo] = []
-        with _s3_errors(prefix):
+        with _s3_call("list_objects_v2", prefix):
             pages = self._s3.get_paginator("list_objects_v2")
             # An empty StartAfter means "from the first key", as S3 defines it.
             listing = pages.paginate(
