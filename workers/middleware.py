@@ -7,8 +7,11 @@ consumer starts. The layers, outermost first:
 
 - `Metrics` counts every delivery by outcome, times its handler and records its queue lag
   (`orchestrator.metrics`);
-- `LogContext` binds the delivery's message id, queue, body type and job uid (when the body names
-  one; a handler adds one it learns with `bind_log_context`) to every log line of the handler;
+- `Tracing` handles the delivery in a consumer span continuing the W3C trace context its
+  `traceparent` header carries (`workers.tracing`);
+- `LogContext` binds the delivery's message id, queue, body type, trace id (when there is a
+  trace) and job uid (when the body names one; a handler adds one it learns with
+  `bind_log_context`) to every log line of the handler;
 - `RefusalReplies` turns a refusal (`ParjobsError.refusal`) raised while answering a request into
   the request's `ErrorReply`, after which the message is done (acked); anything else propagates,
   so the broker delivers the message again (or the consumer dead-letters a poison message);
@@ -34,6 +37,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 from typing import Any, Protocol
+
+from opentelemetry import propagate, trace
+from opentelemetry.trace import SpanKind, Tracer
 
 from orchestrator.broker.base import IncomingMeta
 from orchestrator.broker.identities import Identities
@@ -144,8 +150,8 @@ def _job_uid(body: object) -> str | None:
 
 
 class LogContext:
-    """Binds the delivery's message id, queue, body type and (when known) job uid to every log
-    line of the handler."""
+    """Binds the delivery's message id, queue, body type and (when known) trace id and job uid
+    to every log line of the handler."""
 
     async def __call__(
         self, envelope: Envelope[Any], meta: IncomingMeta, call_next: EnvelopeHandler
@@ -157,6 +163,8 @@ class LogContext:
         }
         if (job_uid := _job_uid(envelope.body)) is not None:
             fields["job_uid"] = job_uid
+        if (span := trace.get_current_span().get_span_context()).is_valid:
+            fields["trace_id"] = trace.format_trace_id(span.trace_id)
         with bound_log_context(**fields):
             await call_next(envelope, meta)
 
@@ -194,6 +202,50 @@ class Metrics:
                 raise
             finally:
                 MESSAGES_CONSUMED.labels(meta.queue, message_type, outcome).inc()
+
+
+# --- tracing -------------------------------------------------------------------------------------
+
+_tracer = trace.get_tracer("parjobs.service")
+
+
+def _trace_headers(headers: Mapping[str, Any]) -> dict[str, str]:
+    """The headers a W3C propagator reads, as text (AMQP may hand a string header over as bytes)."""
+    return {
+        name: value.decode(errors="replace") if isinstance(value, bytes) else value
+        for name, value in headers.items()
+        if isinstance(value, str | bytes)
+    }
+
+
+class Tracing:
+    """Handles the delivery in a consumer span: a child of the trace its `traceparent` header
+    carries (a new trace if none), current while the handler runs, so what the handler publishes
+    and the S3 calls it makes belong to it. With tracing off, the incoming trace context is still
+    current, and passed on."""
+
+    def __init__(self, tracer: Tracer | None = None) -> None:
+        self._tracer = tracer or _tracer
+
+    async def __call__(
+        self, envelope: Envelope[Any], meta: IncomingMeta, call_next: EnvelopeHandler
+    ) -> None:
+        attributes = {
+            "messaging.system": "rabbitmq",
+            "messaging.operation.type": "process",
+            "messaging.destination.name": meta.queue,
+            "messaging.message.id": envelope.message_id,
+            "parjobs.message_type": str(envelope.body.type),
+        }
+        if (job_uid := _job_uid(envelope.body)) is not None:
+            attributes["parjobs.job_uid"] = job_uid
+        with self._tracer.start_as_current_span(
+            f"process {envelope.body.type}",
+            context=propagate.extract(_trace_headers(meta.headers)),
+            kind=SpanKind.CONSUMER,
+            attributes=attributes,
+        ):
+            await call_next(envelope, meta)
 
 
 # --- refusals ------------------------------------------------------------------------------------

@@ -67,12 +67,14 @@ from workers.middleware import (
     Metrics,
     Middleware,
     RefusalReplies,
+    Tracing,
     VerifyEvents,
     VerifyRequests,
     log_context,
     mark_answered,
     wrap,
 )
+from workers.tracing import configure_tracing
 
 log = logging.getLogger("parjobs.service")
 CONSUMER_CHECK_INTERVAL = 1.0
@@ -119,6 +121,7 @@ class ServiceContext:
         window = timedelta(seconds=self.settings.auth_window_s)
         self.middlewares = [
             Metrics(),
+            Tracing(),
             LogContext(),
             RefusalReplies(self._reply),
             VerifyEvents(self.service_keys),
@@ -286,6 +289,15 @@ async def health_server(
 async def serve(role: ServiceRole, setup: Setup) -> None:
     """Run the daemon `role` until SIGTERM/SIGINT; then drain and exit."""
     configure_logging(role)
+    tracing = configure_tracing(role)
+    try:
+        await _serve(role, setup)
+    finally:
+        if tracing is not None:
+            tracing.shutdown()  # exports what is still batched
+
+
+async def _serve(role: ServiceRole, setup: Setup) -> None:
     settings = ServiceSettings()
     key = settings.role_key(role)
     service_keys = settings.service_keys()

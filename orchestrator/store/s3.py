@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any, Self
 
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, StatusCode
 
 from orchestrator.errors import ObjectExistsError, ObjectNotFoundError, ObjectStoreError
 from orchestrator.metrics import S3_REQUEST_SECONDS
@@ -25,6 +27,7 @@ if TYPE_CHECKING:
 
 _NOT_FOUND = frozenset({"NoSuchKey", "NotFound", "404"})
 _EXISTS = frozenset({"PreconditionFailed", "412"})
+_tracer = trace.get_tracer("parjobs.s3")
 
 
 def create_s3_client(
@@ -66,23 +69,33 @@ def _s3_errors(key: str) -> Iterator[None]:
 @contextmanager
 def _s3_call(operation: str, key: str) -> Iterator[None]:
     """One S3 operation: its botocore errors translated (`_s3_errors`), its time and outcome
-    recorded (`parjobs_s3_request_seconds`)."""
+    recorded (`parjobs_s3_request_seconds`), and a client span of the current trace."""
     outcome = "ok"
     started = time.perf_counter()
-    try:
-        with _s3_errors(key):
-            yield
-    except ObjectNotFoundError:
-        outcome = "not_found"
-        raise
-    except ObjectExistsError:
-        outcome = "exists"
-        raise
-    except ObjectStoreError:
-        outcome = "error"
-        raise
-    finally:
-        S3_REQUEST_SECONDS.labels(operation, outcome).observe(time.perf_counter() - started)
+    with _tracer.start_as_current_span(
+        f"S3 {operation}",
+        kind=SpanKind.CLIENT,
+        attributes={"rpc.system": "aws-api", "rpc.service": "S3", "rpc.method": operation},
+        # A missing object or a lost conditional create is an answer, not a failure.
+        record_exception=False,
+        set_status_on_exception=False,
+    ) as span:
+        try:
+            with _s3_errors(key):
+                yield
+        except ObjectNotFoundError:
+            outcome = "not_found"
+            raise
+        except ObjectExistsError:
+            outcome = "exists"
+            raise
+        except ObjectStoreError as exc:
+            outcome = "error"
+            span.set_status(StatusCode.ERROR, str(exc))
+            raise
+        finally:
+            span.set_attribute("parjobs.outcome", outcome)
+            S3_REQUEST_SECONDS.labels(operation, outcome).observe(time.perf_counter() - started)
 
 
 class S3ObjectStore:
