@@ -20,10 +20,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator.broker.base import IncomingMeta
 from orchestrator.broker.memory import MemoryBroker
+from orchestrator.core.ledger_rules import deposit
 from orchestrator.errors import PoisonMessageError, RunRefusedError
 from orchestrator.settings import AMQPSettings
+from orchestrator.store.ledger import Ledger
 from orchestrator.store.memory import MemoryObjectStore
 from schemas.messages import Envelope, GetJob
+from tests.unit.test_ledger import RivalStore
 from workers.middleware import EnvelopeHandler, Metrics, RefusalReplies, wrap
 from workers.runtime import health_server
 
@@ -111,6 +114,19 @@ async def test_outcomes_poison_failed_refused_and_redelivered(queue: str) -> Non
     assert sample("parjobs_messages_refused_total", **refusals) == refused_before + 1
     assert sample("parjobs_handler_seconds_count", queue=queue, type="get_job") == 3
     assert sample("parjobs_handlers_in_flight", queue=queue) == 0
+
+
+async def test_ledger_appends_and_lost_races_are_counted(memory_store: MemoryObjectStore) -> None:
+    root = f"ledger-{uuid.uuid4().hex[:8]}/"
+    ledger = Ledger(memory_store, root)
+    appends = sample("parjobs_ledger_appends_total")
+    lost = sample("parjobs_ledger_lost_races_total")
+    await ledger.deposit("alice", 10)
+    async with RivalStore(memory_store, ledger, [deposit("bob", 1)]) as racing:
+        await Ledger(racing, root).hold(uuid.uuid4().hex, uuid.uuid4().hex, "alice", 4)
+    # alice's deposit, the rival's deposit, then the hold, second time lucky
+    assert sample("parjobs_ledger_appends_total") == appends + 3
+    assert sample("parjobs_ledger_lost_races_total") == lost + 1
 
 
 # --- the health server ----------------------------------------------------------------------------
