@@ -14,7 +14,6 @@ it consumes against the registered users' keys and the operator's service keys
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -23,7 +22,7 @@ import socket
 import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -238,6 +237,9 @@ async def keep_consuming(broker: Broker) -> None:
             log.warning("consumers of %s cancelled by the broker; declared again", lost)
 
 
+_HEALTH_PATHS = ("/healthz", "/readyz", "/metrics")
+
+
 def health_app(broker: Broker, store: ObjectStore) -> web.Application:
     """/healthz: the process answers. /readyz: `readiness` (503 unless ready). /metrics: the
     Prometheus metrics (`orchestrator.metrics`), the dead-letter queue's depth asked of the
@@ -269,9 +271,6 @@ def health_app(broker: Broker, store: ObjectStore) -> web.Application:
     return app
 
 
-_HEALTH_PATHS = ("/healthz", "/readyz", "/metrics")
-
-
 @asynccontextmanager
 async def health_server(
     broker: Broker, store: ObjectStore, host: str, port: int
@@ -283,7 +282,8 @@ async def health_server(
         await web.TCPSite(runner, host, port).start()
         yield
     finally:
-        await runner.cleanup()
+        with anyio.CancelScope(shield=True):  # it closes inside the daemon's cancelled group
+            await runner.cleanup()
 
 
 async def serve(role: ServiceRole, setup: Setup) -> None:
@@ -315,7 +315,7 @@ async def _serve(role: ServiceRole, setup: Setup) -> None:
             key=key,
             service_keys=service_keys,
         )
-        async with contextlib.AsyncExitStack() as stack:
+        async with AsyncExitStack() as stack:
             signals = stack.enter_context(anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT))
             group = await stack.enter_async_context(anyio.create_task_group())
             await setup(context, group)
