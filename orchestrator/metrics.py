@@ -71,6 +71,12 @@ JOB_TRANSITIONS = Counter(
     "Job events this daemon appended and published, by event type",
     ["type"],
 )
+QUEUE_DEPTH = Gauge(
+    "parjobs_queue_depth",
+    "Messages waiting (ready, not yet delivered) in each queue this daemon consumes, as the "
+    "broker counted them at the last scrape",
+    ["queue"],
+)
 DEAD_LETTER_QUEUE_DEPTH = Gauge(
     "parjobs_dead_letter_queue_depth",
     "Messages waiting in the dead-letter queue, as the broker counted them at the last scrape",

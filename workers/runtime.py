@@ -50,6 +50,7 @@ from orchestrator.metrics import (
     HANDLER_SLOTS,
     JOB_TRANSITIONS,
     MESSAGES_PUBLISHED,
+    QUEUE_DEPTH,
 )
 from orchestrator.settings import AMQPSettings, S3Settings, ServiceSettings
 from orchestrator.store.base import ObjectStore
@@ -242,8 +243,8 @@ _HEALTH_PATHS = ("/healthz", "/readyz", "/metrics")
 
 def health_app(broker: Broker, store: ObjectStore) -> web.Application:
     """/healthz: the process answers. /readyz: `readiness` (503 unless ready). /metrics: the
-    Prometheus metrics (`orchestrator.metrics`), the dead-letter queue's depth asked of the
-    broker at each scrape."""
+    Prometheus metrics (`orchestrator.metrics`), the depths of the consumed queues and of the
+    dead-letter queue asked of the broker at each scrape."""
 
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"alive": True})
@@ -256,8 +257,10 @@ def health_app(broker: Broker, store: ObjectStore) -> web.Application:
         try:
             with anyio.fail_after(5):
                 DEAD_LETTER_QUEUE_DEPTH.set((await broker.check()).dead_letters)
+                for queue, depth in (await broker.queue_depths()).items():
+                    QUEUE_DEPTH.labels(queue).set(depth)
         except (ParjobsError, TimeoutError) as exc:  # the rest still says what this daemon did
-            log.warning("no dead-letter queue depth for this scrape: %s", exc)
+            log.warning("no queue depths for this scrape: %s", exc)
         return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def not_found(_: web.Request) -> web.Response:

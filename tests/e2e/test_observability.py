@@ -162,6 +162,12 @@ async def test_each_daemon_serves_metrics_of_what_it_did_for_a_job(harness: Harn
     assert total(scraped["compute"], "parjobs_handler_slots", queue=runs) == MAX_RUNS
     assert total(scraped["compute"], "parjobs_handlers_in_flight", queue=runs) == 0
     assert total(scraped["compute"], "parjobs_handler_seconds_count", queue=runs) >= 1
+    depths = {
+        sample.labels["queue"]: sample.value
+        for sample in scraped["compute"]
+        if sample.name == "parjobs_queue_depth"
+    }
+    assert depths.get(runs) == 0, depths
 
 
 async def test_one_job_is_one_trace_through_the_three_daemons(

@@ -13,10 +13,12 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
+from pydantic import TypeAdapter
 
 from orchestrator.broker.base import IncomingMeta
 from orchestrator.broker.memory import MemoryBroker
@@ -26,10 +28,12 @@ from orchestrator.settings import AMQPSettings
 from orchestrator.store.ledger import Ledger
 from orchestrator.store.memory import MemoryObjectStore
 from schemas.messages import Envelope, GetJob
+from tests._waiting import eventually
 from tests.unit.test_ledger import RivalStore
 from workers.middleware import EnvelopeHandler, Metrics, RefusalReplies, wrap
 from workers.runtime import health_server
 
+ENVELOPE: TypeAdapter[Envelope[Any]] = TypeAdapter(Envelope)
 JOB_UID = "0123456789abcdef" * 2
 NOW = datetime(2026, 1, 1, 12, tzinfo=UTC)
 
@@ -167,7 +171,23 @@ async def test_the_health_server_answers_health_readiness_and_metrics(
         assert missing.status_code == 404
         assert missing.json() == {"paths": ["/healthz", "/readyz", "/metrics"]}
 
+        # A consumed queue with one delivery held by its handler and two waiting.
+        waiting = broker.topology.work_queue("storage", events=["job.#"])
+        await broker.declare(waiting)
+        release = anyio.Event()
+
+        async def held(envelope: Envelope[Any], meta: IncomingMeta) -> None:
+            await release.wait()
+
+        for _ in range(3):
+            await broker.publish(broker.topology.events, "job.x", _get_job())
+        await broker.consume(waiting, ENVELOPE, held, prefetch=1)
+        await eventually(
+            lambda: _depth_is(broker, waiting.name, 2), "two wait", timeout=5, interval=0.01
+        )
+
         scraped = await http.get("/metrics")
+        release.set()
         assert scraped.status_code == 200
         assert scraped.headers["content-type"].startswith("text/plain")
         families = {family.name: family for family in text_string_to_metric_families(scraped.text)}
@@ -181,6 +201,15 @@ async def test_the_health_server_answers_health_readiness_and_metrics(
         } <= set(families)
         (depth,) = families["parjobs_dead_letter_queue_depth"].samples
         assert depth.value == 0
+        assert [
+            sample.value
+            for sample in families["parjobs_queue_depth"].samples
+            if sample.labels == {"queue": waiting.name}
+        ] == [2]
+
+
+async def _depth_is(broker: MemoryBroker, queue: str, expected: int) -> bool:
+    return (await broker.queue_depths()).get(queue) == expected
 
 
 async def test_readiness_is_503_naming_what_is_wrong(
