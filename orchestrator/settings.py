@@ -180,7 +180,10 @@ class ServiceSettings(BaseSettings):
     shutdown_grace_s: float = Field(default=20.0, ge=0)
     """On SIGTERM, how long in-flight work may take to finish before it is requeued."""
     health_port: int | None = Field(default=None, ge=0, le=65535)
-    """Serve /healthz and /readyz on this port (127.0.0.1); None: no health endpoint."""
+    """Serve /healthz, /readyz and /metrics on this port; None: no health endpoint."""
+    health_host: str = "127.0.0.1"
+    """The address the health port binds: 0.0.0.0 in a container, for its healthcheck and
+    Prometheus to reach it from outside."""
 
     def service_keys(self) -> ServiceKeys:
         """The operator's service keys (PARJOBS_SERVICE_KEYS_FILE), or ConfigurationError."""

@@ -3,10 +3,15 @@
 A middleware is one layer around a handler (as Dramatiq's middleware and FastStream's middlewares
 are): it gets the validated envelope, the delivery's metadata and `call_next`, the rest of the
 chain, and may act before it, after it, or on what it raises. `wrap` builds the chain once, when a
-consumer starts. The layers:
+consumer starts. The layers, outermost first:
 
-- `LogContext` binds the delivery's message id, queue, body type and job uid (when the body names
-  one; a handler adds one it learns with `bind_log_context`) to every log line of the handler;
+- `Metrics` counts every delivery by outcome, times its handler and records its queue lag
+  (`orchestrator.metrics`);
+- `Tracing` handles the delivery in a consumer span continuing the W3C trace context its
+  `traceparent` header carries (`workers.tracing`);
+- `LogContext` binds the delivery's message id, queue, body type, trace id (when there is a
+  trace) and job uid (when the body names one; a handler adds one it learns with
+  `bind_log_context`) to every log line of the handler;
 - `RefusalReplies` turns a refusal (`ParjobsError.refusal`) raised while answering a request into
   the request's `ErrorReply`, after which the message is done (acked); anything else propagates,
   so the broker delivers the message again (or the consumer dead-letters a poison message);
@@ -14,8 +19,6 @@ consumer starts. The layers:
   a registered user, its reply queue is theirs, and it is signed by that very user's key
   (`verified_requester()` then names them to the handler); `VerifyEvents` lets an event through
   only if a role allowed to emit it sealed it.
-
-Metrics and tracing are further layers of the same shape.
 
 Why here, in `workers`, and not under `orchestrator/broker`: the broker seam is generic (any
 `TypeAdapter`, any handler) and knows nothing of parjobs' envelopes, errors or logs, while these
@@ -35,6 +38,9 @@ from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 from typing import Any, Protocol
 
+from opentelemetry import propagate, trace
+from opentelemetry.trace import SpanKind, Tracer
+
 from orchestrator.broker.base import IncomingMeta
 from orchestrator.broker.identities import Identities
 from orchestrator.core.chain import verify_event
@@ -48,6 +54,14 @@ from orchestrator.errors import (
     SignatureError,
     UnknownUserError,
     UnsignedError,
+)
+from orchestrator.metrics import (
+    HANDLER_SECONDS,
+    HANDLERS_IN_FLIGHT,
+    MESSAGE_LAG_SECONDS,
+    MESSAGES_CONSUMED,
+    MESSAGES_REDELIVERED,
+    MESSAGES_REFUSED,
 )
 from orchestrator.store.users import UserRegistry
 from schemas.auth import UserRecord
@@ -136,8 +150,8 @@ def _job_uid(body: object) -> str | None:
 
 
 class LogContext:
-    """Binds the delivery's message id, queue, body type and (when known) job uid to every log
-    line of the handler."""
+    """Binds the delivery's message id, queue, body type and (when known) trace id and job uid
+    to every log line of the handler."""
 
     async def __call__(
         self, envelope: Envelope[Any], meta: IncomingMeta, call_next: EnvelopeHandler
@@ -149,7 +163,88 @@ class LogContext:
         }
         if (job_uid := _job_uid(envelope.body)) is not None:
             fields["job_uid"] = job_uid
+        if (span := trace.get_current_span().get_span_context()).is_valid:
+            fields["trace_id"] = trace.format_trace_id(span.trace_id)
         with bound_log_context(**fields):
+            await call_next(envelope, meta)
+
+
+# --- metrics -------------------------------------------------------------------------------------
+
+
+class Metrics:
+    """Counts every delivery by queue, type and outcome, times its handler, and records how
+    long it waited in its queue and how many of the queue's deliveries are in flight (see
+    `orchestrator.metrics`). Outermost, so it sees the whole chain's outcome."""
+
+    def __init__(self, clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+        self._clock = clock
+
+    async def __call__(
+        self, envelope: Envelope[Any], meta: IncomingMeta, call_next: EnvelopeHandler
+    ) -> None:
+        message_type = str(envelope.body.type)
+        if meta.timestamp is not None:
+            lag = (self._clock() - meta.timestamp).total_seconds()
+            MESSAGE_LAG_SECONDS.labels(meta.queue).observe(max(lag, 0.0))
+        if meta.redelivered:
+            MESSAGES_REDELIVERED.labels(meta.queue, message_type).inc()
+        outcome = "failed"  # unless the chain returns, or marks the message poison
+        with (
+            HANDLERS_IN_FLIGHT.labels(meta.queue).track_inprogress(),
+            HANDLER_SECONDS.labels(meta.queue, message_type).time(),
+        ):
+            try:
+                await call_next(envelope, meta)
+                outcome = "ok"
+            except PoisonMessageError:
+                outcome = "poison"
+                raise
+            finally:
+                MESSAGES_CONSUMED.labels(meta.queue, message_type, outcome).inc()
+
+
+# --- tracing -------------------------------------------------------------------------------------
+
+_tracer = trace.get_tracer("parjobs.service")
+
+
+def _trace_headers(headers: Mapping[str, Any]) -> dict[str, str]:
+    """The headers a W3C propagator reads, as text (AMQP may hand a string header over as bytes)."""
+    return {
+        name: value.decode(errors="replace") if isinstance(value, bytes) else value
+        for name, value in headers.items()
+        if isinstance(value, str | bytes)
+    }
+
+
+class Tracing:
+    """Handles the delivery in a consumer span: a child of the trace its `traceparent` header
+    carries (a new trace if none), current while the handler runs, so what the handler publishes
+    and the S3 calls it makes belong to it. With tracing off, the incoming trace context is still
+    current, and passed on."""
+
+    def __init__(self, tracer: Tracer | None = None) -> None:
+        self._tracer = tracer or _tracer
+
+    async def __call__(
+        self, envelope: Envelope[Any], meta: IncomingMeta, call_next: EnvelopeHandler
+    ) -> None:
+        attributes = {
+            "messaging.system": "rabbitmq",
+            "messaging.operation.type": "process",
+            "messaging.destination.name": meta.queue,
+            "messaging.message.id": envelope.message_id,
+            "parjobs.message_type": str(envelope.body.type),
+        }
+        if (job_uid := _job_uid(envelope.body)) is not None:
+            attributes["parjobs.job_uid"] = job_uid
+        with self._tracer.start_as_current_span(
+            f"process {envelope.body.type}",
+            context=propagate.extract(_trace_headers(meta.headers)),
+            kind=SpanKind.CONSUMER,
+            attributes=attributes,
+        ):
             await call_next(envelope, meta)
 
 
@@ -191,6 +286,7 @@ class RefusalReplies:
             if not exc.refusal or answer.given or not meta.reply_to:
                 raise
             log.info("refused (%s): %s", exc.code, exc)
+            MESSAGES_REFUSED.labels(str(envelope.body.type), exc.code).inc()
             await self._send_reply(meta, exc.to_reply())
         finally:
             _answer.reset(token)

@@ -21,12 +21,15 @@ import signal
 import socket
 import sys
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import anyio
+from aiohttp import web
 from anyio.abc import TaskGroup
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from orchestrator.broker.amqp import AMQPBroker
 from orchestrator.broker.base import Broker, IncomingMeta
@@ -36,7 +39,19 @@ from orchestrator.core.keys import KeyPair
 from orchestrator.core.layout import JobKeys
 from orchestrator.core.message_signing import sign_message
 from orchestrator.core.service_keys import ServiceKeys
-from orchestrator.errors import ConfigurationError, ObjectStoreError, PoisonMessageError
+from orchestrator.errors import (
+    ConfigurationError,
+    ObjectStoreError,
+    ParjobsError,
+    PoisonMessageError,
+)
+from orchestrator.metrics import (
+    DEAD_LETTER_QUEUE_DEPTH,
+    HANDLER_SLOTS,
+    JOB_TRANSITIONS,
+    MESSAGES_PUBLISHED,
+    QUEUE_DEPTH,
+)
 from orchestrator.settings import AMQPSettings, S3Settings, ServiceSettings
 from orchestrator.store.base import ObjectStore
 from orchestrator.store.eventlog import EventLog, EventSealer
@@ -49,14 +64,17 @@ from schemas.signing import ServiceRole
 from workers.middleware import (
     EnvelopeHandler,
     LogContext,
+    Metrics,
     Middleware,
     RefusalReplies,
+    Tracing,
     VerifyEvents,
     VerifyRequests,
     log_context,
     mark_answered,
     wrap,
 )
+from workers.tracing import configure_tracing
 
 log = logging.getLogger("parjobs.service")
 CONSUMER_CHECK_INTERVAL = 1.0
@@ -102,6 +120,8 @@ class ServiceContext:
         users = UserRegistry(self.store, self.keys.users)
         window = timedelta(seconds=self.settings.auth_window_s)
         self.middlewares = [
+            Metrics(),
+            Tracing(),
             LogContext(),
             RefusalReplies(self._reply),
             VerifyEvents(self.service_keys),
@@ -122,6 +142,8 @@ class ServiceContext:
             Envelope(sender=self.sender, body=EventPublished(event=event)),
             message_id=event.event_id,
         )
+        MESSAGES_PUBLISHED.labels("event", event.payload.type).inc()
+        JOB_TRANSITIONS.labels(event.payload.type).inc()
 
     async def reply(self, meta: IncomingMeta, body: MessageBody) -> None:
         """Answer the request being handled, signed by this role (after which a refusal no
@@ -145,6 +167,7 @@ class ServiceContext:
             body=body,
         )
         await self.broker.reply(meta, envelope.model_copy(update={"signature": signature}))
+        MESSAGES_PUBLISHED.labels("reply", body.type).inc()
 
     async def consume(
         self, queue: QueueSpec, handler: EnvelopeHandler, *, prefetch: int | None = None
@@ -154,6 +177,7 @@ class ServiceContext:
         dead-lettered."""
         if queue.accepts is None:
             raise ConfigurationError(f"queue {queue.name} does not say which messages it takes")
+        HANDLER_SLOTS.labels(queue.name).set(prefetch or self.broker.settings.prefetch)
         await self.broker.consume(
             queue, queue.accepts.envelope, wrap(handler, self.middlewares), prefetch=prefetch
         )
@@ -214,35 +238,69 @@ async def keep_consuming(broker: Broker) -> None:
             log.warning("consumers of %s cancelled by the broker; declared again", lost)
 
 
-async def _health_server(
-    broker: Broker, store: ObjectStore, port: int, task_group: TaskGroup
-) -> None:
-    """/healthz: the process answers. /readyz: `readiness` (503 unless ready)."""
+_HEALTH_PATHS = ("/healthz", "/readyz", "/metrics")
 
-    async def answer(stream: anyio.abc.SocketStream) -> None:
-        async with stream:
-            request = (await stream.receive(1024)).decode(errors="replace")
-            path = request.split(" ", 2)[1] if request.count(" ") >= 2 else "/"
-            body: dict[str, object]
-            if path.startswith("/readyz"):
-                body = await readiness(broker, store)
-                status = "200 OK" if body["ready"] else "503 Service Unavailable"
-            elif path.startswith("/healthz"):
-                status, body = "200 OK", {"alive": True}
-            else:
-                status, body = "404 Not Found", {"paths": ["/healthz", "/readyz"]}
-            payload = json.dumps(body).encode()
-            head = f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n"
-            head += f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
-            await stream.send(head.encode() + payload)
 
-    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=port)
-    task_group.start_soon(listener.serve, answer)
+def health_app(broker: Broker, store: ObjectStore) -> web.Application:
+    """/healthz: the process answers. /readyz: `readiness` (503 unless ready). /metrics: the
+    Prometheus metrics (`orchestrator.metrics`), the depths of the consumed queues and of the
+    dead-letter queue asked of the broker at each scrape."""
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"alive": True})
+
+    async def readyz(_: web.Request) -> web.Response:
+        body = await readiness(broker, store)
+        return web.json_response(body, status=200 if body["ready"] else 503)
+
+    async def metrics(_: web.Request) -> web.Response:
+        try:
+            with anyio.fail_after(5):
+                DEAD_LETTER_QUEUE_DEPTH.set((await broker.check()).dead_letters)
+                for queue, depth in (await broker.queue_depths()).items():
+                    QUEUE_DEPTH.labels(queue).set(depth)
+        except (ParjobsError, TimeoutError) as exc:  # the rest still says what this daemon did
+            log.warning("no queue depths for this scrape: %s", exc)
+        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def not_found(_: web.Request) -> web.Response:
+        return web.json_response({"paths": list(_HEALTH_PATHS)}, status=404)
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_route("*", "/{anything:.*}", not_found)
+    return app
+
+
+@asynccontextmanager
+async def health_server(
+    broker: Broker, store: ObjectStore, host: str, port: int
+) -> AsyncIterator[None]:
+    """`health_app` served on `host`:`port` (aiohttp) while the block runs."""
+    runner = web.AppRunner(health_app(broker, store), access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+        yield
+    finally:
+        with anyio.CancelScope(shield=True):  # it closes inside the daemon's cancelled group
+            await runner.cleanup()
 
 
 async def serve(role: ServiceRole, setup: Setup) -> None:
     """Run the daemon `role` until SIGTERM/SIGINT; then drain and exit."""
     configure_logging(role)
+    tracing = configure_tracing(role)
+    try:
+        await _serve(role, setup)
+    finally:
+        if tracing is not None:
+            tracing.shutdown()  # exports what is still batched
+
+
+async def _serve(role: ServiceRole, setup: Setup) -> None:
     settings = ServiceSettings()
     key = settings.role_key(role)
     service_keys = settings.service_keys()
@@ -260,21 +318,24 @@ async def serve(role: ServiceRole, setup: Setup) -> None:
             key=key,
             service_keys=service_keys,
         )
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async with anyio.create_task_group() as group:
-                await setup(context, group)
-                group.start_soon(keep_consuming, broker)
-                if settings.health_port is not None:
-                    await _health_server(broker, store, settings.health_port, group)
-                log.info(
-                    "%s ready (broker prefix %r, as %s)",
-                    role,
-                    broker.settings.prefix,
-                    broker.username,
+        async with AsyncExitStack() as stack:
+            signals = stack.enter_context(anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT))
+            group = await stack.enter_async_context(anyio.create_task_group())
+            await setup(context, group)
+            group.start_soon(keep_consuming, broker)
+            if settings.health_port is not None:
+                await stack.enter_async_context(
+                    health_server(broker, store, settings.health_host, settings.health_port)
                 )
-                async for received in signals:
-                    log.info("%s stopping on %s", role, signal.Signals(received).name)
-                    break
-                drained = await broker.drain(settings.shutdown_grace_s)
-                log.info("%s stopped (%s)", role, "drained" if drained else "work requeued")
-                group.cancel_scope.cancel()
+            log.info(
+                "%s ready (broker prefix %r, as %s)",
+                role,
+                broker.settings.prefix,
+                broker.username,
+            )
+            async for received in signals:
+                log.info("%s stopping on %s", role, signal.Signals(received).name)
+                break
+            drained = await broker.drain(settings.shutdown_grace_s)
+            log.info("%s stopped (%s)", role, "drained" if drained else "work requeued")
+            group.cancel_scope.cancel()

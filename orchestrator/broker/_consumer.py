@@ -27,6 +27,7 @@ from orchestrator.broker._dlq import dead_letter_copy
 from orchestrator.broker.base import Handler, IncomingMeta, retry_pause
 from orchestrator.core.codec import decode
 from orchestrator.errors import PoisonMessageError, TopologyError
+from orchestrator.metrics import MESSAGES_DEAD_LETTERED
 
 if TYPE_CHECKING:
     from aio_pika.abc import (
@@ -192,4 +193,5 @@ class Consumer(Generic[T]):
             log.exception("could not dead-letter %s; requeued", message.message_id)
             await _settle(message.reject(requeue=True), "requeue", message.message_id)
             return
+        MESSAGES_DEAD_LETTERED.labels(self.queue, exc.dead_letter_reason).inc()
         await _settle(message.ack(), "ack", message.message_id)

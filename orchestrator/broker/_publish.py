@@ -18,6 +18,7 @@ from aio_pika.exceptions import (
     DeliveryError,
 )
 from aio_pika.exceptions import PublishError as ReturnedError
+from opentelemetry import propagate
 
 from orchestrator.core.codec import CONTENT_TYPE, encode
 from orchestrator.errors import (
@@ -48,10 +49,13 @@ def outgoing(
     reply_to: str | None = None,
     message_id: str | None = None,
 ) -> Message:
-    """`message` as a persistent JSON AMQP message, with a fresh id unless one is given."""
+    """`message` as a persistent JSON AMQP message, with a fresh id unless one is given, and the
+    current W3C trace context (`traceparent`) in its headers when there is one."""
+    with_trace: dict[str, FieldValue] = dict(headers or {})
+    propagate.inject(with_trace)
     return Message(
         encode(message),
-        headers=dict(headers or {}),
+        headers=with_trace,
         content_type=CONTENT_TYPE,
         delivery_mode=DeliveryMode.PERSISTENT,
         message_id=message_id or uuid.uuid4().hex,

@@ -253,6 +253,26 @@ class AMQPBroker:
         self._consumers.append(consumer)
         return consumer
 
+    async def queue_depths(self) -> dict[str, int]:
+        """Messages ready in each consumed queue: a passive declare of each, on a channel of its
+        own (a missing queue closes the channel it is asked about on)."""
+        depths: dict[str, int] = {}
+        for queue in dict.fromkeys(consumer.queue for consumer in self._consumers):
+            try:
+                async with (
+                    asyncio.timeout(self.settings.connect_timeout),
+                    self._require().channel(publisher_confirms=False) as channel,
+                ):
+                    declared = await channel.declare_queue(queue, passive=True, robust=False)
+            except ChannelNotFoundEntity:
+                continue
+            except (TimeoutError, *CONNECTION_EXCEPTIONS) as exc:
+                raise BrokerUnavailableError(
+                    f"RabbitMQ at {self.settings.display_url} does not answer: {exc}"
+                ) from exc
+            depths[queue] = declared.declaration_result.message_count or 0
+        return depths
+
     async def lost_consumers(self, *, redeclare: bool = False) -> list[str]:
         """The queues whose consumer the broker cancelled and that are not consumed again yet.
 

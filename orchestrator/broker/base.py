@@ -247,6 +247,11 @@ class Broker(Protocol):
         """
         ...
 
+    async def queue_depths(self) -> dict[str, int]:
+        """Messages waiting (ready, not yet delivered) in each queue this connection consumes,
+        as the broker counts them now; a queue that does not exist now is left out."""
+        ...
+
     async def lost_consumers(self, *, redeclare: bool = False) -> list[str]:
         """The queues whose consumer the broker cancelled (queue deleted, node lost) and that are
         not consumed again yet; with `redeclare`, each one `consume` was given as a `QueueSpec`

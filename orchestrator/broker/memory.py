@@ -433,6 +433,12 @@ class MemoryBroker:
         target.dispatch()
         return consumer
 
+    async def queue_depths(self) -> dict[str, int]:
+        """Messages ready in each consumed queue that exists."""
+        self._require()
+        queues = (self.server.queues.get(consumer.queue) for consumer in self._consumers)
+        return {queue.name: len(queue.ready) for queue in queues if isinstance(queue, MemoryQueue)}
+
     async def lost_consumers(self, *, redeclare: bool = False) -> list[str]:
         """The queues whose consumer lost its queue (`MemoryServer.delete_queue`) and that are
         not consumed again yet; with `redeclare`, each lost queue given as a `QueueSpec` is

@@ -30,6 +30,7 @@ from orchestrator.core.ledger_rules import hold as build_hold
 from orchestrator.core.ledger_rules import settle as build_settle
 from orchestrator.core.par_rules import validate_prefix
 from orchestrator.errors import LedgerConflictError, LedgerCorruptError, LedgerRuleError
+from orchestrator.metrics import LEDGER_APPENDS, LEDGER_LOST_RACES
 from orchestrator.store.appendlog import AppendLog, until_won
 from orchestrator.store.base import ObjectStore
 from schemas.ledger import ZERO, LedgerState, StatementRow, Transaction, TransactionDraft
@@ -175,7 +176,9 @@ class Ledger:
                 # Not the same: `post` refuses it with the specific reason.
             tx, after = post(state, draft)
             if not await self._entries.append(tx.seq, tx):
+                LEDGER_LOST_RACES.inc()
                 return None
+            LEDGER_APPENDS.inc()
             self._remember(after)
             return tx
 

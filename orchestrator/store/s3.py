@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import builtins
+import time
 from collections.abc import Iterator
 from contextlib import AsyncExitStack, contextmanager
 from typing import TYPE_CHECKING, Any, Self
 
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, StatusCode
 
 from orchestrator.errors import ObjectExistsError, ObjectNotFoundError, ObjectStoreError
+from orchestrator.metrics import S3_REQUEST_SECONDS
 from orchestrator.store.base import ObjectInfo, PresignedPost
 
 if TYPE_CHECKING:
@@ -23,6 +27,7 @@ if TYPE_CHECKING:
 
 _NOT_FOUND = frozenset({"NoSuchKey", "NotFound", "404"})
 _EXISTS = frozenset({"PreconditionFailed", "412"})
+_tracer = trace.get_tracer("parjobs.s3")
 
 
 def create_s3_client(
@@ -59,6 +64,38 @@ def _s3_errors(key: str) -> Iterator[None]:
         raise ObjectStoreError(f"S3 refused {key!r}: {code} {message}".rstrip()) from err
     except BotoCoreError as err:
         raise ObjectStoreError(f"S3 request for {key!r} failed: {err}") from err
+
+
+@contextmanager
+def _s3_call(operation: str, key: str) -> Iterator[None]:
+    """One S3 operation: its botocore errors translated (`_s3_errors`), its time and outcome
+    recorded (`parjobs_s3_request_seconds`), and a client span of the current trace."""
+    outcome = "ok"
+    started = time.perf_counter()
+    with _tracer.start_as_current_span(
+        f"S3 {operation}",
+        kind=SpanKind.CLIENT,
+        attributes={"rpc.system": "aws-api", "rpc.service": "S3", "rpc.method": operation},
+        # A missing object or a lost conditional create is an answer, not a failure.
+        record_exception=False,
+        set_status_on_exception=False,
+    ) as span:
+        try:
+            with _s3_errors(key):
+                yield
+        except ObjectNotFoundError:
+            outcome = "not_found"
+            raise
+        except ObjectExistsError:
+            outcome = "exists"
+            raise
+        except ObjectStoreError as exc:
+            outcome = "error"
+            span.set_status(StatusCode.ERROR, str(exc))
+            raise
+        finally:
+            span.set_attribute("parjobs.outcome", outcome)
+            S3_REQUEST_SECONDS.labels(operation, outcome).observe(time.perf_counter() - started)
 
 
 class S3ObjectStore:
@@ -104,7 +141,7 @@ class S3ObjectStore:
 
     async def ensure_bucket(self) -> None:
         """Create the bucket unless it exists (idempotent)."""
-        with _s3_errors(self.bucket):
+        with _s3_call("ensure_bucket", self.bucket):
             try:
                 await self._s3.head_bucket(Bucket=self.bucket)
                 return
@@ -119,12 +156,12 @@ class S3ObjectStore:
 
     async def check(self) -> None:
         """A HEAD on the bucket: the server answers, with these credentials."""
-        with _s3_errors(self.bucket):
+        with _s3_call("head_bucket", self.bucket):
             await self._s3.head_bucket(Bucket=self.bucket)
 
     async def put(self, key: str, data: bytes, *, content_type: str | None = None) -> str:
         """Store `data` at `key`, replacing any object there; returns the ETag."""
-        with _s3_errors(key):
+        with _s3_call("put_object", key):
             response = await self._s3.put_object(
                 Bucket=self.bucket,
                 Key=key,
@@ -135,7 +172,7 @@ class S3ObjectStore:
 
     async def put_if_absent(self, key: str, data: bytes) -> str:
         """Create `key` only if nothing is there (`If-None-Match: *`); ObjectExistsError if not."""
-        with _s3_errors(key):
+        with _s3_call("put_object_if_absent", key):
             response = await self._s3.put_object(
                 Bucket=self.bucket, Key=key, Body=data, IfNoneMatch="*"
             )
@@ -143,7 +180,7 @@ class S3ObjectStore:
 
     async def get(self, key: str) -> bytes:
         """The object's bytes; ObjectNotFoundError if there is none."""
-        with _s3_errors(key):
+        with _s3_call("get_object", key):
             response = await self._s3.get_object(Bucket=self.bucket, Key=key)
             async with response["Body"] as body:
                 return await body.read()
@@ -151,7 +188,7 @@ class S3ObjectStore:
     async def head(self, key: str) -> ObjectInfo | None:
         """The object's size, ETag and metadata, or None if there is none."""
         try:
-            with _s3_errors(key):
+            with _s3_call("head_object", key):
                 response = await self._s3.head_object(Bucket=self.bucket, Key=key)
         except ObjectNotFoundError:
             return None
@@ -164,7 +201,7 @@ class S3ObjectStore:
 
     async def delete(self, key: str) -> None:
         """Remove the object at `key`; removing a missing object is not an error."""
-        with _s3_errors(key):
+        with _s3_call("delete_object", key):
             await self._s3.delete_object(Bucket=self.bucket, Key=key)
 
     async def delete_prefix(self, prefix: str) -> int:
@@ -174,7 +211,7 @@ class S3ObjectStore:
         keys = [info.key for info in await self.list(prefix)]
         for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
             batch = keys[start : start + 1000]
-            with _s3_errors(prefix):
+            with _s3_call("delete_objects", prefix):
                 await self._s3.delete_objects(
                     Bucket=self.bucket,
                     Delete={"Objects": [{"Key": key} for key in batch], "Quiet": True},
@@ -226,7 +263,7 @@ class S3ObjectStore:
     ) -> builtins.list[ObjectInfo]:
         """Every object under `prefix` (only keys after `start_after`, if given), sorted by key."""
         found: builtins.list[ObjectInfo] = []
-        with _s3_errors(prefix):
+        with _s3_call("list_objects_v2", prefix):
             pages = self._s3.get_paginator("list_objects_v2")
             # An empty StartAfter means "from the first key", as S3 defines it.
             listing = pages.paginate(

@@ -353,6 +353,28 @@ class BrokerContract:
         assert await broker.lost_consumers() == []
         assert await broker.lost_consumers(redeclare=True) == []
 
+    async def test_queue_depths_count_what_waits_in_each_consumed_queue(
+        self, broker: Broker
+    ) -> None:
+        spec = await work_queue(broker)
+        assert await broker.queue_depths() == {}  # nothing consumed yet
+        release = asyncio.Event()
+
+        async def held(message: Ping | Pong, meta: IncomingMeta) -> None:
+            await release.wait()
+
+        for n in range(3):
+            await broker.publish(broker.topology.events, "job.x", Ping(n=n))
+        await broker.consume(spec, MESSAGES, held, prefetch=1)
+
+        async def depth_is(expected: int) -> bool:
+            return await broker.queue_depths() == {spec.name: expected}
+
+        # One delivery in the handler, two waiting; then none.
+        await eventually(lambda: depth_is(2), "two messages wait", timeout=15, interval=QUICK)
+        release.set()
+        await eventually(lambda: depth_is(0), "none waits", timeout=15, interval=QUICK)
+
     async def test_health_check(self, broker: Broker) -> None:
         assert broker.is_connected
         health = await broker.check()

@@ -823,7 +823,7 @@ async def test_health_and_readiness_answer(harness: Harness) -> None:
             assert readyz.json() == {"ready": True, "problems": [], "reconnections": 0}
             missing = await http.get(harness.health_url(role, "/nope"))
             assert missing.status_code == 404
-            assert missing.json() == {"paths": ["/healthz", "/readyz"]}
+            assert missing.json() == {"paths": ["/healthz", "/readyz", "/metrics"]}
 
 
 async def test_a_deleted_queue_makes_its_daemon_unready_until_it_consumes_again(

@@ -12,12 +12,13 @@ ROOT = Path(__file__).resolve().parents[2]
 OWN = ("schemas", "orchestrator", "workers")
 
 # Layer of a module (longest matching prefix) -> the layers it may import from.
-BASE = {"schemas", "orchestrator.errors"}
+BASE = {"schemas", "orchestrator.errors", "orchestrator.metrics"}
 ADAPTERS = BASE | {"orchestrator.core", "orchestrator.settings"}
 SEAMS = ADAPTERS | {"orchestrator.store", "orchestrator.broker"}
 ALLOWED: dict[str, set[str]] = {
     "schemas": {"schemas"},
     "orchestrator.errors": {"schemas"},
+    "orchestrator.metrics": set(),
     "orchestrator.core": BASE | {"orchestrator.core"},
     "orchestrator.settings": ADAPTERS | {"orchestrator.broker"},
     "orchestrator.store": ADAPTERS | {"orchestrator.store"},
