@@ -11,9 +11,10 @@ not at all.
 Group commit: the transactions a process submits while its previous block is being written wait
 and go together into its next block, so one conditional create carries many of them. Each is
 still checked on its own (a refusal reaches only its caller) and keeps its own id and time. A
-block that loses the race (another writer created n first) is not written at all: each of its
-callers reads what it missed, is checked again against the newer state (a rival may have cashed
-the same cheque, or spent the money) and tries again in a later block.
+block that loses the race (another writer created n first) is not written at all: the process
+reads what it missed, checks every transaction of the block again against the newer state (a
+rival may have cashed the same cheque, or spent the money) and tries again, after a random pause
+that doubles per loss. A transaction whose blocks lost `max_attempts` races gives up.
 """
 
 from __future__ import annotations
@@ -107,9 +108,8 @@ class _Blocks(AppendLog[Block]):
         return f"{self.key(seq)!r} is in {self._where} but {self.noun} {seq} is in the block before"
 
 
-Outcome = Transaction | Exception | None
-"""What became of one try at a transaction: stored, refused (or failed), or None: its block lost
-the race to another writer, so it is tried again."""
+Outcome = Transaction | Exception
+"""What became of a transaction: stored, or why not (a refusal, a failure)."""
 
 
 @dataclass(eq=False, slots=True)
@@ -117,16 +117,19 @@ class _Request:
     """One caller's transaction waiting for a block, and, once answered, what became of it."""
 
     build: Builder
-    answered: bool = False
-    outcome: Outcome = None
+    max_attempts: int
+    losses: int = 0  # blocks it was in that lost the race
+    outcome: Outcome | None = None
 
-    def answer(self, outcome: Outcome) -> None:
-        self.answered, self.outcome = True, outcome
-
-    def result(self) -> Transaction | None:
+    def result(self) -> Transaction:
         if isinstance(self.outcome, Exception):
             raise self.outcome
+        assert self.outcome is not None, "not answered yet"
         return self.outcome
+
+
+class _OutOfAttemptsError(Exception):
+    """A block lost as many races as one of its transactions may (caught where it is raised)."""
 
 
 class Ledger:
@@ -243,28 +246,16 @@ class Ledger:
         ledger (a retry, a redelivered message, a write whose reply was lost) it is returned and
         nothing is appended.
         """
-        return await until_won(
-            lambda: self._submit(build),
-            max_attempts,
-            give_up=lambda: LedgerConflictError(
-                f"still losing the race to append to the ledger after {max_attempts} attempts; "
-                "too many writers at once, retry later"
-            ),
-        )
-
-    async def _submit(self, build: Builder) -> Transaction | None:
-        """One try: `build`'s transaction in this instance's next block; None if that block lost
-        the race to another writer."""
         # Correctness needs no lock: the conditional create decides. But SeaweedFS makes each
         # extra concurrent create of one key wait about a second longer for its 412, so tasks of
         # this process take turns writing blocks rather than collide; whoever has the turn writes
         # everything waiting, and only other processes race us.
-        request = _Request(build)
+        request = _Request(build, max_attempts)
         self._waiting.append(request)
         try:
-            while not request.answered:
+            while request.outcome is None:
                 async with self._turn:
-                    if not request.answered:
+                    if request.outcome is None:
                         await self._write_block()
         except BaseException:
             if request in self._waiting:  # cancelled before a block took it: never written
@@ -273,29 +264,44 @@ class Ledger:
         return request.result()
 
     async def _write_block(self) -> None:
-        """Take the waiting transactions (up to MAX_BLOCK) into one block and answer each."""
+        """Take the waiting transactions (up to MAX_BLOCK) into one block, and answer each; while
+        the block loses the race, try it again (after a pause, against the newer state)."""
         requests = self._waiting[:MAX_BLOCK]
         del self._waiting[:MAX_BLOCK]
+        budget = min(request.max_attempts - request.losses for request in requests)
         outcomes: list[Outcome]
         try:
-            outcomes = await self._try_block(requests)
+            outcomes = await until_won(
+                lambda: self._try_block(requests), budget, _OutOfAttemptsError
+            )
+        except _OutOfAttemptsError:  # those out of attempts give up; the others wait for a turn
+            for request in requests:
+                if request.losses >= request.max_attempts:
+                    request.outcome = LedgerConflictError(
+                        "still losing the race to append to the ledger after "
+                        f"{request.max_attempts} attempts; too many writers at once, retry later"
+                    )
+            self._waiting[:0] = [request for request in requests if request.outcome is None]
+            return
         except Exception as exc:  # the store failed: every transaction of the block shares it
             outcomes = [exc] * len(requests)
         except BaseException:  # cancelled: they wait for the next turn (and are checked again)
             self._waiting[:0] = requests
             raise
         for request, outcome in zip(requests, outcomes, strict=True):
-            request.answer(outcome)
+            request.outcome = outcome
 
-    async def _try_block(self, requests: list[_Request]) -> list[Outcome]:
+    async def _try_block(self, requests: list[_Request]) -> list[Outcome] | None:
         """Check each request against the latest state as the ones before it leave it, and append
-        those the rules allow as one block; each one's outcome (all None if the block lost)."""
+        those the rules allow as one block; each one's outcome, or None if the block lost."""
         batch = Batch(await self.state())
         outcomes = [await self._check(request.build, batch) for request in requests]
         if batch.transactions:
             block = Block(transactions=tuple(batch.transactions))
             if not await self._blocks.append(block.first, block):
-                return [None] * len(requests)  # each tries again, against the newer state
+                for request in requests:
+                    request.losses += 1
+                return None
             self._remember(batch.state(), [block.first])
         return outcomes
 
