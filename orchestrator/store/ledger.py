@@ -97,11 +97,11 @@ class _Blocks(AppendLog[Block]):
         expected = after + 1
         for block in blocks:
             if block.first != expected:
-                raise self.corrupt(self.out_of_line(block.first, expected))
+                raise self.corrupt(self._out_of_line(block.first, expected))
             expected = block.last + 1
         return blocks
 
-    def out_of_line(self, seq: int, expected: int) -> str:
+    def _out_of_line(self, seq: int, expected: int) -> str:
         """Why the block at `seq` cannot come next, where transaction `expected` should."""
         if seq > expected:
             return f"{self.key(seq)!r} is in {self._where} after a gap: no {self.noun} {expected}"
@@ -145,7 +145,7 @@ class Ledger:
         self._state = LedgerState()
         self._starts: list[int] = []  # the first seq of each block folded into `_state`
         self._waiting: list[_Request] = []  # submitted, not yet taken into a block
-        self._turn = anyio.Lock()  # one block at a time from this instance (see `_submit`)
+        self._turn = anyio.Lock()  # one block at a time from this instance (see `append`)
 
     def entry_key(self, seq: int) -> str:
         """The key of the block whose first transaction is `seq`."""
@@ -212,7 +212,7 @@ class Ledger:
     async def verify(self) -> list[str]:
         """Every invariant re-checked over the whole stored ledger: [] if sound, else the
         problems, one line each. Also reports objects under the root that are not blocks of the
-        sequence (a stray file, or a block beyond a gap)."""
+        sequence (a stray file, a block beyond a gap or overlapping the one before)."""
         listed = await self._store.list(self._root)
         seqs = [seq for info in listed if (seq := self._blocks.seq_of(info.key)) is not None]
         try:
