@@ -94,5 +94,5 @@ LEDGER_APPENDS = Counter(
 )
 LEDGER_LOST_RACES = Counter(
     "parjobs_ledger_lost_races",
-    "Ledger appends that lost the race for their sequence number to another writer (retried)",
+    "Ledger blocks (group commits) that lost the race for their sequence number (retried)",
 )

@@ -1,9 +1,9 @@
 """Wire forms of the accounts ledger: money, the transactions that move it, and what they fold into.
 
 A `Transaction` is one double-entry movement: debit and credit `Note`s that total the same. The
-ledger is the sequence of them; a `LedgerState` is never stored, only computed from it (see
-`orchestrator.core.ledger_rules`). `Money` is a Decimal with exactly six places that travels as a
-JSON string, so no binary float ever touches an amount.
+ledger is the sequence of them, stored in `Block`s of consecutive ones; a `LedgerState` is never
+stored, only computed from it (see `orchestrator.core.ledger_rules`). `Money` is a Decimal with
+exactly six places that travels as a JSON string, so no binary float ever touches an amount.
 """
 
 from __future__ import annotations
@@ -13,7 +13,15 @@ from datetime import UTC, datetime
 from decimal import ROUND_HALF_EVEN, Context, Decimal, InvalidOperation
 from typing import Annotated, Literal, Self
 
-from pydantic import AwareDatetime, BeforeValidator, Field, PlainSerializer, model_validator
+from pydantic import (
+    AwareDatetime,
+    BeforeValidator,
+    Field,
+    PlainSerializer,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
 
 from schemas._base import WireModel
 from schemas.par import Uid
@@ -128,6 +136,45 @@ class Transaction(_TxBody):
                 f"not {sorted(self.balances_after)}"
             )
         return self
+
+
+class Block(WireModel):
+    """Consecutive transactions the ledger appended at once, with one conditional create.
+
+    A block of one is stored as that transaction alone, which is also how every transaction was
+    stored before blocks: such an object reads as a block of one.
+    """
+
+    schema_version: Literal[1] = 1
+    transactions: tuple[Transaction, ...] = Field(min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _a_lone_transaction(cls, data: object) -> object:
+        if isinstance(data, dict) and "transactions" not in data:
+            return {"transactions": [data]}
+        return data
+
+    @model_validator(mode="after")
+    def _consecutive(self) -> Self:
+        seqs = [tx.seq for tx in self.transactions]
+        if seqs != list(range(seqs[0], seqs[0] + len(seqs))):
+            raise ValueError(f"a block holds consecutive transactions, not seqs {seqs}")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _one_as_itself(self, handler: SerializerFunctionWrapHandler) -> object:
+        data = handler(self)
+        return data["transactions"][0] if len(self.transactions) == 1 else data
+
+    @property
+    def first(self) -> int:
+        """The seq of its first transaction (and the key it is stored under)."""
+        return self.transactions[0].seq
+
+    @property
+    def last(self) -> int:
+        return self.transactions[-1].seq
 
 
 class Hold(WireModel):

@@ -243,8 +243,8 @@ class _Books:
             dict(state.tx_ids),
         )
 
-    def state(self) -> LedgerState:
-        """The books as a LedgerState; they hand over their dicts, so use them no more."""
+    def view(self) -> LedgerState:
+        """The books as a LedgerState sharing their dicts: it changes as they do."""
         # No revalidation: every value came from validated transactions.
         return LedgerState.model_construct(
             seq=self.seq,
@@ -460,7 +460,7 @@ def apply(state: LedgerState, tx: Transaction) -> LedgerState:
     """The state after `tx`, or the LedgerRuleError for the first rule it breaks. Never mutates."""
     books = _Books.of(state)
     books.post(tx)
-    return books.state()
+    return books.view()
 
 
 def fold(txs: Iterable[Transaction], state: LedgerState | None = None) -> LedgerState:
@@ -468,18 +468,54 @@ def fold(txs: Iterable[Transaction], state: LedgerState | None = None) -> Ledger
     books = _Books.of(state or LedgerState())
     for tx in txs:
         books.post(tx)
-    return books.state()
+    return books.view()
 
 
 def post(state: LedgerState, draft: TransactionDraft) -> tuple[Transaction, LedgerState]:
     """`draft` numbered as the ledger's next transaction, and the state it leaves; raises the
     LedgerRuleError of the first rule it would break."""
-    tx = Transaction(
-        **dict(draft),
-        seq=state.seq + 1,
-        balances_after=_balances_after(state.balances, draft),
-    )
-    return tx, apply(state, tx)
+    batch = Batch(state)
+    tx = batch.post(draft)
+    return tx, batch.state()
+
+
+class Batch:
+    """Drafts numbered and posted one after another onto `state`, each checked against the state
+    the ones before it leave: what appending them one at a time would give, with the state copied
+    once for them all rather than once each."""
+
+    def __init__(self, state: LedgerState) -> None:
+        self._books = _Books.of(state)
+        self.first = state.seq + 1
+        """The seq of the first transaction posted."""
+        self.transactions: list[Transaction] = []
+        """The transactions posted so far, in order."""
+
+    def view(self) -> LedgerState:
+        """The state so far. It shares the batch's working copy: read it before the next `post`,
+        do not keep it."""
+        return self._books.view()
+
+    def post(self, draft: TransactionDraft) -> Transaction:
+        """`draft` numbered as the next transaction and applied; raises the LedgerRuleError of the
+        first rule it would break, and then changes nothing."""
+        books = self._books
+        tx = Transaction(
+            **dict(draft),
+            seq=books.seq + 1,
+            balances_after=_balances_after(books.balances, draft),
+        )
+        books.post(tx)
+        self.transactions.append(tx)
+        return tx
+
+    def posted(self, seq: int) -> Transaction | None:
+        """Transaction `seq` if it was posted to this batch, else None."""
+        return self.transactions[seq - self.first] if seq >= self.first else None
+
+    def state(self) -> LedgerState:
+        """The state after every transaction posted; the batch is done with."""
+        return self._books.view()
 
 
 # --- whole histories ------------------------------------------------------------------------------

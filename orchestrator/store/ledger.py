@@ -1,26 +1,36 @@
 """The ledger store: every transaction of every account, appended to the object store for good.
 
-Transaction n is `<root><n, 12 digits>.json`, appended to an `AppendLog`. There is one
-sequence for the whole ledger, so every transaction is serialised: two writers can never both
-append n, and whoever appends n has checked its rules against all of 1..n-1. That is the whole
-concurrency control between writers (no lock): a writer that loses reads what it missed, checks
-its transaction again against the newer state (a rival may have cashed the same cheque, or spent
-the money), and tries n+1. Each transaction is one object, so a crash leaves it wholly written or
+Transactions are numbered in one sequence for the whole ledger and stored in blocks of
+consecutive ones: the block whose first transaction is n is `<root><n, 12 digits>.json`,
+appended with a conditional create. Whoever creates n has checked every transaction in it
+against all of 1..n-1 and those before it in the block; two writers can never both create n,
+and the next block starts after the last transaction of this one. That is the whole concurrency
+control between writers (no lock). A block is one object, so a crash leaves it wholly written or
 not at all.
+
+Group commit: the transactions a process submits while its previous block is being written wait
+and go together into its next block, so one conditional create carries many of them. Each is
+still checked on its own (a refusal reaches only its caller) and keeps its own id and time. A
+block that loses the race (another writer created n first) is not written at all: the process
+reads what it missed, checks every transaction of the block again against the newer state (a
+rival may have cashed the same cheque, or spent the money) and tries again, after a random pause
+that doubles per loss. A transaction whose blocks lost `max_attempts` races gives up.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 
 import anyio
 
 from orchestrator.core.ledger_rules import (
+    Batch,
     account_kind,
     fold,
-    post,
     same_operation,
     statement,
     verify,
@@ -33,21 +43,30 @@ from orchestrator.errors import LedgerConflictError, LedgerCorruptError, LedgerR
 from orchestrator.metrics import LEDGER_APPENDS, LEDGER_LOST_RACES
 from orchestrator.store.appendlog import AppendLog, until_won
 from orchestrator.store.base import ObjectStore
-from schemas.ledger import ZERO, LedgerState, StatementRow, Transaction, TransactionDraft
+from schemas.ledger import (
+    ZERO,
+    Block,
+    LedgerState,
+    StatementRow,
+    Transaction,
+    TransactionDraft,
+)
 
 DEFAULT_MAX_ATTEMPTS = 40  # one sequence for every account: more contention than one job's log
+MAX_BLOCK = 256  # transactions per block: an object of ~150 KiB at most
 _READ_CONCURRENCY = 64  # GETs in flight while reading (a cold start reads the whole ledger)
 
 Builder = Callable[[LedgerState], TransactionDraft]
-"""Makes the transaction to append from the ledger's latest state (called again after a lost
-race, against the newer state)."""
+"""Makes the transaction to append from the ledger's state as of its place in its block (called
+again after a lost race, against the newer state). It must not keep that state."""
 
 
-class _Entries(AppendLog[Transaction]):
-    """The ledger's transactions; not remembered (the ledger keeps its folded state instead)."""
+class _Blocks(AppendLog[Block]):
+    """The ledger's blocks, each stored under the seq of its first transaction; not remembered
+    (the ledger keeps its folded state instead)."""
 
-    model = Transaction
-    noun = "transaction"
+    model = Block
+    noun = "transaction"  # a key names the first transaction of its block
     corrupt = LedgerCorruptError
 
     def __init__(self, store: ObjectStore, root: str) -> None:
@@ -60,51 +79,111 @@ class _Entries(AppendLog[Transaction]):
             read_concurrency=_READ_CONCURRENCY,
         )
 
-    def misplaced(self, record: Transaction, seq: int) -> str | None:
-        return None if record.seq == seq else f"transaction {record.seq}, not {seq}"
+    def misplaced(self, record: Block, seq: int) -> str | None:
+        return None if record.first == seq else f"transaction {record.first}, not {seq}"
+
+    async def read(self, *, after: int = 0) -> list[Block]:
+        """The blocks after transaction `after`, in order; `after` must end a block (or be 0).
+
+        One LIST, then the blocks fetched concurrently; each must start where the one before it
+        ends."""
+        listed: list[int] = []
+        start_after = self.key(after) if after else None
+        for info in await self._store.list(self._prefix, start_after=start_after):
+            seq = self.seq_of(info.key)
+            if seq is None:
+                raise self.corrupt(f"{info.key!r} is in {self._where} but no {self.noun}")
+            listed.append(seq)
+        blocks = await self.fetch(listed)
+        expected = after + 1
+        for block in blocks:
+            if block.first != expected:
+                raise self.corrupt(self._out_of_line(block.first, expected))
+            expected = block.last + 1
+        return blocks
+
+    def _out_of_line(self, seq: int, expected: int) -> str:
+        """Why the block at `seq` cannot come next, where transaction `expected` should."""
+        if seq > expected:
+            return f"{self.key(seq)!r} is in {self._where} after a gap: no {self.noun} {expected}"
+        return f"{self.key(seq)!r} is in {self._where} but {self.noun} {seq} is in the block before"
+
+
+Outcome = Transaction | Exception
+"""What became of a transaction: stored, or why not (a refusal, a failure)."""
+
+
+@dataclass(eq=False, slots=True)
+class _Request:
+    """One caller's transaction waiting for a block, and, once answered, what became of it."""
+
+    build: Builder
+    max_attempts: int
+    losses: int = 0  # blocks it was in that lost the race
+    outcome: Outcome | None = None
+
+    def result(self) -> Transaction:
+        if isinstance(self.outcome, Exception):
+            raise self.outcome
+        assert self.outcome is not None, "not answered yet"
+        return self.outcome
+
+
+class _OutOfAttemptsError(Exception):
+    """A block lost as many races as one of its transactions may (caught where it is raised)."""
 
 
 class Ledger:
     """The accounts ledger under `root` of one object store.
 
-    Keeps the state it has folded so far: each read fetches only the transactions after it.
+    Keeps the state it has folded so far: each read fetches only the blocks after it.
     """
 
     def __init__(self, store: ObjectStore, root: str = "ledger/") -> None:
         self._store = store
         self._root = validate_prefix(root)
-        self._entries = _Entries(store, self._root)
+        self._blocks = _Blocks(store, self._root)
         self._state = LedgerState()
-        self._turn = anyio.Lock()  # one append at a time from this instance (see `_attempt`)
+        self._starts: list[int] = []  # the first seq of each block folded into `_state`
+        self._waiting: list[_Request] = []  # submitted, not yet taken into a block
+        self._turn = anyio.Lock()  # one block at a time from this instance (see `append`)
 
     def entry_key(self, seq: int) -> str:
-        return self._entries.key(seq)
+        """The key of the block whose first transaction is `seq`."""
+        return self._blocks.key(seq)
 
     # --- reading ----------------------------------------------------------------------------------
 
     async def read(self, *, after: int = 0) -> list[Transaction]:
-        """The transactions with seq > `after`, in order (one LIST, then a GET for each)."""
-        return await self._entries.read(after=after)
+        """The transactions with seq > `after`, in order (one LIST, then a GET for each block from
+        the one holding `after + 1`)."""
+        starts, known = self._starts, self._state.seq
+        first = starts[bisect.bisect_right(starts, after + 1) - 1] if after < known else known + 1
+        blocks = await self._blocks.read(after=first - 1)
+        return [tx for block in blocks for tx in block.transactions if tx.seq > after]
 
     async def state(self) -> LedgerState:
-        """The ledger as all its transactions leave it (only the new ones are fetched)."""
+        """The ledger as all its transactions leave it (only the new blocks are fetched)."""
         cached = self._state
-        unseen = await self.read(after=cached.seq)
+        unseen = await self._blocks.read(after=cached.seq)
         if not unseen:
             return cached
         try:
-            latest = fold(unseen, cached)
+            latest = fold((tx for block in unseen for tx in block.transactions), cached)
         except LedgerRuleError as exc:
             raise LedgerCorruptError(
                 f"a stored transaction breaks the ledger's rules: {exc}; "
                 "run `parjobs ledger verify` for the whole story"
             ) from exc
-        self._remember(latest)
+        self._remember(latest, [block.first for block in unseen])
         return latest
 
-    def _remember(self, state: LedgerState) -> None:
-        # Tasks sharing this Ledger fold concurrently; keep whichever state is furthest on.
-        if state.seq > self._state.seq:
+    def _remember(self, state: LedgerState, starts: list[int]) -> None:
+        """Keep `state` and where its newest blocks start, if it is further on than the state
+        kept: tasks sharing this Ledger fold concurrently."""
+        known = self._state.seq
+        if state.seq > known:
+            self._starts.extend(start for start in starts if start > known)
             self._state = state
 
     async def balance(self, account: str) -> Decimal:
@@ -115,28 +194,45 @@ class Ledger:
     async def find(self, tx_id: str) -> Transaction | None:
         """The stored transaction with id `tx_id`, or None if the ledger has none."""
         seq = (await self.state()).tx_ids.get(tx_id)
-        return None if seq is None else await self._entries.get(seq)
+        return None if seq is None else await self._stored(seq)
+
+    async def _stored(self, seq: int) -> Transaction:
+        """Transaction `seq`, which this ledger has folded already, from its block."""
+        first = self._starts[bisect.bisect_right(self._starts, seq) - 1]
+        block = await self._blocks.get(first)
+        if block is None:
+            raise LedgerCorruptError(
+                f"{self.entry_key(first)!r} vanished from the ledger's folder: "
+                "transactions are never deleted"
+            )
+        return block.transactions[seq - first]
 
     async def statement(self, account: str) -> list[StatementRow]:
         return statement(await self.read(), account)
 
     async def verify(self) -> list[str]:
         """Every invariant re-checked over the whole stored ledger: [] if sound, else the
-        problems, one line each. Also reports objects under the root that are not entries of the
-        sequence (a stray file, or an entry beyond a gap)."""
-        seqs: list[int] = []
-        strays: list[str] = []
-        for info in await self._store.list(self._root):
-            seq = self._entries.seq_of(info.key)
-            if seq == len(seqs) + 1:
-                seqs.append(seq)
-                continue
-            what = "not a transaction" if seq is None else f"transaction {seq} after a gap"
-            strays.append(f"{info.key!r} is in the ledger's folder but {what}")
+        problems, one line each. Also reports objects under the root that are not blocks of the
+        sequence (a stray file, a block beyond a gap or overlapping the one before)."""
+        listed = await self._store.list(self._root)
+        seqs = [seq for info in listed if (seq := self._blocks.seq_of(info.key)) is not None]
         try:
-            txs = await self._entries.fetch(seqs)
+            blocks = dict(zip(seqs, await self._blocks.fetch(seqs), strict=True))
         except LedgerCorruptError as exc:
             return [str(exc)]
+        txs: list[Transaction] = []
+        strays: list[str] = []
+        for info in listed:
+            seq = self._blocks.seq_of(info.key)
+            if seq is None:
+                strays.append(f"{info.key!r} is in the ledger's folder but not a transaction")
+            elif seq == len(txs) + 1:
+                txs.extend(blocks[seq].transactions)
+            else:
+                where = "after a gap" if seq > len(txs) + 1 else "inside the block before it"
+                strays.append(
+                    f"{info.key!r} is in the ledger's folder but transaction {seq} {where}"
+                )
         return verify(txs) + strays
 
     # --- appending --------------------------------------------------------------------------------
@@ -151,36 +247,83 @@ class Ledger:
         ledger (a retry, a redelivered message, a write whose reply was lost) it is returned and
         nothing is appended.
         """
-        return await until_won(
-            lambda: self._attempt(build),
-            max_attempts,
-            give_up=lambda: LedgerConflictError(
-                f"still losing the race to append to the ledger after {max_attempts} attempts; "
-                "too many writers at once, retry later"
-            ),
-        )
-
-    async def _attempt(self, build: Builder) -> Transaction | None:
-        """One try at appending: the transaction, or None if another writer took its seq."""
         # Correctness needs no lock: the conditional create decides. But SeaweedFS makes each
-        # extra concurrent create of one key wait about a second longer for its 412, so tasks
-        # of this process take turns rather than collide; only other processes race us.
-        async with self._turn:
-            state = await self.state()
-            draft = build(state)
-            done = state.tx_ids.get(draft.tx_id)
+        # extra concurrent create of one key wait about a second longer for its 412, so tasks of
+        # this process take turns writing blocks rather than collide; whoever has the turn writes
+        # everything waiting, and only other processes race us.
+        request = _Request(build, max_attempts)
+        self._waiting.append(request)
+        try:
+            while request.outcome is None:
+                async with self._turn:
+                    if request.outcome is None:
+                        await self._write_block()
+        except BaseException:
+            if request in self._waiting:  # cancelled before a block took it: never written
+                self._waiting.remove(request)
+            raise
+        return request.result()
+
+    async def _write_block(self) -> None:
+        """Take the waiting transactions (up to MAX_BLOCK) into one block, and answer each; while
+        the block loses the race, try it again (after a pause, against the newer state)."""
+        requests = self._waiting[:MAX_BLOCK]
+        del self._waiting[:MAX_BLOCK]
+        budget = min(request.max_attempts - request.losses for request in requests)
+        outcomes: list[Outcome]
+        try:
+            outcomes = await until_won(
+                lambda: self._try_block(requests), budget, _OutOfAttemptsError
+            )
+        except _OutOfAttemptsError:  # those out of attempts give up; the others wait for a turn
+            for request in requests:
+                if request.losses >= request.max_attempts:
+                    request.outcome = LedgerConflictError(
+                        "still losing the race to append to the ledger after "
+                        f"{request.max_attempts} attempts; too many writers at once, retry later"
+                    )
+            self._waiting[:0] = [request for request in requests if request.outcome is None]
+            return
+        except Exception as exc:  # the store failed: every transaction of the block shares it
+            outcomes = [exc] * len(requests)
+        except BaseException:  # cancelled: they wait for the next turn (and are checked again)
+            self._waiting[:0] = requests
+            raise
+        for request, outcome in zip(requests, outcomes, strict=True):
+            request.outcome = outcome
+
+    async def _try_block(self, requests: list[_Request]) -> list[Outcome] | None:
+        """Check each request against the latest state as the ones before it leave it, and append
+        those the rules allow as one block; each one's outcome, or None if the block lost."""
+        batch = Batch(await self.state())
+        outcomes = [await self._check(request.build, batch) for request in requests]
+        if batch.transactions:
+            block = Block(transactions=tuple(batch.transactions))
+            if not await self._blocks.append(block.first, block):
+                LEDGER_LOST_RACES.inc()
+                for request in requests:
+                    request.losses += 1
+                return None
+            LEDGER_APPENDS.inc(len(block.transactions))
+            self._remember(batch.state(), [block.first])
+        return outcomes
+
+    async def _check(self, build: Builder, batch: Batch) -> Outcome:
+        """`build`'s transaction posted to `batch`; or the one already stored (or posted to the
+        batch) if it is a retry; or why not, for its caller alone."""
+        try:
+            draft = build(batch.view())
+            done = batch.view().tx_ids.get(draft.tx_id)
             if done is not None:
-                existing = await self._entries.get(done)
-                if existing is not None and same_operation(existing, draft):
+                existing = batch.posted(done)
+                if existing is None:
+                    existing = await self._stored(done)
+                if same_operation(existing, draft):
                     return existing
                 # Not the same: `post` refuses it with the specific reason.
-            tx, after = post(state, draft)
-            if not await self._entries.append(tx.seq, tx):
-                LEDGER_LOST_RACES.inc()
-                return None
-            LEDGER_APPENDS.inc()
-            self._remember(after)
-            return tx
+            return batch.post(draft)
+        except Exception as exc:  # a refusal, or a failure of this transaction alone
+            return exc
 
     async def commit(self, draft: TransactionDraft) -> Transaction:
         """Append `draft` as it is (see `append`)."""

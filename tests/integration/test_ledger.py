@@ -128,3 +128,44 @@ async def test_racing_jobs_reconcile(seaweed: LocalSeaweed, ledger: Ledger, root
     assert len(await ledger.read()) == 3 + 30 * 3
     assert await ledger.verify() == []
     assert (await ledger.state()).holds == {}
+
+
+async def test_two_ledgers_racing_in_blocks_cash_each_cheque_once_and_never_overdraw(
+    seaweed: LocalSeaweed, store: ObjectStore, ledger: Ledger, root: str
+) -> None:
+    """Two ledgers with a hundred transactions in flight each, so each writes blocks of many:
+    ten cheques presented four times (from both), holds worth four times what alice has, and
+    deposits. Each cheque is cashed once, alice ends at zero exactly, nothing is lost."""
+    await ledger.deposit("alice", "30")  # covers 30 holds of 1, not the 120 presented
+    await ledger.deposit("carol", "100")
+    cheques = [uid() for _ in range(10)]
+
+    def attempt(writer: Ledger, i: int) -> Awaitable[Transaction]:
+        if i < 40:  # cheque i // 4, presented by both ledgers (race alternates them)
+            return writer.hold(uid(), cheques[i // 4], "carol", 1)
+        if i < 160:
+            return writer.hold(uid(), uid(), "alice", 1)
+        return writer.deposit("bob", "0.5")
+
+    async with S3ObjectStore(seaweed.settings) as other_store:
+        ledgers = (ledger, Ledger(other_store, root))
+        outcomes = await race(ledgers, 200, attempt)
+
+    presented, spending, deposits = outcomes[:40], outcomes[40:160], outcomes[160:]
+    cashed = [o for o in presented if isinstance(o, Transaction)]
+    assert sorted(tx.cheque_id or "" for tx in cashed) == sorted(cheques)
+    assert all(isinstance(o, ChequeAlreadyCashedError) for o in presented if o not in cashed)
+    held = [o for o in spending if isinstance(o, Transaction)]
+    assert len(held) == 30  # every unit alice had, not one more
+    assert all(isinstance(o, InsufficientFundsError) for o in spending if o not in held)
+    assert all(isinstance(o, Transaction) for o in deposits)
+    assert await ledger.balance("alice") == 0
+    assert await ledger.balance("bob") == 20
+    assert await ledger.balance(HELD) == 40
+
+    stored = await ledger.read()
+    assert len(stored) == 2 + 10 + 30 + 40
+    won = {o.tx_id for o in outcomes if isinstance(o, Transaction)}
+    assert {tx.tx_id for tx in stored[2:]} == won
+    assert len(await store.list(root)) < len(stored) / 4  # blocks of several transactions
+    assert await ledger.verify() == []

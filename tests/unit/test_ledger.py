@@ -7,8 +7,11 @@ Racing ledgers on separate clients of a real S3 server: tests/integration/test_l
 from __future__ import annotations
 
 import builtins
+import json
 import uuid
+from collections.abc import Awaitable, Callable, Sequence
 from decimal import Decimal
+from functools import partial
 
 import anyio
 import pytest
@@ -21,6 +24,7 @@ from orchestrator.errors import (
     InsufficientFundsError,
     LedgerConflictError,
     LedgerCorruptError,
+    ObjectStoreError,
     UnknownHoldError,
 )
 from orchestrator.store.base import ObjectInfo, ObjectStore
@@ -147,7 +151,8 @@ async def test_appends_from_one_ledger_take_turns(store: ObjectStore, root: str)
         async with anyio.create_task_group() as tasks:
             for n in range(20):
                 tasks.start_soon(ledger.deposit, "alice", n + 1)
-        assert len(counting.creates) == len(set(counting.creates)) == 20
+        # No create of a key twice: the tasks never raced each other.
+        assert len(counting.creates) == len(set(counting.creates))
         assert await ledger.balance("alice") == 210
         assert await ledger.verify() == []
 
@@ -312,3 +317,232 @@ async def test_always_losing_gives_up_after_max_attempts(
         with pytest.raises(LedgerConflictError, match="after 3 attempts"):
             await Ledger(racing, root).append(lambda _: deposit("alice", 1), max_attempts=3)
     assert [tx.balances_after.get("alice") for tx in await ledger.read()] == [None] * 3
+
+
+# --- group commit --------------------------------------------------------------------------------
+
+
+class GatedStore(CountingStore):
+    """Holds the first conditional create until `opened` is set: while that block is in flight,
+    whatever else is submitted queues for the next one."""
+
+    def __init__(self, store: ObjectStore) -> None:
+        super().__init__(store)
+        self.opened = anyio.Event()
+
+    async def put_if_absent(self, key: str, data: bytes) -> str:
+        if not self.creates:
+            await self.opened.wait()
+        return await super().put_if_absent(key, data)
+
+
+Call = Callable[[], Awaitable[Transaction]]
+
+
+async def at_once(calls: Sequence[Call]) -> list[Transaction | Exception]:
+    """Run `calls` at once: what each returned or raised."""
+    outcomes: list[Transaction | Exception] = []
+
+    async def one(index: int) -> None:
+        try:
+            outcomes[index] = await calls[index]()
+        except Exception as exc:
+            outcomes[index] = exc
+
+    outcomes.extend(ValueError("not run") for _ in calls)
+    async with anyio.create_task_group() as tasks:
+        for index in range(len(calls)):
+            tasks.start_soon(one, index)
+    return outcomes
+
+
+async def in_one_block(gated: GatedStore, ledger: Ledger, calls: Sequence[Call]) -> list[object]:
+    """Run `calls` at once while a deposit's block is held in flight, so that they all go into
+    the next block together: what each returned or raised."""
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(ledger.deposit, "zed", 1)
+        await anyio.wait_all_tasks_blocked()  # the deposit's block waits at the gate
+        outcomes: list[object] = []
+
+        async def run() -> None:
+            outcomes.extend(await at_once(calls))
+
+        tasks.start_soon(run)
+        await anyio.wait_all_tasks_blocked()  # every call waits for the turn
+        gated.opened.set()
+    return outcomes
+
+
+async def test_transactions_submitted_at_once_share_a_block(store: ObjectStore, root: str) -> None:
+    async with CountingStore(store) as counting:
+        ledger = Ledger(counting, root)
+        calls = [partial(ledger.deposit, "alice", n) for n in range(1, 51)]
+        written = await at_once(calls)
+        assert len(counting.creates) <= 2  # all in one block, or the first alone, then the rest
+    stored = await ledger.read()
+    assert [tx.seq for tx in stored] == list(range(1, 51))
+    assert sorted(written, key=lambda tx: getattr(tx, "seq", 0)) == stored  # each its own
+    assert len(await store.list(root)) == len(counting.creates)
+    assert await ledger.balance("alice") == sum(range(1, 51))
+    assert await ledger.verify() == []
+    assert await Ledger(store, root).state() == await ledger.state()
+
+
+async def test_a_refusal_in_a_block_reaches_only_its_caller(store: ObjectStore, root: str) -> None:
+    job, cheque = uid(), uid()
+    async with GatedStore(store) as gated:
+        ledger = Ledger(gated, root)
+        outcomes = await in_one_block(
+            gated,
+            ledger,
+            [
+                lambda: ledger.deposit("alice", 10),
+                lambda: ledger.hold(job, cheque, "alice", 6),
+                lambda: ledger.hold(uid(), uid(), "alice", 6),  # alice has 4 left by then
+                lambda: ledger.hold(uid(), cheque, "alice", 1),  # cashed just before
+                lambda: ledger.settle(uid(), 0),  # never held
+                lambda: ledger.settle(job, "1.5"),  # held earlier in this very block
+                lambda: ledger.hold(job, cheque, "alice", 6),  # a retry of the hold
+                lambda: ledger.deposit("bob", 2),
+            ],
+        )
+        assert len(gated.creates) == 2  # the held deposit's block, then one for them all
+    deposited, held, overdraft, cashed, unknown, settled, again, bob = outcomes
+    assert isinstance(overdraft, InsufficientFundsError)
+    assert overdraft.balance == 4
+    assert isinstance(cashed, ChequeAlreadyCashedError)
+    assert cashed.job_uid == job
+    assert isinstance(unknown, UnknownHoldError)
+    assert again == held
+    assert [deposited, held, settled, bob] == (await ledger.read())[1:]
+    block = json.loads(await store.get(ledger.entry_key(2)))
+    assert [tx["seq"] for tx in block["transactions"]] == [2, 3, 4, 5]
+    assert await ledger.balance("alice") == Decimal("8.5")
+    assert await ledger.balance(ACCESS) == Decimal("1.5")
+    assert await ledger.verify() == []
+
+
+async def test_a_lost_race_checks_the_whole_block_again(
+    ledger: Ledger, store: ObjectStore, root: str
+) -> None:
+    await ledger.deposit("alice", 10)
+    cheque = uid()
+    async with RivalStore(store, ledger, [hold(uid(), cheque, "alice", 7)]) as racing:
+        ours = Ledger(racing, root)
+        outcomes = await at_once(
+            [
+                lambda: ours.hold(uid(), cheque, "alice", 1),  # the rival cashes it first
+                lambda: ours.hold(uid(), uid(), "alice", 4),  # and leaves alice 3
+                lambda: ours.deposit("bob", 1),
+            ]
+        )
+    cashed, overdraft, deposited = outcomes
+    assert isinstance(cashed, ChequeAlreadyCashedError)
+    assert isinstance(overdraft, InsufficientFundsError)
+    assert overdraft.balance == 3
+    assert isinstance(deposited, Transaction)
+    assert deposited.seq == 3
+    assert [tx.kind for tx in await ledger.read()] == ["deposit", "hold", "deposit"]
+    assert await ledger.verify() == []
+
+
+async def test_each_transaction_in_a_losing_block_has_its_own_attempts(
+    ledger: Ledger, store: ObjectStore, root: str
+) -> None:
+    async with RivalStore(store, ledger, [deposit("bob", 1), deposit("bob", 2)]) as racing:
+        ours = Ledger(racing, root)
+        impatient, patient = await at_once(
+            [
+                lambda: ours.append(lambda _: deposit("alice", 1), max_attempts=1),
+                lambda: ours.append(lambda _: deposit("alice", 2), max_attempts=3),
+            ]
+        )
+    assert isinstance(impatient, LedgerConflictError)
+    assert "after 1 attempts" in str(impatient)
+    assert isinstance(patient, Transaction)
+    assert (patient.seq, patient.balances_after["alice"]) == (3, Decimal(2))
+
+
+async def test_a_store_failure_reaches_every_transaction_of_its_block(
+    store: ObjectStore, root: str
+) -> None:
+    class BrokenOnce(ForwardingStore):
+        failed = False
+
+        async def put_if_absent(self, key: str, data: bytes) -> str:
+            if not self.failed:
+                self.failed = True
+                raise ObjectStoreError("the server went away")
+            return await super().put_if_absent(key, data)
+
+    async with BrokenOnce(store) as broken:
+        ledger = Ledger(broken, root)
+        outcomes = await at_once([partial(ledger.deposit, "alice", n) for n in (1, 2, 3)])
+        assert all(isinstance(o, ObjectStoreError) for o in outcomes)
+        assert await ledger.read() == []
+        assert (await ledger.deposit("alice", 4)).seq == 1
+
+
+async def test_a_caller_cancelled_while_waiting_writes_nothing(
+    store: ObjectStore, root: str
+) -> None:
+    async with GatedStore(store) as gated:
+        ledger = Ledger(gated, root)
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(ledger.deposit, "alice", 1)
+            await anyio.wait_all_tasks_blocked()  # its block waits at the gate
+            tasks.start_soon(ledger.deposit, "alice", 2)
+            async with anyio.create_task_group() as doomed:
+                doomed.start_soon(ledger.deposit, "alice", 4)
+                await anyio.wait_all_tasks_blocked()  # both wait for the next block
+                doomed.cancel_scope.cancel()
+            gated.opened.set()
+    assert [tx.balances_after["alice"] for tx in await ledger.read()] == [1, 3]
+    assert await ledger.verify() == []
+
+
+async def test_blocks_read_as_transactions(store: ObjectStore, root: str) -> None:
+    async with GatedStore(store) as gated:
+        ledger = Ledger(gated, root)
+        job, cheque = uid(), uid()
+        await in_one_block(
+            gated,
+            ledger,
+            [
+                lambda: ledger.deposit("alice", 10),
+                lambda: ledger.hold(job, cheque, "alice", 4),
+                lambda: ledger.deposit("bob", 1),
+            ],
+        )
+    await ledger.settle(job, 1)
+    assert [info.key for info in await store.list(root)] == [
+        ledger.entry_key(seq) for seq in (1, 2, 5)
+    ]
+    fresh = Ledger(store, root)  # another process: the same transactions from the store alone
+    everything = await fresh.read()
+    assert [tx.seq for tx in everything] == [1, 2, 3, 4, 5]
+    assert await fresh.read(after=2) == everything[2:]  # from inside a block
+    assert await fresh.read(after=3) == everything[3:]
+    assert await fresh.read(after=5) == []
+    held = everything[2]
+    assert await fresh.find(held.tx_id) == held  # in the middle of its block
+    assert [row.seq for row in await fresh.statement("alice")] == [2, 3, 5]
+    assert await fresh.balance("alice") == 9
+    assert await fresh.verify() == []
+
+
+async def test_a_block_overlapping_the_one_before_is_reported(
+    store: ObjectStore, root: str
+) -> None:
+    async with GatedStore(store) as gated:
+        ledger = Ledger(gated, root)
+        await in_one_block(gated, ledger, [lambda: ledger.deposit("alice", 1) for _ in range(2)])
+    third = (await ledger.read())[2]
+    await store.put(ledger.entry_key(3), third.model_dump_json().encode())  # inside block 2..3
+    with pytest.raises(LedgerCorruptError, match="but transaction 3 is in the block before"):
+        await Ledger(store, root).state()
+    problems = await Ledger(store, root).verify()
+    assert problems == [
+        f"{ledger.entry_key(3)!r} is in the ledger's folder but transaction 3 inside the block "
+        "before it"
+    ]

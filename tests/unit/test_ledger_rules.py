@@ -15,6 +15,7 @@ from orchestrator.core.ledger_rules import (
     EXTERNAL,
     HELD,
     AccountKind,
+    Batch,
     account_kind,
     apply,
     deposit,
@@ -46,6 +47,7 @@ from orchestrator.errors import (
     UnknownHoldError,
 )
 from schemas.ledger import (
+    Block,
     LedgerState,
     Note,
     Transaction,
@@ -466,6 +468,45 @@ def test_a_refusal_changes_nothing() -> None:
     assert state == before
     post(state, hold(JOB, CHEQUE, "alice", "1"))
     assert state == before  # a success does not mutate its input either
+
+
+def test_a_batch_posts_each_draft_on_the_state_the_ones_before_it_leave() -> None:
+    _, state = funded("10")
+    before = state.model_copy(deep=True)
+    batch = Batch(state)
+    first = batch.post(hold(JOB, CHEQUE, "alice", "6"))
+    with pytest.raises(InsufficientFundsError, match=r"'alice' has 4\.000000"):
+        batch.post(hold(JOB2, CHEQUE2, "alice", "5"))  # only after the first hold
+    with pytest.raises(ChequeAlreadyCashedError):
+        batch.post(hold(JOB2, CHEQUE, "alice", "1"))  # cashed by the first, in this batch
+    assert batch.view().holds[JOB].amount == 6  # a builder sees the holds posted so far
+    settled = batch.post(settle(JOB, batch.view(), "2"))
+    assert batch.transactions == [first, settled]
+    assert (first.seq, settled.seq, batch.first) == (2, 3, 2)
+    assert (batch.posted(1), batch.posted(3)) == (None, settled)
+
+    # The same as posting them one at a time, and the state it started from is untouched.
+    txs, alone = book(hold(JOB, CHEQUE, "alice", "6"), lambda s: settle(JOB, s, "2"), state=state)
+    assert [tx.balances_after for tx in txs] == [first.balances_after, settled.balances_after]
+    assert batch.state() == alone
+    assert state == before
+
+
+def test_a_block_holds_consecutive_transactions_and_stores_one_as_itself() -> None:
+    txs = history()
+    block = Block(transactions=tuple(txs[2:5]))
+    assert (block.first, block.last) == (3, 5)
+    assert Block.model_validate_json(block.model_dump_json()) == block
+    assert json.loads(block.model_dump_json())["transactions"][0]["seq"] == 3
+
+    # A block of one is the transaction's own JSON: the layout from before blocks reads too.
+    one = Block(transactions=(txs[0],))
+    assert one.model_dump_json() == txs[0].model_dump_json()
+    assert Block.model_validate_json(txs[0].model_dump_json()) == one
+    with pytest.raises(ValidationError, match=r"consecutive transactions, not seqs \[3, 5\]"):
+        Block(transactions=(txs[2], txs[4]))
+    with pytest.raises(ValidationError, match="at least 1 item"):
+        Block(transactions=())
 
 
 # --- fold and verify ------------------------------------------------------------------------------
