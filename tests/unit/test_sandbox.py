@@ -148,8 +148,16 @@ def test_only_the_run_directories_are_writable_and_little_else_is_visible(
     assert bound[str(tmp_path / "input")] == "ro"
     assert bound["/usr"] == bound[str(SCRIPTS_DIR)] == bound[sys.base_prefix] == "ro"
     assert not {"/", "/etc", "/root", "/home", "/work", "/var", "/proc"} & bound.keys()
+    # Nothing else of the host's /tmp; the project's own code and interpreter may live there
+    # (a checkout under /tmp), and are bound read-only.
     given = (str(run), str(tmp_path / "input"))
-    assert not any(Path(path).is_relative_to("/tmp") for path in bound if path not in given)
+    own = (SCRIPTS_DIR, Path(sys.prefix), Path(sys.base_prefix))
+    others = [path for path in bound if path not in given]
+    assert not any(
+        Path(path).is_relative_to("/tmp") and not any(Path(path).is_relative_to(o) for o in own)
+        for path in others
+    )
+    assert all(bound[path] == "ro" for path in others)
     # Fresh ones instead: /proc of the sandbox's PID namespace, a /dev and /tmp of its own.
     bwrap = options(argv)
     assert bwrap[bwrap.index("--proc") + 1] == "/proc"
