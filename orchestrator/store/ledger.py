@@ -116,6 +116,11 @@ class Ledger:
         seq = (await self.state()).tx_ids.get(tx_id)
         return None if seq is None else await self._entries.get(seq)
 
+    def holds(self, tx_id: str) -> bool:
+        """Whether transaction `tx_id` is in the state this ledger holds (no I/O; a stored
+        transaction stays, so True is final, while False may only mean not seen yet)."""
+        return tx_id in self._state.tx_ids
+
     async def statement(self, account: str) -> list[StatementRow]:
         return statement(await self.read(), account)
 
@@ -149,9 +154,21 @@ class Ledger:
         written. If a transaction with the same tx id doing the same movement is already in the
         ledger (a retry, a redelivered message, a write whose reply was lost) it is returned and
         nothing is appended.
+
+        The first try builds on the state this ledger already holds, with no read: appending
+        after it succeeds only if nothing followed it. A lost race, or a rule refusing the
+        transaction on that state, reads what followed and tries again on the latest state, so
+        only the latest state refuses.
         """
+        tries = 0
+
+        async def attempt() -> Transaction | None:
+            nonlocal tries
+            tries += 1
+            return await self._attempt(build, latest=tries > 1 or self._state.seq == 0)
+
         return await until_won(
-            lambda: self._attempt(build),
+            attempt,
             max_attempts,
             give_up=lambda: LedgerConflictError(
                 f"still losing the race to append to the ledger after {max_attempts} attempts; "
@@ -159,21 +176,27 @@ class Ledger:
             ),
         )
 
-    async def _attempt(self, build: Builder) -> Transaction | None:
-        """One try at appending: the transaction, or None if another writer took its seq."""
+    async def _attempt(self, build: Builder, *, latest: bool) -> Transaction | None:
+        """One try at appending: the transaction, or None if another writer took its seq (or,
+        unless on the `latest` state read just now, a rule refused it on the state held)."""
         # Correctness needs no lock: the conditional create decides. But SeaweedFS makes each
         # extra concurrent create of one key wait about a second longer for its 412, so tasks
         # of this process take turns rather than collide; only other processes race us.
         async with self._turn:
-            state = await self.state()
-            draft = build(state)
-            done = state.tx_ids.get(draft.tx_id)
-            if done is not None:
-                existing = await self._entries.get(done)
-                if existing is not None and same_operation(existing, draft):
-                    return existing
-                # Not the same: `post` refuses it with the specific reason.
-            tx, after = post(state, draft)
+            state = await self.state() if latest else self._state
+            try:
+                draft = build(state)
+                done = state.tx_ids.get(draft.tx_id)
+                if done is not None:
+                    existing = await self._entries.get(done)
+                    if existing is not None and same_operation(existing, draft):
+                        return existing
+                    # Not the same: `post` refuses it with the specific reason.
+                tx, after = post(state, draft)
+            except LedgerRuleError:
+                if latest:
+                    raise
+                return None  # perhaps only on the state held here: judge on the latest
             if not await self._entries.append(tx.seq, tx):
                 return None
             self._remember(after)
