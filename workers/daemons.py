@@ -109,7 +109,8 @@ async def setup_access(context: ServiceContext, group: TaskGroup) -> None:
 
     async def settle(envelope: Envelope[EventPublished], meta: IncomingMeta) -> None:
         # A redelivered end settles nothing twice: the ledger finds the job's settlement.
-        await service.settle(envelope.body.event.job_uid)
+        event = envelope.body.event
+        await service.settle(event.job_uid, ending=event)
 
     requests, endings = context.identities.service_queues()[Role.ACCESS]
     await context.consume(requests, handle)

@@ -42,7 +42,7 @@ class StorageWorker:
         if not isinstance(event.payload, Submitted):
             return None
         job_uid = event.job_uid
-        step = await due_step(self._log, job_uid, JobState.SUBMITTED, "storage_contracted")
+        step = await due_step(self._log, event, JobState.SUBMITTED, "storage_contracted")
         if step.done is not None or step.sheet is None:
             return step.done
         sheet, remaining = step.sheet, step.remaining
