@@ -50,6 +50,7 @@ from orchestrator.broker.identities import Identities
 from orchestrator.broker.topology import QueueSpec, Topology, declare
 from orchestrator.client.client import ParjobsClient
 from orchestrator.core.layout import JobKeys
+from orchestrator.par.transfer import PARTransport
 from orchestrator.services.accounts import Accounts
 from orchestrator.settings import AMQPSettings, S3Settings, ServiceSettings
 from orchestrator.store.s3 import S3ObjectStore
@@ -58,8 +59,8 @@ from schemas.events import JobRequest
 from schemas.messages import Envelope, EventPublished
 from workers.cluster import ROLES, LocalCluster
 
-sys.path.insert(0, str(Path(__file__).parent))  # run as a script: s3_counter.py beside it
-from s3_counter import COUNTS_PATH, KINDS
+sys.path.insert(0, str(Path(__file__).parents[1]))  # run as a script: benchmarks/ importable
+from benchmarks.s3_counter import COUNTS_PATH, KINDS
 
 # The raw pipeline's event bindings: '#' = <prefix>.events.stream, then storage's and compute's.
 BINDINGS = ("#", "job.*.submitted", "job.*.storage_contracted")
@@ -290,6 +291,7 @@ async def run_parjobs(args: Namespace, prefix: str) -> tuple[Result, list[Timeli
         async with (
             CountingBroker(amqp, name=f"{prefix}-client") as broker,
             ParjobsClient(broker, user, service_keys=cluster.service_keys) as client,
+            PARTransport() as transport,  # one HTTP client for every upload, as a client keeps
         ):
             payload, marks = os.urandom(args.input_kib * 1024), dict[str, Timeline]()
 
@@ -300,7 +302,7 @@ async def run_parjobs(args: Namespace, prefix: str) -> tuple[Result, list[Timeli
                     request, account=user.name, max_spend=Decimal(1)
                 )
                 mark["client ready"] = time.time()
-                await ObjectWriter(upload, user).set_object(payload)
+                await ObjectWriter(upload, user, transport=transport).set_object(payload)
                 mark["client uploaded"] = time.time()
                 control = run.execute(user, control=client)
                 await control.start()

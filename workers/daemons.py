@@ -154,6 +154,7 @@ async def setup_compute(context: ServiceContext, group: TaskGroup) -> None:
         context.key,
         time_limit_s=settings.time_limit_s,
         memory_limit_bytes=settings.memory_limit_bytes,
+        http=context.http,
         sandbox=settings.sandbox,
     )
     await worker.check_sandbox()  # refuse to start rather than run calculations unconfined

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import anyio
+import httpx
 from anyio.abc import TaskGroup
 
 from orchestrator.broker.amqp import AMQPBroker
@@ -78,6 +79,9 @@ class ServiceContext:
     """Every role's public keys: what consumed events are checked against."""
     instance: str = field(default_factory=lambda: uuid.uuid4().hex)
     """This daemon's own id (names the queues it declares for itself)."""
+    http: httpx.AsyncClient | None = None
+    """The daemon's one client for presigned transfers (its TLS context and connections made
+    once); None: each transfer makes its own."""
     log: EventLog = field(init=False)
     registry: PARRegistry = field(init=False)
     identities: Identities = field(init=False)
@@ -249,6 +253,7 @@ async def serve(role: ServiceRole, setup: Setup) -> None:
     async with (
         S3ObjectStore(S3Settings()) as store,
         AMQPBroker(AMQPSettings(), name=f"parjobs-{role}-{os.getpid()}") as broker,
+        httpx.AsyncClient(timeout=httpx.Timeout(60.0, connect=10.0)) as http,
     ):
         await store.ensure_bucket()
         context = ServiceContext(
@@ -259,6 +264,7 @@ async def serve(role: ServiceRole, setup: Setup) -> None:
             keys=JobKeys(settings.data_root),
             key=key,
             service_keys=service_keys,
+            http=http,
         )
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with anyio.create_task_group() as group:
