@@ -118,14 +118,15 @@ class ComputeWorker:
 
     # --- contracting -----------------------------------------------------------------------------
 
-    async def on_storage_contracted(self, event: JobEvent) -> JobEvent | None:
+    async def on_storage_contracted(
+        self, event: JobEvent, *, redelivered: bool = False
+    ) -> JobEvent | None:
         """Mint the run PAR once per job (a redelivery returns the logged event)."""
         if not isinstance(event.payload, StorageContracted):
             return None
         job_uid = event.job_uid
-        step = await due_step(
-            self._log, event, JobState.STORAGE_CONTRACTED, "compute_contracted", "rejected"
-        )
+        expected, steps = JobState.STORAGE_CONTRACTED, ("compute_contracted", "rejected")
+        step = await due_step(self._log, event, expected, *steps, redelivered=redelivered)
         if step.done is not None or step.sheet is None:
             return step.done
         sheet = step.sheet

@@ -131,7 +131,9 @@ async def setup_storage(context: ServiceContext, group: TaskGroup) -> None:
 
     async def handle(envelope: Envelope[EventPublished], meta: IncomingMeta) -> None:
         with anyio.CancelScope(shield=True):  # what is appended is published
-            contracted = await worker.on_submitted(envelope.body.event)
+            contracted = await worker.on_submitted(
+                envelope.body.event, redelivered=meta.redelivered
+            )
             if contracted is not None:
                 await context.publish_event(contracted)
 
@@ -161,7 +163,9 @@ async def setup_compute(context: ServiceContext, group: TaskGroup) -> None:
 
     async def on_contract(envelope: Envelope[EventPublished], meta: IncomingMeta) -> None:
         with anyio.CancelScope(shield=True):  # what is appended is published
-            contracted = await worker.on_storage_contracted(envelope.body.event)
+            contracted = await worker.on_storage_contracted(
+                envelope.body.event, redelivered=meta.redelivered
+            )
             if contracted is not None:
                 await context.publish_event(contracted)
 
