@@ -69,8 +69,8 @@ RAW_QUEUES = "dlq events.stream rpc.access rpc.runs storage compute client".spli
 MARKS = "client submit,submitted,storage_contracted,compute_contracted,client ready,client uploaded"
 MARKS += ",run_started,completed,client saw it"  # a parjobs job's timeline, in order
 NOTES = """
-ratio: the cost of all parjobs adds to the bare hops: S3 event-log appends (conditional creates,
-each handler re-reading the log), signing and checking every request, reply and event, PAR minting
+ratio: the cost of all parjobs adds to the bare hops: S3 event-log appends (conditional creates),
+PAR registry records, the ledger, signing and checking every request, reply and event, PAR minting
 and HPKE sealing, the client's one catch-up GetJob a job, upload, input download, subprocess,
 output upload.
 
