@@ -157,11 +157,12 @@ class EventLog:
 
         Events are never rewritten, so those already read are remembered (for the most recently
         read jobs) and only newer ones are listed and fetched: a poll costs one LIST, not a GET
-        per event of the whole history. With service keys, every event read is verified first.
+        per event of the whole history, and an ended job's none. With service keys, every event
+        read is verified first.
         """
         log = self._log(job_uid)
-        if log.ended and (trusted := self._trusted(log)):
-            return trusted[after:]
+        if log.ended and len(trusted := self._trusted(log)) == len(log.known):
+            return trusted[after:]  # an ended log is complete: nothing to list
         if self._keys is None:
             return await log.read(after=after)
         events = await log.read()

@@ -369,3 +369,21 @@ async def test_an_ended_log_is_not_listed_again(store: ObjectStore, root: str) -
         await log.transition(job, "compute", Failed(reason="no"))
         assert (await log.load(job)).state is JobState.FAILED
     assert counting.lists == []
+
+
+async def test_an_ended_log_whose_end_fails_its_checks_stays_unreadable(
+    store: ObjectStore, root: str
+) -> None:
+    job = uuid.uuid4().hex
+    await sealed_log(store, root, "access").create(job, f"user:{USER}", SUBMITTED)
+    await sealed_log(store, root, "storage").transition(
+        job, "storage", SAMPLES["storage_contracted"]
+    )
+    reader = sealed_log(store, root, "access")
+    assert len(await reader.read(job)) == 2  # verified so far
+    end = await sealed_log(store, root, "compute").transition(job, "compute", Failed(reason="x"))
+    edited = end.model_copy(update={"actor": "compute:mallory"})
+    await store.put(reader.event_key(job, 3), edited.model_dump_json().encode())
+    for _ in range(2):  # the second read must not take the verified events for the whole log
+        with pytest.raises(EventLogCorruptError, match="event 3"):
+            await reader.read(job)
