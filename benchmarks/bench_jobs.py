@@ -23,17 +23,22 @@ import json
 import math
 import os
 import shlex
+import subprocess
 import sys
 import textwrap
 import time
 import uuid
 from argparse import ArgumentParser, Namespace
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
+from pathlib import Path
 from typing import Any, NamedTuple
+from urllib.parse import urlsplit
 
 import aio_pika
+import httpx
+import psutil
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from pamqp.common import FieldTable
 from pydantic import TypeAdapter
@@ -45,13 +50,17 @@ from orchestrator.broker.identities import Identities
 from orchestrator.broker.topology import QueueSpec, Topology, declare
 from orchestrator.client.client import ParjobsClient
 from orchestrator.core.layout import JobKeys
+from orchestrator.par.transfer import PARTransport
 from orchestrator.services.accounts import Accounts
-from orchestrator.settings import AMQPSettings, ServiceSettings
+from orchestrator.settings import AMQPSettings, S3Settings, ServiceSettings
 from orchestrator.store.s3 import S3ObjectStore
-from orchestrator.store.seaweed import LocalSeaweed
+from orchestrator.store.seaweed import LocalSeaweed, pick_ports
 from schemas.events import JobRequest
 from schemas.messages import Envelope, EventPublished
 from workers.cluster import ROLES, LocalCluster
+
+sys.path.insert(0, str(Path(__file__).parents[1]))  # run as a script: benchmarks/ importable
+from benchmarks.s3_counter import COUNTS_PATH, KINDS
 
 # The raw pipeline's event bindings: '#' = <prefix>.events.stream, then storage's and compute's.
 BINDINGS = ("#", "job.*.submitted", "job.*.storage_contracted")
@@ -60,8 +69,8 @@ RAW_QUEUES = "dlq events.stream rpc.access rpc.runs storage compute client".spli
 MARKS = "client submit,submitted,storage_contracted,compute_contracted,client ready,client uploaded"
 MARKS += ",run_started,completed,client saw it"  # a parjobs job's timeline, in order
 NOTES = """
-ratio: the cost of all parjobs adds to the bare hops: S3 event-log appends (conditional creates,
-each handler re-reading the log), signing and checking every request, reply and event, PAR minting
+ratio: the cost of all parjobs adds to the bare hops: S3 event-log appends (conditional creates),
+PAR registry records, the ledger, signing and checking every request, reply and event, PAR minting
 and HPKE sealing, the client's one catch-up GetJob a job, upload, input download, subprocess,
 output upload.
 
@@ -80,6 +89,61 @@ class Result(NamedTuple):
     latencies: list[float]
     published: Counter[str]  # over all timed jobs: "request:<kind>", "reply", "event:<type>"
     queued: Counter[str]  # their copies routed into queues (an event: one per bound queue)
+    s3_requests: Counter[str]  # over all timed jobs, by s3_counter.KINDS
+    cpu_seconds: dict[str, float]  # process -> CPU s over the timed jobs
+
+
+def cpu_seconds(process: psutil.Process) -> float:
+    """User + system CPU of `process` and of its children it has waited for (the calculations)."""
+    times = process.cpu_times()
+    return times.user + times.system + times.children_user + times.children_system
+
+
+def rabbitmq() -> psutil.Process | None:
+    """The broker's Erlang VM on this host, if it runs here (shared: others' work counts too)."""
+    for process in psutil.process_iter(["name"]):
+        if process.info["name"] in ("beam.smp", "beam"):
+            return process
+    return None
+
+
+class CPUMeter:
+    """CPU seconds per named process between `start()` and `stop()`."""
+
+    def __init__(self, processes: dict[str, psutil.Process]) -> None:
+        self.processes = processes
+        self._before: dict[str, float] = {}
+
+    def start(self) -> None:
+        self._before = {name: cpu_seconds(p) for name, p in self.processes.items()}
+
+    def stop(self) -> dict[str, float]:
+        return {name: cpu_seconds(p) - self._before[name] for name, p in self.processes.items()}
+
+
+@contextlib.asynccontextmanager
+async def s3_counting_proxy(upstream: S3Settings) -> AsyncIterator[tuple[S3Settings, str]]:
+    """`upstream`'s settings pointed at a counting proxy (s3_counter.py, its own process), and
+    the URL its counts are read from."""
+    port = pick_ports(1)[0]
+    upstream_port = urlsplit(upstream.require_endpoint()).port
+    script = Path(__file__).with_name("s3_counter.py")
+    proxy = await asyncio.create_subprocess_exec(
+        sys.executable, str(script), str(upstream_port), str(port), stdout=subprocess.PIPE
+    )
+    try:
+        assert proxy.stdout is not None
+        await asyncio.wait_for(proxy.stdout.readline(), 10)  # "ready"
+        endpoint = f"http://127.0.0.1:{port}"
+        yield upstream.model_copy(update={"endpoint_url": endpoint}), endpoint + COUNTS_PATH
+    finally:
+        proxy.terminate()
+        await proxy.wait()
+
+
+async def s3_counts(url: str) -> Counter[str]:
+    async with httpx.AsyncClient() as http:
+        return Counter[str]((await http.get(url)).raise_for_status().json())
 
 
 def routes(key: str, bindings: tuple[str, ...]) -> int:
@@ -185,6 +249,10 @@ async def run_raw(args: Namespace, prefix: str, runs_prefetch: int) -> Result:
             await send(client, commands, t.rpc_routing_key(service), job, **props)
             await asyncio.gather(reply, heard)
 
+    processes = {"client (every hop)": psutil.Process()}
+    if (broker_vm := rabbitmq()) is not None:
+        processes["rabbitmq (shared)"] = broker_vm
+    meter = CPUMeter(processes)
     async with contextlib.AsyncExitStack() as stack:
         client = await serve("client", {t.work_queue("client", events=RAW_CLIENT): ()})
         await (await client.declare_queue(reply_to, exclusive=True)).consume(on_reply, no_ack=True)
@@ -197,8 +265,10 @@ async def run_raw(args: Namespace, prefix: str, runs_prefetch: int) -> Result:
         await drive(job, args.warmup, args.concurrency)
         published.clear()
         queued.clear()
+        meter.start()
         wall, *latencies = await drive(job, args.jobs, args.concurrency)
-    return Result(wall, latencies, published, queued)
+        cpu = meter.stop()
+    return Result(wall, latencies, published, queued, Counter(), cpu)
 
 
 async def run_parjobs(args: Namespace, prefix: str) -> tuple[Result, list[Timeline], int]:
@@ -206,15 +276,22 @@ async def run_parjobs(args: Namespace, prefix: str) -> tuple[Result, list[Timeli
     user = KeyPair.generate("bench")
     async with (
         LocalSeaweed() as s3,
+        s3_counting_proxy(s3.settings) as (s3_settings, counts_url),
         # PARJOBS_* come from os.environ; the cluster removes its topology and broker users.
-        LocalCluster(s3.settings, prefix=prefix, delete_topology=True) as cluster,
-        S3ObjectStore(s3.settings) as store,
+        LocalCluster(s3_settings, prefix=prefix, delete_topology=True) as cluster,
+        S3ObjectStore(s3_settings) as store,
     ):
+        processes = {name: psutil.Process(cluster.pid(name)) for name in cluster.instances}
+        processes |= {"seaweedfs": psutil.Process(s3.pid), "client": psutil.Process()}
+        if (broker_vm := rabbitmq()) is not None:
+            processes["rabbitmq (shared)"] = broker_vm
+        meter = CPUMeter(processes)
         amqp = await cluster.add_user(user.name, user.public)  # registered, own broker user
         await Accounts(store, JobKeys()).deposit(user.name, Decimal(1_000_000))
         async with (
             CountingBroker(amqp, name=f"{prefix}-client") as broker,
             ParjobsClient(broker, user, service_keys=cluster.service_keys) as client,
+            PARTransport() as transport,  # one HTTP client for every upload, as a client keeps
         ):
             payload, marks = os.urandom(args.input_kib * 1024), dict[str, Timeline]()
 
@@ -225,7 +302,7 @@ async def run_parjobs(args: Namespace, prefix: str) -> tuple[Result, list[Timeli
                     request, account=user.name, max_spend=Decimal(1)
                 )
                 mark["client ready"] = time.time()
-                await ObjectWriter(upload, user).set_object(payload)
+                await ObjectWriter(upload, user, transport=transport).set_object(payload)
                 mark["client uploaded"] = time.time()
                 control = run.execute(user, control=client)
                 await control.start()
@@ -236,9 +313,13 @@ async def run_parjobs(args: Namespace, prefix: str) -> tuple[Result, list[Timeli
             await drive(job, args.warmup, args.concurrency)
             marks.clear()
             broker.requests.clear()
+            s3_before = await s3_counts(counts_url)
+            meter.start()
             wall, *latencies = await drive(job, args.jobs, args.concurrency)
             requests = broker.requests.copy()
         await asyncio.sleep(1)  # a job's log may show `completed` before its publish is confirmed
+        cpu = meter.stop()  # (the jobs' tail: their last publishes, the sweep's)
+        s3_requests = await s3_counts(counts_url) - s3_before
         published = requests + Counter(reply=requests.total())
         queued = published.copy()  # a request or a reply: one queue
         bindings = parjobs_bindings(cluster, user.name)
@@ -253,7 +334,8 @@ async def run_parjobs(args: Namespace, prefix: str) -> tuple[Result, list[Timeli
                     mark.setdefault(body.event.payload.type, body.event.time.timestamp())
         logs = (cluster.log_path(role).read_text() for role in ROLES)
         warnings = sum(log.count('"level": "warning"') for log in logs)
-    return Result(wall, latencies, published, queued), list(marks.values()), warnings
+    result = Result(wall, latencies, published, queued, s3_requests, cpu)
+    return result, list(marks.values()), warnings
 
 
 Row = dict[str, Any]
@@ -271,6 +353,10 @@ def pipeline_row(name: str, result: Result, jobs: int) -> Row:
         "msgs_per_job": result.published.total() / jobs,
         "queued_per_job": result.queued.total() / jobs,
         "msgs_per_job_by_kind": {k: n / jobs for k, n in sorted(result.published.items())},
+        "s3_per_job": result.s3_requests.total() / jobs,
+        "s3_per_job_by_type": {k: result.s3_requests[k] / jobs for k in KINDS},
+        "cpu_ms_per_job": 1000 * sum(result.cpu_seconds.values()) / jobs,
+        "cpu_ms_per_job_by_process": {k: 1000 * s / jobs for k, s in result.cpu_seconds.items()},
     }
 
 
@@ -313,6 +399,27 @@ def print_table(run: Row, raw: Row, ours: Row, stages: list[Row]) -> None:
         cells = "".join(f"{stage[key]:>8.0f}" for key in ("p50_ms", "p90_ms", "max_ms"))
         print(f"{stage['stage']:<48}{cells}")
     print(f"\nwarnings in the daemons' logs: {run['warnings']}")
+    print("\nper job, over the timed jobs (S3 counted by the proxy all S3 traffic goes through):")
+    for row in (raw, ours):
+        s3 = ", ".join(f"{k} {n:.2f}" for k, n in row["s3_per_job_by_type"].items() if n)
+        cpu = ", ".join(f"{k} {ms:.0f}" for k, ms in row["cpu_ms_per_job_by_process"].items())
+        print(f"{row['pipeline']}:")
+        print(
+            textwrap.fill(
+                f"S3 requests {row['s3_per_job']:.2f}: {s3 or '-'}",
+                98,
+                initial_indent="  ",
+                subsequent_indent="    ",
+            )
+        )
+        print(
+            textwrap.fill(
+                f"CPU ms {row['cpu_ms_per_job']:.0f}: {cpu}",
+                98,
+                initial_indent="  ",
+                subsequent_indent="    ",
+            )
+        )
 
 
 async def bench(args: Namespace) -> None:

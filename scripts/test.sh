@@ -12,8 +12,8 @@ echo "==> ruff"
 .venv/bin/ruff format --check .
 echo "==> mypy --strict"
 .venv/bin/mypy
-echo "==> pytest tests/unit (no server reachable)"
+echo "==> pytest tests/unit (no server reachable; on both cores)"
 PARJOBS_AMQP_URL=amqp://guest:guest@127.0.0.1:9/ PARJOBS_S3_ENDPOINT_URL=http://127.0.0.1:9 \
-    .venv/bin/pytest tests/unit
+    .venv/bin/pytest -n 2 tests/unit
 echo "==> pytest tests/integration tests/e2e (real servers)"
 exec .venv/bin/pytest tests/integration tests/e2e "$@"

@@ -78,3 +78,28 @@ class ForwardingStore:
         return await self.inner.presign_post(
             prefix, expires_in, min_size=min_size, max_size=max_size
         )
+
+
+class CountingStore(ForwardingStore):
+    """Records the key of every GET and conditional create, and the prefix and start of every
+    listing, to see what a store's user asks for."""
+
+    def __init__(self, store: ObjectStore) -> None:
+        super().__init__(store)
+        self.gets: list[str] = []
+        self.creates: list[str] = []
+        self.lists: list[tuple[str, str | None]] = []
+
+    async def list(
+        self, prefix: str = "", *, start_after: str | None = None
+    ) -> builtins.list[ObjectInfo]:
+        self.lists.append((prefix, start_after))
+        return await super().list(prefix, start_after=start_after)
+
+    async def get(self, key: str) -> bytes:
+        self.gets.append(key)
+        return await super().get(key)
+
+    async def put_if_absent(self, key: str, data: bytes) -> str:
+        self.creates.append(key)
+        return await super().put_if_absent(key, data)

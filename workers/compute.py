@@ -24,6 +24,7 @@ from pathlib import Path
 import anyio
 import httpx
 
+from orchestrator.core.jobstate import fold
 from orchestrator.core.keys import KeyPair, PublicKeys
 from orchestrator.core.layout import JobKeys
 from orchestrator.core.par_rules import capability_proof
@@ -117,14 +118,15 @@ class ComputeWorker:
 
     # --- contracting -----------------------------------------------------------------------------
 
-    async def on_storage_contracted(self, event: JobEvent) -> JobEvent | None:
+    async def on_storage_contracted(
+        self, event: JobEvent, *, redelivered: bool = False
+    ) -> JobEvent | None:
         """Mint the run PAR once per job (a redelivery returns the logged event)."""
         if not isinstance(event.payload, StorageContracted):
             return None
         job_uid = event.job_uid
-        step = await due_step(
-            self._log, job_uid, JobState.STORAGE_CONTRACTED, "compute_contracted", "rejected"
-        )
+        expected, steps = JobState.STORAGE_CONTRACTED, ("compute_contracted", "rejected")
+        step = await due_step(self._log, event, expected, *steps, redelivered=redelivered)
         if step.done is not None or step.sheet is None:
             return step.done
         sheet = step.sheet
@@ -202,18 +204,21 @@ class ComputeWorker:
         """
         sheet, par_uid = await self.authorise(command, requester=requester)
         job_uid = sheet.job_uid
+        claimed_by: str | None = None  # whose claim it is, once known
         if sheet.state is JobState.READY:
             if await self._store.head(self._keys.input(job_uid)) is None:
                 raise RunRefusedError(f"job {job_uid} has no input yet: upload it first")
-            with contextlib.suppress(ObjectExistsError):  # whose claim it is: checked below
+            with contextlib.suppress(ObjectExistsError):  # someone's claim: read below
                 await self._store.put_if_absent(self._keys.run_claim(par_uid), message_id.encode())
+                claimed_by = message_id
         elif sheet.state is not JobState.RUNNING:
             raise RunRefusedError(f"job {job_uid} is {sheet.state.value}: it cannot start")
-        claimed_by = (await self._store.get(self._keys.run_claim(par_uid))).decode()
+        if claimed_by is None:
+            claimed_by = (await self._store.get(self._keys.run_claim(par_uid))).decode()
         if claimed_by != message_id:
             raise RunRefusedError(f"run PAR {par_uid} was already used to start job {job_uid}")
         started = await self._append(job_uid, RunStarted(), step_event_id(job_uid, "run_started"))
-        return await self._log.load(job_uid), par_uid, started
+        return fold(await self._log.read_through(job_uid, started.seq)), par_uid, started
 
     @staticmethod
     def started_reply(sheet: JobSheetState) -> RunReply:

@@ -109,7 +109,8 @@ async def setup_access(context: ServiceContext, group: TaskGroup) -> None:
 
     async def settle(envelope: Envelope[EventPublished], meta: IncomingMeta) -> None:
         # A redelivered end settles nothing twice: the ledger finds the job's settlement.
-        await service.settle(envelope.body.event.job_uid)
+        event = envelope.body.event
+        await service.settle(event.job_uid, ending=event)
 
     requests, endings = context.identities.service_queues()[Role.ACCESS]
     await context.consume(requests, handle)
@@ -130,7 +131,9 @@ async def setup_storage(context: ServiceContext, group: TaskGroup) -> None:
 
     async def handle(envelope: Envelope[EventPublished], meta: IncomingMeta) -> None:
         with anyio.CancelScope(shield=True):  # what is appended is published
-            contracted = await worker.on_submitted(envelope.body.event)
+            contracted = await worker.on_submitted(
+                envelope.body.event, redelivered=meta.redelivered
+            )
             if contracted is not None:
                 await context.publish_event(contracted)
 
@@ -153,13 +156,16 @@ async def setup_compute(context: ServiceContext, group: TaskGroup) -> None:
         context.key,
         time_limit_s=settings.time_limit_s,
         memory_limit_bytes=settings.memory_limit_bytes,
+        http=context.http,
         sandbox=settings.sandbox,
     )
     await worker.check_sandbox()  # refuse to start rather than run calculations unconfined
 
     async def on_contract(envelope: Envelope[EventPublished], meta: IncomingMeta) -> None:
         with anyio.CancelScope(shield=True):  # what is appended is published
-            contracted = await worker.on_storage_contracted(envelope.body.event)
+            contracted = await worker.on_storage_contracted(
+                envelope.body.event, redelivered=meta.redelivered
+            )
             if contracted is not None:
                 await context.publish_event(contracted)
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import anyio
+import httpx
 from aiohttp import web
 from anyio.abc import TaskGroup
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -96,6 +97,9 @@ class ServiceContext:
     """Every role's public keys: what consumed events are checked against."""
     instance: str = field(default_factory=lambda: uuid.uuid4().hex)
     """This daemon's own id (names the queues it declares for itself)."""
+    http: httpx.AsyncClient | None = None
+    """The daemon's one client for presigned transfers (its TLS context and connections made
+    once); None: each transfer makes its own."""
     log: EventLog = field(init=False)
     registry: PARRegistry = field(init=False)
     identities: Identities = field(init=False)
@@ -307,6 +311,7 @@ async def _serve(role: ServiceRole, setup: Setup) -> None:
     async with (
         S3ObjectStore(S3Settings()) as store,
         AMQPBroker(AMQPSettings(), name=f"parjobs-{role}-{os.getpid()}") as broker,
+        httpx.AsyncClient(timeout=httpx.Timeout(60.0, connect=10.0)) as http,
     ):
         await store.ensure_bucket()
         context = ServiceContext(
@@ -317,6 +322,7 @@ async def _serve(role: ServiceRole, setup: Setup) -> None:
             keys=JobKeys(settings.data_root),
             key=key,
             service_keys=service_keys,
+            http=http,
         )
         async with AsyncExitStack() as stack:
             signals = stack.enter_context(anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT))

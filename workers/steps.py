@@ -20,9 +20,19 @@ class Step:
     """Until the job's deadline, rounded down to whole seconds: PARs must not outlive it."""
 
 
-async def due_step(log: EventLog, job_uid: str, expected: JobState, *steps: str) -> Step:
-    """Whether one of `steps` (named for `step_event_id`) was done, or is due, for the job."""
-    events = await log.read(job_uid)
+async def due_step(
+    log: EventLog, trigger: JobEvent, expected: JobState, *steps: str, redelivered: bool = False
+) -> Step:
+    """Whether one of `steps` (named for `step_event_id`) was done, or is due, for the job of
+    `trigger`, the event that asks for it.
+
+    The trigger carries the job's state as of its seq: the log fetches only the events before it
+    that it does not know, and lists nothing; a step done after it is found when the step's
+    append loses the race. A `redelivered` trigger (whose first handler may have died after the
+    step) reads the whole log instead, so the step's PARs are not minted again.
+    """
+    job_uid = trigger.job_uid
+    events = await (log.read(job_uid) if redelivered else log.through(trigger))
     done = {step_event_id(job_uid, step) for step in steps}
     for logged in events:
         if logged.event_id in done:

@@ -36,13 +36,15 @@ class StorageWorker:
         self._actor = actor
         self._max_output_bytes = max_output_bytes
 
-    async def on_submitted(self, event: JobEvent) -> JobEvent | None:
+    async def on_submitted(self, event: JobEvent, *, redelivered: bool = False) -> JobEvent | None:
         """Contract storage once per job; a redelivery mints nothing and returns the logged event
         (to publish again); None if the job has moved on without us (expired, cancelled)."""
         if not isinstance(event.payload, Submitted):
             return None
         job_uid = event.job_uid
-        step = await due_step(self._log, job_uid, JobState.SUBMITTED, "storage_contracted")
+        step = await due_step(
+            self._log, event, JobState.SUBMITTED, "storage_contracted", redelivered=redelivered
+        )
         if step.done is not None or step.sheet is None:
             return step.done
         sheet, remaining = step.sheet, step.remaining

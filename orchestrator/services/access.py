@@ -21,7 +21,7 @@ import anyio
 from orchestrator.core.jobstate import fold, is_terminal
 from orchestrator.core.keys import PublicKeys
 from orchestrator.core.layout import JobKeys
-from orchestrator.core.ledger_rules import ACCESS, hold_tx_id
+from orchestrator.core.ledger_rules import ACCESS, hold_tx_id, settle_tx_id
 from orchestrator.core.pricing import Pricing
 from orchestrator.core.signing import check_authorisation, check_cheque, request_fingerprint
 from orchestrator.errors import (
@@ -142,9 +142,8 @@ class AccessService:
         actor = f"user:{user_record.name}"
         event_id = step_event_id(job_uid, "submitted")
         event = await self._log.create(job_uid, actor, submitted, event_id=event_id)
-        return Outcome(
-            reply=await self._job_reply(job_uid, with_events=False, owner=None), events=[event]
-        )
+        sheet = fold(await self._log.read_through(job_uid, event.seq))  # no read: it wrote it
+        return Outcome(reply=JobReply(sheet=sheet), events=[event])
 
     async def get(self, query: GetJob, *, owner: str | None = None) -> Outcome:
         """The job's sheet (and events); with `owner`, only if it is `owner`'s job: another
@@ -164,9 +163,12 @@ class AccessService:
         par = await self._issuer.bucket_read_par(self._keys.output_prefix(query.job_uid), user)
         return Outcome(reply=OutputsReply(read_par=par.data))
 
-    async def settle(self, job_uid: str) -> Transaction | None:
-        """Once the job has ended: charge what it cost, refund the rest of the hold (once)."""
-        sheet = await self._log.load(job_uid)
+    async def settle(self, job_uid: str, *, ending: JobEvent | None = None) -> Transaction | None:
+        """Once the job has ended: charge what it cost, refund the rest of the hold (once).
+
+        `ending`: the event that ended it, as received (the events before it are then fetched,
+        not listed)."""
+        sheet = fold(await self._log.through(ending)) if ending else await self._log.load(job_uid)
         if sheet.payment is None or not is_terminal(sheet.state):
             return None
         return await self.ledger.settle(job_uid, self._pricing.charge(sheet))
@@ -192,7 +194,8 @@ class AccessService:
                 continue  # submit wrote the marker but not (yet) the log
             sheet = fold(events)
             if is_terminal(sheet.state):
-                await self.settle(job_uid)  # a no-op when its end was settled already
+                if not self.ledger.holds(settle_tx_id(job_uid)):  # settled as it ended, mostly
+                    await self.settle(job_uid)  # a no-op when its end was settled already
                 await publish(events[-1])
                 await self._store.delete(info.key)
             elif sheet.state in _WAITING and sheet.expires_at <= now:

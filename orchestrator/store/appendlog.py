@@ -160,8 +160,15 @@ class AppendLog(ABC, Generic[R]):
             await self._store.put_if_absent(self.key(seq), record.model_dump_json().encode())
         except ObjectExistsError:
             return False
-        if self._remember and seq == len(self._known) + 1:
-            self._known = [*self._known, record]  # a new list: a read in flight holds the old one
+        self.remember(seq, record)
+        return True
+
+    def remember(self, seq: int, record: R) -> bool:
+        """Keep `record`, known to be record `seq` (written here, or vouched for otherwise), if it
+        is the next after those remembered; whether it was kept."""
+        if not self._remember or seq != len(self._known) + 1:
+            return False
+        self._known = [*self._known, record]  # a new list: a read in flight holds the old one
         return True
 
 

@@ -4,6 +4,11 @@ Event n of job U is `<root>U/events/<n, 10 digits>.json`: each job's log is an `
 two writers can never both write n. A writer that loses reads the events it missed, checks its
 transition again against the newer state, and tries the next seq.
 
+What a log has read, written or been handed (`through`: the event that triggered a handler) it
+remembers, so the usual step costs one conditional create and no read: a transition starts from
+what is remembered and reads only when it loses the race (what it missed) or knows nothing of the
+job; an ended job's log is complete, so reading it again lists nothing.
+
 A service's log seals what it appends (`EventSealer`: the hash chain and its role's signature,
 `orchestrator.core.chain`) and, given the operator's `ServiceKeys`, verifies every event it reads:
 an event edited, forged or removed behind the services' back makes the job's log unreadable
@@ -20,13 +25,14 @@ from dataclasses import dataclass
 from pydantic import TypeAdapter
 
 from orchestrator.core.chain import seal_event, verify_log
-from orchestrator.core.jobstate import apply, fold
+from orchestrator.core.jobstate import TERMINAL_STATES, TRANSITIONS, apply, fold
 from orchestrator.core.keys import KeyPair
 from orchestrator.core.par_rules import validate_prefix
 from orchestrator.core.service_keys import ServiceKeys
 from orchestrator.errors import (
     AppendConflictError,
     EventLogCorruptError,
+    IllegalTransitionError,
     JobExistsError,
     JobNotFoundError,
 )
@@ -68,6 +74,21 @@ class _JobLog(AppendLog[JobEvent]):
     def known(self) -> list[JobEvent]:
         """Events 1..n as read or written so far (no I/O)."""
         return self._known
+
+    @property
+    def ended(self) -> bool:
+        """Whether the last event known ends the job: then no event can follow it."""
+        return bool(self._known) and TRANSITIONS[self._known[-1].payload.type].target in (
+            TERMINAL_STATES
+        )
+
+    def remember(self, seq: int, record: JobEvent) -> bool:
+        # An event this log wrote (or verified before handing it here) needs no verifying.
+        complete = len(self.verified) == len(self._known)
+        kept = super().remember(seq, record)
+        if kept and complete:
+            self.verified = self._known
+        return kept
 
     def verify(self, events: list[JobEvent], keys: ServiceKeys) -> None:
         """Check the seals and links of `events` (1..n) past those verified already."""
@@ -136,14 +157,54 @@ class EventLog:
 
         Events are never rewritten, so those already read are remembered (for the most recently
         read jobs) and only newer ones are listed and fetched: a poll costs one LIST, not a GET
-        per event of the whole history. With service keys, every event read is verified first.
+        per event of the whole history, and an ended job's none. With service keys, every event
+        read is verified first.
         """
         log = self._log(job_uid)
+        if log.ended and len(trusted := self._trusted(log)) == len(log.known):
+            return trusted[after:]  # an ended log is complete: nothing to list
         if self._keys is None:
             return await log.read(after=after)
         events = await log.read()
         log.verify(events, self._keys)
         return events[after:]
+
+    async def read_through(self, job_uid: str, seq: int) -> list[JobEvent]:
+        """The job's events, at least up to `seq`: from memory when known that far (no I/O),
+        else read (`read`)."""
+        trusted = self._trusted(self._log(job_uid))
+        return trusted if len(trusted) >= seq else await self.read(job_uid)
+
+    async def through(self, trigger: JobEvent) -> list[JobEvent]:
+        """The job's events up to `trigger`, an event a handler received, reading no more than
+        that needs: those remembered; those between fetched by key, not listed (services publish
+        only what they appended, so a sealed event's predecessors are stored); the trigger as
+        received. With service keys they must verify as one chain; if they do not, the log is
+        read as `read` does, and judged. Events remembered past the trigger come too.
+        """
+        log = self._log(trigger.job_uid)
+        known = self._trusted(log)
+        if len(known) >= trigger.seq:
+            return known
+        if len(known) == len(log.known):  # no event read but not yet verified
+            try:
+                between = await log.fetch(range(len(known) + 1, trigger.seq))
+                events = [*known, *between, trigger]
+                if self._keys is not None:
+                    log.verify(events, self._keys)
+            except EventLogCorruptError:
+                pass  # judged on what is stored, below
+            else:
+                for event in events[len(known) :]:
+                    log.remember(event.seq, event)
+                return events
+        return await self.read(trigger.job_uid)
+
+    def _trusted(self, log: _JobLog) -> list[JobEvent]:
+        """The events of `log` known and, with service keys, verified."""
+        if self._keys is None or len(log.verified) == len(log.known):
+            return log.known
+        return log.verified
 
     async def owner(self, job_uid: str) -> str:
         """The registered user whose job it is (from its `submitted` event, read once)."""
@@ -220,14 +281,19 @@ class EventLog:
         """
         our_id = event_id or new_event_id()
         log = self._log(job_uid)
-        unseen = await self._read_existing(job_uid)
+        # What this log remembers is a prefix of the job's log: appending after it succeeds only
+        # if nothing followed it, and a lost race reads what did. Nothing remembered: read.
+        unseen = list(self._trusted(log))
+        fresh = not unseen  # whether `unseen` ends at the stored log's end as last read
+        if fresh:
+            unseen = await self._read_existing(job_uid)
         sheet: JobSheetState | None = None  # as of the events checked so far
         last: JobEvent | None = None  # the last of them: what the new event chains to
 
         async def attempt() -> JobEvent | None:
-            nonlocal unseen, sheet, last
+            nonlocal unseen, sheet, last, fresh
             if sheet is not None:  # a try before this one lost: read the events that won
-                unseen = await self.read(job_uid, after=sheet.seq)
+                unseen, fresh = await self.read(job_uid, after=sheet.seq), True
             for logged in unseen:
                 if logged.event_id == our_id:
                     return logged
@@ -236,7 +302,12 @@ class EventLog:
             event = JobEvent(
                 event_id=our_id, job_uid=job_uid, seq=sheet.seq + 1, actor=actor, payload=payload
             )
-            apply(sheet, event)  # refuses an illegal transition before anything is written
+            try:
+                apply(sheet, event)  # refuses an illegal transition before anything is written
+            except IllegalTransitionError:
+                if fresh:
+                    raise
+                return None  # judged on what was remembered: read what followed, judge again
             event = self._sealed(event, last)
             return event if await log.append(event.seq, event) else None
 

@@ -191,6 +191,11 @@ class Ledger:
         account_kind(account)  # refuses a name no account can have
         return (await self.state()).balances.get(account, ZERO)
 
+    def holds(self, tx_id: str) -> bool:
+        """Whether transaction `tx_id` is in the state this ledger holds (no I/O; a stored
+        transaction stays, so True is final, while False may only mean not seen yet)."""
+        return tx_id in self._state.tx_ids
+
     async def find(self, tx_id: str) -> Transaction | None:
         """The stored transaction with id `tx_id`, or None if the ledger has none."""
         seq = (await self.state()).tx_ids.get(tx_id)

@@ -27,6 +27,7 @@ _FINGERPRINT = TypeAdapter(Sha256Hex)
 _NONCE = TypeAdapter(Nonce)
 _ACCOUNT = TypeAdapter(AccountName)
 _READ_CONCURRENCY = 16  # GETs in flight while listing users
+_CACHED_USERS = 4096
 
 
 class NonceStore:
@@ -72,11 +73,23 @@ class UserRegistry:
     `<root>names/<name>.json` holds the `UserRecord` (the truth); `<root>fingerprints/<fp>` holds
     the name (the index), written only once that record holds the key. Both are conditional
     creates, so a name is one key's and a key is one name's, even when registrations race.
+
+    A registration the index confirms (its record holds the key the index names) is never
+    withdrawn or changed, so it is remembered (the most recent `_CACHED_USERS`) and not read again.
     """
 
     def __init__(self, store: ObjectStore, root: str = "auth/users/") -> None:
         self._store = store
         self._root = validate_prefix(root)
+        # Confirmed registrations, oldest first: fingerprint -> record, and name -> record.
+        self._by_fingerprint: dict[str, UserRecord] = {}
+        self._by_name: dict[str, UserRecord] = {}
+
+    def _confirm(self, fingerprint: str, record: UserRecord) -> None:
+        self._by_fingerprint[fingerprint] = self._by_name[record.name] = record
+        if len(self._by_fingerprint) > _CACHED_USERS:
+            oldest = self._by_fingerprint.pop(next(iter(self._by_fingerprint)))
+            del self._by_name[oldest.name]
 
     def _name_key(self, name: str) -> str:
         return f"{self._root}names/{name}.json"
@@ -120,6 +133,8 @@ class UserRegistry:
             raise UnknownUserError(
                 f"{name!r} is not a valid user name, so no user has it"
             ) from None
+        if (confirmed := self._by_name.get(valid)) is not None:
+            return confirmed
         try:
             raw = await self._store.get(self._name_key(valid))
         except ObjectNotFoundError:
@@ -130,6 +145,11 @@ class UserRegistry:
         """The user whose key has `fingerprint`; `UnknownUserError` if none."""
         try:
             valid = _FINGERPRINT.validate_python(fingerprint)
+        except ValidationError:
+            raise UnknownUserError(f"no user is registered with key {fingerprint!r}") from None
+        if (confirmed := self._by_fingerprint.get(valid)) is not None:
+            return confirmed
+        try:
             name = (await self._store.get(self._index_key(valid))).decode()
         except (ValidationError, ObjectNotFoundError):
             raise UnknownUserError(f"no user is registered with key {fingerprint!r}") from None
@@ -139,6 +159,7 @@ class UserRegistry:
             raise UnknownUserError(
                 f"the index names {name!r} for key {short(valid)}, but that user has another key"
             )
+        self._confirm(valid, record)
         return record
 
     async def list(self) -> builtins.list[UserRecord]:

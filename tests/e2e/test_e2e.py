@@ -570,8 +570,10 @@ async def test_stop_ends_a_running_job(harness: Harness) -> None:
 
 
 async def _running_with_process(harness: Harness, job_uid: str) -> bool:
+    """Running, with its whole sandboxed run up: a job is `running` as soon as it is claimed,
+    while bwrap's supervisor is still starting the calculation."""
     sheet = (await harness.client.job(job_uid)).sheet
-    return sheet.state is JobState.RUNNING and bool(run_processes(job_uid))
+    return sheet.state is JobState.RUNNING and len(run_processes(job_uid)) >= PROCESSES_PER_RUN
 
 
 # --- poison and duplicates ----------------------------------------------------------------------

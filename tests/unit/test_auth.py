@@ -215,7 +215,7 @@ def test_an_authorisation_naming_another_user_is_forged() -> None:
 @pytest.mark.parametrize(
     ("field", "value"),
     [
-        ("user", MALLORY.fingerprint),
+        pytest.param("user", MALLORY.fingerprint, id="user-mallory"),
         ("request_fingerprint", "0" * 64),
         ("timestamp", NOW + timedelta(seconds=1)),
         ("timestamp", NOW + timedelta(microseconds=1)),
@@ -312,7 +312,7 @@ def test_a_cheque_from_another_payers_key_is_forged() -> None:
     [
         ("cheque_id", "0" * 32),
         ("payer", "bob"),
-        ("payer_key", MALLORY.fingerprint),
+        pytest.param("payer_key", MALLORY.fingerprint, id="payer_key-mallory"),
         ("recipient", "storage"),
         ("max_spend", Decimal("2500")),
         ("max_spend", Decimal("2.500001")),

@@ -17,7 +17,7 @@ from orchestrator.errors import (
 )
 from orchestrator.store.base import ObjectStore
 from orchestrator.store.users import NonceStore, UserRegistry
-from tests._forwarding import ForwardingStore
+from tests._forwarding import CountingStore, ForwardingStore
 
 ALICE = KeyPair.generate("alice").public
 BOB = KeyPair.generate("bob").public
@@ -104,6 +104,7 @@ async def test_racing_retries_of_one_submission_all_succeed(nonces: NonceStore) 
 @pytest.mark.parametrize(
     ("user", "nonce"),
     [("../" + "a" * 61, "0" * 32), (ALICE.fingerprint, "../x"), (ALICE.fingerprint, "A" * 32)],
+    ids=["climbing-user", "climbing-nonce", "upper-case-nonce"],
 )
 async def test_a_malformed_user_or_nonce_writes_nothing(
     nonces: NonceStore, store: ObjectStore, prefix: str, user: str, nonce: str
@@ -185,7 +186,7 @@ async def test_an_unknown_or_impossible_name_is_an_unknown_user(
         await users.get(name)
 
 
-@pytest.mark.parametrize("fingerprint", [BOB.fingerprint, "../x", ""])
+@pytest.mark.parametrize("fingerprint", [BOB.fingerprint, "../x", ""], ids=["unknown", "climbing", "empty"])
 async def test_an_unknown_or_impossible_fingerprint_is_an_unknown_user(
     users: UserRegistry, fingerprint: str
 ) -> None:
@@ -266,3 +267,15 @@ async def test_racing_registrations_of_one_key_have_exactly_one_winner(
     record = await users.by_fingerprint(ALICE.fingerprint)
     assert record.name == winners[0]
     assert [user.name for user in await users.list()] == winners
+
+
+async def test_a_confirmed_user_is_not_read_again(store: ObjectStore, prefix: str) -> None:
+    await UserRegistry(store, f"{prefix}users/").add("alice", ALICE)
+    async with CountingStore(store) as counting:
+        users = UserRegistry(counting, f"{prefix}users/")
+        alice = await users.by_fingerprint(ALICE.fingerprint)
+        reads = len(counting.gets)
+        assert await users.by_fingerprint(ALICE.fingerprint) == alice
+        assert await users.get("alice") == alice
+    assert reads == 2  # the index, then the record: once
+    assert len(counting.gets) == reads

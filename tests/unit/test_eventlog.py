@@ -32,7 +32,7 @@ from schemas.events import (
     RunStarted,
 )
 from schemas.signing import SERVICE_ROLES, ServiceRole
-from tests._forwarding import ForwardingStore
+from tests._forwarding import CountingStore, ForwardingStore
 from tests.unit.test_jobstate import RUN, SAMPLES, SUBMITTED, USER
 
 
@@ -298,3 +298,92 @@ async def test_an_unsealed_event_in_a_sealed_log_is_refused(store: ObjectStore, 
     await EventLog(store, root).create(job, f"user:{USER}", SUBMITTED)  # written unsealed
     with pytest.raises(EventLogCorruptError, match="unsigned"):
         await sealed_log(store, root, "storage").read(job)
+
+
+# --- remembering: what a log wrote or was handed is not read again --------------------------------
+
+
+async def test_a_log_appends_after_what_it_wrote_without_reading(
+    store: ObjectStore, root: str
+) -> None:
+    async with CountingStore(store) as counting:
+        job = await running_job(EventLog(counting, root))
+    assert (counting.lists, counting.gets) == ([], [])
+    assert len(counting.creates) == 4
+    assert (await EventLog(store, root).load(job)).state is JobState.RUNNING
+
+
+async def test_a_log_behind_the_stored_one_is_judged_again_on_what_it_missed(
+    store: ObjectStore, root: str
+) -> None:
+    mine, other = EventLog(store, root), EventLog(store, root)
+    job = uuid.uuid4().hex
+    await mine.create(job, f"user:{USER}", SUBMITTED)
+    await other.transition(job, "storage", SAMPLES["storage_contracted"])
+    # Illegal after event 1, which is all `mine` remembers; legal after the stored event 2.
+    event = await mine.transition(job, "compute", SAMPLES["compute_contracted"])
+    assert event.seq == 3
+    stored = await EventLog(store, root).read(job)
+    assert [e.payload.type for e in stored] == [
+        "submitted",
+        "storage_contracted",
+        event.payload.type,
+    ]
+
+
+async def test_a_trigger_stands_for_the_log_up_to_it(store: ObjectStore, root: str) -> None:
+    job = uuid.uuid4().hex
+    await sealed_log(store, root, "access").create(job, f"user:{USER}", SUBMITTED)
+    storage = sealed_log(store, root, "storage")
+    trigger = await storage.transition(job, "storage", SAMPLES["storage_contracted"])
+    async with CountingStore(store) as counting:
+        compute = sealed_log(counting, root, "compute")
+        events = await compute.through(trigger)
+        await compute.transition(job, "compute", SAMPLES["compute_contracted"])
+    assert events == (await EventLog(store, root).read(job))[:2]
+    # Event 1 fetched by its key, the trigger as received, nothing listed.
+    assert (counting.lists, counting.gets) == ([], [compute.event_key(job, 1)])
+
+
+async def test_a_trigger_that_does_not_chain_to_the_stored_log_is_not_taken(
+    store: ObjectStore, root: str
+) -> None:
+    job = uuid.uuid4().hex
+    first = await sealed_log(store, root, "access").create(job, f"user:{USER}", SUBMITTED)
+    # Sealed with storage's key, but chained to a first event that is not the stored one.
+    elsewhere = EventSealer(ROLE_KEYS["access"], "access").seal(
+        JobEvent(job_uid=job, seq=1, actor=f"user:{USER}", payload=SUBMITTED), None
+    )
+    forged = EventSealer(ROLE_KEYS["storage"], "storage").seal(
+        rival(job, 2, SAMPLES["storage_contracted"]), elsewhere
+    )
+    compute = sealed_log(store, root, "compute")
+    assert await compute.through(forged) == [first]  # the stored log, read and verified
+    assert await compute.read(job) == [first]
+
+
+async def test_an_ended_log_is_not_listed_again(store: ObjectStore, root: str) -> None:
+    async with CountingStore(store) as counting:
+        log = EventLog(counting, root)
+        job = await running_job(log)
+        await log.transition(job, "compute", Failed(reason="no"))
+        assert (await log.load(job)).state is JobState.FAILED
+    assert counting.lists == []
+
+
+async def test_an_ended_log_whose_end_fails_its_checks_stays_unreadable(
+    store: ObjectStore, root: str
+) -> None:
+    job = uuid.uuid4().hex
+    await sealed_log(store, root, "access").create(job, f"user:{USER}", SUBMITTED)
+    await sealed_log(store, root, "storage").transition(
+        job, "storage", SAMPLES["storage_contracted"]
+    )
+    reader = sealed_log(store, root, "access")
+    assert len(await reader.read(job)) == 2  # verified so far
+    end = await sealed_log(store, root, "compute").transition(job, "compute", Failed(reason="x"))
+    edited = end.model_copy(update={"actor": "compute:mallory"})
+    await store.put(reader.event_key(job, 3), edited.model_dump_json().encode())
+    for _ in range(2):  # the second read must not take the verified events for the whole log
+        with pytest.raises(EventLogCorruptError, match="event 3"):
+            await reader.read(job)

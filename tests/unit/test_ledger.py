@@ -6,7 +6,6 @@ Racing ledgers on separate clients of a real S3 server: tests/integration/test_l
 
 from __future__ import annotations
 
-import builtins
 import json
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -27,10 +26,10 @@ from orchestrator.errors import (
     ObjectStoreError,
     UnknownHoldError,
 )
-from orchestrator.store.base import ObjectInfo, ObjectStore
+from orchestrator.store.base import ObjectStore
 from orchestrator.store.ledger import Ledger
 from schemas.ledger import Transaction, TransactionDraft
-from tests._forwarding import ForwardingStore
+from tests._forwarding import CountingStore, ForwardingStore
 
 
 def uid() -> str:
@@ -45,31 +44,6 @@ def root(prefix: str) -> str:
 @pytest.fixture
 def ledger(store: ObjectStore, root: str) -> Ledger:
     return Ledger(store, root)
-
-
-class CountingStore(ForwardingStore):
-    """Records the key of every GET and conditional create, and the prefix and start of every
-    listing, to see what the ledger asks for."""
-
-    def __init__(self, store: ObjectStore) -> None:
-        super().__init__(store)
-        self.gets: list[str] = []
-        self.creates: list[str] = []
-        self.lists: list[tuple[str, str | None]] = []
-
-    async def list(
-        self, prefix: str = "", *, start_after: str | None = None
-    ) -> builtins.list[ObjectInfo]:
-        self.lists.append((prefix, start_after))
-        return await super().list(prefix, start_after=start_after)
-
-    async def get(self, key: str) -> bytes:
-        self.gets.append(key)
-        return await super().get(key)
-
-    async def put_if_absent(self, key: str, data: bytes) -> str:
-        self.creates.append(key)
-        return await super().put_if_absent(key, data)
 
 
 class RivalStore(ForwardingStore):
@@ -546,3 +520,14 @@ async def test_a_block_overlapping_the_one_before_is_reported(
         f"{ledger.entry_key(3)!r} is in the ledger's folder but transaction 3 inside the block "
         "before it"
     ]
+
+
+async def test_a_rule_refusing_on_the_state_held_is_judged_again_on_the_latest(
+    store: ObjectStore, root: str
+) -> None:
+    mine = Ledger(store, root)
+    await mine.deposit("alice", 1)
+    await Ledger(store, root).deposit("alice", 10)  # another writer; `mine` has not seen it
+    held = await mine.hold(uid(), uid(), "alice", 5)  # too much on the state held, not on 11
+    assert held.seq == 3
+    assert await mine.balance("alice") == Decimal(6)

@@ -194,6 +194,25 @@ async def test_storage_contracts_once_even_when_redelivered(services: Services) 
     assert sheet.output_par.expires_at <= sheet.expires_at
 
 
+async def test_a_redelivery_to_a_daemon_that_never_saw_the_job_mints_nothing(
+    services: Services, store: ObjectStore
+) -> None:
+    submitted = (
+        await services.access.submit(services.submit_command(), message_id=uuid.uuid4().hex)
+    ).events[0]
+    contracted = await services.storage.on_submitted(submitted)
+    registered = await store.list(services.keys.registry)
+    # A restarted storage daemon: its log remembers nothing, the trigger is flagged redelivered.
+    restarted = StorageWorker(
+        EventLog(store, services.keys.jobs),
+        PARIssuer(store, services.registry, name="storage"),
+        services.compute_key.public,
+        services.keys,
+    )
+    assert await restarted.on_submitted(submitted, redelivered=True) == contracted
+    assert await store.list(services.keys.registry) == registered
+
+
 async def test_get_job_and_unknown_job(services: Services) -> None:
     submitted = (
         await services.access.submit(services.submit_command(), message_id=uuid.uuid4().hex)
