@@ -186,7 +186,9 @@ async def test_an_unknown_or_impossible_name_is_an_unknown_user(
         await users.get(name)
 
 
-@pytest.mark.parametrize("fingerprint", [BOB.fingerprint, "../x", ""], ids=["unknown", "climbing", "empty"])
+@pytest.mark.parametrize(
+    "fingerprint", [BOB.fingerprint, "../x", ""], ids=["unknown", "climbing", "empty"]
+)
 async def test_an_unknown_or_impossible_fingerprint_is_an_unknown_user(
     users: UserRegistry, fingerprint: str
 ) -> None:
