@@ -154,7 +154,9 @@ async def test_each_daemon_serves_metrics_of_what_it_did_for_a_job(harness: Harn
         assert total(samples, "parjobs_messages_consumed_total", outcome="failed") == 0, role
         assert total(samples, "parjobs_handler_seconds_count") >= 1, role
         assert total(samples, "parjobs_messages_published_total") >= 1, role
-        assert total(samples, "parjobs_s3_request_seconds_count", operation="get_object") >= 1
+        # Every role appends at least one event of the job: a conditional create.
+        operation = "put_object_if_absent"
+        assert total(samples, "parjobs_s3_request_seconds_count", operation=operation) >= 1, role
         assert total(samples, "parjobs_dead_letter_queue_depth") == 0, role
     # Access holds the job's price and settles it: two ledger appends at least.
     assert total(scraped["access"], "parjobs_ledger_appends_total") >= 2
