@@ -1,6 +1,7 @@
 #!/usr/bin/env node
-// A whole parjobs job from Node.js, written from the docs alone: docs/messages.md,
-// docs/security.md, docs/pars.md, docs/payments.md and docs/asyncapi.json.
+// A whole parjobs job from Node.js, written from the docs alone: docs/messages.md ("One job, as a
+// client in any language does it"), docs/security.md, docs/pars.md, docs/payments.md and
+// docs/asyncapi.json.
 //
 //   node tests/node/client.mjs --calculation checksum --input data.bin --max-spend 1 \
 //       [--params '{"k": "v"}'] [--output DIR] [--amqp-url URL] [--key FILE] \
@@ -90,12 +91,12 @@ async function main() {
     const submitted = await ask('access', submit);
     const jobUid = submitted.sheet.job_uid;
     follower = new JobFollower(jobUid, serviceKeys, warn);
+    // The events queue was bound before the submission: every event of the job reaches it.
     for (const [event, source] of unclaimed.splice(0)) follower.offer(event, source);
     const catchUp = async () => {
       const reply = await ask('access', { type: 'get_job', job_uid: jobUid, with_events: true });
       for (const event of reply.events) follower.offer(event, 'GetJob');
     };
-    await catchUp(); // what was published before the events queue was bound, if anything
 
     // 2. Wait (on events) until storage and compute have contracted.
     const waitFor = async (type) => {

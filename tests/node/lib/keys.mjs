@@ -87,7 +87,7 @@ export function loadKeyPair(path, passphrase) {
 }
 
 /** The operator's service keys file: {"kind": "parjobs-service-keys", "roles": {role: [public
- * keys, current first, then older ones]}} (docs/security.md, "Parties and what they hold"). */
+ * keys, current first, then older ones]}} (docs/security.md, "Key files and fingerprints"). */
 export function loadServiceKeys(path) {
   const document = JSON.parse(readFileSync(path, 'utf8'));
   if (document.kind !== 'parjobs-service-keys') throw new Error(`${path} is not a service keys file`);

@@ -1,5 +1,6 @@
 // What a user signs: the job request's authorisation and cheque (docs/payments.md), and every
-// request's envelope (docs/security.md, "Signed requests"; docs/messages.md, "The envelope").
+// request's envelope (docs/security.md, "Signatures, for another language"; docs/messages.md,
+// "The envelope").
 import { b64, canonicalJson, money, newUid, sha256Hex, signedBytes, utcTime } from './wire.mjs';
 
 const CHEQUE_LIFETIME_MS = 3600_000;

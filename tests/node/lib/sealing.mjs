@@ -1,5 +1,5 @@
 // What travels sealed: PAR capabilities (docs/pars.md, "Sealing") and run commands
-// (docs/security.md, "Sealed run commands").
+// (docs/security.md, "Signatures, for another language", and "Sealed run commands").
 //
 // Sealing is HPKE (RFC 9180) base mode, single shot: DHKEM(X25519, HKDF-SHA256), HKDF-SHA256,
 // AES-256-GCM, empty AAD; the sealed bytes are the 32-byte encapsulated key followed by the
@@ -59,8 +59,12 @@ export async function openPar(par, me, now = new Date()) {
   if (Date.parse(par.expires_at) - now.getTime() <= EXPIRY_BUFFER_MS) {
     throw new Error(`PAR ${par.uid} expired (or is within 30 s of expiry) at ${par.expires_at}`);
   }
-  const plaintext = await open(unb64(par.sealed), me.x25519Private, parSealingInfo(par));
-  return JSON.parse(plaintext.toString('utf8'));
+  try {
+    const plaintext = await open(unb64(par.sealed), me.x25519Private, parSealingInfo(par));
+    return JSON.parse(plaintext.toString('utf8'));
+  } catch (error) {
+    throw new Error(`${par.kind} PAR ${par.uid}: ${error.message}`);
+  }
 }
 
 /** The body of a run command (start_run, stop_run, get_run_status): the run URL sealed for

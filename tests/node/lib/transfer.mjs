@@ -1,5 +1,5 @@
-// Moving data through opened PARs: plain HTTP to S3's presigned URLs (docs/pars.md, "Kinds" and
-// "Streaming and integrity"). No S3 credentials: S3 checks the URL's signature and expiry.
+// Moving data through opened PARs: plain HTTP to S3's presigned URLs (docs/pars.md, "Using one
+// from another language"). No S3 credentials: S3 checks the URL's signature and expiry.
 import { createHash } from 'node:crypto';
 
 async function refused(response, what) {

@@ -1,7 +1,7 @@
 // The bytes parjobs signs and hashes, rebuilt from JSON alone.
 //
-// docs/payments.md ("Authorisation") and docs/security.md ("Signed requests", "Sealed, chained
-// events", "Signing and canonical JSON"): every signature is Ed25519 over
+// docs/security.md ("Signatures, for another language") and docs/messages.md ("Signed
+// messages"): every signature is Ed25519 over
 //     <purpose tag> NUL <RFC 8785 canonical JSON of the signed fields>
 // where the signed fields are the message's full JSON form: every field of the schema, defaults
 // included, money as a decimal string with six places, times in UTC written
