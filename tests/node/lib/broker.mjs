@@ -36,9 +36,18 @@ export function identity(amqpUrl) {
 export class Broker {
   static async connect(amqpUrl, { prefix, serviceKeys, warn, onEvent }) {
     const who = identity(amqpUrl);
-    const connection = await amqp.connect(amqpUrl, {
-      clientProperties: { connection_name: `parjobs-node-client-${who.name}` },
-    });
+    let connection;
+    try {
+      connection = await amqp.connect(amqpUrl, {
+        clientProperties: { connection_name: `parjobs-node-client-${who.name}` },
+      });
+    } catch (error) {
+      const { host } = new URL(amqpUrl);
+      throw new Error(`cannot connect to RabbitMQ at ${host} as ${who.username}: ${error.message}`);
+    }
+    // What fails on the connection fails the operation waiting on it; this only keeps an
+    // 'error' event from ending the process before that operation says what went wrong.
+    connection.on('error', (error) => warn(`connection: ${error.message}`));
     const broker = new Broker(connection, { ...who, prefix: prefix ?? who.prefix }, serviceKeys, warn);
     await broker.start(onEvent);
     return broker;
@@ -55,6 +64,7 @@ export class Broker {
 
   async start(onEvent) {
     this.channel = await this.connection.createConfirmChannel();
+    this.channel.on('error', (error) => this.warn(`channel: ${error.message}`));
     this.channel.on('return', (message) => this.returned.add(message.properties.messageId));
     const instance = randomUUID().replaceAll('-', '');
     const namespace = `${this.prefix}.client.${this.username}`;
@@ -149,6 +159,10 @@ export class Broker {
   }
 
   async close() {
-    await this.connection.close();
+    try {
+      await this.connection.close();
+    } catch {
+      // already closed (by the broker, with the error that ended the run)
+    }
   }
 }
