@@ -41,6 +41,7 @@ PASSPHRASE = "node client passphrase"
 DEPOSIT = Decimal(5)
 
 
+@pytest.fixture(scope="module")
 def node() -> str:
     """The `node` binary, with the client's npm packages installed; a clear failure if not."""
     binary = shutil.which("node")
@@ -63,7 +64,8 @@ class NodeUser:
 
 
 @pytest.fixture(scope="module")
-async def cluster(seaweed: LocalSeaweed) -> AsyncIterator[LocalCluster]:
+async def cluster(node: str, seaweed: LocalSeaweed) -> AsyncIterator[LocalCluster]:
+    """The three daemons, started once `node` is known to be there."""
     overrides = {"PARJOBS_DATA_ROOT": f"node-{uuid.uuid4().hex[:8]}/"}
     prefix = f"pjnode{uuid.uuid4().hex[:8]}"
     async with LocalCluster(
@@ -91,7 +93,7 @@ class NodeRun:
     stderr: str
 
 
-async def run_node_client(cluster: LocalCluster, user: NodeUser, *args: str) -> NodeRun:
+async def run_node_client(node: str, cluster: LocalCluster, user: NodeUser, *args: str) -> NodeRun:
     """`node tests/node/client.mjs <args>` as `user`; its exit status and last JSON line."""
     env = {
         **os.environ,
@@ -101,7 +103,7 @@ async def run_node_client(cluster: LocalCluster, user: NodeUser, *args: str) -> 
         "PARJOBS_SERVICE_KEYS_FILE": str(cluster.service_keys_file),
     }
     with anyio.fail_after(180):
-        done = await anyio.run_process([node(), str(NODE_CLIENT), *args], env=env, check=False)
+        done = await anyio.run_process([node, str(NODE_CLIENT), *args], env=env, check=False)
     stdout, stderr = done.stdout.decode(), done.stderr.decode()
     lines = stdout.strip().splitlines()
     assert lines, f"the Node client printed nothing (exit {done.returncode}): {stderr}"
@@ -114,7 +116,7 @@ async def balance(cluster: LocalCluster, name: str) -> Decimal:
 
 
 async def test_node_client_runs_a_whole_job(
-    cluster: LocalCluster, user: NodeUser, tmp_path: Path
+    node: str, cluster: LocalCluster, user: NodeUser, tmp_path: Path
 ) -> None:
     data = b"alpha,1\nbeta,2\ngamma,3\n" * 100
     source = tmp_path / "input.csv"
@@ -123,6 +125,7 @@ async def test_node_client_runs_a_whole_job(
     before = await balance(cluster, user.name)
 
     run = await run_node_client(
+        node,
         cluster,
         user,
         "--calculation=checksum",
@@ -165,13 +168,14 @@ async def test_node_client_runs_a_whole_job(
 
 
 async def test_a_tampered_request_signature_is_refused(
-    cluster: LocalCluster, user: NodeUser, tmp_path: Path
+    node: str, cluster: LocalCluster, user: NodeUser, tmp_path: Path
 ) -> None:
     source = tmp_path / "input.bin"
     source.write_bytes(b"never run\n")
     before = await balance(cluster, user.name)
 
     run = await run_node_client(
+        node,
         cluster,
         user,
         "--calculation=checksum",
