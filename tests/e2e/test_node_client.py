@@ -188,3 +188,28 @@ async def test_a_tampered_request_signature_is_refused(
     assert run.result["ok"] is False
     assert run.result["error"] == "signature.forged", run.result
     assert await balance(cluster, user.name) == before  # nothing held, nothing created
+
+
+async def test_a_job_that_fails_ends_the_node_client_with_its_reason(
+    node: str, cluster: LocalCluster, user: NodeUser, tmp_path: Path
+) -> None:
+    source = tmp_path / "input.bin"
+    source.write_bytes(b"x")
+    before = await balance(cluster, user.name)
+
+    run = await run_node_client(
+        node,
+        cluster,
+        user,
+        "--calculation=sleep",
+        f"--input={source}",
+        '--params={"seconds": 0, "exit_code": 3}',
+        "--max-spend=1",
+    )
+
+    assert run.status == 3, run.stderr
+    assert run.result["error"] == "job.ended"
+    assert "ended failed before completed" in run.result["message"]
+    with anyio.fail_after(30):  # a failed job is refunded in full, once access settles it
+        while await balance(cluster, user.name) != before:
+            await anyio.sleep(0.2)

@@ -15,18 +15,15 @@
 // one JSON line. Exit status: 0 completed, 2 refused (an error reply), 3 the job ended otherwise,
 // 1 anything else. `--tamper request-signature` spoils the SubmitJob's signature after signing
 // (to see the refusal).
-import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
-import { dirname, join } from 'node:path';
+import { readFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
 import { Broker, Refused } from './lib/broker.mjs';
-import { JobFollower } from './lib/events.mjs';
+import { JobEnded, JobFollower } from './lib/events.mjs';
 import { loadKeyPair, loadServiceKeys } from './lib/keys.mjs';
 import { authorise, jobRequest, signedEnvelope, writeCheque } from './lib/requests.mjs';
 import { openPar, runCommand } from './lib/sealing.mjs';
-import { download, upload } from './lib/transfer.mjs';
+import { downloadOutputs, upload } from './lib/transfer.mjs';
 import { sha256Hex } from './lib/wire.mjs';
-
-class JobEnded extends Error {}
 
 const warn = (message) => process.stderr.write(`parjobs-node: ${message}\n`);
 
@@ -99,24 +96,7 @@ async function main() {
     };
 
     // 2. Wait (on events) until storage and compute have contracted.
-    const waitFor = async (type) => {
-      let filledAt = -1;
-      for (;;) {
-        const found = follower.events.find((event) => event.payload.type === type);
-        if (found) return found;
-        if (follower.ended) {
-          const last = follower.last.payload;
-          throw new JobEnded(`job ${jobUid} ended ${last.type} before ${type}${last.reason ? `: ${last.reason}` : ''}`);
-        }
-        if (follower.hasGap && filledAt !== follower.events.length) {
-          filledAt = follower.events.length; // an event came early: ask once for what is missing
-          await catchUp();
-          continue;
-        }
-        if (Date.now() > deadline) throw new Error(`job ${jobUid}: no ${type} event within --timeout-s`);
-        await follower.changed(Math.min(1000, Math.max(0, deadline - Date.now())));
-      }
-    };
+    const waitFor = (type) => follower.waitFor(type, { deadline, catchUp });
     const storage = await waitFor('storage_contracted');
     const compute = await waitFor('compute_contracted');
 
@@ -134,19 +114,7 @@ async function main() {
     const { outputs, summary, cpu_seconds: cpuSeconds } = end.payload;
     const readPar = end.payload.read_par ?? (await ask('access', { type: 'get_outputs', job_uid: jobUid })).read_par;
     const { manifest } = await openPar(readPar, me);
-    const recorded = new Map(outputs.map((output) => [output.key, output.sha256]));
-    const listed = Object.keys(manifest).sort();
-    if (listed.join('\n') !== [...recorded.keys()].sort().join('\n')) {
-      throw new Error(`the read PAR lists ${listed.join(', ')}, the completed event ${[...recorded.keys()].join(', ')}`);
-    }
-    for (const key of listed) {
-      const data = await download(manifest[key], recorded.get(key), key);
-      if (opts.output) {
-        const path = join(opts.output, key);
-        mkdirSync(dirname(path), { recursive: true });
-        writeFileSync(path, data);
-      }
-    }
+    await downloadOutputs(manifest, outputs, opts.output);
     return {
       ok: true,
       job_uid: jobUid,

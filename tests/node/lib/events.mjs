@@ -42,6 +42,9 @@ export function sealProblem(event, serviceKeys) {
 
 export const eventHash = (event) => sha256Hex(canonicalJson(event));
 
+/** The job ended without the event waited for. */
+export class JobEnded extends Error {}
+
 export class JobFollower {
   constructor(jobUid, serviceKeys, warn) {
     this.jobUid = jobUid;
@@ -90,6 +93,27 @@ export class JobFollower {
     }
     this.events.push(event);
     return true;
+  }
+
+  /** The job's first event of `type`, once applied; JobEnded if the job ends without it. An
+   * event that comes early shows a gap: `catchUp` (one GetJob) is asked once per gap. */
+  async waitFor(type, { deadline, catchUp }) {
+    let filledAt = -1;
+    for (;;) {
+      const found = this.events.find((event) => event.payload.type === type);
+      if (found) return found;
+      if (this.ended) {
+        const { type: end, reason } = this.last.payload;
+        throw new JobEnded(`job ${this.jobUid} ended ${end} before ${type}${reason ? `: ${reason}` : ''}`);
+      }
+      if (this.hasGap && filledAt !== this.events.length) {
+        filledAt = this.events.length;
+        await catchUp();
+        continue;
+      }
+      if (Date.now() > deadline) throw new Error(`job ${this.jobUid}: no ${type} event in time (--timeout-s)`);
+      await this.changed(Math.min(1000, Math.max(0, deadline - Date.now())));
+    }
   }
 
   notify() {

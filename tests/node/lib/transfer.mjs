@@ -1,6 +1,8 @@
 // Moving data through opened PARs: plain HTTP to S3's presigned URLs (docs/pars.md, "Using one
 // from another language"). No S3 credentials: S3 checks the URL's signature and expiry.
 import { createHash } from 'node:crypto';
+import { mkdirSync, writeFileSync } from 'node:fs';
+import { dirname, join } from 'node:path';
 
 async function refused(response, what) {
   const text = await response.text();
@@ -38,4 +40,27 @@ export async function download(url, expectedSha256, name) {
     throw new Error(`output ${name}: SHA-256 ${sha256} differs from the ${expectedSha256} its completed event recorded`);
   }
   return data;
+}
+
+/** Download every output a bucket read PAR's `manifest` lists, each checked against the SHA-256
+ * the job's `completed` event recorded for it (the two must list the same keys); written under
+ * `directory` if one is given. */
+export async function downloadOutputs(manifest, outputs, directory) {
+  const recorded = new Map(outputs.map((output) => [output.key, output.sha256]));
+  const listed = Object.keys(manifest).sort();
+  if (listed.join('\n') !== [...recorded.keys()].sort().join('\n')) {
+    throw new Error(`the read PAR lists ${listed.join(', ')}; the completed event ${[...recorded.keys()].join(', ')}`);
+  }
+  for (const key of listed) {
+    // A key is relative: no empty, '.' or '..' part may climb out of the directory.
+    if (key.split('/').some((part) => ['', '.', '..'].includes(part))) {
+      throw new Error(`output key ${JSON.stringify(key)} is not a safe relative key`);
+    }
+    const data = await download(manifest[key], recorded.get(key), key);
+    if (directory) {
+      const path = join(directory, key);
+      mkdirSync(dirname(path), { recursive: true });
+      writeFileSync(path, data);
+    }
+  }
 }
