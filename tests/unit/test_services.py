@@ -35,6 +35,7 @@ from schemas.messages import (
     GetJob,
     GetOutputs,
     JobReply,
+    ProgressReport,
     RunAction,
     RunCommand,
     StartRun,
@@ -84,6 +85,12 @@ class Services:
             time_limit_s=TIME_LIMIT_S,
             http=http,
         )
+        self.reported: list[tuple[str, ProgressReport]] = []
+        """The progress compute reported, with the owner it went to."""
+
+    async def report(self, owner: str, progress: ProgressReport) -> None:
+        """Compute's `ReportProgress`: kept in `reported`."""
+        self.reported.append((owner, progress))
 
     def run_command(self, action: RunAction, run_par: PAR) -> RunCommand:
         """The user's `action` through `run_par`, sealed for compute as the client seals it."""
@@ -103,7 +110,7 @@ class Services:
             sheet, _, _ = await self.compute.claim(
                 start, requester=self.user.fingerprint, message_id=message_id
             )
-            return await self.compute.run(sheet, handle, publish)
+            return await self.compute.run(sheet, handle, publish, self.report)
 
     def access_job_uid(self, message_id: str) -> str:
         """The job uid access derives from a submit's message id."""
