@@ -55,7 +55,14 @@ class Services:
     `http` reaches the store's presigned URLs; `transport` is a `PARTransport` over it.
     """
 
-    def __init__(self, store: ObjectStore, prefix: str, http: httpx.AsyncClient) -> None:
+    def __init__(
+        self,
+        store: ObjectStore,
+        prefix: str,
+        http: httpx.AsyncClient,
+        *,
+        progress_snapshot_s: float = 30.0,
+    ) -> None:
         self.keys = JobKeys(prefix)
         self.log = EventLog(store, self.keys.jobs)
         self.registry = registry = PARRegistry(store, root=self.keys.registry)
@@ -84,6 +91,7 @@ class Services:
             self.compute_key,
             time_limit_s=TIME_LIMIT_S,
             http=http,
+            progress_snapshot_s=progress_snapshot_s,
         )
         self.reported: list[tuple[str, ProgressReport]] = []
         """The progress compute reported, with the owner it went to."""
