@@ -40,6 +40,7 @@ from orchestrator.errors import (
     RequestTimeoutError,
     SignatureError,
 )
+from schemas.events import JobEvent
 from schemas.messages import JOB_UPDATES, Envelope, EventPublished, ProgressReport
 from schemas.signing import ServiceRole
 
@@ -201,11 +202,13 @@ class Inbox:
         except ValidationError as exc:
             log.warning("dropped a message on the events queue from %s: %s", meta.user_id, exc)
             return
-        if isinstance(envelope.body, ProgressReport):
-            self._on_progress(envelope, meta)
-            return
-        assert isinstance(envelope.body, EventPublished)
-        event = envelope.body.event
+        match envelope.body:
+            case ProgressReport() as report:
+                self._on_progress(envelope, report, meta)
+            case EventPublished(event=event):
+                self._on_job_event(event, meta)
+
+    def _on_job_event(self, event: JobEvent, meta: IncomingMeta) -> None:
         followed = self._trackers.get(event.job_uid)
         if followed is None:
             log.debug("dropped event %d of job %s: nobody follows it", event.seq, event.job_uid)
@@ -216,8 +219,13 @@ class Inbox:
             del self._trackers[event.job_uid]
             self._keep(tracker)
 
-    def _on_progress(self, envelope: Envelope[Any], meta: IncomingMeta) -> None:
-        report: ProgressReport = envelope.body
+    def _on_progress(
+        self, envelope: Envelope[Any], report: ProgressReport, meta: IncomingMeta
+    ) -> None:
+        followed = self._trackers.get(report.job_uid)
+        if followed is None:
+            log.debug("dropped a progress report of job %s: nobody follows it", report.job_uid)
+            return
         try:
             signer = verify_message(
                 envelope.signature,
@@ -238,5 +246,4 @@ class Inbox:
                 exc,
             )
             return
-        if (followed := self._trackers.get(report.job_uid)) is not None:
-            followed[0].report(report)
+        followed[0].report(report)
