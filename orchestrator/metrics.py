@@ -40,7 +40,7 @@ MESSAGES_DEAD_LETTERED = Counter(
 )
 MESSAGES_PUBLISHED = Counter(
     "parjobs_messages_published",
-    "Messages this daemon published: events, and signed replies to requests",
+    "Messages this daemon published: events, progress reports, and signed replies to requests",
     ["kind", "type"],
 )
 HANDLER_SECONDS = Histogram(

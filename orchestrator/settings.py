@@ -171,6 +171,9 @@ class ServiceSettings(BaseSettings):
     """How far an authorisation's timestamp may be from the access service's clock."""
     time_limit_s: float = Field(default=600.0, gt=0)
     memory_limit_bytes: int = Field(default=2**30, ge=2**24)
+    progress_snapshot_s: float = Field(default=30.0, gt=0)
+    """How often at most compute overwrites a running job's progress snapshot (one object per
+    job); the progress itself reaches the job's owner live, over the broker."""
     max_runs: int = Field(default=2, ge=1)
     """Calculations one compute daemon runs at once (its run queue's prefetch)."""
     sandbox: Literal["bwrap", "none"] = "bwrap"

@@ -19,7 +19,7 @@ from typing_extensions import TypeVar
 
 from schemas._base import B64Bytes, WireModel
 from schemas.auth import Authorisation, Cheque
-from schemas.events import JobEvent, JobRequest, JobSheetState
+from schemas.events import JobEvent, JobRequest, JobSheetState, Progress
 from schemas.par import PARData, PARState, Sha256Hex, Uid
 from schemas.signing import MessageSignature
 
@@ -31,6 +31,34 @@ class EventPublished(WireModel):
 
     type: Literal["event"] = "event"
     event: JobEvent
+
+
+# --- a run's progress: compute -> the job's owner, live, never logged ---------------------------
+
+
+class ProgressReport(WireModel):
+    """Compute -> the job's owner: the run's latest output line, live (at most one per
+    `workers.compute.PROGRESS_INTERVAL`), published on the events exchange under the job's own
+    routing key (`job.<owner>.<job uid>.progress`, so only the owner's queues take it) and signed
+    by compute (the envelope's signature; a client uses no other).
+
+    Not an event: it is never appended to the job's log, not chained, not published again; a lost
+    one is superseded by the next. Compute also keeps the latest as the job's progress snapshot
+    (`jobs/<uid>/progress.json`, this model's JSON, overwritten at most every
+    `PARJOBS_PROGRESS_SNAPSHOT_S`), which GetRunStatus and GetJob show.
+
+    It reads like a job event where `job.events()` readers look (`job_uid`, `seq`, `time`,
+    `payload`), so code that matched `Progress` payloads of the old progress events reads these
+    unchanged.
+    """
+
+    type: Literal["progress_report"] = "progress_report"
+    job_uid: Uid
+    seq: int = Field(ge=1)
+    """The seq of the job's event this report follows (its `run_started`): not a seq of its
+    own, as the report is in no log."""
+    time: AwareDatetime
+    payload: Progress
 
 
 # --- requests to access -------------------------------------------------------------------------
@@ -51,11 +79,13 @@ class SubmitJob(WireModel):
 
 
 class GetJob(WireModel):
-    """User → access: the job's current sheet, and optionally its events."""
+    """User → access: the job's current sheet, and optionally its events and the run's latest
+    progress (its snapshot: one more object read, so only when asked)."""
 
     type: Literal["get_job"] = "get_job"
     job_uid: Uid
     with_events: bool = False
+    with_progress: bool = False
 
 
 class GetOutputs(WireModel):
@@ -129,6 +159,8 @@ class JobReply(WireModel):
     type: Literal["job"] = "job"
     sheet: JobSheetState
     events: tuple[JobEvent, ...] = ()
+    progress: ProgressReport | None = None
+    """With `with_progress`: the run's latest progress snapshot, if it has reported any."""
 
 
 class OutputsReply(WireModel):
@@ -179,8 +211,11 @@ AccessResponse = Annotated[
 """What access answers."""
 ComputeResponse = Annotated[RunReply | ErrorReply, Field(discriminator="type")]
 """What compute answers, on its RPC queue and its run queue alike."""
+JobUpdate = Annotated[EventPublished | ProgressReport, Field(discriminator="type")]
+"""What a user's events queue takes: their jobs' events and their runs' progress reports."""
 MessageBody = Annotated[
     EventPublished
+    | ProgressReport
     | SubmitJob
     | GetJob
     | GetOutputs
@@ -255,3 +290,5 @@ RUN_STARTS = MessageUnion[StartRun]("run starts", StartRun, replies=COMPUTE_RESP
 """What compute's run queue takes: a start, held unacknowledged for the whole run."""
 JOB_EVENTS = MessageUnion[EventPublished]("job events", EventPublished)
 """What a work queue fed by the events exchange takes."""
+JOB_UPDATES = MessageUnion[JobUpdate]("job updates", JobUpdate)
+"""What a user's events queue takes: job events, and progress reports signed by compute."""

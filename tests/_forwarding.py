@@ -81,14 +81,19 @@ class ForwardingStore:
 
 
 class CountingStore(ForwardingStore):
-    """Records the key of every GET and conditional create, and the prefix and start of every
-    listing, to see what a store's user asks for."""
+    """Records the key of every GET, conditional create and plain PUT, and the prefix and start
+    of every listing, to see what a store's user asks for."""
 
     def __init__(self, store: ObjectStore) -> None:
         super().__init__(store)
         self.gets: list[str] = []
         self.creates: list[str] = []
+        self.puts: list[str] = []
         self.lists: list[tuple[str, str | None]] = []
+
+    async def put(self, key: str, data: bytes, *, content_type: str | None = None) -> str:
+        self.puts.append(key)
+        return await super().put(key, data, content_type=content_type)
 
     async def list(
         self, prefix: str = "", *, start_after: str | None = None

@@ -7,16 +7,20 @@ the run capability sealed for compute and bound to its job and requester
 capability's proof, not expired, not closed) and against the job's user. A start is claimed once
 with a conditional create, so a run PAR starts at most one run. The run happens in a sandboxed
 subprocess (`workers.calculations`; `check_sandbox` at start makes sure one can be made); its
-output lines become `progress` events, its files are written through the job's bucket-write PAR,
-and the job ends completed, failed or cancelled. A stop appends `cancelled`; the event reaches
+latest output line goes live to the job's owner as a signed `ProgressReport` (never an event of
+the log) and is kept as the job's progress snapshot, overwritten at most every
+`progress_snapshot_s`; its files are written through the job's bucket-write PAR, and the job ends
+completed, failed or cancelled. A stop appends `cancelled`; the event reaches
 every compute daemon (`on_cancelled`), and the one running the job kills the run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import tempfile
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,6 +39,7 @@ from orchestrator.errors import (
     JobNotFoundError,
     ObjectExistsError,
     PARExpiredError,
+    ParjobsError,
     PARPermissionError,
     RunRefusedError,
 )
@@ -44,6 +49,7 @@ from orchestrator.par.par import PAR
 from orchestrator.par.transfer import PARTransport
 from orchestrator.store.base import ObjectStore
 from orchestrator.store.eventlog import EventLog, step_event_id
+from orchestrator.store.progress import ProgressSnapshots
 from orchestrator.store.registry import PARRegistry
 from schemas.events import (
     Cancelled,
@@ -59,7 +65,14 @@ from schemas.events import (
     RunStarted,
     StorageContracted,
 )
-from schemas.messages import GetRunStatus, RunCommand, RunReply, StartRun, StopRun
+from schemas.messages import (
+    GetRunStatus,
+    ProgressReport,
+    RunCommand,
+    RunReply,
+    StartRun,
+    StopRun,
+)
 from schemas.par import Capability
 from workers.calculations import (
     CalculationRegistry,
@@ -74,10 +87,13 @@ from workers.calculations import (
 from workers.steps import due_step
 
 _RUN_URL = re.compile(r"^parjobs-run://[^/]+/(?P<uid>[0-9a-f]{32})\?token=[A-Za-z0-9_-]+$")
-PROGRESS_INTERVAL = 0.5  # seconds: output lines are coalesced so the log is not flooded
+PROGRESS_INTERVAL = 0.5  # seconds: output lines are coalesced into one report at most this often
 STOPPED = "stopped through the run PAR"
+log = logging.getLogger("parjobs.compute")
 
 Publish = Callable[[JobEvent], Awaitable[None]]
+ReportProgress = Callable[[str, ProgressReport], Awaitable[None]]
+"""Publish a progress report, signed by compute, to the job's owner (their registered name)."""
 
 
 class ComputeWorker:
@@ -96,6 +112,7 @@ class ComputeWorker:
         memory_limit_bytes: int = 2**30,
         http: httpx.AsyncClient | None = None,
         sandbox: SandboxMode = "bwrap",
+        progress_snapshot_s: float = 30.0,
     ) -> None:
         self._store = store
         self._log = log
@@ -109,6 +126,8 @@ class ComputeWorker:
         self._memory_limit_bytes = memory_limit_bytes
         self._http = http  # for presigned URLs; None: a client of each run's own
         self._sandbox: SandboxMode = sandbox
+        self._snapshots = ProgressSnapshots(store, keys)
+        self._progress_snapshot_s = progress_snapshot_s
         self._running: dict[str, list[RunHandle]] = {}  # job uid -> its runs here
 
     async def check_sandbox(self) -> None:
@@ -165,11 +184,12 @@ class ComputeWorker:
 
     async def status(self, command: GetRunStatus, *, requester: str) -> RunReply:
         sheet, _ = await self.authorise(command, requester=requester)
+        detail = sheet.progress or ""  # a log from before progress left it
+        if sheet.state is not JobState.READY:
+            snapshot = await self._snapshots.load(sheet.job_uid)
+            detail = detail if snapshot is None else snapshot.payload.message
         return RunReply(
-            job_uid=sheet.job_uid,
-            state=sheet.state.value,
-            accepted=True,
-            detail=sheet.progress or "",
+            job_uid=sheet.job_uid, state=sheet.state.value, accepted=True, detail=detail
         )
 
     async def stop(
@@ -250,8 +270,11 @@ class ComputeWorker:
             handle.request_stop()
         return bool(handles)
 
-    async def run(self, sheet: JobSheetState, handle: RunHandle, publish: Publish) -> JobEvent:
+    async def run(
+        self, sheet: JobSheetState, handle: RunHandle, publish: Publish, report: ReportProgress
+    ) -> JobEvent:
         """Run the job's calculation to its end; returns the final event (already published).
+        Its progress goes to `report` as it comes.
 
         A stop (`on_cancelled`) has already ended the job: its `cancelled` event is the end.
         """
@@ -272,7 +295,7 @@ class ComputeWorker:
                 output_dir=output_dir,
             )
             outcome = await self._run_watched(
-                job_uid, invocation, workdir / "run", input_path, output_dir, handle, publish
+                sheet, invocation, workdir / "run", input_path, output_dir, handle, report
             )
             final = (
                 None if outcome.stopped else await self._final_payload(sheet, outcome, output_dir)
@@ -292,31 +315,60 @@ class ComputeWorker:
 
     async def _run_watched(
         self,
-        job_uid: str,
+        sheet: JobSheetState,
         invocation: Invocation,
         workdir: Path,
         input_path: Path,
         output_dir: Path,
         handle: RunHandle,
-        publish: Publish,
+        report: ReportProgress,
     ) -> RunOutcome:
-        """Run while coalescing output lines into progress events; `handle` stops it."""
+        """Run while reporting its latest output line, live to the job's owner at most every
+        PROGRESS_INTERVAL, and as the job's snapshot at most every `progress_snapshot_s` and once
+        as it ends; `handle` stops it. Progress is advisory: a report or a snapshot that fails is
+        logged, and the run goes on."""
         latest: list[str] = []
+        saved_at = -float("inf")  # monotonic time of the last snapshot
+        unsaved: ProgressReport | None = None
 
         async def on_output(stream: Stream, line: str) -> None:
             latest.append(f"{stream}: {line}"[:500])
 
+        def take_latest() -> ProgressReport | None:
+            if not latest:
+                return None
+            message, latest[:] = latest[-1], []
+            return ProgressReport(
+                job_uid=sheet.job_uid,
+                seq=sheet.seq,
+                time=datetime.now(UTC),
+                payload=Progress(message=message),
+            )
+
+        async def save() -> None:
+            nonlocal saved_at, unsaved
+            if unsaved is None:
+                return
+            saved_at = time.monotonic()
+            try:
+                await self._snapshots.save(unsaved)
+            except ParjobsError as exc:
+                log.warning("job %s: progress snapshot not saved: %s", sheet.job_uid, exc)
+            unsaved = None  # (a save cut short as the run ends is left to the last one)
+
         async def report_progress() -> None:
+            nonlocal unsaved
             while True:
                 await anyio.sleep(PROGRESS_INTERVAL)
-                if latest:
-                    message, latest[:] = latest[-1], []
-                    try:
-                        await self._append_and_publish(
-                            job_uid, Progress(message=message), None, publish
-                        )
-                    except IllegalTransitionError:
-                        return  # a stop ended the job; the run is being stopped
+                if (taken := take_latest()) is None:
+                    continue
+                unsaved = taken
+                try:
+                    await report(sheet.owner, taken)
+                except ParjobsError as exc:
+                    log.warning("job %s: progress not reported: %s", sheet.job_uid, exc)
+                if time.monotonic() - saved_at >= self._progress_snapshot_s:
+                    await save()
 
         await anyio.Path(workdir).mkdir()
         async with anyio.create_task_group() as group:
@@ -334,6 +386,9 @@ class ComputeWorker:
                 handle=handle,
             )
             group.cancel_scope.cancel()
+        # The run's last line, whatever the interval, is the snapshot it leaves.
+        unsaved = take_latest() or unsaved
+        await save()
         return outcome
 
     async def _final_payload(

@@ -158,6 +158,7 @@ async def setup_compute(context: ServiceContext, group: TaskGroup) -> None:
         memory_limit_bytes=settings.memory_limit_bytes,
         http=context.http,
         sandbox=settings.sandbox,
+        progress_snapshot_s=settings.progress_snapshot_s,
     )
     await worker.check_sandbox()  # refuse to start rather than run calculations unconfined
 
@@ -219,7 +220,7 @@ async def setup_compute(context: ServiceContext, group: TaskGroup) -> None:
                     await context.publish_event(event)
             else:
                 await context.reply(meta, worker.started_reply(sheet))
-            await worker.run(sheet, handle, context.publish_event)
+            await worker.run(sheet, handle, context.publish_event, context.publish_progress)
 
     identities = context.identities
     contracts, control, runs = identities.service_queues()[Role.COMPUTE]

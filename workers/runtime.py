@@ -60,7 +60,7 @@ from orchestrator.store.registry import PARRegistry
 from orchestrator.store.s3 import S3ObjectStore
 from orchestrator.store.users import UserRegistry
 from schemas.events import JobEvent
-from schemas.messages import Envelope, EventPublished, MessageBody
+from schemas.messages import Envelope, EventPublished, MessageBody, ProgressReport
 from schemas.signing import ServiceRole
 from workers.middleware import (
     EnvelopeHandler,
@@ -149,6 +149,29 @@ class ServiceContext:
         MESSAGES_PUBLISHED.labels("event", event.payload.type).inc()
         JOB_TRANSITIONS.labels(event.payload.type).inc()
 
+    async def publish_progress(self, owner: str, report: ProgressReport) -> None:
+        """Publish a run's progress to the job's `owner` (a registered name) alone: under the
+        job's routing key (`job.<owner>.<job uid>.progress`), signed by this role."""
+        await self.broker.publish(
+            self.broker.topology.events,
+            self.identities.event_routing_key(
+                self.identities.user_username(owner), report.job_uid, "progress"
+            ),
+            self._signed(report),
+        )
+        MESSAGES_PUBLISHED.labels("progress", report.type).inc()
+
+    def _signed(self, body: MessageBody) -> Envelope[MessageBody]:
+        envelope = Envelope(sender=self.sender, body=body)
+        signature = sign_message(
+            self.key,
+            self.role,
+            message_id=envelope.message_id,
+            sent_at=envelope.sent_at,
+            body=body,
+        )
+        return envelope.model_copy(update={"signature": signature})
+
     async def reply(self, meta: IncomingMeta, body: MessageBody) -> None:
         """Answer the request being handled, signed by this role (after which a refusal no
         longer answers it)."""
@@ -162,15 +185,7 @@ class ServiceContext:
                 f"request {meta.message_id} asks for its reply on {meta.reply_to!r}, which is "
                 f"not its sender's ({meta.user_id!r}): not answered"
             )
-        envelope = Envelope(sender=self.sender, body=body)
-        signature = sign_message(
-            self.key,
-            self.role,
-            message_id=envelope.message_id,
-            sent_at=envelope.sent_at,
-            body=body,
-        )
-        await self.broker.reply(meta, envelope.model_copy(update={"signature": signature}))
+        await self.broker.reply(meta, self._signed(body))
         MESSAGES_PUBLISHED.labels("reply", body.type).inc()
 
     async def consume(

@@ -391,10 +391,12 @@ class _Contract:
                 "jobUid": {"description": "The job's uid: 32 lower-case hex digits."},
                 "eventType": {"description": "The event's payload type.", "enum": _event_types()},
             },
-            "every job event, published by the service that appended it to the job's log "
-            f"(routing keys match `{EVENT_ROUTING_KEY_PATTERN}`). Services bind their queues to "
-            "the event types they act on, the events stream keeps them all, a user's queue "
-            "takes their own jobs' events.",
+            "every job event, published by the service that appended it to the job's log, and "
+            "compute's progress reports of a run (`progress_report`, event type `progress`, "
+            "never logged) (routing keys match "
+            f"`{EVENT_ROUTING_KEY_PATTERN}`). Services bind their queues to the event types they "
+            "act on, the events stream keeps them all, a user's queue takes their own jobs' "
+            "events and progress reports.",
         )
 
     def _commands_routing(self) -> tuple[str, JsonObject, str]:
@@ -486,7 +488,7 @@ class _Contract:
             "receive",
             _CLIENT_EVENTS,
             self._queue_messages(_CLIENT_EVENTS),
-            "A user follows the events of their own jobs.",
+            "A user follows the events of their own jobs and their runs' progress.",
         )
         for role, queues in self.services.items():
             for queue in queues:

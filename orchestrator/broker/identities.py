@@ -34,7 +34,7 @@ from orchestrator.broker.topology import (
     QuorumQueueArgs,
     Topology,
 )
-from schemas.messages import JOB_EVENTS
+from schemas.messages import JOB_EVENTS, JOB_UPDATES
 
 USERNAME_CHARACTERS = "A-Za-z0-9_:@-"
 """Characters of a broker username: one routing-key word, literal in regexes and topic patterns."""
@@ -274,10 +274,10 @@ class Identities:
 
     def events_queue(self, username: str, instance: str) -> QueueSpec:
         """`<prefix>.client.<username>.events.<instance>`: one connection's copy of the events
-        of `username`'s jobs, as they happen."""
+        of `username`'s jobs, as they happen, and of their runs' progress reports."""
         name = f"{self.client_namespace(username)}.events.{_word('instance', instance, _INSTANCE)}"
         binding = Binding(self.topology.events.name, self.events_of_owner(username))
-        return QueueSpec(name, ClassicQueueArgs(), (binding,), exclusive=True)
+        return QueueSpec(name, ClassicQueueArgs(), (binding,), exclusive=True, accepts=JOB_UPDATES)
 
     # --- grants ---------------------------------------------------------------------------------
 

@@ -41,6 +41,7 @@ from orchestrator.cli._inputs import (
     Parameter,
 )
 from orchestrator.client.client import ENDED, ParjobsClient
+from orchestrator.client.tracking import with_progress
 from schemas.events import (
     Cancelled,
     Completed,
@@ -94,8 +95,8 @@ def timeline(events: tuple[JobEvent, ...] | list[JobEvent]) -> Table:
 
 
 async def follow_job(client: ParjobsClient, job_uid: str, *, show: bool) -> JobSheetState:
-    """Follow the job's events until it ends, moving a live progress bar if `show`; its final
-    state."""
+    """Follow the job's events until it ends, moving a live progress bar if `show` (its text
+    the run's latest progress report); its final state."""
     if not show:
         return await client.wait_until(job_uid, frozenset(), timeout=math.inf)
     columns = (
@@ -227,7 +228,8 @@ def status(job_uid: JobUidArgument, key: KeyOption, as_json: JsonOption = False)
 
     async def run() -> JobSheetState:
         async with client_session(user) as client:
-            return (await client.job(job_uid)).sheet
+            reply = await client.job(job_uid, with_progress=True)
+            return with_progress(reply.sheet, reply.progress)
 
     summary = sheet_summary(anyio.run(run))
     if as_json:

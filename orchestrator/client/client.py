@@ -12,7 +12,9 @@ own events queue (subscribed when the client starts), after one GetJob to catch 
 before; each event is verified and applied in seq order (`JobTracker`). The client goes on
 following a job it waited on until the job ends, so the next wait on it (`RunControl.wait` after
 `request_services`) needs no catch-up, and no answer from access. A gap in the seqs (an event not
-come yet, or lost) is filled by one more GetJob, asked for because an event showed it.
+come yet, or lost) is filled by one more GetJob, asked for because an event showed it. A run's
+progress comes the same way, as `ProgressReport`s compute signs and never logs (`updates`,
+`watch`).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from orchestrator.broker.identities import Identities
 from orchestrator.broker.topology import RPC_REQUESTS, Topology
 from orchestrator.client.inbox import Inbox
 from orchestrator.client.job import Job
-from orchestrator.client.tracking import JobTracker
+from orchestrator.client.tracking import JobTracker, with_progress
 from orchestrator.core.jobstate import is_terminal
 from orchestrator.core.keys import KeyPair
 from orchestrator.core.ledger_rules import ACCESS, user_account
@@ -61,6 +63,7 @@ from schemas.messages import (
     MessageUnion,
     OutputsReply,
     PARStateReply,
+    ProgressReport,
     RunAction,
     RunReply,
     SubmitJob,
@@ -222,8 +225,11 @@ class ParjobsClient:
         authorisation = sign_authorisation(self.user, request)
         return await self.submit(request, authorisation, cheque, lifetime_s=lifetime_s)
 
-    async def job(self, job_uid: str, *, with_events: bool = False) -> JobReply:
-        query = GetJob(job_uid=job_uid, with_events=with_events)
+    async def job(
+        self, job_uid: str, *, with_events: bool = False, with_progress: bool = False
+    ) -> JobReply:
+        """The job's sheet; its events and its run's latest progress snapshot if asked for."""
+        query = GetJob(job_uid=job_uid, with_events=with_events, with_progress=with_progress)
         return await self._call("access", query, JobReply)
 
     # --- a job's events --------------------------------------------------------------------------
@@ -243,24 +249,37 @@ class ParjobsClient:
         tracker.caught_up_on = connection
 
     async def _follow(
-        self, job_uid: str
-    ) -> AsyncGenerator[list[tuple[JobEvent, JobSheetState]], None]:
+        self, job_uid: str, *, progress: bool = False
+    ) -> AsyncGenerator[list[tuple[JobEvent | ProgressReport, JobSheetState]], None]:
         """The job's events, each with its state after it, in seq order, in batches as they come
         (a catch-up brings many at once), until the one that ends it. Subscribed first, it catches
         up with one GetJob, unless the client has followed the job since it last caught up on
-        this connection, or the job has ended (its log is whole)."""
+        this connection, or the job has ended (its log is whole).
+
+        With `progress`, also the run's latest progress report whenever a newer one came (once the
+        event it follows is applied), and every state from then on shows it (`with_progress`)."""
         await self.start()
         with self._inbox.following(job_uid) as tracker:
             if not tracker.ended and tracker.caught_up_on != self._broker.reconnections:
                 await self._catch_up(tracker)
             shown, filled_at = 0, -1
+            reported: ProgressReport | None = None
             while True:
+                report = tracker.progress if progress else None
                 if shown < len(tracker.sheets):
-                    batch = list(zip(tracker.events[shown:], tracker.sheets[shown:], strict=True))
+                    batch: list[tuple[JobEvent | ProgressReport, JobSheetState]] = [
+                        (event, with_progress(sheet, reported))
+                        for event, sheet in zip(
+                            tracker.events[shown:], tracker.sheets[shown:], strict=True
+                        )
+                    ]
                     shown = len(tracker.sheets)
                     yield batch
                     if is_terminal(batch[-1][1].state):
                         return
+                elif report is not None and report is not reported and report.seq <= shown:
+                    reported = report
+                    yield [(report, with_progress(tracker.sheets[-1], report))]
                 elif tracker.has_gap and filled_at != len(tracker.events):
                     # An event came before the one it follows: ask once for what is missing.
                     filled_at = len(tracker.events)
@@ -274,12 +293,23 @@ class ParjobsClient:
         async with aclosing(self._follow(job_uid)) as batches:
             async for batch in batches:
                 for event, _ in batch:
-                    yield event
+                    if isinstance(event, JobEvent):
+                        yield event
+
+    async def updates(self, job_uid: str) -> AsyncGenerator[JobEvent | ProgressReport, None]:
+        """The job's events as `follow` gives them and, between them, its run's progress as it
+        comes: each a `ProgressReport` signed by compute, after the event it follows (`seq`);
+        a reader slower than the reports gets the latest of them."""
+        async with aclosing(self._follow(job_uid, progress=True)) as batches:
+            async for batch in batches:
+                for update, _ in batch:
+                    yield update
 
     async def watch(self, job_uid: str) -> AsyncGenerator[JobSheetState, None]:
-        """The job's state after each of its events, in seq order, from its first to the one that
-        ends it; then the generator ends. Follows the job's events: no polling."""
-        async with aclosing(self._follow(job_uid)) as batches:
+        """The job's state after each of its events and each progress report of its run (its
+        `progress` and `fraction` the latest report's), in order, from its first event to the one
+        that ends it; then the generator ends. Follows the job's events: no polling."""
+        async with aclosing(self._follow(job_uid, progress=True)) as batches:
             async for batch in batches:
                 for _, sheet in batch:
                     yield sheet

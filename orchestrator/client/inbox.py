@@ -9,7 +9,9 @@ A reply is used only if it is signed by the service role the request went to; an
 comes with the request's correlation id is dropped and logged, and the request keeps waiting for
 the genuine reply. An event goes to the `JobTracker` of its job, which verifies it, if the client
 follows that job (someone waits on it, or waited and it has not ended yet); events of other jobs
-are dropped (a follower catches up with GetJob).
+are dropped (a follower catches up with GetJob). A run's progress report (`ProgressReport`, under
+the same routing key) is used only if compute signed it, within the reply window of this clock,
+and goes to its job's tracker likewise; others are dropped and logged.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ from orchestrator.errors import (
     RequestTimeoutError,
     SignatureError,
 )
-from schemas.messages import JOB_EVENTS, Envelope
+from schemas.events import JobEvent
+from schemas.messages import JOB_UPDATES, Envelope, EventPublished, ProgressReport
 from schemas.signing import ServiceRole
 
 log = logging.getLogger("parjobs.client")
@@ -195,10 +198,17 @@ class Inbox:
 
     async def _on_event(self, raw: JsonValue, meta: IncomingMeta) -> None:
         try:
-            event = JOB_EVENTS.envelope.validate_python(raw).body.event
+            envelope = JOB_UPDATES.envelope.validate_python(raw)
         except ValidationError as exc:
             log.warning("dropped a message on the events queue from %s: %s", meta.user_id, exc)
             return
+        match envelope.body:
+            case ProgressReport() as report:
+                self._on_progress(envelope, report, meta)
+            case EventPublished(event=event):
+                self._on_job_event(event, meta)
+
+    def _on_job_event(self, event: JobEvent, meta: IncomingMeta) -> None:
         followed = self._trackers.get(event.job_uid)
         if followed is None:
             log.debug("dropped event %d of job %s: nobody follows it", event.seq, event.job_uid)
@@ -208,3 +218,32 @@ class Inbox:
         if tracker.ended and not followers:
             del self._trackers[event.job_uid]
             self._keep(tracker)
+
+    def _on_progress(
+        self, envelope: Envelope[Any], report: ProgressReport, meta: IncomingMeta
+    ) -> None:
+        followed = self._trackers.get(report.job_uid)
+        if followed is None:
+            log.debug("dropped a progress report of job %s: nobody follows it", report.job_uid)
+            return
+        try:
+            signer = verify_message(
+                envelope.signature,
+                message_id=envelope.message_id,
+                sent_at=envelope.sent_at,
+                body=report,
+                keys=self.keys.keys_for("compute"),
+                now=datetime.now(UTC),
+                window=self._window,
+            )
+            if signer != "compute":
+                raise ForgedSignatureError(f"it is signed by {signer}, not by compute")
+        except SignatureError as exc:
+            log.warning(
+                "dropped a progress report of job %s from broker user %s: %s",
+                report.job_uid,
+                meta.user_id,
+                exc,
+            )
+            return
+        followed[0].report(report)

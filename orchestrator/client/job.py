@@ -1,7 +1,7 @@
 """`Job`: one running job, as `ParjobsClient.run` hands it back.
 
     job = await client.run("csv-summary", "data.csv", {"column": "rain_mm"}, max_spend=Decimal(2))
-    async for event in job.events(): ...      # optional: each verified event as it comes
+    async for event in job.events(): ...      # optional: each verified event and progress report
     sheet = await job.result()                # the completed job, or JobFailedError & co.
     paths = await job.fetch("out/")           # its outputs, each checked against its SHA-256
 
@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from orchestrator import errors
 from schemas.events import JobEvent, JobSheetState, JobState
+from schemas.messages import ProgressReport
 
 if TYPE_CHECKING:
     from orchestrator.client.client import ParjobsClient
@@ -67,10 +68,16 @@ class Job:
     def __repr__(self) -> str:
         return f"Job({self.uid})"
 
-    async def events(self) -> AsyncIterator[JobEvent]:
+    async def events(self) -> AsyncIterator[JobEvent | ProgressReport]:
         """The job's events, each verified and chained, in seq order from its first to the one
-        that ends it (those already past come first, at once); then the iteration ends."""
-        async with aclosing(self._client.follow(self.uid)) as events:
+        that ends it (those already past come first, at once); then the iteration ends.
+
+        Between them come the run's progress reports, as they come: a `ProgressReport` (signed by
+        compute, never in the log) is no `JobEvent`, but reads like one where it matters: its
+        `seq` is the event it follows, its `payload` a `Progress` (`message`, `fraction`), so
+        `event.payload.type` is `"progress"` and `isinstance(event.payload, Progress)` finds it.
+        """
+        async with aclosing(self._client.updates(self.uid)) as events:
             async for event in events:
                 yield event
 

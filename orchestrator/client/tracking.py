@@ -6,6 +6,9 @@ to emit it (`verify_event`, against the operator's `ServiceKeys`), chained to th
 (`prev_hash`), and legal in the job's state (`jobstate.apply`). One that fails is dropped and
 logged, never used. A copy of an event already applied is dropped silently (the services publish
 at least once); an event that arrives before the one it follows is held until the gap is filled.
+
+A run's progress is no event: it comes as `ProgressReport`s (verified by the inbox, signed by
+compute), of which the tracker keeps only the latest, and only while the job lives.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from orchestrator.core.jobstate import apply, is_terminal
 from orchestrator.core.service_keys import ServiceKeys
 from orchestrator.errors import JobError, SignatureError
 from schemas.events import JobEvent, JobSheetState
+from schemas.messages import ProgressReport
 
 log = logging.getLogger("parjobs.client")
 
@@ -27,7 +31,8 @@ class JobTracker:
     """The verified events of job `job_uid`, from seq 1 without a gap, and the job's state after
     each.
 
-    `offer` each event as it comes; `changed()` returns once the sheet moved or a gap opened.
+    `offer` each event as it comes, `report` each progress report; `changed()` returns once the
+    sheet moved, a gap opened or a newer report came.
     """
 
     def __init__(self, job_uid: str, keys: ServiceKeys) -> None:
@@ -37,6 +42,8 @@ class JobTracker:
         """Applied: verified and chained, seq 1 to `len(events)`."""
         self.sheets: list[JobSheetState] = []
         """The job's state after each event applied: `sheets[i]` is the fold of `events[:i+1]`."""
+        self.progress: ProgressReport | None = None
+        """The latest progress report of the run (None: none came while it ran)."""
         self._early: dict[int, JobEvent] = {}
         """Verified events whose predecessor has not come yet, by seq."""
         self._changed = anyio.Event()
@@ -60,12 +67,23 @@ class JobTracker:
         return self.sheet is not None and is_terminal(self.sheet.state)
 
     async def changed(self) -> None:
-        """Return once the next event was applied or a gap opened (not for dropped copies)."""
+        """Return once the next event was applied, a gap opened or a newer progress report came
+        (not for dropped copies)."""
         await self._changed.wait()
 
     def _notify(self) -> None:
         self._changed.set()
         self._changed = anyio.Event()
+
+    def report(self, progress: ProgressReport) -> None:
+        """Take a (verified) progress report if it is this job's, the job has not ended, and it
+        is newer than the one kept; reports are coalesced to the latest."""
+        if progress.job_uid != self.job_uid or self.ended:
+            return
+        if self.progress is not None and progress.time <= self.progress.time:
+            return  # a copy, or overtaken by a newer one
+        self.progress = progress
+        self._notify()
 
     def offer(self, event: JobEvent, *, source: str) -> None:
         """Take `event` (from `source`, for the log) if it verifies; apply it once it follows."""
@@ -130,3 +148,17 @@ class JobTracker:
         self.events.append(event)
         self.sheets.append(sheet)
         return True
+
+
+def with_progress(sheet: JobSheetState, progress: ProgressReport | None) -> JobSheetState:
+    """`sheet` showing `progress` as its last progress message and fraction (a report without a
+    fraction keeps the last one known, as a `progress` event did in the fold)."""
+    if progress is None:
+        return sheet
+    fraction = progress.payload.fraction
+    return sheet.model_copy(
+        update={
+            "progress": progress.payload.message,
+            "fraction": sheet.fraction if fraction is None else fraction,
+        }
+    )

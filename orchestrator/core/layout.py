@@ -35,6 +35,10 @@ class JobKeys:
     def output_prefix(self, job_uid: str) -> str:
         return f"{self.jobs}{_UID.validate_python(job_uid)}/output/"
 
+    def progress(self, job_uid: str) -> str:
+        """The run's latest progress: one object, overwritten (not an event of the log)."""
+        return f"{self.jobs}{_UID.validate_python(job_uid)}/progress.json"
+
     @property
     def active_prefix(self) -> str:
         """Markers of jobs that may still expire; the access sweeper lists these."""

@@ -35,6 +35,7 @@ from orchestrator.par.issuer import PARIssuer
 from orchestrator.store.base import ObjectStore
 from orchestrator.store.eventlog import EventLog, step_event_id
 from orchestrator.store.ledger import Ledger
+from orchestrator.store.progress import ProgressSnapshots
 from orchestrator.store.users import NonceStore, UserRegistry
 from schemas.events import (
     Expired,
@@ -84,6 +85,7 @@ class AccessService:
         self.users = UserRegistry(store, keys.users)
         self.nonces = NonceStore(store, keys.nonces)
         self.ledger = Ledger(store, keys.ledger)
+        self._snapshots = ProgressSnapshots(store, keys)
 
     async def submit(
         self, command: SubmitJob, *, message_id: str, requester: str | None = None
@@ -149,6 +151,9 @@ class AccessService:
         """The job's sheet (and events); with `owner`, only if it is `owner`'s job: another
         user's job is answered exactly as one that does not exist."""
         reply = await self._job_reply(query.job_uid, with_events=query.with_events, owner=owner)
+        if query.with_progress:
+            progress = await self._snapshots.load(query.job_uid)
+            reply = reply.model_copy(update={"progress": progress})
         return Outcome(reply=reply)
 
     async def outputs(self, query: GetOutputs, *, owner: str | None = None) -> Outcome:

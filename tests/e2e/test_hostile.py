@@ -6,7 +6,8 @@ alice's job is unaffected.
 1 reading alice's job; 2 reading or using her run commands; 3 forging a reply; 4 publishing an
 event (and replay still agrees); 5 deleting a service queue; 6 paying with another's cheque;
 8 replay after all of it; 9 alice learns of her job from events, never by polling (her requests,
-counted). 7 (escaping the calculation sandbox) is tests/unit/test_sandbox.py's.
+counted); 10 listening to or forging her run's progress. 7 (escaping the calculation sandbox) is
+tests/unit/test_sandbox.py's.
 
 Where "an insider" forges (a reply, an event), it is the operator's broker user, the one party
 besides the services RabbitMQ lets write into a user's queues and onto the events exchange: what
@@ -25,7 +26,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, aclosing, asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -63,8 +64,14 @@ from orchestrator.store.base import ObjectStore
 from orchestrator.store.eventlog import EventLog
 from orchestrator.store.seaweed import LocalSeaweed
 from schemas.auth import Cheque
-from schemas.events import Completed, JobEvent, JobRequest, JobState
-from schemas.messages import COMPUTE_RESPONSES, Envelope, EventPublished, RunReply
+from schemas.events import Completed, JobEvent, JobRequest, JobState, Progress
+from schemas.messages import (
+    COMPUTE_RESPONSES,
+    Envelope,
+    EventPublished,
+    ProgressReport,
+    RunReply,
+)
 from tests._waiting import eventually
 from workers.cluster import LocalCluster, s3_environment
 
@@ -517,6 +524,56 @@ async def test_9_alice_follows_her_job_on_events_without_polling(
     assert submitted.returncode == 0, (submitted.stdout + submitted.stderr).decode()
     assert b"completed" in submitted.stdout
     await eventually(counted, f"the CLI's requests are {expected}", timeout=10)
+
+
+# --- 10: a run's progress is its owner's alone, and only compute's --------------------------------
+
+
+async def test_10_progress_reaches_alice_alone_and_only_from_compute(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    job_uid, _ = await world.running_job(seconds=3)  # prints a line a second
+    key = world.identities.event_routing_key(world.alice.username, job_uid, "progress")
+    events = world.operator.topology.events.name
+    own = world.identities.events_queue(world.mallory.username, uuid.uuid4().hex)
+
+    async def listen(channel: AbstractChannel) -> object:
+        queue = await channel.declare_queue(own.name, exclusive=True)
+        return await queue.bind(events, key)
+
+    # Mallory may neither listen to alice's progress nor publish any.
+    await assert_refused(world.mallory.amqp, listen, what=f"topic '{key}' in exchange '{events}'")
+    fake = ProgressReport(
+        job_uid=job_uid, seq=4, time=datetime.now(UTC), payload=Progress(message="forged")
+    )
+    envelope = Envelope(sender="compute", body=fake)
+    stranger = sign_message(
+        KeyPair.generate("compute"),
+        "compute",
+        message_id=envelope.message_id,
+        sent_at=envelope.sent_at,
+        body=fake,
+    )
+    forged = envelope.model_copy(update={"signature": stranger})
+    await assert_refused(
+        world.mallory.amqp, publish(events, key, forged), what=f"exchange '{events}'"
+    )
+    # An insider's forgery reaches alice's events queue: it is not used. Compute's reports are.
+    updates: list[JobEvent | ProgressReport] = []
+    with caplog.at_level(logging.WARNING, "parjobs.client"):
+        async with aclosing(world.alice.client.updates(job_uid)) as following:
+            async for update in following:
+                if not updates:
+                    await world.operator.publish(events, key, forged)
+                updates.append(update)
+    reports = [update for update in updates if isinstance(update, ProgressReport)]
+    assert reports, [update.payload.type for update in updates]
+    assert all(report.payload.message.startswith("stdout: sleep") for report in reports)
+    assert updates[-1].payload.type == "completed"
+    assert "dropped a progress report" in caplog.text
+    assert "progress" not in [
+        event.payload.type for event in await world.alice.client.events(job_uid)
+    ]
 
 
 # --- 8: after every attack, replay agrees ------------------------------------------------------

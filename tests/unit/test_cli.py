@@ -39,13 +39,15 @@ from orchestrator.cli._exit import (
     ParjobsGroup,
 )
 from orchestrator.cli._inputs import strict_json
+from orchestrator.client.tracking import with_progress
 from orchestrator.core import crypto
 from orchestrator.core.jobstate import fold
 from orchestrator.core.service_keys import ServiceKeys
 from orchestrator.errors import ParjobsError, UnknownUserError
 from orchestrator.store.memory import MemoryObjectStore
 from orchestrator.store.users import UserRegistry
-from schemas.events import JobEvent, JobSheetState
+from schemas.events import JobEvent, JobSheetState, Progress
+from schemas.messages import JobReply, ProgressReport
 from schemas.signing import SERVICE_ROLES, canonical_json
 from tests.unit.test_jobstate import SAMPLES as JOB_SAMPLES
 
@@ -623,6 +625,36 @@ def test_watch_exits_with_how_the_job_ended(
         assert [line["state"] for line in lines] == [sheet.state.value for sheet in sheets]
     else:
         assert f"job {UID} {sheets[-1].state.value}" in watched.stdout
+
+
+def test_status_shows_the_runs_progress_snapshot_and_watch_the_reports(
+    files: Files, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    running = _ended("completed")[3]  # run_started: running, no progress in the log
+    report = ProgressReport(
+        job_uid=UID, seq=4, time=running.updated_at, payload=Progress(message="tick 7 of 10")
+    )
+    asked: list[bool] = []
+
+    @dataclass
+    class ProgressClient(EndingClient):
+        async def job(self, job_uid: str, *, with_progress: bool = False) -> JobReply:
+            asked.append(with_progress)
+            return JobReply(sheet=running, progress=report if with_progress else None)
+
+    watched_sheets = [running, with_progress(running, report)]
+
+    @asynccontextmanager
+    async def session(_user: KeyPair) -> AsyncIterator[ProgressClient]:
+        yield ProgressClient(watched_sheets)
+
+    monkeypatch.setattr(_jobs, "client_session", session)
+    told = parjobs("jobs", "status", UID, "--key", files.key, "--json")
+    assert json.loads(told.stdout)["progress"] == "tick 7 of 10"
+    assert asked == [True]
+    assert "progress: tick 7 of 10" in parjobs("jobs", "status", UID, "--key", files.key).stdout
+    lines = parjobs("jobs", "watch", UID, "--key", files.key, "--json").stdout.splitlines()
+    assert [json.loads(line)["progress"] for line in lines] == [None, "tick 7 of 10"]
 
 
 # --- the root command's reporting, on a command that raises what it is told -----------------------

@@ -54,8 +54,10 @@ from schemas.events import (
     Failed,
     JobEvent,
     JobRequest,
+    JobSheetState,
     JobState,
     OutputFile,
+    Progress,
     StorageContracted,
     Submitted,
 )
@@ -70,6 +72,7 @@ from schemas.messages import (
     GetRunStatus,
     JobReply,
     OutputsReply,
+    ProgressReport,
     RunReply,
     StartRun,
     StopRun,
@@ -672,3 +675,163 @@ async def test_cancel_stops_the_run_through_the_run_par(
     job = await client.run("checksum", INPUT, max_spend=Decimal(1), transport=par_transport)
     assert (await job.cancel()).state == "cancelled"
     assert minted.kinds["stop_run"] == 1
+
+
+# --- a run's progress: signed reports over the broker, never in the log --------------------------
+
+
+def progress(message: str, *, seq: int = 4) -> ProgressReport:
+    """A progress report of JOB's run, as compute makes it."""
+    return ProgressReport(
+        job_uid=JOB, seq=seq, time=datetime.now(UTC), payload=Progress(message=message)
+    )
+
+
+async def report(
+    services: Services,
+    body: ProgressReport,
+    *,
+    signer: ServiceRole = "compute",
+    key: KeyPair | None = None,
+) -> None:
+    """Publish `body` as compute does (signed by `signer`, with `key` to forge), to alice."""
+    broker = services.compute
+    routing_key = services.ids.event_routing_key(
+        services.ids.user_username("alice"), body.job_uid, "progress"
+    )
+    await broker.publish(broker.topology.events, routing_key, signed_reply(signer, body, key))
+
+
+async def test_job_events_interleave_the_runs_progress_and_watch_shows_it(
+    minted: Services, client: ParjobsClient, par_transport: PARTransport
+) -> None:
+    job = await client.run("checksum", INPUT, max_spend=Decimal(1), transport=par_transport)
+    seen: list[JobEvent | ProgressReport] = []
+    watched: list[JobSheetState] = []
+
+    async def follow() -> None:
+        async for event in job.events():
+            seen.append(event)
+
+    async def watch() -> None:
+        async for sheet in client.watch(JOB):
+            watched.append(sheet)
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as group:
+            group.start_soon(follow)
+            group.start_soon(watch)
+            await anyio.wait_all_tasks_blocked()
+            await report(minted, progress("early"))  # before run_started came: held till then
+            await anyio.wait_all_tasks_blocked()
+            assert [event.payload.type for event in seen][-1] == "compute_contracted"
+            await minted.extend("run_started")
+            await anyio.wait_all_tasks_blocked()
+            await report(minted, progress("half way"))
+            await anyio.wait_all_tasks_blocked()
+            await report(minted, progress("nearly"))
+            await anyio.wait_all_tasks_blocked()
+            await minted.extend("completed")
+            await report(minted, progress("after the end"))  # dropped: the job has ended
+    assert [event.payload.type for event in seen] == [
+        "submitted",
+        "storage_contracted",
+        "compute_contracted",
+        "run_started",
+        "progress",
+        "progress",
+        "progress",
+        "completed",
+    ]
+    reports = [event for event in seen if isinstance(event, ProgressReport)]
+    messages = [(r.seq, r.payload.message) for r in reports]
+    assert messages == [(4, "early"), (4, "half way"), (4, "nearly")]
+    assert all(isinstance(event.payload, Progress) for event in reports)  # as old code matched
+    # watch: a state for each report, which it shows; the end keeps the last one.
+    assert [(sheet.state, sheet.progress) for sheet in watched[3:]] == [
+        (JobState.RUNNING, None),
+        (JobState.RUNNING, "early"),
+        (JobState.RUNNING, "half way"),
+        (JobState.RUNNING, "nearly"),
+        (JobState.COMPLETED, "nearly"),
+    ]
+    assert (await job.result(timeout=5)).state is JobState.COMPLETED
+    assert minted.kinds["get_job"] == 1  # progress asks nothing of access
+
+
+@pytest.mark.parametrize(
+    ("signer", "key", "why"),
+    [
+        ("compute", KeyPair.generate("compute"), "does not verify"),  # a stranger's key
+        ("access", None, "against the key of access"),  # a service, not the one that runs jobs
+    ],
+    ids=["forged", "not-compute"],
+)
+async def test_a_progress_report_not_signed_by_compute_is_dropped(
+    minted: Services,
+    client: ParjobsClient,
+    par_transport: PARTransport,
+    caplog: pytest.LogCaptureFixture,
+    signer: ServiceRole,
+    key: KeyPair | None,
+    why: str,
+) -> None:
+    job = await client.run("checksum", INPUT, max_spend=Decimal(1), transport=par_transport)
+    await minted.extend("run_started")
+    seen: list[str] = []
+
+    async def follow() -> None:
+        async for event in job.events():
+            seen.append(event.payload.type)
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as group:
+            group.start_soon(follow)
+            await anyio.wait_all_tasks_blocked()
+            await report(minted, progress("forged"), signer=signer, key=key)
+            unsigned = Envelope(sender="compute", body=progress("unsigned"))
+            routing_key = minted.ids.event_routing_key(
+                minted.ids.user_username("alice"), JOB, "progress"
+            )
+            await minted.compute.publish(minted.compute.topology.events, routing_key, unsigned)
+            await anyio.wait_all_tasks_blocked()
+            await minted.extend("completed")
+    assert "progress" not in seen
+    assert why in caplog.text
+    assert "is not signed" in caplog.text
+
+
+async def test_another_users_client_gets_none_of_a_jobs_progress(
+    world: tuple[Services, MemoryBroker], client: ParjobsClient
+) -> None:
+    services, alice = world
+    services.logs[JOB] = sealed(
+        ["submitted", "storage_contracted", "compute_contracted", "run_started"]
+    )
+    bob_key = KeyPair.generate("bob")
+    bob_seen: list[JobEvent | ProgressReport] = []
+    alice_seen: list[JobEvent | ProgressReport] = []
+    async with (
+        MemoryBroker(
+            alice.settings, server=alice.server, username=services.ids.user_username("bob")
+        ) as bob_broker,
+        ParjobsClient(bob_broker, bob_key, service_keys=SERVICE_KEYS, timeout=2) as bob,
+    ):
+
+        async def follow(who: ParjobsClient, seen: list[JobEvent | ProgressReport]) -> None:
+            async for event in who.updates(JOB):
+                seen.append(event)
+
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as group:
+                group.start_soon(follow, client, alice_seen)
+                group.start_soon(follow, bob, bob_seen)  # (the stand-in answers him GetJob)
+                await anyio.wait_all_tasks_blocked()
+                await report(services, progress("alice's only"))
+                await anyio.wait_all_tasks_blocked()
+                group.cancel_scope.cancel()
+    assert [e.payload.message for e in alice_seen if isinstance(e, ProgressReport)] == [
+        "alice's only"
+    ]
+    assert len(bob_seen) == 4  # the log the stand-in gave him; no progress reached him
+    assert not any(isinstance(event, ProgressReport) for event in bob_seen)

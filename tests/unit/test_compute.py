@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
+from itertools import pairwise
 
 import anyio
 import httpx
@@ -19,16 +21,30 @@ from orchestrator.errors import (
     UnknownCalculationError,
 )
 from orchestrator.store.base import ObjectStore
-from schemas.events import Completed, ComputeContracted, Failed, JobEvent, JobSheetState, JobState
+from orchestrator.store.progress import ProgressSnapshots
+from schemas.events import (
+    Completed,
+    ComputeContracted,
+    Failed,
+    JobEvent,
+    JobSheetState,
+    JobState,
+    Progress,
+    RunStarted,
+)
 from schemas.messages import (
+    GetJob,
     GetOutputs,
     GetRunStatus,
+    JobReply,
     OutputsReply,
     RunAction,
     RunCommand,
     StartRun,
     StopRun,
 )
+from tests._forwarding import CountingStore
+from tests._ticker import Ticker, last_line
 from tests.unit.test_services import Services
 from workers.calculations import CalculationRegistry
 
@@ -94,7 +110,9 @@ async def test_whole_job_through_the_services(services: Services) -> None:
         )
         assert sheet.state is JobState.RUNNING
         published: list[JobEvent] = []
-        final = await services.compute.run(sheet, handle, lambda e: _collect(published, e))
+        final = await services.compute.run(
+            sheet, handle, lambda e: _collect(published, e), services.report
+        )
     assert isinstance(final.payload, Completed)
     assert [o.key for o in final.payload.outputs] == ["summary.json"]
     assert published[-1] == final
@@ -229,7 +247,13 @@ async def test_a_stop_reaches_the_run_as_its_cancelled_event(
     with services.compute.watching(job_uid) as handle:
         sheet = await _claim(services, _start(services, run_par), "m")
         async with anyio.create_task_group() as group:
-            group.start_soon(services.compute.run, sheet, handle, lambda e: _collect(published, e))
+            group.start_soon(
+                services.compute.run,
+                sheet,
+                handle,
+                lambda e: _collect(published, e),
+                services.report,
+            )
             await anyio.sleep(1.5)
             reply, cancelled = await services.compute.stop(
                 _stop(services, run_par), requester=services.user.fingerprint
@@ -239,7 +263,7 @@ async def test_a_stop_reaches_the_run_as_its_cancelled_event(
             assert services.compute.on_cancelled(cancelled)
     final = await services.log.load(job_uid)
     assert final.state is JobState.CANCELLED
-    assert any(e.payload.type == "progress" for e in published)
+    assert services.reported  # its progress, live to its owner
     assert not services.compute.on_cancelled(cancelled)  # nothing runs any more
     # The stop went by the event, not through the store: no stop request was written there.
     assert [info.key for info in await store.list(services.keys.root) if "stop" in info.key] == []
@@ -272,3 +296,82 @@ async def test_unknown_calculation_is_rejected_at_contract(services: Services) -
     assert "checksum" in rejected.payload.reason
     # Redelivered: the same event, nothing appended.
     assert await services.compute.on_storage_contracted(contracted) == rejected
+
+
+class TimedPuts(CountingStore):
+    """Also records when each plain PUT happened (monotonic seconds)."""
+
+    def __init__(self, store: ObjectStore) -> None:
+        super().__init__(store)
+        self.put_at: list[tuple[float, str]] = []
+
+    async def put(self, key: str, data: bytes, *, content_type: str | None = None) -> str:
+        self.put_at.append((time.monotonic(), key))
+        return await super().put(key, data, content_type=content_type)
+
+
+async def test_a_run_printing_many_lines_reports_them_live_and_snapshots_them_seldom(
+    store: ObjectStore, prefix: str, http: httpx.AsyncClient
+) -> None:
+    interval = 1.0
+    timed = TimedPuts(store)
+    services = Services(timed, prefix, http, progress_snapshot_s=interval)
+    await services.onboard()
+    services.calculations.register(Ticker())
+    lines = 50  # one every 0.05 s: 2.5 s of run
+    params: dict[str, JsonValue] = {"lines": lines, "every_s": 0.05}
+    job_uid, upload, run_par = await _ready_job(services, "ticker", params)
+    await ObjectWriter(upload, services.user, transport=services.transport).set_object(b"x")
+    final = await services.run(run_par, lambda e: _collect([], e))
+    assert isinstance(final.payload, Completed)
+    # The log holds the job's changes of state, not its lines.
+    assert [event.payload.type for event in await services.log.read(job_uid)] == [
+        "submitted",
+        "storage_contracted",
+        "compute_contracted",
+        "run_started",
+        "completed",
+    ]
+    # Each report went to the job's owner, coalesced (at most one per PROGRESS_INTERVAL), in order.
+    owners = {owner for owner, _ in services.reported}
+    reports = [report for _, report in services.reported]
+    assert owners == {"user"}
+    assert 3 <= len(reports) < lines / 4
+    assert all(report.job_uid == job_uid and report.seq == 4 for report in reports)
+    ticks = [int(report.payload.message.split()[-1].split("/")[0]) for report in reports]
+    assert ticks == sorted(ticks)
+    # The snapshot: one object, overwritten at most once per interval, and once as the run ended.
+    key = services.keys.progress(job_uid)
+    saved = [at for at, put in timed.put_at if put == key]
+    assert 2 <= len(saved) <= len(reports)
+    assert all(later - earlier >= interval * 0.95 for earlier, later in pairwise(saved[:-1]))
+    assert timed.creates.count(key) == 0
+    snapshot = await ProgressSnapshots(store, services.keys).load(job_uid)
+    assert snapshot is not None
+    assert snapshot.payload.message == last_line(lines)  # kept after the job ended
+    # GetRunStatus shows it.
+    status = services.run_command("status", run_par)
+    assert isinstance(status, GetRunStatus)
+    reply = await services.compute.status(status, requester=services.user.fingerprint)
+    assert (reply.state, reply.detail) == ("completed", last_line(lines))
+    # ... and so does GetJob, when asked.
+    asked = (await services.access.get(GetJob(job_uid=job_uid, with_progress=True))).reply
+    assert isinstance(asked, JobReply)
+    assert asked.progress == snapshot
+    assert asked.sheet.progress is None  # the fold knows no progress: it is not in the log
+    plain = (await services.access.get(GetJob(job_uid=job_uid))).reply
+    assert isinstance(plain, JobReply)
+    assert plain.progress is None
+
+
+async def test_a_log_with_progress_events_still_folds_and_shows_them(services: Services) -> None:
+    """Logs written before progress left the log: their `progress` events still fold."""
+    job_uid, _, run_par = await _ready_job(services)
+    await services.log.transition(job_uid, "compute", RunStarted())
+    await services.log.transition(job_uid, "compute", Progress(message="old", fraction=0.5))
+    sheet = await services.log.load(job_uid)
+    assert (sheet.progress, sheet.fraction) == ("old", 0.5)
+    status = services.run_command("status", run_par)
+    assert isinstance(status, GetRunStatus)
+    reply = await services.compute.status(status, requester=services.user.fingerprint)
+    assert reply.detail == "old"  # no snapshot: the log's last progress

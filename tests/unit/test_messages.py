@@ -22,6 +22,7 @@ from schemas.messages import (
     COMPUTE_REQUESTS,
     COMPUTE_RESPONSES,
     JOB_EVENTS,
+    JOB_UPDATES,
     RUN_STARTS,
     ClosePAR,
     Envelope,
@@ -72,6 +73,7 @@ TAKES = {
     "compute requests": {"stop_run", "get_run_status"},
     "run starts": {"start_run"},
     "job events": {"event"},
+    "job updates": {"event", "progress_report"},
     "access responses": {"job", "outputs", "par_state", "error"},
     "compute responses": {"run", "error"},
 }
@@ -80,6 +82,7 @@ UNIONS = [
     COMPUTE_REQUESTS,
     RUN_STARTS,
     JOB_EVENTS,
+    JOB_UPDATES,
     ACCESS_RESPONSES,
     COMPUTE_RESPONSES,
 ]

@@ -35,6 +35,7 @@ from schemas.messages import (
     GetJob,
     GetOutputs,
     JobReply,
+    ProgressReport,
     RunAction,
     RunCommand,
     StartRun,
@@ -54,7 +55,14 @@ class Services:
     `http` reaches the store's presigned URLs; `transport` is a `PARTransport` over it.
     """
 
-    def __init__(self, store: ObjectStore, prefix: str, http: httpx.AsyncClient) -> None:
+    def __init__(
+        self,
+        store: ObjectStore,
+        prefix: str,
+        http: httpx.AsyncClient,
+        *,
+        progress_snapshot_s: float = 30.0,
+    ) -> None:
         self.keys = JobKeys(prefix)
         self.log = EventLog(store, self.keys.jobs)
         self.registry = registry = PARRegistry(store, root=self.keys.registry)
@@ -83,7 +91,14 @@ class Services:
             self.compute_key,
             time_limit_s=TIME_LIMIT_S,
             http=http,
+            progress_snapshot_s=progress_snapshot_s,
         )
+        self.reported: list[tuple[str, ProgressReport]] = []
+        """The progress compute reported, with the owner it went to."""
+
+    async def report(self, owner: str, progress: ProgressReport) -> None:
+        """Compute's `ReportProgress`: kept in `reported`."""
+        self.reported.append((owner, progress))
 
     def run_command(self, action: RunAction, run_par: PAR) -> RunCommand:
         """The user's `action` through `run_par`, sealed for compute as the client seals it."""
@@ -103,7 +118,7 @@ class Services:
             sheet, _, _ = await self.compute.claim(
                 start, requester=self.user.fingerprint, message_id=message_id
             )
-            return await self.compute.run(sheet, handle, publish)
+            return await self.compute.run(sheet, handle, publish, self.report)
 
     def access_job_uid(self, message_id: str) -> str:
         """The job uid access derives from a submit's message id."""
