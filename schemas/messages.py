@@ -33,6 +33,23 @@ class EventPublished(WireModel):
     event: JobEvent
 
 
+# --- deadlines: access to itself, through a delay queue ----------------------------------------
+
+
+class JobDeadline(WireModel):
+    """Access → access, after a delay: job `job_uid` is due to expire at `expires_at`.
+
+    Published when access admits the job, to a delay queue whose TTL runs out at `expires_at`;
+    only then does it reach access's deadlines queue. A hint, never the truth: access judges the
+    job by its own log (its `submitted` event's deadline), so an early or repeated one expires
+    nothing before its time.
+    """
+
+    type: Literal["job_deadline"] = "job_deadline"
+    job_uid: Uid
+    expires_at: AwareDatetime
+
+
 # --- requests to access -------------------------------------------------------------------------
 
 
@@ -181,6 +198,7 @@ ComputeResponse = Annotated[RunReply | ErrorReply, Field(discriminator="type")]
 """What compute answers, on its RPC queue and its run queue alike."""
 MessageBody = Annotated[
     EventPublished
+    | JobDeadline
     | SubmitJob
     | GetJob
     | GetOutputs
@@ -255,3 +273,5 @@ RUN_STARTS = MessageUnion[StartRun]("run starts", StartRun, replies=COMPUTE_RESP
 """What compute's run queue takes: a start, held unacknowledged for the whole run."""
 JOB_EVENTS = MessageUnion[EventPublished]("job events", EventPublished)
 """What a work queue fed by the events exchange takes."""
+DEADLINES = MessageUnion[JobDeadline]("job deadlines", JobDeadline)
+"""What access's deadlines queue (and the delay queues before it) take."""

@@ -69,6 +69,7 @@ from workers.middleware import (
     Middleware,
     RefusalReplies,
     Tracing,
+    VerifyDeadlines,
     VerifyEvents,
     VerifyRequests,
     log_context,
@@ -129,6 +130,7 @@ class ServiceContext:
             LogContext(),
             RefusalReplies(self._reply),
             VerifyEvents(self.service_keys),
+            VerifyDeadlines(self.service_keys, self.identities),
             VerifyRequests(users, self.identities, window=window),
         ]
 
@@ -162,6 +164,11 @@ class ServiceContext:
                 f"request {meta.message_id} asks for its reply on {meta.reply_to!r}, which is "
                 f"not its sender's ({meta.user_id!r}): not answered"
             )
+        await self.broker.reply(meta, self.signed(body))
+        MESSAGES_PUBLISHED.labels("reply", body.type).inc()
+
+    def signed(self, body: MessageBody) -> Envelope:
+        """`body` in an envelope from this daemon, signed by its role."""
         envelope = Envelope(sender=self.sender, body=body)
         signature = sign_message(
             self.key,
@@ -170,8 +177,7 @@ class ServiceContext:
             sent_at=envelope.sent_at,
             body=body,
         )
-        await self.broker.reply(meta, envelope.model_copy(update={"signature": signature}))
-        MESSAGES_PUBLISHED.labels("reply", body.type).inc()
+        return envelope.model_copy(update={"signature": signature})
 
     async def consume(
         self, queue: QueueSpec, handler: EnvelopeHandler, *, prefetch: int | None = None

@@ -27,7 +27,8 @@ import hashlib
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Collection, Mapping
-from datetime import UTC, datetime
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, Literal, Self, TypeVar
 
 from orchestrator.broker._dlq import dead_letter_headers, read_letter, redriven_headers
@@ -361,6 +362,7 @@ class MemoryBroker:
         correlation_id: str | None = None,
         reply_to: str | None = None,
         message_id: str | None = None,
+        expiration: timedelta | None = None,
     ) -> str:
         """Enqueue `message` as JSON in every queue it routes to; its message id.
 
@@ -377,6 +379,8 @@ class MemoryBroker:
             reply_to=reply_to,
             message_id=message_id,
         )
+        if expiration is not None:
+            stored = replace(stored, expiration=max(expiration, timedelta(0)))
         self.server.publish(stored)
         assert stored.message_id is not None
         return stored.message_id
