@@ -448,8 +448,9 @@ async def test_access_sends_itself_a_deadline_through_a_delay_queue(
         await access.do(delayed)
         arrived = await deadlines.next()
     assert arrived.user_id == access.username  # the broker vouches access sent it
-    (death,) = arrived.headers["x-death"]
-    assert death["reason"] == "expired"
+    deaths = arrived.headers["x-death"]
+    assert isinstance(deaths, list)
+    assert [death["reason"] for death in deaths if isinstance(death, dict)] == ["expired"]
 
 
 async def test_a_service_message_mallory_reroutes_as_a_request_names_no_requester(
