@@ -52,6 +52,7 @@ DEFAULT_AUTH_WINDOW = timedelta(minutes=5)
 # States in which a job waits for its user; past its deadline it expires (a running job is
 # bounded by its calculation's time limit instead).
 _WAITING = frozenset({JobState.SUBMITTED, JobState.STORAGE_CONTRACTED, JobState.READY})
+_LEARN_CONCURRENCY = 32  # GETs in flight while the sweep learns deadlines it does not know
 Publish = Callable[[JobEvent], Awaitable[None]]
 
 
@@ -208,19 +209,12 @@ class AccessService:
         open_holds = (await self.ledger.state()).holds
         for job_uid in [uid for uid in self._deadlines if uid not in open_holds]:
             del self._deadlines[job_uid]  # settled: nothing left to do for it
+        await self._learn_deadlines([uid for uid in open_holds if uid not in self._deadlines])
         expired: list[JobEvent] = []
         for job_uid in open_holds:
             deadline = self._deadlines.get(job_uid)
-            if deadline is None:
-                try:
-                    deadline = await self._log.deadline(job_uid)
-                except JobError:
-                    continue  # a log that fails its checks is not acted on
-                if deadline is None:
-                    continue  # held, but its log not (yet) created
-                self._deadlines[job_uid] = deadline
-            if deadline > now:
-                continue
+            if deadline is None or deadline > now:
+                continue  # not due; or held, but its log not (yet) created or not sound
             try:
                 sheet = fold(await self._log.read(job_uid))
             except JobError:
@@ -228,6 +222,27 @@ class AccessService:
             if (event := await self._close(sheet, publish)) is not None:
                 expired.append(event)
         return expired
+
+    async def _learn_deadlines(self, job_uids: list[str]) -> None:
+        """Each job's deadline from its first event (one GET each, a few at once): what an
+        instance that did not admit them learns once (after a restart, from another replica)."""
+        limit = anyio.Semaphore(_LEARN_CONCURRENCY)
+
+        async def learn(job_uid: str) -> None:
+            async with limit:
+                try:
+                    deadline = await self._log.deadline(job_uid)
+                except JobError:
+                    return  # a log that fails its checks is not acted on
+            if deadline is not None:
+                self._deadlines[job_uid] = deadline
+
+        try:
+            async with anyio.create_task_group() as group:
+                for job_uid in job_uids:
+                    group.start_soon(learn, job_uid)
+        except* Exception as failed:  # the first failure is the error, not a group of them
+            raise failed.exceptions[0] from None
 
     async def _close(self, sheet: JobSheetState, publish: Publish) -> JobEvent | None:
         """A job past its deadline: settled if it ended (unless it is already), expired (and the
