@@ -61,7 +61,7 @@ SETUP_CONCURRENCY = 64
 NOTES = """
 cold: the first sweep of an access service that knows none of the jobs (a restart): the ledger
 read whole (its blocks) and each job's deadline from its first event. warm: each later sweep;
-what a sweep costs every --interval (PARJOBS_SWEEP_INTERVAL_S, 600 s by default). raw: a loop
+what a sweep costs every PARJOBS_SWEEP_INTERVAL_S (600 s by default). raw: a loop
 over a dict of the deadlines. ratio = warm / raw. S3 requests counted by the proxy."""
 
 
