@@ -206,8 +206,8 @@ class AccessService:
         Returns the `expired` events appended.
         """
         now = datetime.now(UTC)
-        open_holds = (await self.ledger.state()).holds
-        for job_uid in [uid for uid in self._deadlines if uid not in open_holds]:
+        open_holds = list((await self.ledger.state()).holds)  # settling below moves the ledger on
+        for job_uid in self._deadlines.keys() - set(open_holds):
             del self._deadlines[job_uid]  # settled: nothing left to do for it
         await self._learn_deadlines([uid for uid in open_holds if uid not in self._deadlines])
         expired: list[JobEvent] = []
