@@ -13,7 +13,9 @@ routing by the same `Topology`, mandatory publishing (UnroutableError), a publis
 once the message is enqueued, prefetch as the number of concurrent handlers, ack when the handler
 returns, requeue after the settings' retry pause when it raises, dead-lettering past the queue's
 delivery limit, PoisonMessageError and invalid bodies copied once to the dead-letter queue with
-their reason, request/reply with correlation ids, streams read from an offset, re-drive.
+their reason, a message's own TTL (`expiration`) running out at the head of its queue into the
+queue's dead-letter route, request/reply with correlation ids, streams read from an offset,
+re-drive.
 
 What it does not model: persistence across processes, a chunk for the stream offset "last" (it is
 the last message), a consumer on a stream, and lost connections other than by

@@ -488,7 +488,7 @@ async def test_a_hundred_mixed_jobs_settle_once_and_every_balance_reconciles(
             assert final == "failed", (job_uid, final)
 
         async def expires(n: int) -> None:
-            # Never uploaded, never started: the sweep expires it past its 4 s lifetime.
+            # Never uploaded, never started: its deadline expires it past its 4 s lifetime.
             sheet = await h.submit(CHECKSUM, lifetime_s=4)
             expected[sheet.job_uid] = JobState.EXPIRED
             ended = await h.client.wait_until(
