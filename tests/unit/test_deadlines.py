@@ -18,6 +18,7 @@ import pytest
 
 from orchestrator import PAR, ObjectWriter
 from orchestrator.broker.memory import MemoryBroker
+from orchestrator.broker.topology import DELAY_BUCKETS_S, Topology
 from orchestrator.core.keys import KeyPair
 from orchestrator.core.ledger_rules import settle_tx_id
 from orchestrator.core.message_signing import sign_message
@@ -40,6 +41,37 @@ async def services(store: ObjectStore, prefix: str, http: httpx.AsyncClient) -> 
     ready = Services(store, prefix, http)
     await ready.onboard()
     return ready
+
+
+# --- where a deadline waits -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("delay", "queue"),
+    [
+        (timedelta(seconds=-5), "p.delay.0"),  # overdue: at once
+        (timedelta(seconds=15.9), "p.delay.0"),
+        (timedelta(seconds=16), "p.delay.16"),
+        (timedelta(seconds=31.9), "p.delay.16"),
+        (timedelta(hours=1), "p.delay.2048"),
+        (timedelta(days=7), "p.delay.524288"),
+    ],
+)
+def test_a_deadline_waits_in_the_delay_queue_of_its_bucket(delay: timedelta, queue: str) -> None:
+    assert Topology("p").delay_queue(delay).name == queue
+
+
+def test_every_delay_queue_is_classic_and_dead_letters_to_the_deadlines_queue() -> None:
+    topology = Topology("p")
+    assert len(topology.delay_queues) == len(DELAY_BUCKETS_S) == 17
+    for queue in topology.delay_queues:
+        assert queue.arguments() == {
+            "x-queue-type": "classic",
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": "p.deadlines",
+        }
+        assert queue.bindings == ()
+        assert queue.durable
 
 
 # --- the access logic -----------------------------------------------------------------------------
