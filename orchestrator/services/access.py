@@ -202,8 +202,9 @@ class AccessService:
         O(1) a job with no I/O: every job not settled yet has an open hold in the ledger (its
         blocks since the last sweep are read), and this instance knows each one's deadline (from
         its admission, or once from its first event). Only a job past its deadline has its log
-        read; an ended job's end is not published again (settling it is what was missed).
-        Returns the `expired` events appended.
+        read (one still running past it, each sweep until it ends: its time limit bounds that); an
+        ended job's end is not published again (settling it is what was missed). Returns the
+        `expired` events appended.
         """
         now = datetime.now(UTC)
         open_holds = list((await self.ledger.state()).holds)  # settling below moves the ledger on
@@ -218,7 +219,7 @@ class AccessService:
             try:
                 sheet = fold(await self._log.read(job_uid))
             except JobError:
-                continue
+                continue  # a log that fails its checks is not acted on
             if (event := await self._close(sheet, publish)) is not None:
                 expired.append(event)
         return expired
