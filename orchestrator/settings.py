@@ -166,7 +166,8 @@ class ServiceSettings(BaseSettings):
     events are checked against, by services, clients and `parjobs replay`."""
     job_lifetime_s: int = Field(default=3600, ge=1, le=7 * 24 * 3600)
     """How long a job waits for its input and start before it expires (and its PARs with it)."""
-    sweep_interval_s: float = Field(default=5.0, gt=0)
+    sweep_interval_s: float = Field(default=600.0, gt=0)
+    """How often access's safety net runs over the active jobs (the deadlines come by message)."""
     auth_window_s: float = Field(default=300.0, gt=0)
     """How far an authorisation's timestamp may be from the access service's clock."""
     time_limit_s: float = Field(default=600.0, gt=0)

@@ -61,6 +61,23 @@ class ProgressReport(WireModel):
     payload: Progress
 
 
+# --- deadlines: access to itself, through a delay queue ----------------------------------------
+
+
+class JobDeadline(WireModel):
+    """Access → access, after a delay: job `job_uid` is due to expire at `expires_at`.
+
+    Published when access admits the job, to a delay queue whose TTL runs out at `expires_at`;
+    only then does it reach access's deadlines queue. A hint, never the truth: access judges the
+    job by its own log (its `submitted` event's deadline), so an early or repeated one expires
+    nothing before its time.
+    """
+
+    type: Literal["job_deadline"] = "job_deadline"
+    job_uid: Uid
+    expires_at: AwareDatetime
+
+
 # --- requests to access -------------------------------------------------------------------------
 
 
@@ -216,6 +233,7 @@ JobUpdate = Annotated[EventPublished | ProgressReport, Field(discriminator="type
 MessageBody = Annotated[
     EventPublished
     | ProgressReport
+    | JobDeadline
     | SubmitJob
     | GetJob
     | GetOutputs
@@ -292,3 +310,5 @@ JOB_EVENTS = MessageUnion[EventPublished]("job events", EventPublished)
 """What a work queue fed by the events exchange takes."""
 JOB_UPDATES = MessageUnion[JobUpdate]("job updates", JobUpdate)
 """What a user's events queue takes: job events, and progress reports signed by compute."""
+DEADLINES = MessageUnion[JobDeadline]("job deadlines", JobDeadline)
+"""What access's deadlines queue (and the delay queues before it) take."""

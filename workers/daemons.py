@@ -15,7 +15,7 @@ redelivery, which finds the step done and returns its event.
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import anyio
 from anyio.abc import TaskGroup
@@ -25,6 +25,7 @@ from orchestrator.broker.identities import Role
 from orchestrator.core.pricing import Pricing
 from orchestrator.core.service_keys import is_service_role
 from orchestrator.errors import ParjobsError
+from orchestrator.metrics import MESSAGES_PUBLISHED
 from orchestrator.par.issuer import PARIssuer
 from orchestrator.services.access import AccessService, Outcome
 from schemas.messages import (
@@ -37,6 +38,7 @@ from schemas.messages import (
     GetOutputs,
     GetPARState,
     GetRunStatus,
+    JobDeadline,
     JobReply,
     PARStateReply,
     StartRun,
@@ -87,12 +89,27 @@ async def setup_access(context: ServiceContext, group: TaskGroup) -> None:
                 state = await registry.state(uid, recipient=requester.fingerprint)
                 return PARStateReply(uid=uid, state=state)
 
+    async def delay(job_uid: str, expires_at: datetime) -> None:
+        """Send the job's deadline to itself, due at `expires_at` (see `DELAY_BUCKETS_S`)."""
+        ttl = expires_at - datetime.now(UTC)
+        await context.broker.publish(
+            "",  # the default exchange: no user may publish there
+            context.broker.topology.delay_queue(ttl).name,
+            context.signed(JobDeadline(job_uid=job_uid, expires_at=expires_at)),
+            expiration=ttl,
+        )
+        MESSAGES_PUBLISHED.labels("deadline", "job_deadline").inc()
+
     async def handle(envelope: Envelope[AccessRequest], meta: IncomingMeta) -> None:
         with anyio.CancelScope(shield=True):  # what is appended is published
             result = await answer(envelope)
             events = [] if isinstance(result, PARStateReply) else result.events
             for event in events:
                 await context.publish_event(event)
+            if isinstance(envelope.body, SubmitJob) and isinstance(result, Outcome):
+                assert isinstance(result.reply, JobReply)
+                sheet = result.reply.sheet  # a redelivery sends it again: handled the same
+                await delay(sheet.job_uid, sheet.expires_at)
         reply = result if isinstance(result, PARStateReply) else result.reply
         if isinstance(reply, JobReply):  # a submission's job uid is known from here
             bind_log_context(job_uid=reply.sheet.job_uid)
@@ -101,20 +118,28 @@ async def setup_access(context: ServiceContext, group: TaskGroup) -> None:
 
     async def sweep() -> None:
         while True:
+            await anyio.sleep(settings.sweep_interval_s)  # the deadlines come by message
             try:
                 await service.sweep(context.publish_event)
             except ParjobsError:
                 log.exception("expiry sweep failed; retrying at the next interval")
-            await anyio.sleep(settings.sweep_interval_s)
+
+    async def on_deadline(envelope: Envelope[JobDeadline], meta: IncomingMeta) -> None:
+        job_uid = envelope.body.job_uid
+        with anyio.CancelScope(shield=True):  # what is appended is published
+            early = await service.on_deadline(job_uid, context.publish_event)
+        if early is not None:
+            await delay(job_uid, early)
 
     async def settle(envelope: Envelope[EventPublished], meta: IncomingMeta) -> None:
         # A redelivered end settles nothing twice: the ledger finds the job's settlement.
         event = envelope.body.event
         await service.settle(event.job_uid, ending=event)
 
-    requests, endings = context.identities.service_queues()[Role.ACCESS]
+    requests, endings, deadlines, *_delays = context.identities.service_queues()[Role.ACCESS]
     await context.consume(requests, handle)
     await context.consume(endings, settle)
+    await context.consume(deadlines, on_deadline)
     group.start_soon(sweep)
 
 

@@ -18,7 +18,8 @@ consumer starts. The layers, outermost first:
 - `VerifyRequests` lets a request through only if the broker-verified sender (its `user_id`) is
   a registered user, its reply queue is theirs, and it is signed by that very user's key
   (`verified_requester()` then names them to the handler); `VerifyEvents` lets an event through
-  only if a role allowed to emit it sealed it.
+  only if a role allowed to emit it sealed it; `VerifyDeadlines` lets a job's deadline through
+  only if access published and signed it.
 
 Why here, in `workers`, and not under `orchestrator/broker`: the broker seam is generic (any
 `TypeAdapter`, any handler) and knows nothing of parjobs' envelopes, errors or logs, while these
@@ -42,7 +43,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Tracer
 
 from orchestrator.broker.base import IncomingMeta
-from orchestrator.broker.identities import Identities
+from orchestrator.broker.identities import Identities, Role
 from orchestrator.core.chain import verify_event
 from orchestrator.core.keys import PublicKeys
 from orchestrator.core.message_signing import verify_message
@@ -72,6 +73,7 @@ from schemas.messages import (
     GetJob,
     GetOutputs,
     GetRunStatus,
+    JobDeadline,
     StartRun,
     StopRun,
 )
@@ -330,7 +332,7 @@ class VerifyRequests:
     signature must verify against the key registered under the fingerprint it names, within
     `window` of this clock (a `SignatureError` refusal), and that key's user must be the sender
     (`RequesterMismatchError`): a request captured from one user and sent by another is refused.
-    Events pass untouched (`VerifyEvents` checks those).
+    Events and deadlines pass untouched (`VerifyEvents` and `VerifyDeadlines` check those).
     """
 
     def __init__(
@@ -351,7 +353,7 @@ class VerifyRequests:
     async def __call__(
         self, envelope: Envelope[Any], meta: IncomingMeta, call_next: EnvelopeHandler
     ) -> None:
-        if isinstance(envelope.body, EventPublished):
+        if isinstance(envelope.body, EventPublished | JobDeadline):
             await call_next(envelope, meta)
             return
         requester = self._identities.requester(meta.user_id, meta.headers)
@@ -427,4 +429,39 @@ class VerifyEvents:
                 verify_event(envelope.body.event, self._keys)
             except SignatureError as exc:
                 raise PoisonMessageError(f"event refused ({exc.code}): {exc}") from exc
+        await call_next(envelope, meta)
+
+
+class VerifyDeadlines:
+    """Lets a job's deadline through only if access's broker user published it (the `user_id`
+    RabbitMQ validated) and an access key signed it; anything else is dead-lettered, never acted
+    on. Its time is not judged (a deadline waits out the job's lifetime in a delay queue by
+    design), nor need it be: the handler judges the job by its own log, so a deadline replayed
+    or sent early expires nothing before its time. Other messages pass untouched."""
+
+    def __init__(self, keys: ServiceKeys, identities: Identities) -> None:
+        self._keys = keys
+        self._identities = identities
+
+    async def __call__(
+        self, envelope: Envelope[Any], meta: IncomingMeta, call_next: EnvelopeHandler
+    ) -> None:
+        if isinstance(envelope.body, JobDeadline):
+            if self._identities.role_of(meta.user_id or "") is not Role.ACCESS:
+                raise PoisonMessageError(
+                    f"deadline {envelope.message_id} was published by broker user "
+                    f"{meta.user_id!r}, not by access: refused"
+                )
+            try:
+                verify_message(
+                    envelope.signature,
+                    message_id=envelope.message_id,
+                    sent_at=envelope.sent_at,
+                    body=envelope.body,
+                    keys=self._keys.keys_for(Role.ACCESS),
+                    now=datetime.now(UTC),
+                    window=timedelta.max,
+                )
+            except SignatureError as exc:
+                raise PoisonMessageError(f"deadline refused ({exc.code}): {exc}") from exc
         await call_next(envelope, meta)

@@ -69,6 +69,7 @@ from workers.middleware import (
     Middleware,
     RefusalReplies,
     Tracing,
+    VerifyDeadlines,
     VerifyEvents,
     VerifyRequests,
     log_context,
@@ -129,6 +130,7 @@ class ServiceContext:
             LogContext(),
             RefusalReplies(self._reply),
             VerifyEvents(self.service_keys),
+            VerifyDeadlines(self.service_keys, self.identities),
             VerifyRequests(users, self.identities, window=window),
         ]
 
@@ -157,20 +159,9 @@ class ServiceContext:
             self.identities.event_routing_key(
                 self.identities.user_username(owner), report.job_uid, "progress"
             ),
-            self._signed(report),
+            self.signed(report),
         )
         MESSAGES_PUBLISHED.labels("progress", report.type).inc()
-
-    def _signed(self, body: MessageBody) -> Envelope[MessageBody]:
-        envelope = Envelope(sender=self.sender, body=body)
-        signature = sign_message(
-            self.key,
-            self.role,
-            message_id=envelope.message_id,
-            sent_at=envelope.sent_at,
-            body=body,
-        )
-        return envelope.model_copy(update={"signature": signature})
 
     async def reply(self, meta: IncomingMeta, body: MessageBody) -> None:
         """Answer the request being handled, signed by this role (after which a refusal no
@@ -185,8 +176,20 @@ class ServiceContext:
                 f"request {meta.message_id} asks for its reply on {meta.reply_to!r}, which is "
                 f"not its sender's ({meta.user_id!r}): not answered"
             )
-        await self.broker.reply(meta, self._signed(body))
+        await self.broker.reply(meta, self.signed(body))
         MESSAGES_PUBLISHED.labels("reply", body.type).inc()
+
+    def signed(self, body: MessageBody) -> Envelope[MessageBody]:
+        """`body` in an envelope from this daemon, signed by its role."""
+        envelope = Envelope(sender=self.sender, body=body)
+        signature = sign_message(
+            self.key,
+            self.role,
+            message_id=envelope.message_id,
+            sent_at=envelope.sent_at,
+            body=body,
+        )
+        return envelope.model_copy(update={"signature": signature})
 
     async def consume(
         self, queue: QueueSpec, handler: EnvelopeHandler, *, prefetch: int | None = None

@@ -5,7 +5,10 @@ handlers (that is the broker's side). Routing follows RabbitMQ: the default exch
 the queue named by the routing key, a direct exchange to queues bound with that exact key, a topic
 exchange to queues whose binding pattern matches (`*` one word, `#` zero or more). A quorum queue
 counts failed deliveries and, past its delivery limit, dead-letters the message through its
-dead-letter exchange with an `x-death` record, as RabbitMQ does.
+dead-letter exchange with an `x-death` record, as RabbitMQ does. A message published with an
+`expiration` is dead-lettered (reason `expired`) once its TTL has run out and it is at the head of
+its queue: like RabbitMQ, a queue expires only its head, so a longer TTL ahead holds back a
+shorter one behind it.
 """
 
 from __future__ import annotations
@@ -17,11 +20,12 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from orchestrator.broker.topology import (
     Binding,
+    ClassicQueueArgs,
     ExchangeKind,
     ExchangeSpec,
     QueueSpec,
@@ -55,6 +59,10 @@ class StoredMessage:
     delivery_count: int = 0
     """Failed deliveries so far (`x-delivery-count`)."""
     redelivered: bool = False
+    expiration: timedelta | None = None
+    """The message's own TTL, from when a queue takes it."""
+    expires: float | None = None
+    """When its TTL runs out in the queue holding it (the event loop's clock)."""
 
 
 @functools.cache
@@ -92,10 +100,17 @@ class Receiver(Protocol):
 class MemoryQueue:
     """A quorum or classic queue: ready messages in order, handed to its consumers in turn."""
 
-    def __init__(self, spec: QueueSpec, owner: object | None) -> None:
+    def __init__(
+        self,
+        spec: QueueSpec,
+        owner: object | None,
+        expired: Callable[[MemoryQueue, StoredMessage], None],
+    ) -> None:
         self.spec = spec
         self.owner = owner
         """The connection an exclusive queue belongs to (None: durable)."""
+        self._expired = expired
+        """Takes each message whose TTL ran out at the head of the queue."""
         self.bindings: set[Binding] = set()
         self.ready: deque[StoredMessage] = deque()
         self.consumers: list[Receiver] = []
@@ -124,14 +139,30 @@ class MemoryQueue:
                 exchange=message.exchange,
                 routing_key=message.routing_key,
             )
+        if message.expiration is not None and message.expires is None:
+            loop = asyncio.get_running_loop()
+            expires = loop.time() + max(message.expiration.total_seconds(), 0.0)
+            message = replace(message, expires=expires)
+            loop.call_at(expires, self.dispatch)
         if front:
             self.ready.appendleft(message)
         else:
             self.ready.append(message)
         self.dispatch()
 
+    def _expire_head(self) -> None:
+        """Take the messages at the head whose TTL has run out out of the queue (only at the
+        head, as RabbitMQ does)."""
+        if not self.ready:
+            return
+        now = asyncio.get_running_loop().time()
+        while self.ready and (expires := self.ready[0].expires) is not None and expires <= now:
+            self._expired(self, self.ready.popleft())
+
     def dispatch(self) -> None:
-        """Hand ready messages to the consumers with room, in turn (round robin)."""
+        """Hand ready messages to the consumers with room, in turn (round robin), once the
+        expired ones at the head are gone."""
+        self._expire_head()
         while self.ready:
             receiver = next((each for each in self.consumers if each.has_room), None)
             if receiver is None:
@@ -197,7 +228,7 @@ class MemoryServer:
             queue = (
                 MemoryStream(spec)
                 if isinstance(spec.args, StreamQueueArgs)
-                else MemoryQueue(spec, owner if spec.exclusive else None)
+                else MemoryQueue(spec, owner if spec.exclusive else None, self._expired)
             )
         elif queue.spec.arguments() != spec.arguments() or queue.spec.exclusive != spec.exclusive:
             raise TopologyError(
@@ -346,8 +377,18 @@ class MemoryServer:
             return
         queue.put(replace(message, delivery_count=count, redelivered=True), front=True)
 
+    def _expired(self, queue: MemoryQueue, message: StoredMessage) -> None:
+        """`message`'s TTL ran out at the head of `queue`: to the dead-letter exchange, if any."""
+        args = queue.spec.args
+        assert isinstance(args, QuorumQueueArgs | ClassicQueueArgs)  # a queue, not a stream
+        self._dead_letter(queue, args, message, "expired")
+
     def _dead_letter(
-        self, queue: MemoryQueue, args: QuorumQueueArgs, message: StoredMessage, reason: str
+        self,
+        queue: MemoryQueue,
+        args: QuorumQueueArgs | ClassicQueueArgs,
+        message: StoredMessage,
+        reason: str,
     ) -> None:
         if args.dead_letter_exchange is None:
             log.warning("%s dropped %s: %s", queue.name, message.message_id, reason)
@@ -371,5 +412,7 @@ class MemoryServer:
             headers=headers,
             delivery_count=0,
             redelivered=False,
+            expiration=None,  # as RabbitMQ drops it: a dead letter does not expire again
+            expires=None,
         )
         self.publish(letter, mandatory=False)

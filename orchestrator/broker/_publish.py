@@ -6,7 +6,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 from aio_pika import DeliveryMode, Message
@@ -48,6 +48,7 @@ def outgoing(
     correlation_id: str | None = None,
     reply_to: str | None = None,
     message_id: str | None = None,
+    expiration: timedelta | None = None,
 ) -> Message:
     """`message` as a persistent JSON AMQP message, with a fresh id unless one is given, and the
     current W3C trace context (`traceparent`) in its headers when there is one."""
@@ -64,6 +65,7 @@ def outgoing(
         timestamp=datetime.now(UTC),
         type=type(message).__name__,
         app_id=app_id,
+        expiration=None if expiration is None else max(expiration, timedelta(0)),
     )
 
 

@@ -35,6 +35,7 @@ from orchestrator.errors import (
 from orchestrator.settings import AMQPSettings
 
 if TYPE_CHECKING:
+    from datetime import timedelta
     from types import TracebackType
 
     from aio_pika import Message
@@ -206,6 +207,7 @@ class AMQPBroker:
         correlation_id: str | None = None,
         reply_to: str | None = None,
         message_id: str | None = None,
+        expiration: timedelta | None = None,
     ) -> str:
         """Publish `message` as persistent JSON and wait for the broker's confirm; its message id.
 
@@ -219,6 +221,7 @@ class AMQPBroker:
             correlation_id=correlation_id,
             reply_to=reply_to,
             message_id=message_id,
+            expiration=expiration,
         )
         await self._require_publisher().send(_name(exchange), routing_key, amqp_message)
         assert amqp_message.message_id is not None

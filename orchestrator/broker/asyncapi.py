@@ -237,6 +237,11 @@ def _queue_description(queue: QueueSpec) -> str:
             f"; a message that fails {arguments['x-delivery-limit']} deliveries is "
             f"dead-lettered to `{arguments['x-dead-letter-exchange']}`"
         )
+    elif "x-dead-letter-routing-key" in arguments:
+        text += (
+            "; a message whose TTL runs out at the head of the queue is dead-lettered, through "
+            f"the default exchange, to `{arguments['x-dead-letter-routing-key']}`"
+        )
     return text + "."
 
 
@@ -314,6 +319,8 @@ class _Contract:
             return "A user's connection gets the replies to its requests here."
         if channel == _CLIENT_EVENTS:
             return "A user's connection follows the events of the user's jobs here."
+        if any(self._short(queue.name) == channel for queue in self.topology.delay_queues):
+            return "Nobody consumes it: each job's deadline waits out its TTL here."
         for role, queues in self.services.items():
             if any(self._short(queue.name) == channel for queue in queues):
                 return f"The {role} service consumes it."
@@ -490,17 +497,33 @@ class _Contract:
             self._queue_messages(_CLIENT_EVENTS),
             "A user follows the events of their own jobs and their runs' progress.",
         )
+        delays = {queue.name for queue in self.topology.delay_queues}
         for role, queues in self.services.items():
             for queue in queues:
                 channel = self._short(queue.name)
+                if queue.name in delays:
+                    operations[f"{role}.send.{channel}"] = self._operation(
+                        role,
+                        "send",
+                        channel,
+                        self._queue_messages(channel),
+                        f"The {role} service sends each job's deadline here through the default "
+                        "exchange, with the TTL (`expiration`) that makes it due as the job "
+                        "expires.",
+                    )
+                    continue
                 answers = queue.accepts if queue.accepts and queue.accepts.replies else None
+                takes = "the events it acts on."
+                if answers:
+                    takes = "requests and answers each."
+                elif queue.name == self.topology.deadlines.name:
+                    takes = "each job's deadline it sent itself, once due."
                 operations[f"{role}.receive.{channel}"] = self._operation(
                     role,
                     "receive",
                     channel,
                     self._queue_messages(channel),
-                    f"The {role} service takes "
-                    + ("requests and answers each." if answers else "the events it acts on."),
+                    f"The {role} service takes {takes}",
                     reply=answers,
                 )
             operations[f"{role}.send.events"] = self._operation(

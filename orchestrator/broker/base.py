@@ -13,7 +13,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, Self, TypeVar
 
@@ -218,11 +218,14 @@ class Broker(Protocol):
         correlation_id: str | None = None,
         reply_to: str | None = None,
         message_id: str | None = None,
+        expiration: timedelta | None = None,
     ) -> str:
         """Publish `message` as persistent JSON once the broker has taken it; its message id.
 
         Header values are what AMQP tables carry: str, int, bool, bytes, datetime, and lists and
-        tables of them.
+        tables of them. `expiration`: the message's own TTL (whole milliseconds, at least 0) in
+        a classic queue; once it runs out at the head of the queue, the message is dead-lettered
+        (reason `expired`) or dropped.
 
         Raises UnroutableError if no queue is bound for the routing key (or the exchange does
         not exist), PublishNackedError if the broker refuses it.

@@ -233,6 +233,8 @@ class Identities:
             Role.ACCESS: (
                 topology.rpc_queue("access"),
                 topology.work_queue("access", events=ended, accepts=JOB_EVENTS),
+                topology.deadlines,
+                *topology.delay_queues,
             ),
             Role.STORAGE: (
                 topology.work_queue(
@@ -315,9 +317,10 @@ class Identities:
         namespaces = {spec.name.rpartition(".")[0] for spec in instances}
         bindings = [binding for spec in (*specs, *instances) for binding in spec.bindings]
         dead_letter_exchanges = {
-            spec.args.dead_letter_exchange
+            spec.args.dead_letter_exchange or DEFAULT_EXCHANGE
             for spec in specs
-            if isinstance(spec.args, QuorumQueueArgs) and spec.args.dead_letter_exchange
+            if isinstance(spec.args, QuorumQueueArgs | ClassicQueueArgs)
+            and spec.args.dead_letter_exchange is not None
         }
         replies = any(binding.exchange == topology.commands.name for binding in bindings)
         event_bindings = [b.routing_key for b in bindings if b.exchange == topology.events.name]

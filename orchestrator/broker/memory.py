@@ -13,7 +13,9 @@ routing by the same `Topology`, mandatory publishing (UnroutableError), a publis
 once the message is enqueued, prefetch as the number of concurrent handlers, ack when the handler
 returns, requeue after the settings' retry pause when it raises, dead-lettering past the queue's
 delivery limit, PoisonMessageError and invalid bodies copied once to the dead-letter queue with
-their reason, request/reply with correlation ids, streams read from an offset, re-drive.
+their reason, a message's own TTL (`expiration`) running out at the head of its queue into the
+queue's dead-letter route, request/reply with correlation ids, streams read from an offset,
+re-drive.
 
 What it does not model: persistence across processes, a chunk for the stream offset "last" (it is
 the last message), a consumer on a stream, and lost connections other than by
@@ -27,7 +29,8 @@ import hashlib
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Collection, Mapping
-from datetime import UTC, datetime
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, Literal, Self, TypeVar
 
 from orchestrator.broker._dlq import dead_letter_headers, read_letter, redriven_headers
@@ -361,6 +364,7 @@ class MemoryBroker:
         correlation_id: str | None = None,
         reply_to: str | None = None,
         message_id: str | None = None,
+        expiration: timedelta | None = None,
     ) -> str:
         """Enqueue `message` as JSON in every queue it routes to; its message id.
 
@@ -377,6 +381,8 @@ class MemoryBroker:
             reply_to=reply_to,
             message_id=message_id,
         )
+        if expiration is not None:
+            stored = replace(stored, expiration=max(expiration, timedelta(0)))
         self.server.publish(stored)
         assert stored.message_id is not None
         return stored.message_id

@@ -8,16 +8,18 @@ also says which messages it takes (`QueueSpec.accepts`, a union from `schemas.me
 
 from __future__ import annotations
 
+import bisect
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from aio_pika.exceptions import ChannelNotFoundEntity, ChannelPreconditionFailed
 
 from orchestrator.errors import TopologyError
-from schemas.messages import ACCESS_REQUESTS, COMPUTE_REQUESTS, RUN_STARTS, MessageUnion
+from schemas.messages import ACCESS_REQUESTS, COMPUTE_REQUESTS, DEADLINES, RUN_STARTS, MessageUnion
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -30,7 +32,17 @@ _ROLE = re.compile(_NAME_PART)
 _MAX_AGE = re.compile(r"[1-9][0-9]*[YMDhms]")
 MAX_PREFIX_LENGTH = 200
 """Names are at most 255 bytes; the longest suffix added is `.reply.` + 32 hex digits."""
-_RESERVED_ROLES = frozenset({"events", "commands", "dlx", "dlq", "rpc", "reply"})
+_RESERVED_ROLES = frozenset(
+    {"events", "commands", "dlx", "dlq", "rpc", "reply", "deadlines", "delay"}
+)
+DELAY_BUCKETS_S = (0, *(2**power for power in range(4, 20)))
+"""The delay queues' lower bounds in seconds: `<prefix>.delay.<bound>` holds the deadlines due
+from `bound` seconds after their publish to the next bound (the last one, 2**19 s, to any later
+time: a job lives at most 7 days). Each deadline goes out once with its exact TTL; one can wait
+behind a longer one ahead of it in its queue (RabbitMQ expires only the head), at most by its
+queue's width, i.e. at most as long again as its own TTL (under 16 s in the first queue). So
+lifetimes that differ by less than a factor of two share a queue; equal lifetimes, the common
+case, fire in order and on time; and the access sweep bounds any lateness by its interval."""
 
 
 def check_prefix(prefix: str) -> str:
@@ -124,11 +136,32 @@ class StreamQueueArgs:
 
 @dataclass(frozen=True)
 class ClassicQueueArgs:
-    """A classic queue: only for per-connection reply queues (quorum queues cannot be exclusive)."""
+    """A classic queue: per-connection reply queues (quorum queues cannot be exclusive), and the
+    delay queues (quorum queues in RabbitMQ 3.10 ignore a message's own TTL, `expiration`).
+
+    With a dead-letter exchange, a message whose TTL runs out at the head of the queue goes there
+    (RabbitMQ expires messages only at the head: one with a longer TTL ahead holds back a shorter
+    one behind it). Classic dead-lettering is at most once: nothing confirms the copy.
+    """
+
+    dead_letter_exchange: str | None = None
+    """"" is the default exchange: the routing key then names the target queue."""
+    dead_letter_routing_key: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.dead_letter_routing_key is not None and self.dead_letter_exchange is None:
+            raise ValueError("a dead-letter routing key needs a dead-letter exchange")
+        if self.dead_letter_exchange == "" and not self.dead_letter_routing_key:
+            raise ValueError("dead-lettering to the default exchange needs a routing key")
 
     def to_arguments(self) -> dict[str, Any]:
         """The `x-` queue arguments RabbitMQ reads."""
-        return {"x-queue-type": "classic"}
+        arguments: dict[str, Any] = {"x-queue-type": "classic"}
+        if self.dead_letter_exchange is not None:
+            arguments["x-dead-letter-exchange"] = self.dead_letter_exchange
+            if self.dead_letter_routing_key is not None:
+                arguments["x-dead-letter-routing-key"] = self.dead_letter_routing_key
+        return arguments
 
 
 QueueArgs = QuorumQueueArgs | StreamQueueArgs | ClassicQueueArgs
@@ -204,6 +237,8 @@ class Topology:
     - `<prefix>.commands` (direct): commands and RPC requests addressed to one service.
     - `<prefix>.dlx` (direct) routes to `<prefix>.dlq`, the one dead-letter queue.
     - `<prefix>.<role>` (quorum): a service's work queue, e.g. access, storage, compute.
+    - `<prefix>.delay.<seconds>` (classic) hold each job's deadline until its TTL runs out, then
+      dead-letter it to `<prefix>.deadlines` (quorum), which access consumes.
     """
 
     prefix: str = "parjobs"
@@ -254,6 +289,30 @@ class Topology:
             self.stream_retention,
             (Binding(self.events.name, "#"),),
         )
+
+    @property
+    def deadlines(self) -> QueueSpec:
+        """`<prefix>.deadlines`: where each job's deadline arrives once its delay ran out (from a
+        delay queue, through the default exchange); access consumes it."""
+        return QueueSpec(self._name("deadlines"), self._quorum_args(), accepts=DEADLINES)
+
+    @property
+    def delay_queues(self) -> tuple[QueueSpec, ...]:
+        """The classic delay queues, one per bucket of `DELAY_BUCKETS_S`: no consumer, no
+        binding (published to through the default exchange); a message whose TTL runs out goes
+        on to `deadlines`."""
+        args = ClassicQueueArgs(
+            dead_letter_exchange="", dead_letter_routing_key=self.deadlines.name
+        )
+        return tuple(
+            QueueSpec(self._name("delay", str(bound)), args, accepts=DEADLINES)
+            for bound in DELAY_BUCKETS_S
+        )
+
+    def delay_queue(self, delay: timedelta) -> QueueSpec:
+        """The delay queue for a message due `delay` from now (see `DELAY_BUCKETS_S`)."""
+        index = bisect.bisect_right(DELAY_BUCKETS_S, delay.total_seconds()) - 1
+        return self.delay_queues[max(index, 0)]
 
     @property
     def exchanges(self) -> tuple[ExchangeSpec, ...]:

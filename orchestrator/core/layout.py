@@ -40,14 +40,6 @@ class JobKeys:
         return f"{self.jobs}{_UID.validate_python(job_uid)}/progress.json"
 
     @property
-    def active_prefix(self) -> str:
-        """Markers of jobs that may still expire; the access sweeper lists these."""
-        return f"{self.root}index/active/"
-
-    def active_marker(self, job_uid: str) -> str:
-        return f"{self.active_prefix}{_UID.validate_python(job_uid)}"
-
-    @property
     def registry(self) -> str:
         return f"{self.root}registry/pars/"
 

@@ -40,6 +40,7 @@ from orchestrator.store.users import NonceStore, UserRegistry
 from schemas.events import (
     Expired,
     JobEvent,
+    JobSheetState,
     JobState,
     Payment,
     Submitted,
@@ -52,6 +53,7 @@ DEFAULT_AUTH_WINDOW = timedelta(minutes=5)
 # States in which a job waits for its user; past its deadline it expires (a running job is
 # bounded by its calculation's time limit instead).
 _WAITING = frozenset({JobState.SUBMITTED, JobState.STORAGE_CONTRACTED, JobState.READY})
+_LEARN_CONCURRENCY = 32  # GETs in flight while the sweep learns deadlines it does not know
 Publish = Callable[[JobEvent], Awaitable[None]]
 
 
@@ -82,6 +84,9 @@ class AccessService:
         self._pricing = pricing
         self._default_lifetime = default_lifetime
         self._auth_window = auth_window
+        self._deadlines: dict[str, datetime] = {}
+        """Each job with an open hold (not settled) and seen here -> when it expires if still
+        waiting: the sweep's index, O(1) a job."""
         self.users = UserRegistry(store, keys.users)
         self.nonces = NonceStore(store, keys.nonces)
         self.ledger = Ledger(store, keys.ledger)
@@ -140,10 +145,10 @@ class AccessService:
             authorisation=authorisation,
             payment=Payment(cheque=cheque, held=price, ledger_seq=hold.seq),
         )
-        await self._store.put(self._keys.active_marker(job_uid), b"")
         actor = f"user:{user_record.name}"
         event_id = step_event_id(job_uid, "submitted")
         event = await self._log.create(job_uid, actor, submitted, event_id=event_id)
+        self._deadlines[job_uid] = submitted.expires_at
         sheet = fold(await self._log.read_through(job_uid, event.seq))  # no read: it wrote it
         return Outcome(reply=JobReply(sheet=sheet), events=[event])
 
@@ -174,46 +179,97 @@ class AccessService:
         `ending`: the event that ended it, as received (the events before it are then fetched,
         not listed)."""
         sheet = fold(await self._log.through(ending)) if ending else await self._log.load(job_uid)
+        return await self._settle(sheet)
+
+    async def _settle(self, sheet: JobSheetState) -> Transaction | None:
         if sheet.payment is None or not is_terminal(sheet.state):
             return None
-        return await self.ledger.settle(job_uid, self._pricing.charge(sheet))
+        return await self.ledger.settle(sheet.job_uid, self._pricing.charge(sheet))
+
+    async def on_deadline(self, job_uid: str, publish: Publish) -> datetime | None:
+        """Job `job_uid`'s deadline message arrived: judge the job by its own log. Past its own
+        deadline and still waiting, it expires (the `expired` event appended once and published);
+        ended and not settled, it is settled; started, nothing. Returns the job's deadline if it
+        is still waiting and that is yet to come (the message came early: delay it again)."""
+        events = await self._log.read(job_uid)
+        if not events:
+            return None  # no such job: a deadline is only a hint
+        sheet = fold(events)
+        if sheet.state in _WAITING and sheet.expires_at > datetime.now(UTC):
+            return sheet.expires_at
+        await self._close(sheet, publish)
+        return None
 
     async def sweep(self, publish: Publish) -> list[JobEvent]:
-        """Expire jobs still waiting past their deadline; settle ended jobs nobody settled.
+        """The safety net behind the deadline messages: expire what is still waiting past its
+        deadline, settle what ended unsettled, for the jobs whose message or settlement was lost.
 
-        Every event appended here is published as it is appended (the two shielded from
-        cancellation), and an ended job's last event is published again before its active
-        marker goes: an end whose publish a crash lost still reaches its subscribers
-        (they de-duplicate by event id). Returns the `expired` events appended.
+        O(1) a job with no I/O: every job not settled yet has an open hold in the ledger (its
+        blocks since the last sweep are read), and this instance knows each one's deadline (from
+        its admission, or once from its first event). Only a job past its deadline has its log
+        read (one still running past it, each sweep until it ends: its time limit bounds that); an
+        ended job's end is not published again (settling it is what was missed). Returns the
+        `expired` events appended.
         """
-        expired: list[JobEvent] = []
         now = datetime.now(UTC)
-        prefix = self._keys.active_prefix
-        for info in await self._store.list(prefix):
-            job_uid = info.key.removeprefix(prefix)
+        open_holds = list((await self.ledger.state()).holds)  # settling below moves the ledger on
+        for job_uid in self._deadlines.keys() - set(open_holds):
+            del self._deadlines[job_uid]  # settled: nothing left to do for it
+        await self._learn_deadlines([uid for uid in open_holds if uid not in self._deadlines])
+        expired: list[JobEvent] = []
+        for job_uid in open_holds:
+            deadline = self._deadlines.get(job_uid)
+            if deadline is None or deadline > now:
+                continue  # not due; or held, but its log not (yet) created or not sound
             try:
-                events = await self._log.read(job_uid)
+                sheet = fold(await self._log.read(job_uid))
             except JobError:
                 continue  # a log that fails its checks is not acted on
-            if not events:
-                continue  # submit wrote the marker but not (yet) the log
-            sheet = fold(events)
-            if is_terminal(sheet.state):
-                if not self.ledger.holds(settle_tx_id(job_uid)):  # settled as it ended, mostly
-                    await self.settle(job_uid)  # a no-op when its end was settled already
-                await publish(events[-1])
-                await self._store.delete(info.key)
-            elif sheet.state in _WAITING and sheet.expires_at <= now:
-                with anyio.CancelScope(shield=True):
-                    try:
-                        event = await self._log.transition(
-                            job_uid, "access", Expired(), event_id=step_event_id(job_uid, "expired")
-                        )
-                    except IllegalTransitionError:
-                        continue  # it started (or ended) since we looked: not ours to expire
-                    await publish(event)
+            if (event := await self._close(sheet, publish)) is not None:
                 expired.append(event)
         return expired
+
+    async def _learn_deadlines(self, job_uids: list[str]) -> None:
+        """Each job's deadline from its first event (one GET each, a few at once): what an
+        instance that did not admit them learns once (after a restart, from another replica)."""
+        limit = anyio.Semaphore(_LEARN_CONCURRENCY)
+
+        async def learn(job_uid: str) -> None:
+            async with limit:
+                try:
+                    deadline = await self._log.deadline(job_uid)
+                except JobError:
+                    return  # a log that fails its checks is not acted on
+            if deadline is not None:
+                self._deadlines[job_uid] = deadline
+
+        try:
+            async with anyio.create_task_group() as group:
+                for job_uid in job_uids:
+                    group.start_soon(learn, job_uid)
+        except* Exception as failed:  # the first failure is the error, not a group of them
+            raise failed.exceptions[0] from None
+
+    async def _close(self, sheet: JobSheetState, publish: Publish) -> JobEvent | None:
+        """A job past its deadline: settled if it ended (unless it is already), expired (and the
+        event published, the two shielded from cancellation) if still waiting; its `expired`
+        event, if this appended it."""
+        job_uid = sheet.job_uid
+        if is_terminal(sheet.state):
+            if not self.ledger.holds(settle_tx_id(job_uid)):  # settled as it ended, mostly
+                await self._settle(sheet)  # a no-op when its end was settled already
+            return None
+        if sheet.state not in _WAITING:
+            return None  # it runs: its calculation's time limit bounds it
+        with anyio.CancelScope(shield=True):
+            try:
+                event = await self._log.transition(
+                    job_uid, "access", Expired(), event_id=step_event_id(job_uid, "expired")
+                )
+            except IllegalTransitionError:
+                return None  # it started (or ended) since we looked: not ours to expire
+            await publish(event)
+        return event
 
     async def _events(self, job_uid: str, *, owner: str | None) -> list[JobEvent]:
         """The job's events; JobNotFoundError alike for no such job and for another's job."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
+from datetime import datetime
 
 from pydantic import TypeAdapter
 
@@ -213,6 +214,18 @@ class EventLog:
         if not isinstance(first.payload, Submitted):
             raise EventLogCorruptError(f"job {job_uid}'s log does not start with `submitted`")
         return first.payload.owner
+
+    async def deadline(self, job_uid: str) -> datetime | None:
+        """When the job expires unless it started, from its `submitted` event: remembered, or one
+        GET by key (no LIST); None if it has no log (yet). A hint of when to read the log, not
+        verified here: whoever acts on it reads the log, verified."""
+        log = self._log(job_uid)
+        first = log.known[0] if log.known else await log.get(1)
+        if first is None:
+            return None
+        if not isinstance(first.payload, Submitted):
+            raise EventLogCorruptError(f"job {job_uid}'s log does not start with `submitted`")
+        return first.payload.expires_at
 
     def _sealed(self, event: JobEvent, prev: JobEvent | None) -> JobEvent:
         return event if self._sealer is None else self._sealer.seal(event, prev)

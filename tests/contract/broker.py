@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import timedelta
 from typing import TYPE_CHECKING, Annotated, Literal, Protocol
 
 import pytest
@@ -103,6 +104,47 @@ async def letters(broker: Broker, count: int) -> list[DeadLetter]:
 
 class BrokerContract:
     """Every test here runs on each `Broker` implementation."""
+
+    # --- delays: a message's own TTL, then its queue's dead-letter route ------------------------
+
+    async def test_a_message_whose_ttl_runs_out_goes_on_by_its_dead_letter_route(
+        self, broker: Broker
+    ) -> None:
+        topology = broker.topology
+        delay = topology.delay_queue(timedelta(seconds=1))
+        await broker.declare(topology.deadlines, delay)
+        inbox = Inbox()
+        await broker.consume(topology.deadlines, MESSAGES, inbox)
+        loop = asyncio.get_running_loop()
+        sent_at = loop.time()
+        message_id = await broker.publish(
+            "", delay.name, Ping(n=1), expiration=timedelta(seconds=0.3)
+        )
+        message, meta = await inbox.next()
+        assert message == Ping(n=1)
+        assert loop.time() - sent_at >= 0.3  # not before its TTL ran out
+        assert meta.message_id == message_id
+        assert meta.user_id == broker.username  # still the publisher's: who sent it is known
+        (death,) = meta.headers["x-death"]
+        assert death["reason"] == "expired"
+        assert death["queue"] == delay.name
+
+    async def test_a_ttl_runs_out_only_at_the_head_of_the_queue(self, broker: Broker) -> None:
+        # RabbitMQ expires only a queue's head: a shorter TTL behind a longer one waits for it.
+        # (Why deadlines go to one delay queue per bucket of TTLs.)
+        topology = broker.topology
+        delay = topology.delay_queue(timedelta(seconds=1))
+        await broker.declare(topology.deadlines, delay)
+        inbox = Inbox()
+        await broker.consume(topology.deadlines, MESSAGES, inbox)
+        loop = asyncio.get_running_loop()
+        sent_at = loop.time()
+        await broker.publish("", delay.name, Ping(n=1), expiration=timedelta(seconds=0.8))
+        await broker.publish("", delay.name, Ping(n=2), expiration=timedelta(seconds=0.05))
+        first, _ = await inbox.next()
+        second, _ = await inbox.next()
+        assert (first, second) == (Ping(n=1), Ping(n=2))
+        assert loop.time() - sent_at >= 0.8
 
     # --- publishing and routing -----------------------------------------------------------------
 

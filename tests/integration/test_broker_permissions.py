@@ -15,6 +15,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
 import aio_pika
@@ -302,7 +303,13 @@ async def test_mallory_cannot_publish_an_event(deployment: Deployment, mallory: 
 async def test_mallory_cannot_publish_straight_into_a_queue(
     deployment: Deployment, alice: Client, mallory: Client
 ) -> None:
-    for queue in (alice.reply_queue, *deployment.queues[Role.COMPUTE]):
+    topology = deployment.topology
+    for queue in (
+        alice.reply_queue,
+        *deployment.queues[Role.COMPUTE],
+        topology.deadlines,  # a forged deadline, due at once
+        *topology.delay_queues,
+    ):
         await mallory.session.assert_refused(publish("", queue.name), what="exchange 'amq.default'")
 
 
@@ -315,6 +322,9 @@ OTHERS_QUEUES = [
     "rpc.access",
     "dlq",
     "events.stream",
+    "deadlines",
+    "delay.0",
+    "delay.2048",
     "alice's replies",
     "alice's events",
 ]
@@ -404,6 +414,43 @@ async def test_mallory_cannot_route_dead_letters_into_events_or_dlx(
     for exchange in (topology.events.name, topology.dead_letter_exchange.name):
         trap = declare_trap(deployment, mallory.username, {"x-dead-letter-exchange": exchange})
         await mallory.session.assert_refused(trap, what=f"exchange '{exchange}'")
+
+
+async def test_mallory_cannot_route_dead_letters_into_access_deadlines(
+    deployment: Deployment, mallory: Client
+) -> None:
+    # Dead letters keep their first publisher's user_id: access's events, expired from a queue of
+    # hers into the deadlines queue, would arrive as access's. Only the default exchange leads
+    # there, and she may not write to it.
+    trap: dict[str, FieldValue] = {
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": deployment.topology.deadlines.name,
+        "x-message-ttl": 0,
+    }
+    await mallory.session.assert_refused(
+        declare_trap(deployment, mallory.username, trap), what="exchange 'amq.default'"
+    )
+
+
+async def test_access_sends_itself_a_deadline_through_a_delay_queue(
+    deployment: Deployment,
+) -> None:
+    topology = deployment.topology
+    deadlines = Inbox()
+    async with deployment.connect("access") as access:
+        await access.do(consume_queue(topology.deadlines.name, deadlines))
+        delay = topology.delay_queue(timedelta(seconds=1))
+
+        async def delayed(channel: AbstractChannel) -> object:
+            message = aio_pika.Message(b"{}", user_id=access.username, expiration=0.2)
+            return await channel.default_exchange.publish(message, delay.name)
+
+        await access.do(delayed)
+        arrived = await deadlines.next()
+    assert arrived.user_id == access.username  # the broker vouches access sent it
+    deaths = arrived.headers["x-death"]
+    assert isinstance(deaths, list)
+    assert [death["reason"] for death in deaths if isinstance(death, dict)] == ["expired"]
 
 
 async def test_a_service_message_mallory_reroutes_as_a_request_names_no_requester(

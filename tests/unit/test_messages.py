@@ -10,7 +10,7 @@ import pytest
 from pydantic import BaseModel, TypeAdapter
 
 from orchestrator.broker.identities import Identities
-from orchestrator.broker.topology import RPC_REQUESTS, Topology
+from orchestrator.broker.topology import DELAY_BUCKETS_S, RPC_REQUESTS, Topology
 from orchestrator.core.codec import decode
 from orchestrator.core.jobstate import fold
 from orchestrator.errors import InvalidMessageError
@@ -21,6 +21,7 @@ from schemas.messages import (
     ACCESS_RESPONSES,
     COMPUTE_REQUESTS,
     COMPUTE_RESPONSES,
+    DEADLINES,
     JOB_EVENTS,
     JOB_UPDATES,
     RUN_STARTS,
@@ -74,6 +75,7 @@ TAKES = {
     "run starts": {"start_run"},
     "job events": {"event"},
     "job updates": {"event", "progress_report"},
+    "job deadlines": {"job_deadline"},
     "access responses": {"job", "outputs", "par_state", "error"},
     "compute responses": {"run", "error"},
 }
@@ -83,6 +85,7 @@ UNIONS = [
     RUN_STARTS,
     JOB_EVENTS,
     JOB_UPDATES,
+    DEADLINES,
     ACCESS_RESPONSES,
     COMPUTE_RESPONSES,
 ]
@@ -199,11 +202,14 @@ def test_every_queue_a_daemon_consumes_says_what_it_takes() -> None:
         "p.compute": JOB_EVENTS,
         "p.rpc.compute": COMPUTE_REQUESTS,
         "p.rpc.runs": RUN_STARTS,
+        "p.deadlines": DEADLINES,
+        **{f"p.delay.{bound}": DEADLINES for bound in DELAY_BUCKETS_S},
     }
     assert ids.stops_queue("d1").accepts is JOB_EVENTS
-    # Only the events exchange feeds the queues that take job events.
+    # Only the events exchange feeds the queues that take job events; nothing binds the
+    # deadlines' queues (only access publishes there, through the default exchange).
+    fed_by = {JOB_EVENTS: {"p.events"}, DEADLINES: set()}
     for specs in queues.values():
         for spec in specs:
             exchanges = {binding.exchange for binding in spec.bindings}
-            expected = "p.events" if spec.accepts is JOB_EVENTS else "p.commands"
-            assert exchanges == {expected}, spec.name
+            assert exchanges == fed_by.get(spec.accepts, {"p.commands"}), spec.name

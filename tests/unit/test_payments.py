@@ -47,7 +47,7 @@ async def services(store: ObjectStore, prefix: str, http: httpx.AsyncClient) -> 
 
 
 async def _nothing_happened(services: Services, job_uid: str, ledger_seq: int) -> None:
-    """No job log, no active marker, and not a single ledger entry more."""
+    """No job log, and not a single ledger entry more."""
     assert await services.log.read(job_uid) == []
     assert (await services.accounts.ledger.state()).seq == ledger_seq
     assert await services.accounts.balance("user") == FUNDS

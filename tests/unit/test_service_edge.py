@@ -144,7 +144,7 @@ class World:
         await user.connect()
         return user
 
-    async def submit(self, user: User) -> JobReply:
+    async def submit(self, user: User, *, lifetime_s: int | None = None) -> JobReply:
         request = JobRequest(calculation="checksum")
         cheque = write_cheque(
             user.key,
@@ -155,7 +155,10 @@ class World:
             lifetime=timedelta(hours=1),
         )
         submit = SubmitJob(
-            request=request, authorisation=sign_authorisation(user.key, request), cheque=cheque
+            request=request,
+            authorisation=sign_authorisation(user.key, request),
+            cheque=cheque,
+            lifetime_s=lifetime_s,
         )
         reply = (await user.ask(submit)).body
         assert isinstance(reply, JobReply), reply
