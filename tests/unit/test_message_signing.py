@@ -67,7 +67,8 @@ def test_an_older_key_of_the_role_still_verifies() -> None:
 def test_the_signed_bytes_are_the_tag_and_the_rfc8785_json_of_five_fields() -> None:
     signature = signed()
     expected_json = (
-        '{"body":{"job_uid":"' + "fe" * 16 + '","type":"get_job","with_events":true,"with_progress":false},'
+        '{"body":{"job_uid":"' + "fe" * 16 + '","type":"get_job",'
+        '"with_events":true,"with_progress":false},'
         f'"message_id":"{MESSAGE_ID}","nonce":"{signature.nonce}",'
         f'"sent_at":"2030-01-02T03:04:05.678901Z","signer":"{ALICE.fingerprint}"}}'
     )
