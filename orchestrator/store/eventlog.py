@@ -22,7 +22,7 @@ import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from pydantic import TypeAdapter
+from pydantic import TypeAdapter, ValidationError
 
 from orchestrator.core.chain import seal_event, verify_log
 from orchestrator.core.jobstate import TERMINAL_STATES, TRANSITIONS, apply, fold
@@ -161,9 +161,16 @@ class EventLog:
         """The job's events at `keys` (its `listed_logs` entry), unverified and not remembered:
         for a reader of every log once (replay), which lists the root instead of each log.
 
-        EventLogCorruptError if a key is no event's, or a seq is missing, as for `read`.
+        EventLogCorruptError if a key is no event's, or a seq is missing, as for `read`; or if
+        `job_uid` (a folder name found in the root) is no job uid.
         """
-        log = _JobLog(self._store, self.events_prefix(job_uid), job_uid)
+        try:
+            prefix = self.events_prefix(job_uid)
+        except ValidationError:
+            raise EventLogCorruptError(
+                f"{keys[0]!r} is under the jobs' root, but {job_uid!r} is no job uid"
+            ) from None
+        log = _JobLog(self._store, prefix, job_uid)
         return await log.fetch(log.listed_seqs(keys))
 
     async def read(self, job_uid: str, *, after: int = 0) -> list[JobEvent]:

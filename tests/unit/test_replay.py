@@ -244,12 +244,13 @@ async def test_replay_lists_the_root_once_and_checks_every_job() -> None:
     assert len(store.gets) == 3 * 7 + 1
 
 
-async def test_replay_names_a_log_with_a_gap_and_a_log_only_the_stream_has() -> None:
+async def test_replay_names_a_gap_a_stray_folder_and_a_log_only_the_stream_has() -> None:
     gapped, lost = "b" * 32, "c" * 32
     store = MemoryObjectStore()
     async with MemoryBroker(AMQPSettings(prefix="replay-test")) as broker:
         await stored_and_streamed(store, broker, {gapped: sealed_log(COMPLETED_PATH, job=gapped)})
         await store.delete(f"jobs/{gapped}/events/0000000004.json")
+        await store.put("jobs/Not-A-Job/events/0000000001.json", b"{}")
         await stored_and_streamed(
             MemoryObjectStore(), broker, {lost: sealed_log(["submitted"], job=lost)}
         )
@@ -257,3 +258,4 @@ async def test_replay_names_a_log_with_a_gap_and_a_log_only_the_stream_has() -> 
     assert results[gapped].problems[0].startswith("the stored log cannot be read:")
     assert "after a gap: no event 4" in results[gapped].problems[0]
     assert results[lost].problems[-1] == "no stored log"
+    assert "'Not-A-Job' is no job uid" in results["Not-A-Job"].problems[0]
