@@ -168,9 +168,22 @@ def verify_log(
     problems: list[ChainProblem] = []
     prev = after
     for event in events:
-        problems.extend(_event_problems(prev, event, keys))
+        prev_hash = None if prev is None else event_hash(prev)
+        problems.extend(_event_problems(prev, prev_hash, event, keys))
         prev = event
     return problems
+
+
+def check_log(events: list[JobEvent], keys: ServiceKeys) -> tuple[list[ChainProblem], list[str]]:
+    """`verify_log` of a whole log (from seq 1), and each event's `event_hash`: what a caller
+    that also needs the links (replay) gets with each event canonicalized for its hash once."""
+    problems: list[ChainProblem] = []
+    hashes: list[str] = []
+    for n, event in enumerate(events):
+        prev = events[n - 1] if n else None
+        problems.extend(_event_problems(prev, hashes[-1] if n else None, event, keys))
+        hashes.append(event_hash(event))
+    return problems, hashes
 
 
 def _problem(event: JobEvent, fault: ChainFault, detail: str) -> ChainProblem:
@@ -178,8 +191,9 @@ def _problem(event: JobEvent, fault: ChainFault, detail: str) -> ChainProblem:
 
 
 def _event_problems(
-    prev: JobEvent | None, event: JobEvent, keys: ServiceKeys
+    prev: JobEvent | None, prev_hash: str | None, event: JobEvent, keys: ServiceKeys
 ) -> list[ChainProblem]:
+    """`event`'s problems after `prev`, whose `event_hash` is `prev_hash`."""
     seal = check_seal(event, keys)
     problems = [] if seal is None else [seal]
     if prev is None:
@@ -197,7 +211,7 @@ def _event_problems(
         if event.seq <= prev.seq:
             detail = f"it follows event {prev.seq}: the log repeats or reorders a seq"
         problems.append(_problem(event, ChainFault.SEQ_GAP, detail))
-    elif seal is None and event.prev_hash != event_hash(prev):
+    elif seal is None and event.prev_hash != prev_hash:
         # A verified event vouches for the one before it; an unverified link proves nothing.
         detail = (
             f"event {event.seq}, verified, was chained to another version of it: it was "

@@ -20,10 +20,11 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+import anyio
 from pydantic import TypeAdapter
 
 from orchestrator.broker.base import Broker
-from orchestrator.core.chain import ChainFault, ChainProblem, check_seal, event_hash, verify_log
+from orchestrator.core.chain import ChainFault, ChainProblem, check_log, check_seal, event_hash
 from orchestrator.core.jobstate import fold
 from orchestrator.core.service_keys import ServiceKeys
 from orchestrator.errors import EventLogCorruptError, JobError
@@ -32,6 +33,8 @@ from schemas.events import JobEvent, JobSheetState
 from schemas.messages import Envelope, EventPublished
 
 _ENVELOPE = TypeAdapter(Envelope)
+JOBS_AT_ONCE = 32  # logs fetched concurrently (each up to 16 GETs; the S3 client pools 10)
+_SEAL_FAULTS = frozenset({ChainFault.UNSIGNED, ChainFault.FORGED, ChainFault.FORBIDDEN_SIGNER})
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,24 +91,39 @@ def _fold_or_problem(
         return None
 
 
+@dataclass(frozen=True, slots=True)
+class _StoredEvent:
+    """A stored event as the stream is judged against it."""
+
+    json: str  # its JSON: a stream record with the same JSON is the same event, seal and hash
+    hash: str
+    sealed: bool  # whether its own seal holds
+
+
 def _accept_stream(
-    stored_hashes: dict[int, str], streamed: Iterable[StreamedEvent], keys: ServiceKeys
+    stored: dict[int, _StoredEvent], streamed: Iterable[StreamedEvent], keys: ServiceKeys
 ) -> tuple[dict[int, dict[str, JobEvent]], list[RejectedRecord]]:
     """The stream's sealed, chained events by seq and hash (duplicates merged), and the rest.
 
-    `stored_hashes` are the stored log's event hashes by seq, which stream records may continue.
+    `stored` are the stored log's events by seq, which stream records may continue. A record
+    that is a sealed stored event byte for byte is neither canonicalized nor verified again.
     """
     chained: dict[int, dict[str, JobEvent]] = defaultdict(dict)  # seq -> hash -> event
     rejected = []
     # By seq, so that a record's predecessor on the stream is judged before it.
     for record in sorted(streamed, key=lambda record: record.event.seq):
         event = record.event
-        if (seal := check_seal(event, keys)) is not None:
+        twin = stored.get(event.seq)
+        if twin is not None and twin.sealed and event.model_dump_json() == twin.json:
+            hash_ = twin.hash
+        elif (seal := check_seal(event, keys)) is not None:
             rejected.append(RejectedRecord(record, seal.fault, seal.detail))
             continue
+        else:
+            hash_ = event_hash(event)
         known_before = set(chained.get(event.seq - 1, {}))
-        if event.seq - 1 in stored_hashes:
-            known_before.add(stored_hashes[event.seq - 1])
+        if event.seq - 1 in stored:
+            known_before.add(stored[event.seq - 1].hash)
         follows = event.prev_hash is None if event.seq == 1 else event.prev_hash in known_before
         if not follows:
             detail = (
@@ -116,7 +134,7 @@ def _accept_stream(
             )
             rejected.append(RejectedRecord(record, ChainFault.BROKEN_LINK, detail))
             continue
-        chained[event.seq][event_hash(event)] = event
+        chained[event.seq][hash_] = event
     return chained, rejected
 
 
@@ -132,14 +150,19 @@ def compare(
 
     `stored` is the job's log in seq order; `event_key` names a stored event's object (by seq).
     """
-    tampered = verify_log(stored, keys)
+    tampered, hashes = check_log(stored, keys)
     problems = [
         f"stored event {problem.seq} ({event_key(problem.seq) if event_key else problem.event_id})"
         f" {problem.fault.value}: {problem.detail}"
         for problem in tampered
     ]
-    stored_hashes = {event.seq: event_hash(event) for event in stored}
-    chained, rejected = _accept_stream(stored_hashes, streamed, keys)
+    unsealed = {problem.seq for problem in tampered if problem.fault in _SEAL_FAULTS}
+    by_seq = {
+        event.seq: _StoredEvent(event.model_dump_json(), hash_, event.seq not in unsealed)
+        for event, hash_ in zip(stored, hashes, strict=True)
+    }
+    stored_hashes = {seq: twin.hash for seq, twin in by_seq.items()}
+    chained, rejected = _accept_stream(by_seq, streamed, keys)
     if missing := [seq for seq in stored_hashes if seq not in chained]:
         problems.append(f"the stream lacks event(s) {missing} of the stored log")
     if other := [seq for seq, h in stored_hashes.items() if set(chained.get(seq, {})) - {h}]:
@@ -175,24 +198,38 @@ async def streamed_events(broker: Broker) -> dict[str, list[StreamedEvent]]:
     return by_job
 
 
-async def replay(log: EventLog, broker: Broker, keys: ServiceKeys) -> list[ReplayResult]:
-    """Check every job's stored log, and compare it with the job's streamed history."""
+async def replay(
+    log: EventLog, broker: Broker, keys: ServiceKeys, *, jobs_at_once: int = JOBS_AT_ONCE
+) -> list[ReplayResult]:
+    """Check every job's stored log, and compare it with the job's streamed history.
+
+    The root is listed once, not each log; `jobs_at_once` logs are fetched concurrently, each
+    checked as soon as its events are in. Results come sorted by job uid.
+    """
     streamed = await streamed_events(broker)
-    results = []
-    for job_uid in sorted(set(streamed) | set(await log.job_uids())):
-        try:
-            stored = await log.read(job_uid)
-        except EventLogCorruptError as exc:
-            problem = f"the stored log cannot be read: {exc}"
-            results.append(ReplayResult(job_uid, None, None, [problem]))
-            continue
-        results.append(
-            compare(
-                job_uid,
-                stored,
-                streamed.get(job_uid, []),
-                keys,
-                event_key=functools.partial(log.event_key, job_uid),
-            )
+    listed = await log.listed_logs()
+    results: dict[str, ReplayResult] = {}
+    limit = anyio.CapacityLimiter(jobs_at_once)
+
+    async def replay_one(job_uid: str) -> None:
+        async with limit:
+            try:
+                stored = (
+                    await log.read_listed(job_uid, listed[job_uid]) if job_uid in listed else []
+                )
+            except EventLogCorruptError as exc:
+                problem = f"the stored log cannot be read: {exc}"
+                results[job_uid] = ReplayResult(job_uid, None, None, [problem])
+                return
+        results[job_uid] = compare(
+            job_uid,
+            stored,
+            streamed.get(job_uid, []),
+            keys,
+            event_key=functools.partial(log.event_key, job_uid),
         )
-    return results
+
+    async with anyio.create_task_group() as tasks:
+        for job_uid in set(streamed) | set(listed):
+            tasks.start_soon(replay_one, job_uid)
+    return [results[job_uid] for job_uid in sorted(results)]

@@ -101,18 +101,24 @@ class AppendLog(ABC, Generic[R]):
 
     async def _read_stored(self, *, after: int) -> list[R]:
         start_after = self.key(after) if after else None
+        listed = await self._store.list(self._prefix, start_after=start_after)
+        return await self.fetch(self.listed_seqs([info.key for info in listed], after=after))
+
+    def listed_seqs(self, keys: Sequence[str], *, after: int = 0) -> list[int]:
+        """The seqs of the records at `keys` (a sorted listing of this log's objects after record
+        `after`), checked to be records and to follow one another."""
         seqs: list[int] = []
-        for info in await self._store.list(self._prefix, start_after=start_after):
-            seq = self.seq_of(info.key)
+        for key in keys:
+            seq = self.seq_of(key)
             if seq is None:
-                raise self.corrupt(f"{info.key!r} is in {self._where} but no {self.noun}")
+                raise self.corrupt(f"{key!r} is in {self._where} but no {self.noun}")
             expected = after + len(seqs) + 1
             if seq != expected:
                 raise self.corrupt(
-                    f"{info.key!r} is in {self._where} after a gap: no {self.noun} {expected}"
+                    f"{key!r} is in {self._where} after a gap: no {self.noun} {expected}"
                 )
             seqs.append(seq)
-        return await self.fetch(seqs)
+        return seqs
 
     async def fetch(self, seqs: Sequence[int]) -> list[R]:
         """Records `seqs`, which must all be stored, fetched concurrently (a bounded number)."""

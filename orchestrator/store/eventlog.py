@@ -23,7 +23,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime
 
-from pydantic import TypeAdapter
+from pydantic import TypeAdapter, ValidationError
 
 from orchestrator.core.chain import seal_event, verify_log
 from orchestrator.core.jobstate import TERMINAL_STATES, TRANSITIONS, apply, fold
@@ -146,12 +146,33 @@ class EventLog:
 
     async def job_uids(self) -> list[str]:
         """Every job that has a log here, sorted."""
-        found = set()
+        return sorted(await self.listed_logs())
+
+    async def listed_logs(self) -> dict[str, list[str]]:
+        """Every job that has a log here -> the keys under its log's prefix, sorted: one listing
+        of the root (a LIST per page of 1,000 keys), for `read_listed`."""
+        found: dict[str, list[str]] = {}
         for info in await self._store.list(self._root):
             uid, _, rest = info.key.removeprefix(self._root).partition("/")
             if rest.startswith("events/"):
-                found.add(uid)
-        return sorted(found)
+                found.setdefault(uid, []).append(info.key)
+        return found
+
+    async def read_listed(self, job_uid: str, keys: list[str]) -> list[JobEvent]:
+        """The job's events at `keys` (its `listed_logs` entry), unverified and not remembered:
+        for a reader of every log once (replay), which lists the root instead of each log.
+
+        EventLogCorruptError if a key is no event's, or a seq is missing, as for `read`; or if
+        `job_uid` (a folder name found in the root) is no job uid.
+        """
+        try:
+            prefix = self.events_prefix(job_uid)
+        except ValidationError:
+            raise EventLogCorruptError(
+                f"{keys[0]!r} is under the jobs' root, but {job_uid!r} is no job uid"
+            ) from None
+        log = _JobLog(self._store, prefix, job_uid)
+        return await log.fetch(log.listed_seqs(keys))
 
     async def read(self, job_uid: str, *, after: int = 0) -> list[JobEvent]:
         """The job's events with seq > `after`, in seq order; [] if there are none.

@@ -1,12 +1,19 @@
-"""Replay, pure: the stored log's own checks, stream records sorted into counted and rejected, and
-the divergence between what counts and the stored log."""
+"""Replay: the stored log's own checks, stream records sorted into counted and rejected, and
+the divergence between what counts and the stored log (pure); then every job of a store."""
 
 from __future__ import annotations
 
+from orchestrator.broker.memory import MemoryBroker
 from orchestrator.core.chain import ChainFault, event_bytes, event_hash
 from orchestrator.core.keys import KeyPair
-from orchestrator.services.replay import ReplayResult, StreamedEvent, compare
+from orchestrator.services.replay import ReplayResult, StreamedEvent, compare, replay
+from orchestrator.settings import AMQPSettings
+from orchestrator.store.base import ObjectStore
+from orchestrator.store.eventlog import EventLog
+from orchestrator.store.memory import MemoryObjectStore
 from schemas.events import Completed, JobEvent, JobState, Progress
+from schemas.messages import Envelope, EventPublished
+from tests._forwarding import CountingStore
 from tests.unit.test_chain import (
     COMPLETED_PATH,
     SERVICE_KEYS,
@@ -192,3 +199,63 @@ def test_an_event_missing_from_the_stream_is_named() -> None:
     assert "lacks event(s) [4]" in result.problems[0]
     # The records after the gap still continue the chain through the stored event 4.
     assert result.rejected == []
+
+
+def test_a_stream_record_that_is_a_forged_stored_event_byte_for_byte_is_still_rejected() -> None:
+    # A record identical to a stored event is taken on the stored event's seal only if it held.
+    genuine = sealed_log(COMPLETED_PATH)
+    forged = edited(genuine[-1], payload=Completed(cpu_seconds=0.0))
+    result = replayed([*genuine[:-1], forged], [*genuine[:-1], forged])
+    assert rejections(result) == [(7, ChainFault.FORGED)]
+    assert [(p.seq, p.fault) for p in result.tampered] == [(7, ChainFault.FORGED)]
+
+
+# --- every job of a store and a stream ----------------------------------------------------------
+
+
+async def stored_and_streamed(
+    store: ObjectStore, broker: MemoryBroker, logs: dict[str, list[JobEvent]]
+) -> None:
+    """Each log stored where the services store it, and published on the events stream."""
+    await broker.declare()
+    for events in logs.values():
+        for stored in events:
+            await store.put_if_absent(
+                f"jobs/{stored.job_uid}/events/{stored.seq:010d}.json",
+                stored.model_dump_json().encode(),
+            )
+            body = Envelope(sender="test", body=EventPublished(event=stored))
+            await broker.publish(broker.topology.events, f"job.ada.{stored.job_uid}", body)
+
+
+async def test_replay_lists_the_root_once_and_checks_every_job() -> None:
+    logs = {job: sealed_log(COMPLETED_PATH, job=job) for job in (c * 32 for c in "bdc")}
+    logs["e" * 32] = sealed_log(["submitted"], job="e" * 32)[:1]
+    store = CountingStore(MemoryObjectStore())
+    async with MemoryBroker(AMQPSettings(prefix="replay-test")) as broker:
+        await stored_and_streamed(store, broker, logs)
+        await store.put("jobs/" + "b" * 32 + "/input", b"not an event: not listed as one")
+        store.lists.clear()
+        results = await replay(EventLog(store), broker, SERVICE_KEYS, jobs_at_once=2)
+    assert [r.job_uid for r in results] == sorted(logs)
+    assert all(r.ok for r in results), [r.problems for r in results]
+    assert [r.stored.seq if r.stored else 0 for r in results] == [7, 7, 7, 1]
+    assert store.lists == [("jobs/", None)]
+    assert len(store.gets) == 3 * 7 + 1
+
+
+async def test_replay_names_a_gap_a_stray_folder_and_a_log_only_the_stream_has() -> None:
+    gapped, lost = "b" * 32, "c" * 32
+    store = MemoryObjectStore()
+    async with MemoryBroker(AMQPSettings(prefix="replay-test")) as broker:
+        await stored_and_streamed(store, broker, {gapped: sealed_log(COMPLETED_PATH, job=gapped)})
+        await store.delete(f"jobs/{gapped}/events/0000000004.json")
+        await store.put("jobs/Not-A-Job/events/0000000001.json", b"{}")
+        await stored_and_streamed(
+            MemoryObjectStore(), broker, {lost: sealed_log(["submitted"], job=lost)}
+        )
+        results = {r.job_uid: r for r in await replay(EventLog(store), broker, SERVICE_KEYS)}
+    assert results[gapped].problems[0].startswith("the stored log cannot be read:")
+    assert "after a gap: no event 4" in results[gapped].problems[0]
+    assert results[lost].problems[-1] == "no stored log"
+    assert "'Not-A-Job' is no job uid" in results["Not-A-Job"].problems[0]
