@@ -681,13 +681,15 @@ class _Contract:
             "algorithm": "Ed25519",
             "signs": f"{MESSAGE_PURPOSE.decode()}, a NUL byte, then the RFC 8785 JSON of one "
             "object of the fields in `covers`: message_id, sent_at (in UTC, "
-            "`YYYY-MM-DDTHH:MM:SS[.ffffff]Z`) and body from the envelope, signer and nonce from "
-            "the signature",
+            "`YYYY-MM-DDTHH:MM:SS.ffffffZ`, the fraction exactly six digits and left out when "
+            "it is zero) and body from the envelope, signer and nonce from the signature",
             "covers": _signed_fields(),
         }
         if EventPublished in union.bodies:
+            # An event's envelope is not signed (signature null): the event inside is sealed.
             signature["events"] = (
-                "Each job event is sealed as well, by the role that appended it: prev_hash "
+                "The envelope of an `event` body is not signed (signature is null): the job "
+                "event inside is sealed instead, by the role that appended it: prev_hash "
                 "chains it to the job's previous event, and signature signs "
                 f"{EVENT_PURPOSE.decode()}, a NUL byte, then the RFC 8785 JSON of the event "
                 "without its signature."

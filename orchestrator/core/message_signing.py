@@ -5,9 +5,9 @@ over its replies. The signature covers
 
     signed_bytes(MESSAGE_PURPOSE, RFC 8785 JSON of {message_id, sent_at, nonce, signer, body})
 
-with the envelope's message id, its time (in UTC, written `YYYY-MM-DDTHH:MM:SS[.ffffff]Z`), the
-signer's name and nonce from the signature block, and the body as its JSON, so a sender or a
-receiver in another language rebuilds the bytes from the JSON alone.
+with the envelope's message id, its time (in UTC, written `YYYY-MM-DDTHH:MM:SS.ffffffZ`, the
+fraction left out when zero), the signer's name and nonce from the signature block, and the body
+as its JSON, so a sender or a receiver in another language rebuilds the bytes from the JSON alone.
 
 `verify_message` answers who signed, or refuses with the reason: unsigned, forged, stale, or an
 unknown signer, each its own error so a service can say which. It does not remember nonces: a
