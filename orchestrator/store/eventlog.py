@@ -143,10 +143,10 @@ class EventLog:
         self._logs.move_to_end(job_uid)
         return log
 
-    async def job_uids(self) -> list[str]:
-        """Every job that has a log here, sorted."""
+    async def job_uids(self, *, starting: str = "") -> list[str]:
+        """Every job that has a log here (whose uid starts with `starting`), sorted."""
         found = set()
-        for info in await self._store.list(self._root):
+        for info in await self._store.list(self._root + starting):
             uid, _, rest = info.key.removeprefix(self._root).partition("/")
             if rest.startswith("events/"):
                 found.add(uid)
@@ -199,6 +199,11 @@ class EventLog:
                     log.remember(event.seq, event)
                 return events
         return await self.read(trigger.job_uid)
+
+    def remembered(self, starting: str) -> list[list[JobEvent]]:
+        """The events remembered (and verified) of each job whose uid starts with `starting`,
+        as `read_through` would answer them; no I/O."""
+        return [self._trusted(log) for uid, log in self._logs.items() if uid.startswith(starting)]
 
     def _trusted(self, log: _JobLog) -> list[JobEvent]:
         """The events of `log` known and, with service keys, verified."""

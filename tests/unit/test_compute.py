@@ -10,7 +10,7 @@ import httpx
 import pytest
 from pydantic import JsonValue
 
-from orchestrator import PAR, BucketReader, KeyPair, ObjectWriter, PARPermissionError
+from orchestrator import PAR, BucketReader, KeyPair, ObjectWriter, PARPermissionError, PARState
 from orchestrator.core.run_commands import run_command
 from orchestrator.errors import (
     JobNotFoundError,
@@ -82,7 +82,7 @@ async def _claim(services: Services, command: StartRun, message_id: str) -> JobS
     return sheet
 
 
-async def test_whole_job_through_the_services(services: Services) -> None:
+async def test_whole_job_through_the_services(services: Services, store: ObjectStore) -> None:
     job_uid, upload, run_par = await _ready_job(services)
     await ObjectWriter(upload, services.user, transport=services.transport).set_object(
         b"hello\nworld\n"
@@ -98,7 +98,15 @@ async def test_whole_job_through_the_services(services: Services) -> None:
     assert isinstance(final.payload, Completed)
     assert [o.key for o in final.payload.outputs] == ["summary.json"]
     assert published[-1] == final
-    # The user reads the outputs through a read PAR from access.
+    # The completed event hands the user a read PAR over the outputs ...
+    assert final.payload.read_par is not None
+    handed = PAR(final.payload.read_par)
+    reader = BucketReader(handed, services.user, transport=services.transport)
+    assert json.loads(await reader.get_object("summary.json"))["lines"] == 2
+    # ... recorded in the event, as every PAR of the job: minting them wrote no record object.
+    assert await store.list(services.keys.registry) == []
+    assert await services.registry.state(handed.uid) is PARState.OPEN
+    # A user without it asks access for one.
     reply = (await services.access.outputs(GetOutputs(job_uid=job_uid))).reply
     assert isinstance(reply, OutputsReply)
     reader = BucketReader(PAR(reply.read_par), services.user, transport=services.transport)
