@@ -8,6 +8,11 @@ and the next block starts after the last transaction of this one. That is the wh
 control between writers (no lock). A block is one object, so a crash leaves it wholly written or
 not at all.
 
+A block is appended after the state this ledger holds, without reading first: if another writer
+created that block's key, the create fails and the process reads what it missed. Only a ledger
+that has never read the store (a process just started) reads first, and a refusal judged on the
+state held is judged again on a fresh read (a deposit may have come since).
+
 Group commit: the transactions a process submits while its previous block is being written wait
 and go together into its next block, so one conditional create carries many of them. Each is
 still checked on its own (a refusal reaches only its caller) and keeps its own id and time. A
@@ -147,6 +152,7 @@ class Ledger:
         self._starts: list[int] = []  # the first seq of each block folded into `_state`
         self._waiting: list[_Request] = []  # submitted, not yet taken into a block
         self._turn = anyio.Lock()  # one block at a time from this instance (see `append`)
+        self._read_once = False  # whether `_state` came from the store (else it may be far behind)
 
     def entry_key(self, seq: int) -> str:
         """The key of the block whose first transaction is `seq`."""
@@ -166,6 +172,7 @@ class Ledger:
         """The ledger as all its transactions leave it (only the new blocks are fetched)."""
         cached = self._state
         unseen = await self._blocks.read(after=cached.seq)
+        self._read_once = True
         if not unseen:
             return cached
         try:
@@ -275,11 +282,17 @@ class Ledger:
         requests = self._waiting[:MAX_BLOCK]
         del self._waiting[:MAX_BLOCK]
         budget = min(request.max_attempts - request.losses for request in requests)
+        read = not self._read_once  # the first try goes after the state held, if it is the store's
+
+        async def attempt() -> list[Outcome] | None:
+            nonlocal read
+            outcomes = await self._try_block(requests, read=read)
+            read = True  # it lost: read what won
+            return outcomes
+
         outcomes: list[Outcome]
         try:
-            outcomes = await until_won(
-                lambda: self._try_block(requests), budget, _OutOfAttemptsError
-            )
+            outcomes = await until_won(attempt, budget, _OutOfAttemptsError)
         except _OutOfAttemptsError:  # those out of attempts give up; the others wait for a turn
             for request in requests:
                 if request.losses >= request.max_attempts:
@@ -297,11 +310,14 @@ class Ledger:
         for request, outcome in zip(requests, outcomes, strict=True):
             request.outcome = outcome
 
-    async def _try_block(self, requests: list[_Request]) -> list[Outcome] | None:
-        """Check each request against the latest state as the ones before it leave it, and append
-        those the rules allow as one block; each one's outcome, or None if the block lost."""
-        batch = Batch(await self.state())
+    async def _try_block(self, requests: list[_Request], *, read: bool) -> list[Outcome] | None:
+        """Check each request against the state (`read` from the store, else the one held) as
+        the ones before it leave it, and append those the rules allow as one block; each one's
+        outcome, or None if the block lost."""
+        batch = Batch(await self.state() if read else self._state)
         outcomes = [await self._check(request.build, batch) for request in requests]
+        if not read and any(isinstance(outcome, Exception) for outcome in outcomes):
+            return await self._try_block(requests, read=True)  # refused on what may be stale
         if batch.transactions:
             block = Block(transactions=tuple(batch.transactions))
             if not await self._blocks.append(block.first, block):
