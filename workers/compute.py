@@ -59,6 +59,7 @@ from schemas.events import (
     Progress,
     RunStarted,
     StorageContracted,
+    Submitted,
 )
 from schemas.messages import GetRunStatus, RunCommand, RunReply, StartRun, StopRun
 from schemas.par import Capability
@@ -122,7 +123,10 @@ class ComputeWorker:
     async def on_storage_contracted(
         self, event: JobEvent, *, redelivered: bool = False
     ) -> JobEvent | None:
-        """Mint the run PAR once per job (a redelivery returns the logged event)."""
+        """Mint the run PAR once per job (a redelivery returns the logged event). A `submitted`
+        is only remembered, so that contracting its job reads nothing."""
+        if isinstance(event.payload, Submitted):
+            await self._log.through(event)
         if not isinstance(event.payload, StorageContracted):
             return None
         job_uid = event.job_uid

@@ -184,8 +184,9 @@ class AccessService:
     async def settle(self, job_uid: str, *, ending: JobEvent | None = None) -> Transaction | None:
         """Once the job has ended: charge what it cost, refund the rest of the hold (once).
 
-        `ending`: the event that ended it, as received (the events before it are then fetched,
-        not listed)."""
+        `ending`: an event of the job as received: the events before it are then those
+        remembered (access takes the events that lead to an end, to remember them) or fetched,
+        not listed; one that does not end the job settles nothing."""
         sheet = fold(await self._log.through(ending)) if ending else await self._log.load(job_uid)
         if sheet.payment is None or not is_terminal(sheet.state):
             return None

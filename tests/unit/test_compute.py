@@ -18,7 +18,10 @@ from orchestrator.errors import (
     RunRefusedError,
     UnknownCalculationError,
 )
+from orchestrator.par.issuer import PARIssuer
 from orchestrator.store.base import ObjectStore
+from orchestrator.store.eventlog import EventLog
+from orchestrator.store.registry import PARRegistry
 from schemas.events import Completed, ComputeContracted, Failed, JobEvent, JobSheetState, JobState
 from schemas.messages import (
     GetOutputs,
@@ -29,8 +32,10 @@ from schemas.messages import (
     StartRun,
     StopRun,
 )
+from tests._forwarding import CountingStore
 from tests.unit.test_services import Services
 from workers.calculations import CalculationRegistry
+from workers.compute import ComputeWorker
 
 
 @pytest.fixture
@@ -280,3 +285,32 @@ async def test_unknown_calculation_is_rejected_at_contract(services: Services) -
     assert "checksum" in rejected.payload.reason
     # Redelivered: the same event, nothing appended.
     assert await services.compute.on_storage_contracted(contracted) == rejected
+
+
+async def test_compute_remembers_the_submission_and_contracts_reading_nothing(
+    services: Services, store: ObjectStore, http: httpx.AsyncClient
+) -> None:
+    command = services.submit_command()
+    submitted = (await services.access.submit(command, message_id=uuid.uuid4().hex)).events[0]
+    contracted = await services.storage.on_submitted(submitted)
+    assert contracted is not None
+    # A compute daemon of its own: its log knows only what its queue hands it.
+    async with CountingStore(store) as counting:
+        log = EventLog(counting, services.keys.jobs)
+        registry = PARRegistry(counting, root=services.keys.registry, log=log)
+        compute = ComputeWorker(
+            counting,
+            log,
+            PARIssuer(counting, registry, name="compute"),
+            registry,
+            services.calculations,
+            services.keys,
+            services.compute_key,
+            http=http,
+        )
+        assert await compute.on_storage_contracted(submitted) is None
+        ready = await compute.on_storage_contracted(contracted)
+    assert ready is not None
+    assert isinstance(ready.payload, ComputeContracted)
+    assert (counting.lists, counting.gets) == ([], [])
+    assert counting.creates == [log.event_key(submitted.job_uid, 3)]  # the event, no record
