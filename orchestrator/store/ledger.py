@@ -25,6 +25,7 @@ that doubles per loss. A transaction whose blocks lost `max_attempts` races give
 from __future__ import annotations
 
 import bisect
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -59,6 +60,7 @@ from schemas.ledger import (
 
 DEFAULT_MAX_ATTEMPTS = 40  # one sequence for every account: more contention than one job's log
 MAX_BLOCK = 256  # transactions per block: an object of ~150 KiB at most
+_RECENT_BLOCKS = 64  # the newest blocks written or read, kept: a retry finds its own in memory
 _READ_CONCURRENCY = 64  # GETs in flight while reading (a cold start reads the whole ledger)
 
 Builder = Callable[[LedgerState], TransactionDraft]
@@ -153,6 +155,7 @@ class Ledger:
         self._waiting: list[_Request] = []  # submitted, not yet taken into a block
         self._turn = anyio.Lock()  # one block at a time from this instance (see `append`)
         self._read_once = False  # whether `_state` came from the store (else it may be far behind)
+        self._recent: OrderedDict[int, Block] = OrderedDict()  # first seq -> block, newest last
 
     def entry_key(self, seq: int) -> str:
         """The key of the block whose first transaction is `seq`."""
@@ -182,16 +185,20 @@ class Ledger:
                 f"a stored transaction breaks the ledger's rules: {exc}; "
                 "run `parjobs ledger verify` for the whole story"
             ) from exc
-        self._remember(latest, [block.first for block in unseen])
+        self._remember(latest, unseen)
         return latest
 
-    def _remember(self, state: LedgerState, starts: list[int]) -> None:
-        """Keep `state` and where its newest blocks start, if it is further on than the state
-        kept: tasks sharing this Ledger fold concurrently."""
+    def _remember(self, state: LedgerState, blocks: list[Block]) -> None:
+        """Keep `state`, where its newest `blocks` start and the blocks themselves, if it is
+        further on than the state kept: tasks sharing this Ledger fold concurrently."""
         known = self._state.seq
         if state.seq > known:
-            self._starts.extend(start for start in starts if start > known)
+            self._starts.extend(block.first for block in blocks if block.first > known)
             self._state = state
+            for block in blocks:
+                self._recent[block.first] = block
+            while len(self._recent) > _RECENT_BLOCKS:
+                self._recent.popitem(last=False)
 
     async def balance(self, account: str) -> Decimal:
         """`account`'s balance now (0 for an account never used)."""
@@ -211,7 +218,7 @@ class Ledger:
     async def _stored(self, seq: int) -> Transaction:
         """Transaction `seq`, which this ledger has folded already, from its block."""
         first = self._starts[bisect.bisect_right(self._starts, seq) - 1]
-        block = await self._blocks.get(first)
+        block = self._recent.get(first) or await self._blocks.get(first)
         if block is None:
             raise LedgerCorruptError(
                 f"{self.entry_key(first)!r} vanished from the ledger's folder: "
@@ -326,7 +333,7 @@ class Ledger:
                     request.losses += 1
                 return None
             LEDGER_APPENDS.inc(len(block.transactions))
-            self._remember(batch.state(), [block.first])
+            self._remember(batch.state(), [block])
         return outcomes
 
     async def _check(self, build: Builder, batch: Batch) -> Outcome:
