@@ -140,16 +140,15 @@ class PARIssuer:
         validate_prefix(prefix)
         seconds, expires_at = self._expiry(lifetime)
         if objects is None:
-            objects = [info.key[len(prefix) :] for info in await self._store.list(prefix)]
-        if len(objects) > MAX_MANIFEST_OBJECTS:
+            keys = [info.key for info in await self._store.list(prefix)]
+        else:
+            keys = [validate_key(prefix + name) for name in objects]
+        if len(keys) > MAX_MANIFEST_OBJECTS:
             raise InvalidPARError(
-                f"{len(objects)} objects under {prefix!r}; a read PAR lists at most "
+                f"{len(keys)} objects under {prefix!r}; a read PAR lists at most "
                 f"{MAX_MANIFEST_OBJECTS}, mint one per sub-prefix"
             )
-        manifest = {
-            name: await self._store.presign_get(validate_key(prefix + name), seconds)
-            for name in objects
-        }
+        manifest = {key[len(prefix) :]: await self._store.presign_get(key, seconds) for key in keys}
         return await self._mint(
             Capability(manifest=manifest),
             PARKind.BUCKET,
