@@ -73,7 +73,7 @@ ParProofs = Annotated[
     dict[Uid, Sha256Hex],
     Field(
         description="The issuer's record of each PAR the event hands out: its uid -> the proof "
-        "of possession its holder must show (the SHA-256 of the sealed capability). With the "
+        "of possession its holder must show (the SHA-256 of the capability it seals). With the "
         "PAR's public data and the event's seal (the minting role's) it is the whole record, so "
         "minting writes nothing else. Empty in logs from before records travelled in events: "
         "their PARs have a record object in the registry.",
