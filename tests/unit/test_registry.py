@@ -222,7 +222,8 @@ async def test_a_job_par_closes_once_everywhere(job: Job, user: KeyPair) -> None
     with pytest.raises(PARClosedError, match=r"already closed|was closed"):
         await copy.close(user, control=job.registry)
     # The event still holds the record; the tombstone, written by the close, overrides it.
-    assert await job.store.list(job.registry_root) != []
+    listed = [info.key for info in await job.store.list(job.registry_root)]
+    assert listed == [f"{job.registry_root}{upload.uid}.closed"]
 
 
 async def test_a_job_par_answers_only_its_recipient(job: Job, user: KeyPair) -> None:
