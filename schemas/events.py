@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import AwareDatetime, Field, JsonValue, field_validator
+from pydantic import AwareDatetime, Field, JsonValue, field_validator, model_validator
 
 from schemas._base import WireModel
 from schemas.auth import Authorisation, Cheque
@@ -69,6 +69,24 @@ def _require_par(par: PARData, kind: PARKind, flag: str, role: str) -> PARData:
     return par
 
 
+ParProofs = Annotated[
+    dict[Uid, Sha256Hex],
+    Field(
+        description="The issuer's record of each PAR the event hands out: its uid -> the proof "
+        "of possession its holder must show (the SHA-256 of the capability it seals). With the "
+        "PAR's public data and the event's seal (the minting role's) it is the whole record, so "
+        "minting writes nothing else. Empty in logs from before records travelled in events: "
+        "their PARs have a record object in the registry.",
+    ),
+]
+
+
+def _check_proofs(proofs: dict[str, str], *pars: PARData | None) -> None:
+    minted = {par.uid for par in pars if par is not None}
+    if stray := set(proofs) - minted:
+        raise ValueError(f"proofs for PARs this event does not hand out: {sorted(stray)}")
+
+
 class Payment(WireModel):
     """The job's credit notes: the cheque cashed for it and the value held until it ends."""
 
@@ -96,6 +114,7 @@ class StorageContracted(WireModel):
     type: Literal["storage_contracted"] = "storage_contracted"
     upload_par: PARData  # object write of the input, sealed for the user
     output_par: PARData  # bucket write of the output prefix, sealed for the compute service
+    proofs: ParProofs = Field(default_factory=dict)
 
     @field_validator("upload_par")
     @classmethod
@@ -107,15 +126,26 @@ class StorageContracted(WireModel):
     def _output_writes_a_bucket(cls, par: PARData) -> PARData:
         return _require_par(par, PARKind.BUCKET, "is_writeable", "output PAR")
 
+    @model_validator(mode="after")
+    def _proofs_of_its_pars(self) -> StorageContracted:
+        _check_proofs(self.proofs, self.upload_par, self.output_par)
+        return self
+
 
 class ComputeContracted(WireModel):
     type: Literal["compute_contracted"] = "compute_contracted"
     run_par: PARData  # execute the calculation, sealed for the user
+    proofs: ParProofs = Field(default_factory=dict)
 
     @field_validator("run_par")
     @classmethod
     def _run_executes(cls, par: PARData) -> PARData:
         return _require_par(par, PARKind.CALCULATION, "is_executable", "run PAR")
+
+    @model_validator(mode="after")
+    def _proofs_of_its_pars(self) -> ComputeContracted:
+        _check_proofs(self.proofs, self.run_par)
+        return self
 
 
 class RunStarted(WireModel):
@@ -133,6 +163,20 @@ class Completed(WireModel):
     outputs: tuple[OutputFile, ...] = ()
     summary: str = ""
     cpu_seconds: float = Field(default=0.0, ge=0)  # what the run used: the charge is based on it
+    # A bucket read PAR over the outputs, sealed for the job's user and minted as the job
+    # completed, so fetching them needs no request (None: ask access, `GetOutputs`).
+    read_par: PARData | None = None
+    proofs: ParProofs = Field(default_factory=dict)
+
+    @field_validator("read_par")
+    @classmethod
+    def _read_reads_a_bucket(cls, par: PARData | None) -> PARData | None:
+        return None if par is None else _require_par(par, PARKind.BUCKET, "is_readable", "read PAR")
+
+    @model_validator(mode="after")
+    def _proofs_of_its_pars(self) -> Completed:
+        _check_proofs(self.proofs, self.read_par)
+        return self
 
 
 class Failed(WireModel):

@@ -1,17 +1,18 @@
 """The compute worker's logic: contract the run PAR, then start, stop and run calculations.
 
 On `storage_contracted` it checks the calculation and its parameters, mints the run PAR (execute,
-sealed for the user) and appends `compute_contracted`. A run command (start, stop, status) holds
-the run capability sealed for compute and bound to its job and requester
-(`orchestrator.core.run_commands`): it is opened, checked against the issuer's registry (the
-capability's proof, not expired, not closed) and against the job's user. A start is claimed once
-with a conditional create, so a run PAR starts at most one run. The run happens in a sandboxed
-subprocess (`workers.calculations`; `check_sandbox` at start makes sure one can be made); its
-latest output line goes live to the job's owner as a signed `ProgressReport` (never an event of
-the log) and is kept as the job's progress snapshot, overwritten at most every
+sealed for the user) and appends `compute_contracted`, which carries the PAR's record. A run
+command (start, stop, status) holds the run capability sealed for compute and bound to its job
+and requester (`orchestrator.core.run_commands`): it is opened, checked against the issuer's
+record (the capability's proof, not expired, not closed) and against the job's user. A start is
+claimed once with a conditional create, so a run PAR starts at most one run. The run happens in a
+sandboxed subprocess (`workers.calculations`; `check_sandbox` at start makes sure one can be
+made); its latest output line goes live to the job's owner as a signed `ProgressReport` (never an
+event of the log) and is kept as the job's progress snapshot, overwritten at most every
 `progress_snapshot_s`; its files are written through the job's bucket-write PAR, and the job ends
-completed, failed or cancelled. A stop appends `cancelled`; the event reaches
-every compute daemon (`on_cancelled`), and the one running the job kills the run.
+completed (with a read PAR over its outputs, sealed for the user), failed or cancelled. A stop
+appends `cancelled`; the event reaches every compute daemon (`on_cancelled`), and the one running
+the job kills the run.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from orchestrator.errors import (
     RunRefusedError,
 )
 from orchestrator.par.io import BucketWriter
-from orchestrator.par.issuer import PARIssuer
+from orchestrator.par.issuer import MAX_MANIFEST_OBJECTS, JobPARs, PARIssuer
 from orchestrator.par.par import PAR
 from orchestrator.par.transfer import PARTransport
 from orchestrator.store.base import ObjectStore
@@ -64,6 +65,7 @@ from schemas.events import (
     Progress,
     RunStarted,
     StorageContracted,
+    Submitted,
 )
 from schemas.messages import (
     GetRunStatus,
@@ -140,7 +142,10 @@ class ComputeWorker:
     async def on_storage_contracted(
         self, event: JobEvent, *, redelivered: bool = False
     ) -> JobEvent | None:
-        """Mint the run PAR once per job (a redelivery returns the logged event)."""
+        """Mint the run PAR once per job (a redelivery returns the logged event). A `submitted`
+        is only remembered, so that contracting its job reads nothing."""
+        if isinstance(event.payload, Submitted):
+            await self._log.through(event)
         if not isinstance(event.payload, StorageContracted):
             return None
         job_uid = event.job_uid
@@ -155,16 +160,23 @@ class ComputeWorker:
             failed = Failed(reason=f"rejected by compute: {exc}")
             return await self._append(job_uid, failed, step_event_id(job_uid, "rejected"))
         user = PublicKeys.from_wire(sheet.user_key)
-        run_par = await self._issuer.calculation_par(job_uid, user, lifetime=step.remaining)
-        contracted = ComputeContracted(run_par=run_par.data)
+        minted = JobPARs(job_uid)
+        run_par = await self._issuer.calculation_par(
+            job_uid, user, lifetime=step.remaining, job=minted
+        )
+        contracted = ComputeContracted(run_par=run_par.data, proofs=minted.proofs)
         return await self._append(job_uid, contracted, step_event_id(job_uid, "compute_contracted"))
 
     # --- the run PAR's commands -----------------------------------------------------------------
 
-    async def authorise(self, command: RunCommand, *, requester: str) -> tuple[JobSheetState, str]:
+    async def authorise(
+        self, command: RunCommand, *, requester: str, fresh: bool = True
+    ) -> tuple[JobSheetState, str]:
         """(the job, run PAR uid) if `command` opens for `requester` (the verified signer of the
         request) and holds a live run capability issued here for its job, owned by `requester`.
 
+        Not `fresh`: the job as this worker remembers it, read only if it remembers nothing (for
+        a start, whose `run_started` append loses to anything appended since and judges again).
         Another user's job is answered as one that does not exist: no existence leak.
         """
         run_url = open_run_command(command, requester=requester, key=self._compute_key)
@@ -177,9 +189,10 @@ class ComputeWorker:
             raise PARExpiredError(f"run PAR {par_uid} expired at {record.expires_at.isoformat()}")
         if record.driver_details.get("resource") != command.job_uid:
             raise PARPermissionError(f"run PAR {par_uid} is not job {command.job_uid}'s")
-        sheet = await self._log.load(command.job_uid)
-        if sheet.user != requester:
-            raise JobNotFoundError(f"no job {command.job_uid}: its log has no events")
+        job_uid = command.job_uid
+        events = await (self._log.read(job_uid) if fresh else self._log.read_through(job_uid, 1))
+        if not events or (sheet := fold(events)).user != requester:
+            raise JobNotFoundError(f"no job {job_uid}: its log has no events")
         return sheet, par_uid
 
     async def status(self, command: GetRunStatus, *, requester: str) -> RunReply:
@@ -222,7 +235,7 @@ class ComputeWorker:
         A run PAR starts one run: the claim is a conditional create holding the start message's
         id, so only a redelivery of that same message (after a crash) may resume it.
         """
-        sheet, par_uid = await self.authorise(command, requester=requester)
+        sheet, par_uid = await self.authorise(command, requester=requester, fresh=False)
         job_uid = sheet.job_uid
         claimed_by: str | None = None  # whose claim it is, once known
         if sheet.state is JobState.READY:
@@ -405,10 +418,21 @@ class ComputeWorker:
             for key in outcome.outputs:
                 sent = await writer.set_object_from_file(key, output_dir / key)
                 outputs.append(OutputFile(key=key, size=sent.size, sha256=sent.sha256))
+        minted = JobPARs(sheet.job_uid)
+        read_par = None
+        if len(outputs) <= MAX_MANIFEST_OBJECTS:  # else the user asks access for one per prefix
+            read_par = await self._issuer.bucket_read_par(
+                self._keys.output_prefix(sheet.job_uid),
+                PublicKeys.from_wire(sheet.user_key),
+                objects=[output.key for output in outputs],  # just written: nothing to list
+                job=minted,
+            )
         return Completed(
             outputs=tuple(outputs),
             summary=f"{len(outputs)} output file(s)",
             cpu_seconds=outcome.cpu_seconds,
+            read_par=None if read_par is None else read_par.data,
+            proofs=minted.proofs,
         )
 
     async def _append(self, job_uid: str, payload: EventPayload, event_id: str | None) -> JobEvent:

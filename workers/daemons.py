@@ -132,7 +132,8 @@ async def setup_access(context: ServiceContext, group: TaskGroup) -> None:
             await delay(job_uid, early)
 
     async def settle(envelope: Envelope[EventPublished], meta: IncomingMeta) -> None:
-        # A redelivered end settles nothing twice: the ledger finds the job's settlement.
+        # An event before the end is only remembered (so settling the end reads nothing); a
+        # redelivered end settles nothing twice: the ledger finds the job's settlement.
         event = envelope.body.event
         await service.settle(event.job_uid, ending=event)
 

@@ -120,7 +120,7 @@ class ServiceContext:
             sealer=EventSealer(self.key, self.role),
             keys=self.service_keys,
         )
-        self.registry = PARRegistry(self.store, root=self.keys.registry)
+        self.registry = PARRegistry(self.store, root=self.keys.registry, log=self.log)
         self.identities = Identities(self.broker.topology)
         users = UserRegistry(self.store, self.keys.users)
         window = timedelta(seconds=self.settings.auth_window_s)

@@ -2,14 +2,15 @@
 
 It mints the upload PAR (write `jobs/<uid>/input`, sealed for the user, pinned to the input's
 SHA-256 when the request names one) and the bucket-write PAR (`jobs/<uid>/output/`, sealed for the
-compute service), both expiring at the job's deadline, and appends `storage_contracted`.
+compute service), both expiring at the job's deadline, and appends `storage_contracted`, which
+carries their records (`JobPARs`): minting them writes nothing else.
 """
 
 from __future__ import annotations
 
 from orchestrator.core.keys import PublicKeys
 from orchestrator.core.layout import JobKeys
-from orchestrator.par.issuer import PARIssuer
+from orchestrator.par.issuer import JobPARs, PARIssuer
 from orchestrator.store.eventlog import EventLog, step_event_id
 from schemas.events import JobEvent, JobState, StorageContracted, Submitted
 from workers.steps import due_step
@@ -49,6 +50,7 @@ class StorageWorker:
             return step.done
         sheet, remaining = step.sheet, step.remaining
         user = PublicKeys.from_wire(sheet.user_key)
+        minted = JobPARs(job_uid)
         upload = await self._issuer.object_par(
             self._keys.input(job_uid),
             user,
@@ -57,13 +59,17 @@ class StorageWorker:
             lifetime=remaining,
             max_size=MAX_INPUT_BYTES,
             sha256=sheet.request.input_sha256,
+            job=minted,
         )
         output = await self._issuer.bucket_write_par(
             self._keys.output_prefix(job_uid),
             self._compute_key,
             max_size=self._max_output_bytes,
             lifetime=remaining,
+            job=minted,
         )
-        payload = StorageContracted(upload_par=upload.data, output_par=output.data)
+        payload = StorageContracted(
+            upload_par=upload.data, output_par=output.data, proofs=minted.proofs
+        )
         event_id = step_event_id(job_uid, "storage_contracted")
         return await self._log.transition(job_uid, self._actor, payload, event_id=event_id)

@@ -58,6 +58,9 @@ NOTHING = "^$"
 """The regex RabbitMQ reads as "no resource at all"."""
 ENDED_EVENTS = ("completed", "failed", "cancelled", "expired")
 """The events that end a job (access settles its payment on each)."""
+LEADING_TO_AN_END = ("storage_contracted", "compute_contracted", "run_started")
+"""The events between a job's first and its end that access also takes, only to remember them:
+settling the end then reads none of them from the store."""
 DEATH_HEADER = "x-death"
 """What RabbitMQ adds to a message each time it dead-letters it."""
 
@@ -228,11 +231,11 @@ class Identities:
         """The durable queues each service consumes (the operator declares them), each with the
         messages it takes: its RPC requests (`RPC_REQUESTS`), or job events."""
         topology = self.topology
-        ended = [self.events_of_type(state) for state in ENDED_EVENTS]
+        followed = [self.events_of_type(t) for t in (*LEADING_TO_AN_END, *ENDED_EVENTS)]
         return {
             Role.ACCESS: (
                 topology.rpc_queue("access"),
-                topology.work_queue("access", events=ended, accepts=JOB_EVENTS),
+                topology.work_queue("access", events=followed, accepts=JOB_EVENTS),
                 topology.deadlines,
                 *topology.delay_queues,
             ),
@@ -244,7 +247,8 @@ class Identities:
             Role.COMPUTE: (
                 topology.work_queue(
                     "compute",
-                    events=[self.events_of_type("storage_contracted")],
+                    # `submitted` only to remember it: contracting the job then reads nothing.
+                    events=[self.events_of_type(t) for t in ("submitted", "storage_contracted")],
                     accepts=JOB_EVENTS,
                 ),
                 topology.rpc_queue("compute"),

@@ -369,12 +369,19 @@ class ParjobsClient:
         self, job_uid: str, directory: str | Path, *, transport: PARTransport | None = None
     ) -> list[Path]:
         """Download every output of the completed job into `directory` through a read PAR, each
-        checked against the SHA-256 its `completed` event recorded; the paths written."""
+        checked against the SHA-256 its `completed` event recorded; the paths written.
+
+        The read PAR is the one the `completed` event hands over while it has time left, else
+        one access mints (`outputs`)."""
         completed = [
             e.payload for e in await self.events(job_uid) if isinstance(e.payload, Completed)
         ]
         expected = {o.key: o.sha256 for o in completed[-1].outputs} if completed else {}
-        reader = BucketReader(await self.outputs(job_uid), self.user, transport=transport)
+        handed = completed[-1].read_par if completed else None
+        read_par = PAR(handed) if handed is not None else None
+        if read_par is None or read_par.seconds_remaining() <= 0:
+            read_par = await self.outputs(job_uid)
+        reader = BucketReader(read_par, self.user, transport=transport)
         target = Path(directory)
         await anyio.Path(target).mkdir(parents=True, exist_ok=True)
         written = []

@@ -6,7 +6,7 @@
     paths = await job.fetch("out/")           # its outputs, each checked against its SHA-256
 
 Everything goes through the client that made it: the events it follows (no polling), the read
-PAR access mints over the outputs, and the run PAR's control to cancel.
+PAR over the outputs (handed over by the `completed` event), and the run PAR's control to cancel.
 """
 
 from __future__ import annotations
@@ -91,8 +91,10 @@ class Job:
         )
 
     async def fetch(self, directory: str | Path) -> list[Path]:
-        """Download the completed job's outputs into `directory` through a read PAR, each checked
-        against its recorded SHA-256; the paths written. JobNotCompletedError before it completed.
+        """Download the completed job's outputs into `directory` through a read PAR (the one
+        its `completed` event hands over, while it has time left; else one access mints), each
+        checked against its recorded SHA-256; the paths written. JobNotCompletedError before it
+        completed.
         """
         return await self._client.fetch(self.uid, directory, transport=self._transport)
 

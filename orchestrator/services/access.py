@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 
 import anyio
 
@@ -25,11 +26,13 @@ from orchestrator.core.ledger_rules import ACCESS, hold_tx_id, settle_tx_id
 from orchestrator.core.pricing import Pricing
 from orchestrator.core.signing import check_authorisation, check_cheque, request_fingerprint
 from orchestrator.errors import (
+    ExpiredChequeError,
     IllegalTransitionError,
     JobError,
     JobNotCompletedError,
     JobNotFoundError,
     RequesterMismatchError,
+    StaleAuthorisationError,
 )
 from orchestrator.par.issuer import PARIssuer
 from orchestrator.store.base import ObjectStore
@@ -37,6 +40,7 @@ from orchestrator.store.eventlog import EventLog, step_event_id
 from orchestrator.store.ledger import Ledger
 from orchestrator.store.progress import ProgressSnapshots
 from orchestrator.store.users import NonceStore, UserRegistry
+from schemas.auth import UserRecord
 from schemas.events import (
     Expired,
     JobEvent,
@@ -107,29 +111,22 @@ class AccessService:
                 f"{requester[:16]}…: a user submits only jobs they authorised themselves"
             )
         job_uid = step_event_id(message_id, "job")
-        if existing := await self._log.read(job_uid):
-            return Outcome(reply=JobReply(sheet=fold(existing)), events=existing[:1])
-        now = datetime.now(UTC)
-        # A redelivery after a crash between the hold and the job's creation finds its hold: every
-        # check passed when it was made (nothing is held before them), so the time-bound ones (the
-        # authorisation's window, the cheque's expiry) are judged as of then. Judged now, a restart
-        # later than the window would refuse the job and strand the value held for it.
-        held = await self.ledger.find(hold_tx_id(job_uid, cheque.cheque_id))
-        checked_at = now if held is None else held.time
-        user_record = await self.users.by_fingerprint(authorisation.user)
+        # A redelivery (of a job created or not) repeats each step below, each idempotent for
+        # this job uid: nothing is read first to find out. One after a crash between the hold and
+        # the job's creation has its hold: every check passed when it was made (nothing is held
+        # before them), so the time-bound ones (the authorisation's window, the cheque's expiry)
+        # failing now are judged again as of then. Judged now, a restart later than the window
+        # would refuse the job and strand the value held for it.
+        now = checked_at = datetime.now(UTC)
+        try:
+            user_record, price = await self._check(command, now)
+        except (StaleAuthorisationError, ExpiredChequeError):
+            held = await self.ledger.find(hold_tx_id(job_uid, cheque.cheque_id))
+            if held is None:
+                raise
+            checked_at = held.time
+            user_record, price = await self._check(command, checked_at)
         user = PublicKeys.from_wire(user_record.public_key)
-        check_authorisation(authorisation, request, user, now=checked_at, window=self._auth_window)
-        price = self._pricing.highest(request)
-        payer = PublicKeys.from_wire((await self.users.get(cheque.payer)).public_key)
-        check_cheque(
-            cheque,
-            payer_key=payer,
-            job_owner=user_record.name,
-            recipient=ACCESS,
-            resource=request_fingerprint(request),
-            price=price,
-            now=checked_at,
-        )
         # Everything is checked: from here on each step is idempotent for this job uid.
         await self.nonces.claim(authorisation.user, authorisation.nonce, holder=job_uid)
         hold = await self.ledger.hold(job_uid, cheque.cheque_id, cheque.payer, price, at=checked_at)
@@ -151,6 +148,27 @@ class AccessService:
         self._deadlines[job_uid] = submitted.expires_at
         sheet = fold(await self._log.read_through(job_uid, event.seq))  # no read: it wrote it
         return Outcome(reply=JobReply(sheet=sheet), events=[event])
+
+    async def _check(self, command: SubmitJob, now: datetime) -> tuple[UserRecord, Decimal]:
+        """(the user's record, the price held) if `command` may be admitted at `now`: signed
+        by its user for exactly its request within the window, and paid by a cheque payable
+        here, for this request, unexpired and large enough for the highest price."""
+        request, authorisation, cheque = command.request, command.authorisation, command.cheque
+        user_record = await self.users.by_fingerprint(authorisation.user)
+        user = PublicKeys.from_wire(user_record.public_key)
+        check_authorisation(authorisation, request, user, now=now, window=self._auth_window)
+        price = self._pricing.highest(request)
+        payer = PublicKeys.from_wire((await self.users.get(cheque.payer)).public_key)
+        check_cheque(
+            cheque,
+            payer_key=payer,
+            job_owner=user_record.name,
+            recipient=ACCESS,
+            resource=request_fingerprint(request),
+            price=price,
+            now=now,
+        )
+        return user_record, price
 
     async def get(self, query: GetJob, *, owner: str | None = None) -> Outcome:
         """The job's sheet (and events); with `owner`, only if it is `owner`'s job: another
@@ -176,8 +194,9 @@ class AccessService:
     async def settle(self, job_uid: str, *, ending: JobEvent | None = None) -> Transaction | None:
         """Once the job has ended: charge what it cost, refund the rest of the hold (once).
 
-        `ending`: the event that ended it, as received (the events before it are then fetched,
-        not listed)."""
+        `ending`: an event of the job as received: the events before it are then those
+        remembered (access takes the events that lead to an end, to remember them) or fetched,
+        not listed; one that does not end the job settles nothing."""
         sheet = fold(await self._log.through(ending)) if ending else await self._log.load(job_uid)
         return await self._settle(sheet)
 

@@ -144,15 +144,16 @@ class EventLog:
         self._logs.move_to_end(job_uid)
         return log
 
-    async def job_uids(self) -> list[str]:
-        """Every job that has a log here, sorted."""
-        return sorted(await self.listed_logs())
+    async def job_uids(self, *, starting: str = "") -> list[str]:
+        """Every job that has a log here (whose uid starts with `starting`), sorted."""
+        return sorted(await self.listed_logs(starting=starting))
 
-    async def listed_logs(self) -> dict[str, list[str]]:
-        """Every job that has a log here -> the keys under its log's prefix, sorted: one listing
-        of the root (a LIST per page of 1,000 keys), for `read_listed`."""
+    async def listed_logs(self, *, starting: str = "") -> dict[str, list[str]]:
+        """Every job that has a log here (whose uid starts with `starting`) -> the keys under its
+        log's prefix, sorted: one listing of the root (a LIST per page of 1,000 keys), for
+        `read_listed`."""
         found: dict[str, list[str]] = {}
-        for info in await self._store.list(self._root):
+        for info in await self._store.list(self._root + starting):
             uid, _, rest = info.key.removeprefix(self._root).partition("/")
             if rest.startswith("events/"):
                 found.setdefault(uid, []).append(info.key)
@@ -221,6 +222,11 @@ class EventLog:
                     log.remember(event.seq, event)
                 return events
         return await self.read(trigger.job_uid)
+
+    def remembered(self, starting: str) -> list[list[JobEvent]]:
+        """The events remembered (and verified) of each job whose uid starts with `starting`,
+        as `read_through` would answer them; no I/O."""
+        return [self._trusted(log) for uid, log in self._logs.items() if uid.startswith(starting)]
 
     def _trusted(self, log: _JobLog) -> list[JobEvent]:
         """The events of `log` known and, with service keys, verified."""

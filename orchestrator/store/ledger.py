@@ -8,6 +8,11 @@ and the next block starts after the last transaction of this one. That is the wh
 control between writers (no lock). A block is one object, so a crash leaves it wholly written or
 not at all.
 
+A block is appended after the state this ledger holds, without reading first: if another writer
+created that block's key, the create fails and the process reads what it missed. Only a ledger
+that has never read the store (a process just started) reads first, and a refusal judged on the
+state held is judged again on a fresh read (a deposit may have come since).
+
 Group commit: the transactions a process submits while its previous block is being written wait
 and go together into its next block, so one conditional create carries many of them. Each is
 still checked on its own (a refusal reaches only its caller) and keeps its own id and time. A
@@ -20,6 +25,7 @@ that doubles per loss. A transaction whose blocks lost `max_attempts` races give
 from __future__ import annotations
 
 import bisect
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -54,6 +60,7 @@ from schemas.ledger import (
 
 DEFAULT_MAX_ATTEMPTS = 40  # one sequence for every account: more contention than one job's log
 MAX_BLOCK = 256  # transactions per block: an object of ~150 KiB at most
+_RECENT_BLOCKS = 64  # the newest blocks written or read, kept: a retry finds its own in memory
 _READ_CONCURRENCY = 64  # GETs in flight while reading (a cold start reads the whole ledger)
 
 Builder = Callable[[LedgerState], TransactionDraft]
@@ -147,6 +154,8 @@ class Ledger:
         self._starts: list[int] = []  # the first seq of each block folded into `_state`
         self._waiting: list[_Request] = []  # submitted, not yet taken into a block
         self._turn = anyio.Lock()  # one block at a time from this instance (see `append`)
+        self._read_once = False  # whether `_state` came from the store (else it may be far behind)
+        self._recent: OrderedDict[int, Block] = OrderedDict()  # first seq -> block, newest last
 
     def entry_key(self, seq: int) -> str:
         """The key of the block whose first transaction is `seq`."""
@@ -166,6 +175,7 @@ class Ledger:
         """The ledger as all its transactions leave it (only the new blocks are fetched)."""
         cached = self._state
         unseen = await self._blocks.read(after=cached.seq)
+        self._read_once = True
         if not unseen:
             return cached
         try:
@@ -175,16 +185,20 @@ class Ledger:
                 f"a stored transaction breaks the ledger's rules: {exc}; "
                 "run `parjobs ledger verify` for the whole story"
             ) from exc
-        self._remember(latest, [block.first for block in unseen])
+        self._remember(latest, unseen)
         return latest
 
-    def _remember(self, state: LedgerState, starts: list[int]) -> None:
-        """Keep `state` and where its newest blocks start, if it is further on than the state
-        kept: tasks sharing this Ledger fold concurrently."""
+    def _remember(self, state: LedgerState, blocks: list[Block]) -> None:
+        """Keep `state`, where its newest `blocks` start and the blocks themselves, if it is
+        further on than the state kept: tasks sharing this Ledger fold concurrently."""
         known = self._state.seq
         if state.seq > known:
-            self._starts.extend(start for start in starts if start > known)
+            self._starts.extend(block.first for block in blocks if block.first > known)
             self._state = state
+            for block in blocks:
+                self._recent[block.first] = block
+            while len(self._recent) > _RECENT_BLOCKS:
+                self._recent.popitem(last=False)
 
     async def balance(self, account: str) -> Decimal:
         """`account`'s balance now (0 for an account never used)."""
@@ -204,7 +218,7 @@ class Ledger:
     async def _stored(self, seq: int) -> Transaction:
         """Transaction `seq`, which this ledger has folded already, from its block."""
         first = self._starts[bisect.bisect_right(self._starts, seq) - 1]
-        block = await self._blocks.get(first)
+        block = self._recent.get(first) or await self._blocks.get(first)
         if block is None:
             raise LedgerCorruptError(
                 f"{self.entry_key(first)!r} vanished from the ledger's folder: "
@@ -275,11 +289,17 @@ class Ledger:
         requests = self._waiting[:MAX_BLOCK]
         del self._waiting[:MAX_BLOCK]
         budget = min(request.max_attempts - request.losses for request in requests)
+        read = not self._read_once  # the first try goes after the state held, if it is the store's
+
+        async def attempt() -> list[Outcome] | None:
+            nonlocal read
+            outcomes = await self._try_block(requests, read=read)
+            read = True  # it lost: read what won
+            return outcomes
+
         outcomes: list[Outcome]
         try:
-            outcomes = await until_won(
-                lambda: self._try_block(requests), budget, _OutOfAttemptsError
-            )
+            outcomes = await until_won(attempt, budget, _OutOfAttemptsError)
         except _OutOfAttemptsError:  # those out of attempts give up; the others wait for a turn
             for request in requests:
                 if request.losses >= request.max_attempts:
@@ -297,11 +317,14 @@ class Ledger:
         for request, outcome in zip(requests, outcomes, strict=True):
             request.outcome = outcome
 
-    async def _try_block(self, requests: list[_Request]) -> list[Outcome] | None:
-        """Check each request against the latest state as the ones before it leave it, and append
-        those the rules allow as one block; each one's outcome, or None if the block lost."""
-        batch = Batch(await self.state())
+    async def _try_block(self, requests: list[_Request], *, read: bool) -> list[Outcome] | None:
+        """Check each request against the state (`read` from the store, else the one held) as
+        the ones before it leave it, and append those the rules allow as one block; each one's
+        outcome, or None if the block lost."""
+        batch = Batch(await self.state() if read else self._state)
         outcomes = [await self._check(request.build, batch) for request in requests]
+        if not read and any(isinstance(outcome, Exception) for outcome in outcomes):
+            return await self._try_block(requests, read=True)  # refused on what may be stale
         if batch.transactions:
             block = Block(transactions=tuple(batch.transactions))
             if not await self._blocks.append(block.first, block):
@@ -310,7 +333,7 @@ class Ledger:
                     request.losses += 1
                 return None
             LEDGER_APPENDS.inc(len(block.transactions))
-            self._remember(batch.state(), [block.first])
+            self._remember(batch.state(), [block])
         return outcomes
 
     async def _check(self, build: Builder, batch: Batch) -> Outcome:

@@ -1,13 +1,25 @@
-"""The issuer's PAR registry, kept in the object store.
+"""The PAR registry: the records of the PARs the services mint, and the closes of them.
 
-One record per PAR (`<root><uid>.json`: recipient, proof of possession, expiry, driver details),
-written once. Closing creates `<root><uid>.closed` with a conditional create, so a PAR closes
-exactly once even when two closes race, then deletes the record's driver details.
+A job's PARs are recorded in the events that hand them out (`StorageContracted`,
+`ComputeContracted`, `Completed`): each event carries the proof of possession of each PAR it
+holds, and the PAR's public data is the rest of the record. The event is sealed by the role that
+minted them, in the job's verified log, so no one can forge a record, and minting writes nothing
+of its own. A job PAR's uid starts with its job's uid (`job_par_uid`), so a PAR named by uid alone
+leads to its job: its record comes from the job's log as this process remembers it, or, on a
+miss, from the jobs listed under that start.
+
+A PAR minted outside a job's events (the demo, a read PAR access mints on request) has a record
+object, `<root><uid>.json`, written once. Closing any PAR creates `<root><uid>.closed` with a
+conditional create, so a PAR closes exactly once even when two closes race; a record object then
+goes (the tombstone is the truth), while an event's record stays and the tombstone overrides it.
 """
 
 from __future__ import annotations
 
 import hmac
+import re
+import secrets
+from collections.abc import Iterable
 from datetime import UTC, datetime
 
 from orchestrator.errors import (
@@ -19,15 +31,76 @@ from orchestrator.errors import (
     PARPermissionError,
 )
 from orchestrator.store.base import ObjectStore
-from schemas.par import PARRecord, PARState, PARTombstone
+from orchestrator.store.eventlog import EventLog
+from schemas.events import Completed, ComputeContracted, JobEvent, StorageContracted
+from schemas.par import PARData, PARRecord, PARState, PARTombstone
+
+JOB_DIGITS = 16
+"""How many hex digits of its job's uid a job PAR's uid starts with (the other 16 are random)."""
+
+_UID = re.compile(r"[0-9a-f]{32}")
+
+
+def job_par_uid(job_uid: str) -> str:
+    """A new uid for a PAR of job `job_uid`, which leads back to the job (`JOB_DIGITS`)."""
+    return job_uid[:JOB_DIGITS] + secrets.token_hex((32 - JOB_DIGITS) // 2)
+
+
+def minted_records(events: Iterable[JobEvent], bucket: str) -> dict[str, PARRecord]:
+    """The records of the PARs `events` hand out, by uid: each PAR's public data and the proof
+    its event carries, for a PAR its event's signer issued."""
+    records = {}
+    for event in events:
+        pars, proofs = _handed_out(event)
+        for par in pars:
+            proof = None if par is None else proofs.get(par.uid)
+            if par is not None and proof is not None and event.signer in (None, par.issuer):
+                records[par.uid] = _record(par, proof, bucket)
+    return records
+
+
+def _handed_out(event: JobEvent) -> tuple[tuple[PARData | None, ...], dict[str, str]]:
+    """The PARs an event hands out, and the proofs it carries for them."""
+    match event.payload:
+        case StorageContracted() as contracted:
+            return (contracted.upload_par, contracted.output_par), contracted.proofs
+        case ComputeContracted() as contracted:
+            return (contracted.run_par,), contracted.proofs
+        case Completed() as completed:
+            return (completed.read_par,), completed.proofs
+    return (), {}
+
+
+def _record(par: PARData, proof: str, bucket: str) -> PARRecord:
+    target = {"key": par.key, "prefix": par.prefix, "resource": par.resource}
+    return PARRecord(
+        uid=par.uid,
+        kind=par.kind,
+        issuer=par.issuer,
+        recipient=par.recipient,
+        proof=proof,
+        created_at=par.created_at,
+        expires_at=par.expires_at,
+        driver_details={
+            "bucket": bucket,
+            "issuer": par.issuer,
+            **{name: value for name, value in target.items() if value},
+        },
+    )
 
 
 class PARRegistry:
-    """Records every PAR an issuer mints; answers closes and state queries (a `PARControl`)."""
+    """Finds every PAR the services mint; answers closes and state queries (a `PARControl`).
 
-    def __init__(self, store: ObjectStore, root: str = "registry/pars/") -> None:
+    Without `log` (the job logs' `EventLog`) only record objects are known.
+    """
+
+    def __init__(
+        self, store: ObjectStore, root: str = "registry/pars/", *, log: EventLog | None = None
+    ) -> None:
         self._store = store
         self._root = root
+        self._log = log
 
     def _record_key(self, uid: str) -> str:
         return f"{self._root}{uid}.json"
@@ -36,6 +109,7 @@ class PARRegistry:
         return f"{self._root}{uid}.closed"
 
     async def register(self, record: PARRecord) -> None:
+        """Write the record object of a PAR no job event carries."""
         try:
             await self._store.put_if_absent(
                 self._record_key(record.uid), record.model_dump_json().encode()
@@ -49,16 +123,45 @@ class PARRegistry:
         With `recipient` (a key fingerprint), a PAR sealed for anyone else is answered as one
         never issued (`PARNotFoundError`): no one learns of another's PARs.
         """
-        try:
-            raw = await self._store.get(self._record_key(uid))
-        except ObjectNotFoundError:
-            if (tombstone := await self._tombstone(uid)) is not None:
-                self._check_recipient(uid, tombstone.recipient, recipient)
-                raise PARClosedError(f"PAR {uid} was closed") from None
-            raise self._not_found(uid) from None
-        record = PARRecord.model_validate_json(raw)
+        return (await self._open(uid, recipient))[0]
+
+    async def _open(self, uid: str, recipient: str | None) -> tuple[PARRecord, bool]:
+        """(the record, whether it is a record object) of a PAR not closed."""
+        record, stored = await self._find(uid)
+        # A record object goes when its PAR closes; an event's record stays: ask the tombstone.
+        if (record is None or not stored) and (tombstone := await self._tombstone(uid)):
+            self._check_recipient(uid, tombstone.recipient, recipient)
+            raise PARClosedError(f"PAR {uid} was closed")
+        if record is None:
+            raise self._not_found(uid)
         self._check_recipient(uid, record.recipient, recipient)
-        return record
+        return record, stored
+
+    async def _find(self, uid: str) -> tuple[PARRecord | None, bool]:
+        """The record of PAR `uid` wherever it is, and whether it is a record object: from the
+        job logs remembered (no I/O), the record object, or the logs of the jobs it leads to."""
+        if _UID.fullmatch(uid) is None:
+            return None, False  # no PAR has such a uid (and it must not steer a key anywhere)
+        job_start = uid[:JOB_DIGITS]
+        if self._log is not None:
+            remembered = self._log.remembered(job_start)
+            if (record := self._in_logs(uid, remembered)) is not None:
+                return record, False
+        try:
+            return PARRecord.model_validate_json(await self._store.get(self._record_key(uid))), True
+        except ObjectNotFoundError:
+            pass
+        if self._log is not None:
+            jobs = await self._log.job_uids(starting=job_start)
+            logs = [await self._log.read(job) for job in jobs]
+            return self._in_logs(uid, logs), False
+        return None, False
+
+    def _in_logs(self, uid: str, logs: Iterable[list[JobEvent]]) -> PARRecord | None:
+        for events in logs:
+            if (record := minted_records(events, self._store.bucket).get(uid)) is not None:
+                return record
+        return None
 
     async def _tombstone(self, uid: str) -> PARTombstone | None:
         try:
@@ -80,22 +183,30 @@ class PARRegistry:
         if (tombstone := await self._tombstone(uid)) is not None:
             self._check_recipient(uid, tombstone.recipient, recipient)
             return PARState.CLOSED
-        record = await self.get(uid, recipient=recipient)
+        record, _ = await self._find(uid)
+        if record is None:
+            raise self._not_found(uid)
+        self._check_recipient(uid, record.recipient, recipient)
         return PARState.EXPIRED if record.expires_at <= datetime.now(UTC) else PARState.OPEN
 
     async def verify(self, uid: str, proof: str, *, recipient: str | None = None) -> PARRecord:
         """The record, if `proof` matches the capability minted for `uid` (and, with
         `recipient`, the PAR was sealed for that key)."""
-        record = await self.get(uid, recipient=recipient)
+        return (await self._verified(uid, proof, recipient))[0]
+
+    async def _verified(
+        self, uid: str, proof: str, recipient: str | None
+    ) -> tuple[PARRecord, bool]:
+        record, stored = await self._open(uid, recipient)
         if not hmac.compare_digest(record.proof, proof):
             raise PARPermissionError(
                 f"proof of possession for PAR {uid} does not match: it was not opened with the "
                 "key it was sealed for"
             )
-        return record
+        return record, stored
 
     async def close(self, uid: str, proof: str, *, recipient: str | None = None) -> None:
-        record = await self.verify(uid, proof, recipient=recipient)
+        record, stored = await self._verified(uid, proof, recipient)
         tombstone = PARTombstone(uid=uid, closed_at=datetime.now(UTC), recipient=record.recipient)
         try:
             await self._store.put_if_absent(
@@ -103,5 +214,5 @@ class PARRegistry:
             )
         except ObjectExistsError as exc:
             raise PARClosedError(f"PAR {uid} is already closed") from exc
-        # The tombstone is the truth from here on; the record (with driver details) can go.
-        await self._store.delete(self._record_key(uid))
+        if stored:  # the tombstone is the truth from here on; the record (and its details) can go
+            await self._store.delete(self._record_key(uid))

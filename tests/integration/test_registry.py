@@ -21,6 +21,7 @@ from orchestrator import (
 from orchestrator.par.issuer import PARIssuer
 from orchestrator.store.base import ObjectStore
 from orchestrator.store.registry import PARRegistry
+from tests.unit.test_registry import Job
 
 pytestmark = pytest.mark.integration
 
@@ -73,3 +74,19 @@ async def test_what_closing_revokes_and_what_only_expiry_ends(
         with pytest.raises(PARExpiredError):
             await transport.download_bytes(leaked_url)
     assert await store.get(key) == b"data"  # closing never deletes data
+
+
+async def test_a_job_par_named_by_uid_alone_leads_to_its_job_on_a_real_store(
+    store: ObjectStore, prefix: str, user: KeyPair
+) -> None:
+    """The record in the minting event, found by another process through S3's listing of the
+    jobs whose uid starts like the PAR's (a prefix that ends inside a key's folder name)."""
+    job = Job(store, prefix)
+    upload, _ = await job.contract(user, KeyPair.generate("compute"))
+    elsewhere = job.registry_in(job.log())
+    assert await elsewhere.state(upload.uid, recipient=user.fingerprint) is PARState.OPEN
+    await upload.close(user, control=elsewhere)
+    assert await job.registry_in(job.log()).state(upload.uid) is PARState.CLOSED
+    # Only the tombstone: minting wrote nothing there.
+    listed = [info.key for info in await store.list(f"{prefix}registry/")]
+    assert listed == [f"{prefix}registry/{upload.uid}.closed"]

@@ -626,6 +626,30 @@ async def test_a_job_yields_its_events_as_they_come_then_its_result_then_its_out
     for key, data in MADE.items():
         assert (tmp_path / "out" / key).read_bytes() == data
     assert minted.kinds["get_job"] == 2  # the catch-up at the start, and fetch's read of the log
+    assert minted.kinds["get_outputs"] == 1  # the event handed no read PAR: access mints one
+
+
+@pytest.mark.parametrize("lifetime", [timedelta(hours=1), timedelta(seconds=20)])
+async def test_fetch_uses_the_read_par_the_completed_event_hands_over_while_it_lasts(
+    minted: Services,
+    client: ParjobsClient,
+    memory_store: MemoryObjectStore,
+    par_transport: PARTransport,
+    tmp_path: Path,
+    lifetime: timedelta,
+) -> None:
+    job = await client.run("checksum", INPUT, max_spend=Decimal(1), transport=par_transport)
+    issuer = PARIssuer(memory_store, PARRegistry(memory_store), name="compute")
+    handed = await issuer.bucket_read_par(OUTPUT_PREFIX, ALICE.public, lifetime=lifetime)
+    completed = minted.payloads["completed"]
+    assert isinstance(completed, Completed)
+    minted.payloads["completed"] = completed.model_copy(update={"read_par": handed.data})
+    await minted.extend("run_started", "completed")
+    await job.result(timeout=5)
+    written = await job.fetch(tmp_path / "out")
+    assert sorted(path.relative_to(tmp_path / "out").as_posix() for path in written) == sorted(MADE)
+    # Within 30 s of its expiry it is not used: access mints another.
+    assert minted.kinds["get_outputs"] == (0 if lifetime > timedelta(minutes=1) else 1)
 
 
 async def test_fetch_refuses_an_output_that_is_not_what_the_job_recorded(

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from pydantic import JsonValue
 
-from orchestrator import PAR, BucketReader, KeyPair, ObjectWriter, PARPermissionError
+from orchestrator import PAR, BucketReader, KeyPair, ObjectWriter, PARPermissionError, PARState
 from orchestrator.core.run_commands import run_command
 from orchestrator.errors import (
     JobNotFoundError,
@@ -20,8 +20,11 @@ from orchestrator.errors import (
     RunRefusedError,
     UnknownCalculationError,
 )
+from orchestrator.par.issuer import PARIssuer
 from orchestrator.store.base import ObjectStore
+from orchestrator.store.eventlog import EventLog
 from orchestrator.store.progress import ProgressSnapshots
+from orchestrator.store.registry import PARRegistry
 from schemas.events import (
     Completed,
     ComputeContracted,
@@ -47,6 +50,7 @@ from tests._forwarding import CountingStore
 from tests._ticker import Ticker, last_line
 from tests.unit.test_services import Services
 from workers.calculations import CalculationRegistry
+from workers.compute import ComputeWorker
 
 
 @pytest.fixture
@@ -98,7 +102,7 @@ async def _claim(services: Services, command: StartRun, message_id: str) -> JobS
     return sheet
 
 
-async def test_whole_job_through_the_services(services: Services) -> None:
+async def test_whole_job_through_the_services(services: Services, store: ObjectStore) -> None:
     job_uid, upload, run_par = await _ready_job(services)
     await ObjectWriter(upload, services.user, transport=services.transport).set_object(
         b"hello\nworld\n"
@@ -116,7 +120,15 @@ async def test_whole_job_through_the_services(services: Services) -> None:
     assert isinstance(final.payload, Completed)
     assert [o.key for o in final.payload.outputs] == ["summary.json"]
     assert published[-1] == final
-    # The user reads the outputs through a read PAR from access.
+    # The completed event hands the user a read PAR over the outputs ...
+    assert final.payload.read_par is not None
+    handed = PAR(final.payload.read_par)
+    reader = BucketReader(handed, services.user, transport=services.transport)
+    assert json.loads(await reader.get_object("summary.json"))["lines"] == 2
+    # ... recorded in the event, as every PAR of the job: minting them wrote no record object.
+    assert await store.list(services.keys.registry) == []
+    assert await services.registry.state(handed.uid) is PARState.OPEN
+    # A user without it asks access for one.
     reply = (await services.access.outputs(GetOutputs(job_uid=job_uid))).reply
     assert isinstance(reply, OutputsReply)
     reader = BucketReader(PAR(reply.read_par), services.user, transport=services.transport)
@@ -375,3 +387,32 @@ async def test_a_log_with_progress_events_still_folds_and_shows_them(services: S
     assert isinstance(status, GetRunStatus)
     reply = await services.compute.status(status, requester=services.user.fingerprint)
     assert reply.detail == "old"  # no snapshot: the log's last progress
+
+
+async def test_compute_remembers_the_submission_and_contracts_reading_nothing(
+    services: Services, store: ObjectStore, http: httpx.AsyncClient
+) -> None:
+    command = services.submit_command()
+    submitted = (await services.access.submit(command, message_id=uuid.uuid4().hex)).events[0]
+    contracted = await services.storage.on_submitted(submitted)
+    assert contracted is not None
+    # A compute daemon of its own: its log knows only what its queue hands it.
+    async with CountingStore(store) as counting:
+        log = EventLog(counting, services.keys.jobs)
+        registry = PARRegistry(counting, root=services.keys.registry, log=log)
+        compute = ComputeWorker(
+            counting,
+            log,
+            PARIssuer(counting, registry, name="compute"),
+            registry,
+            services.calculations,
+            services.keys,
+            services.compute_key,
+            http=http,
+        )
+        assert await compute.on_storage_contracted(submitted) is None
+        ready = await compute.on_storage_contracted(contracted)
+    assert ready is not None
+    assert isinstance(ready.payload, ComputeContracted)
+    assert (counting.lists, counting.gets) == ([], [])
+    assert counting.creates == [log.event_key(submitted.job_uid, 3)]  # the event, no record

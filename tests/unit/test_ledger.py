@@ -117,6 +117,25 @@ async def test_the_state_is_read_incrementally(
     assert counting.gets == [f"{root}{seq:012d}.json" for seq in (4, 5)]
 
 
+async def test_a_ledger_that_has_read_appends_without_reading(
+    store: ObjectStore, root: str
+) -> None:
+    await Ledger(store, root).deposit("alice", 10)
+    async with CountingStore(store) as counting:
+        ledger = Ledger(counting, root)
+        await ledger.deposit("alice", 1)  # just made, it knows nothing: it reads first, once
+        assert counting.lists == [(root, None)]
+        job = uid()
+        await ledger.hold(job, uid(), "alice", 4)
+        settled = await ledger.settle(job, 1)
+        assert await ledger.settle(job, 1) == settled  # a redelivered end: found in memory
+    # Each append went after the state it held; the conditional create vouched that it was the
+    # latest. Nothing it wrote was read back: the one block read is the one it found stored.
+    assert (counting.lists, counting.gets) == ([(root, None)], [ledger.entry_key(1)])
+    assert len(counting.creates) == 3
+    assert await Ledger(store, root).balance("alice") == Decimal(10)
+
+
 async def test_appends_from_one_ledger_take_turns(store: ObjectStore, root: str) -> None:
     # SeaweedFS answers each extra concurrent create of one key about a second later: tasks of
     # one process must not collide with each other, only with other processes.
