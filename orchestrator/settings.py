@@ -172,7 +172,10 @@ class ServiceSettings(BaseSettings):
     time_limit_s: float = Field(default=600.0, gt=0)
     memory_limit_bytes: int = Field(default=2**30, ge=2**24)
     max_runs: int = Field(default=2, ge=1)
-    """Calculations one compute daemon runs at once (its run queue's prefetch)."""
+    """Calculations one compute daemon runs at once (its run queue's slots)."""
+    max_queued_runs: int = Field(default=1000, ge=1)
+    """Starts one compute daemon takes at once (its prefetch on the run queue): each is answered
+    as accepted and waits, unacked, for one of the `max_runs` slots."""
     sandbox: Literal["bwrap", "none"] = "bwrap"
     """How compute runs calculations: `bwrap`, each in a bubblewrap sandbox (compute refuses to
     start if it cannot make one); `none`, unsandboxed with compute's own user and view of the

@@ -76,6 +76,8 @@ ENDED = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED, JobS
 _RUN_QUEUES: dict[RunAction, str] = {"start": "runs", "stop": "compute", "status": "compute"}
 _ROLES: dict[str, ServiceRole] = {"access": "access", "compute": "compute", "runs": "compute"}
 """Each RPC queue -> the service role whose signature its replies must carry."""
+START_ATTEMPTS = 3
+"""Sends of one start (the same message each time) before its answer is looked for in the log."""
 
 
 def raise_error_reply(reply: ErrorReply) -> None:
@@ -164,7 +166,10 @@ class ParjobsClient:
                 self._started = False
 
     async def _call(self, service: str, body: BaseModel, expected: type[R]) -> R:
-        await self.start()
+        return await self._send(service, self._signed(body), expected)
+
+    def _signed(self, body: BaseModel) -> Envelope[Any]:
+        """`body` as a request signed by the user (its message id fixed from here on)."""
         request = Envelope(sender=self._sender, body=body)
         signature = sign_message(
             self.user,
@@ -173,13 +178,27 @@ class ParjobsClient:
             sent_at=request.sent_at,
             body=body,
         )
-        reply = await self._inbox.call(
-            service,
-            _ROLES[service],
-            request.model_copy(update={"signature": signature}),
-            _replies(service).envelope,
-            timeout=self._timeout,
-        )
+        return request.model_copy(update={"signature": signature})
+
+    async def _send(
+        self, service: str, request: Envelope[Any], expected: type[R], *, attempts: int = 1
+    ) -> R:
+        """`request`'s reply from `service`; unanswered within the timeout, the very same
+        request (same message id) is sent again, up to `attempts` sends in all."""
+        await self.start()
+        for attempt in range(1, attempts + 1):
+            try:
+                reply = await self._inbox.call(
+                    service,
+                    _ROLES[service],
+                    request,
+                    _replies(service).envelope,
+                    timeout=self._timeout,
+                )
+                break
+            except errors.RequestTimeoutError:
+                if attempt == attempts:
+                    raise
         if isinstance(reply.body, ErrorReply):
             raise_error_reply(reply.body)
         if not isinstance(reply.body, expected):
@@ -372,7 +391,9 @@ class ParjobsClient:
     ) -> Job:
         """Submit a job of `calculation` on `input_data` (a file's path, or the bytes themselves),
         paid from `account` (default: the user's own) up to `max_spend`; upload the input through
-        the job's upload PAR and start it through its run PAR. The `Job` follows it from there.
+        the job's upload PAR and start it through its run PAR. Returns as soon as compute has
+        accepted the start (`Job.accepted`: `queued` with its place while every run slot is
+        taken, else `running`); the `Job` follows it from there.
 
         `transport` is the HTTP the PARs' transfers use (default: one per transfer).
         """
@@ -395,8 +416,15 @@ class ParjobsClient:
         else:
             await writer.set_object_from_file(input_data)
         control = run.execute(self.user, control=self)
-        await control.start()
-        return Job(self, job_uid, control=control, expires_at=expires_at, transport=transport)
+        accepted = await control.start()
+        return Job(
+            self,
+            job_uid,
+            control=control,
+            expires_at=expires_at,
+            accepted=accepted,
+            transport=transport,
+        )
 
     # --- PARControl and RunService ---------------------------------------------------------------
 
@@ -416,4 +444,22 @@ class ParjobsClient:
             requester=self.user.fingerprint,
             compute=self._inbox.keys.current("compute"),
         )
+        if action == "start":
+            return await self._start(job_uid, self._signed(command))
         return await self._call(_RUN_QUEUES[action], command, RunReply)
+
+    async def _start(self, job_uid: str, request: Envelope[Any]) -> RunReply:
+        """Compute's answer to the start `request`: accepted (`queued` with its place, or
+        `running`), or refused. Unanswered, it is sent again as the same message, which compute
+        never takes for a second start (it finds the claim that message made and answers with
+        the job as it is). Still unanswered, the job's log says whether it was accepted all the
+        same: its claim names this message."""
+        try:
+            return await self._send("runs", request, RunReply, attempts=START_ATTEMPTS)
+        except errors.RequestTimeoutError:
+            sheet = (await self.job(job_uid)).sheet
+            if sheet.start_message_id != request.message_id:
+                raise
+            return RunReply(
+                job_uid=job_uid, state=sheet.state.value, accepted=True, place=sheet.place
+            )
