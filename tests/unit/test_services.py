@@ -95,9 +95,7 @@ class Services:
             compute=self.compute_key.public,
         )
 
-    async def run(
-        self, run_par: PAR, publish: Publish, *, message_id: str = "5" * 32
-    ) -> JobEvent:
+    async def run(self, run_par: PAR, publish: Publish, *, message_id: str = "5" * 32) -> JobEvent:
         """Start the run through `run_par` and run it to its end; its final event."""
         start = self.run_command("start", run_par)
         assert isinstance(start, StartRun)
