@@ -24,7 +24,7 @@ from pydantic import BaseModel
 from orchestrator.broker.base import IncomingMeta
 from orchestrator.broker.identities import Identities, Role
 from orchestrator.broker.memory import MemoryBroker, MemoryServer
-from orchestrator.client.client import ParjobsClient
+from orchestrator.client.client import START_ATTEMPTS, ParjobsClient
 from orchestrator.client.jobsheet import JobSheet
 from orchestrator.core.chain import seal_event
 from orchestrator.core.jobstate import fold
@@ -56,6 +56,7 @@ from schemas.events import (
     JobRequest,
     JobState,
     OutputFile,
+    Queued,
     StorageContracted,
     Submitted,
 )
@@ -158,6 +159,12 @@ class Services:
     """Payloads the log takes instead of the samples (real PARs, the outputs made), by type."""
     read_par: PARData | None = None
     """What access answers a GetOutputs with."""
+    start_reply: RunReply | None = None
+    """What compute answers a start with (None: running)."""
+    lost_start_replies: int = 0
+    """Deliveries of starts whose answers are lost (the first ones): the client hears nothing."""
+    claim_lost_starts: bool = False
+    """Whether compute claims the run for a start whose answer is lost (logs `queued` for it)."""
 
     @property
     def kinds(self) -> Counter[str]:
@@ -206,8 +213,17 @@ class Services:
 
     async def on_compute(self, envelope: Envelope[Any], meta: IncomingMeta) -> None:
         self.requests.append((envelope, meta))
+        if isinstance(envelope.body, StartRun) and self.lost_start_replies:
+            self.lost_start_replies -= 1
+            if self.claim_lost_starts and self.logs[JOB][-1].payload.type != "queued":
+                claim = Queued(start_message_id=envelope.message_id, place=4)
+                self.payloads["queued"] = claim
+                await self.extend("queued")
+            return
         state = "running" if isinstance(envelope.body, StartRun | GetRunStatus) else "cancelled"
         body = RunReply(job_uid=envelope.body.job_uid, state=state, accepted=True)
+        if isinstance(envelope.body, StartRun) and self.start_reply is not None:
+            body = self.start_reply
         await self._answer(self.compute, "compute", meta, body)
 
     async def extend(self, *types: str) -> None:
@@ -672,3 +688,55 @@ async def test_cancel_stops_the_run_through_the_run_par(
     job = await client.run("checksum", INPUT, max_spend=Decimal(1), transport=par_transport)
     assert (await job.cancel()).state == "cancelled"
     assert minted.kinds["stop_run"] == 1
+
+
+# --- queued runs: accepted at once, never an error for an accepted start --------------------------
+
+
+async def test_run_returns_once_the_start_is_accepted_and_the_job_shows_its_place(
+    minted: Services, client: ParjobsClient, par_transport: PARTransport
+) -> None:
+    minted.start_reply = RunReply(job_uid=JOB, state="queued", accepted=True, place=3)
+    job = await client.run("checksum", INPUT, max_spend=Decimal(1), transport=par_transport)
+    assert (job.accepted.state, job.accepted.place) == ("queued", 3)
+    assert repr(job) == f"Job({JOB}, queued (place 3))"
+    await minted.extend("queued", "run_started", "completed")
+    with anyio.fail_after(5):
+        seen = [event.payload.type async for event in job.events()]
+    assert seen[3:] == ["queued", "run_started", "completed"]
+    assert (await job.result(timeout=5)).state is JobState.COMPLETED
+
+
+@pytest.fixture
+async def impatient(world: tuple[Services, MemoryBroker]) -> AsyncIterator[ParjobsClient]:
+    """Alice's client, waiting only 0.3 s for each reply."""
+    async with ParjobsClient(world[1], ALICE, service_keys=SERVICE_KEYS, timeout=0.3) as alice:
+        yield alice
+
+
+async def test_an_unanswered_start_is_sent_again_as_the_same_message(
+    minted: Services, impatient: ParjobsClient, par_transport: PARTransport
+) -> None:
+    minted.lost_start_replies = START_ATTEMPTS - 1
+    job = await impatient.run("checksum", INPUT, max_spend=Decimal(1), transport=par_transport)
+    assert job.accepted.state == "running"
+    starts = [envelope for envelope, _ in minted.requests if isinstance(envelope.body, StartRun)]
+    assert len(starts) == START_ATTEMPTS
+    assert len({envelope.message_id for envelope in starts}) == 1  # one start, sent again
+
+
+async def test_a_start_never_answered_but_claimed_is_accepted_not_an_error(
+    minted: Services, impatient: ParjobsClient, par_transport: PARTransport
+) -> None:
+    minted.lost_start_replies, minted.claim_lost_starts = START_ATTEMPTS, True
+    job = await impatient.run("checksum", INPUT, max_spend=Decimal(1), transport=par_transport)
+    assert (job.accepted.state, job.accepted.place) == ("queued", 4)
+    assert minted.kinds["start_run"] == START_ATTEMPTS
+
+
+async def test_a_start_never_answered_nor_claimed_is_a_timeout(
+    minted: Services, impatient: ParjobsClient, par_transport: PARTransport
+) -> None:
+    minted.lost_start_replies = START_ATTEMPTS
+    with pytest.raises(RequestTimeoutError, match="start_run"):
+        await impatient.run("checksum", INPUT, max_spend=Decimal(1), transport=par_transport)

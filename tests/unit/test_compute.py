@@ -379,7 +379,7 @@ async def test_starts_beyond_the_slots_are_answered_queued_with_their_place_then
     # One after the other, in the order they came, each claimed by its own start message.
     started = [e for e in starts.published if isinstance(e.payload, RunStarted)]
     assert [e.job_uid for e in started] == [first[0], later[0][0], later[1][0]]
-    assert [e.payload.start_message_id for e in started] == ids
+    assert [e.payload for e in started] == [RunStarted(start_message_id=i) for i in ids]
     for (job_uid, _), message_id, place in zip(later, ids[1:], (1, 2), strict=True):
         events = await services.log.read(job_uid)
         assert [e.payload.type for e in events][3:] == ["queued", "run_started", "completed"]
