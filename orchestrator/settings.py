@@ -173,7 +173,7 @@ class ServiceSettings(BaseSettings):
     memory_limit_bytes: int = Field(default=2**30, ge=2**24)
     max_runs: int = Field(default=2, ge=1)
     """Calculations one compute daemon runs at once (its run queue's slots)."""
-    max_queued_runs: int = Field(default=1000, ge=1)
+    max_queued_runs: int = Field(default=1000, ge=1, le=2000)  # RabbitMQ caps a prefetch at 2000
     """Starts one compute daemon takes at once (its prefetch on the run queue): each is answered
     as accepted and waits, unacked, for one of the `max_runs` slots."""
     sandbox: Literal["bwrap", "none"] = "bwrap"
