@@ -76,8 +76,15 @@ ENDED = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED, JobS
 _RUN_QUEUES: dict[RunAction, str] = {"start": "runs", "stop": "compute", "status": "compute"}
 _ROLES: dict[str, ServiceRole] = {"access": "access", "compute": "compute", "runs": "compute"}
 """Each RPC queue -> the service role whose signature its replies must carry."""
-START_ATTEMPTS = 3
-"""Sends of one start (the same message each time) before its answer is looked for in the log."""
+SENDS = 3
+"""How many times a request in `RESENT` is sent (the same message each time) before the client
+gives up waiting for its answer."""
+RESENT = frozenset(
+    {"submit_job", "get_job", "get_outputs", "get_par_state", "start_run", "get_run_status"}
+)
+"""Requests a service takes the same however often they come: reads, and those it recognises by
+message id (a submission's job derives from it; a start's claim holds it). A stop or a close is
+sent once: sent again after it took effect, it would be refused."""
 
 
 def raise_error_reply(reply: ErrorReply) -> None:
@@ -180,25 +187,18 @@ class ParjobsClient:
         )
         return request.model_copy(update={"signature": signature})
 
-    async def _send(
-        self, service: str, request: Envelope[Any], expected: type[R], *, attempts: int = 1
-    ) -> R:
-        """`request`'s reply from `service`; unanswered within the timeout, the very same
-        request (same message id) is sent again, up to `attempts` sends in all."""
+    async def _send(self, service: str, request: Envelope[Any], expected: type[R]) -> R:
+        """`request`'s reply from `service`: sent again as the same message while unanswered,
+        if it is one a service takes the same however often it comes (`RESENT`)."""
         await self.start()
-        for attempt in range(1, attempts + 1):
-            try:
-                reply = await self._inbox.call(
-                    service,
-                    _ROLES[service],
-                    request,
-                    _replies(service).envelope,
-                    timeout=self._timeout,
-                )
-                break
-            except errors.RequestTimeoutError:
-                if attempt == attempts:
-                    raise
+        reply = await self._inbox.call(
+            service,
+            _ROLES[service],
+            request,
+            _replies(service).envelope,
+            timeout=self._timeout,
+            sends=SENDS if request.body.type in RESENT else 1,
+        )
         if isinstance(reply.body, ErrorReply):
             raise_error_reply(reply.body)
         if not isinstance(reply.body, expected):
@@ -262,16 +262,23 @@ class ParjobsClient:
         tracker.caught_up_on = connection
 
     async def _follow(
-        self, job_uid: str
+        self, job_uid: str, *, created_on: int | None = None
     ) -> AsyncGenerator[list[tuple[JobEvent, JobSheetState]], None]:
         """The job's events, each with its state after it, in seq order, in batches as they come
         (a catch-up brings many at once), until the one that ends it. Subscribed first, it catches
         up with one GetJob, unless the client has followed the job since it last caught up on
-        this connection, or the job has ended (its log is whole)."""
+        this connection, or the job has ended (its log is whole), or the job was submitted on
+        this connection (`created_on`: its count of reconnections before the submission)."""
         await self.start()
         with self._inbox.following(job_uid) as tracker:
-            if not tracker.ended and tracker.caught_up_on != self._broker.reconnections:
-                await self._catch_up(tracker)
+            connection = self._broker.reconnections
+            if not tracker.ended and tracker.caught_up_on != connection:
+                if created_on == connection and self._inbox.kept_every_event(job_uid):
+                    # Created while this connection's events queue was consuming: every event
+                    # of the job came (or comes) there, and is here.
+                    tracker.caught_up_on = connection
+                else:
+                    await self._catch_up(tracker)
             shown, filled_at = 0, -1
             while True:
                 if shown < len(tracker.sheets):
@@ -309,12 +316,13 @@ class ParjobsClient:
         states: frozenset[JobState],
         *,
         timeout: float = 120,  # noqa: ASYNC109 - a deadline for the whole wait
+        created_on: int | None = None,
     ) -> JobSheetState:
         """The job's state when it first reached one of `states`, or its end if it has ended
         (an end wins over a state the job already left); TimeoutError if neither comes within
-        `timeout` seconds. Follows the job's events: no polling."""
+        `timeout` seconds. Follows the job's events: no polling (`_follow`)."""
         with anyio.fail_after(timeout):
-            async with aclosing(self._follow(job_uid)) as batches:
+            async with aclosing(self._follow(job_uid, created_on=created_on)) as batches:
                 async for batch in batches:
                     if is_terminal(batch[-1][1].state):
                         return batch[-1][1]
@@ -334,16 +342,20 @@ class ParjobsClient:
 
         Submits the signed and paid job, then waits until storage and compute have contracted.
         """
+        await self.start()  # its events queue consumes from before the job exists
+        connection = self._broker.reconnections
         submitted = await self.submit_paid(
             request, account=account, max_spend=max_spend, lifetime_s=lifetime_s
         )
-        sheet, upload, run = await self.wait_ready(submitted.job_uid)
+        sheet, upload, run = await self.wait_ready(submitted.job_uid, created_on=connection)
         return sheet.job_uid, upload, run, sheet.expires_at
 
-    async def wait_ready(self, job_uid: str) -> tuple[JobSheetState, PAR, PAR]:
+    async def wait_ready(
+        self, job_uid: str, *, created_on: int | None = None
+    ) -> tuple[JobSheetState, PAR, PAR]:
         """The job's state once it is contracted, with its upload and run PARs; JobError if it
-        ended before."""
-        sheet = await self.wait_until(job_uid, frozenset({JobState.READY}))
+        ended before. `created_on`: see `_follow`."""
+        sheet = await self.wait_until(job_uid, frozenset({JobState.READY}), created_on=created_on)
         if sheet.state is not JobState.READY or sheet.upload_par is None or sheet.run_par is None:
             raise errors.JobError(
                 f"job {job_uid} ended {sheet.state.value} before it was ready: {sheet.reason or ''}"
@@ -455,7 +467,7 @@ class ParjobsClient:
         the job as it is). Still unanswered, the job's log says whether it was accepted all the
         same: its claim names this message."""
         try:
-            return await self._send("runs", request, RunReply, attempts=START_ATTEMPTS)
+            return await self._send("runs", request, RunReply)
         except errors.RequestTimeoutError:
             sheet = (await self.job(job_uid)).sheet
             if sheet.start_message_id != request.message_id:

@@ -24,7 +24,7 @@ from pydantic import BaseModel
 from orchestrator.broker.base import IncomingMeta
 from orchestrator.broker.identities import Identities, Role
 from orchestrator.broker.memory import MemoryBroker, MemoryServer
-from orchestrator.client.client import START_ATTEMPTS, ParjobsClient
+from orchestrator.client.client import SENDS, ParjobsClient
 from orchestrator.client.jobsheet import JobSheet
 from orchestrator.core.chain import seal_event
 from orchestrator.core.jobstate import fold
@@ -468,7 +468,8 @@ async def test_a_job_followed_since_it_was_ready_needs_no_access_to_be_waited_on
     await control.start()
     await services.extend("run_started", "progress", "completed")
     assert (await control.wait(timeout=5)).state == "completed"
-    assert services.kinds == Counter({"submit_job": 1, "get_job": 1, "start_run": 1})
+    # Submitted on this connection, its every event came on the events queue: no catch-up.
+    assert services.kinds == Counter({"submit_job": 1, "start_run": 1})
 
 
 async def test_after_a_reconnection_a_live_job_is_caught_up_again_an_ended_one_never(
@@ -479,7 +480,7 @@ async def test_after_a_reconnection_a_live_job_is_caught_up_again_an_ended_one_n
     await client.request_services(CHECKSUM, account="alice", max_spend=Decimal(1))
     alice.simulate_connection_loss()  # what was published meanwhile may be lost: ask again
     await client.wait_until(JOB, READY, timeout=5)
-    assert services.kinds["get_job"] == 2
+    assert services.kinds["get_job"] == 1
     await services.extend("expired")
     assert (await client.wait_until(JOB, frozenset(), timeout=5)).state is JobState.EXPIRED
     alice.simulate_connection_loss()
@@ -492,7 +493,7 @@ async def test_after_a_reconnection_a_live_job_is_caught_up_again_an_ended_one_n
         JobState.EXPIRED,
     ]
     assert (await client.wait_until(JOB, READY, timeout=5)).state is JobState.EXPIRED
-    assert services.kinds["get_job"] == 2
+    assert services.kinds["get_job"] == 1
 
 
 async def test_a_wait_with_no_events_times_out(services: Services, client: ParjobsClient) -> None:
@@ -513,6 +514,16 @@ async def test_request_services_returns_the_pars_once_contracted(
     assert run.uid == services.run.uid
     assert upload.kind is PARKind.OBJECT
     assert expires == SUBMITTED.expires_at
+    assert services.kinds == Counter({"submit_job": 1})  # its events came on the events queue
+
+
+async def test_a_job_submitted_whose_early_events_were_not_all_kept_is_caught_up(
+    services: Services, client: ParjobsClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("orchestrator.client.inbox.EARLY_EVENTS", 1)
+    services.on_submit = ["submitted", "storage_contracted", "compute_contracted"]
+    job_uid, *_ = await client.request_services(CHECKSUM, account="alice", max_spend=Decimal(1))
+    assert job_uid == JOB
     assert services.kinds == Counter({"submit_job": 1, "get_job": 1})
 
 
@@ -589,7 +600,7 @@ async def test_run_uploads_the_input_through_the_upload_par_and_starts_the_run(
     )
     assert job.uid == JOB
     assert await memory_store.get(f"jobs/{JOB}/input") == INPUT
-    assert minted.kinds == Counter({"submit_job": 1, "get_job": 1, "start_run": 1})
+    assert minted.kinds == Counter({"submit_job": 1, "start_run": 1})
     submitted = minted.requests[0][0].body
     assert isinstance(submitted, SubmitJob)
     assert submitted.request.input_sha256 == hashlib.sha256(INPUT).hexdigest()
@@ -638,7 +649,7 @@ async def test_a_job_yields_its_events_as_they_come_then_its_result_then_its_out
     assert sorted(path.relative_to(tmp_path / "out").as_posix() for path in written) == sorted(MADE)
     for key, data in MADE.items():
         assert (tmp_path / "out" / key).read_bytes() == data
-    assert minted.kinds["get_job"] == 2  # the catch-up at the start, and fetch's read of the log
+    assert minted.kinds["get_job"] == 1  # fetch's read of the log (no catch-up: see above)
 
 
 async def test_fetch_refuses_an_output_that_is_not_what_the_job_recorded(
@@ -714,29 +725,30 @@ async def impatient(world: tuple[Services, MemoryBroker]) -> AsyncIterator[Parjo
         yield alice
 
 
-async def test_an_unanswered_start_is_sent_again_as_the_same_message(
+async def test_an_unanswered_start_is_sent_again_as_the_same_message_and_any_answer_counts(
     minted: Services, impatient: ParjobsClient, par_transport: PARTransport
 ) -> None:
-    minted.lost_start_replies = START_ATTEMPTS - 1
+    minted.lost_start_replies = SENDS - 1
     job = await impatient.run("checksum", INPUT, max_spend=Decimal(1), transport=par_transport)
     assert job.accepted.state == "running"
-    starts = [envelope for envelope, _ in minted.requests if isinstance(envelope.body, StartRun)]
-    assert len(starts) == START_ATTEMPTS
-    assert len({envelope.message_id for envelope in starts}) == 1  # one start, sent again
+    starts = [(e, meta) for e, meta in minted.requests if isinstance(e.body, StartRun)]
+    assert len(starts) == SENDS
+    assert len({envelope.message_id for envelope, _ in starts}) == 1  # one start, sent again
+    assert len({meta.correlation_id for _, meta in starts}) == 1  # any answer is its answer
 
 
 async def test_a_start_never_answered_but_claimed_is_accepted_not_an_error(
     minted: Services, impatient: ParjobsClient, par_transport: PARTransport
 ) -> None:
-    minted.lost_start_replies, minted.claim_lost_starts = START_ATTEMPTS, True
+    minted.lost_start_replies, minted.claim_lost_starts = SENDS, True
     job = await impatient.run("checksum", INPUT, max_spend=Decimal(1), transport=par_transport)
     assert (job.accepted.state, job.accepted.place) == ("queued", 4)
-    assert minted.kinds["start_run"] == START_ATTEMPTS
+    assert minted.kinds["start_run"] == SENDS
 
 
 async def test_a_start_never_answered_nor_claimed_is_a_timeout(
     minted: Services, impatient: ParjobsClient, par_transport: PARTransport
 ) -> None:
-    minted.lost_start_replies = START_ATTEMPTS
+    minted.lost_start_replies = SENDS
     with pytest.raises(RequestTimeoutError, match="start_run"):
         await impatient.run("checksum", INPUT, max_spend=Decimal(1), transport=par_transport)
