@@ -210,9 +210,8 @@ class ComputeWorker:
     ) -> tuple[RunReply, JobEvent]:
         """Cancel the job: before its start, while it waits in a run queue or while it runs (the
         `cancelled` event, published, reaches the compute daemon holding it, which drops it from
-        its queue or kills the run). A `redelivered` stop whose
-        `cancelled` is logged already returns that event, to publish again; any other stop of an
-        ended job is refused."""
+        its queue or kills the run). A `redelivered` stop whose `cancelled` is logged already
+        returns that event, to publish again; any other stop of an ended job is refused."""
         sheet, _ = await self.authorise(command, requester=requester)
         job_uid = sheet.job_uid
         step = step_event_id(job_uid, "cancelled")

@@ -53,14 +53,16 @@ async def test_two_hundred_jobs_at_once_all_complete_with_no_client_error(
         ):
             accepted: Counter[str] = Counter()
             took: dict[str, float] = {}  # job uid -> seconds from submit to its completion seen
+            answered: list[float] = []  # seconds from submit to the start's answer
             errors: list[str] = []
 
             async def one(n: int) -> None:
                 began = time.monotonic()
                 try:
                     job = await client.run("checksum", b"%d\n" % n, max_spend=Decimal(1))
+                    answered.append(time.monotonic() - began)
                     accepted[job.accepted.state] += 1
-                    sheet = await job.result(timeout=150)
+                    sheet = await job.result(timeout=220)
                 except Exception as exc:  # every error a client would be shown counts
                     errors.append(f"job {n}: {exc!r}")
                     return
@@ -68,7 +70,7 @@ async def test_two_hundred_jobs_at_once_all_complete_with_no_client_error(
                 took[job.uid] = time.monotonic() - began
 
             started = time.monotonic()
-            with anyio.fail_after(170):
+            with anyio.fail_after(240):
                 async with anyio.create_task_group() as group:
                     for n in range(JOBS):
                         group.start_soon(one, n)
@@ -86,7 +88,8 @@ async def test_two_hundred_jobs_at_once_all_complete_with_no_client_error(
     print(
         f"\n{JOBS} jobs at once in {elapsed:.1f}s: {len(took)} completed, {len(errors)} client "
         f"errors; starts answered {dict(accepted)}, {kinds['queued']} logged queued; "
-        f"submit -> completed p50 {percentile(seconds, 0.5):.2f}s, "
-        f"p99 {percentile(seconds, 0.99):.2f}s"
+        f"submit -> start accepted p50 {percentile(answered, 0.5):.2f}s, "
+        f"p99 {percentile(answered, 0.99):.2f}s; submit -> completed p50 "
+        f"{percentile(seconds, 0.5):.2f}s, p99 {percentile(seconds, 0.99):.2f}s"
     )
     assert kinds["queued"] == accepted["queued"]
