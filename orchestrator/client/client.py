@@ -18,6 +18,7 @@ come yet, or lost) is filled by one more GetJob, asked for because an event show
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from collections.abc import AsyncGenerator, Mapping
 from contextlib import aclosing
 from datetime import datetime, timedelta
@@ -79,6 +80,8 @@ _ROLES: dict[str, ServiceRole] = {"access": "access", "compute": "compute", "run
 SENDS = 3
 """How many times a request in `RESENT` is sent (the same message each time) before the client
 gives up waiting for its answer."""
+SUBMITTED_KEPT = 4096
+"""Jobs submitted and not followed yet that `_submitted` remembers (the most recent)."""
 RESENT = frozenset(
     {"submit_job", "get_job", "get_outputs", "get_par_state", "start_run", "get_run_status"}
 )
@@ -145,6 +148,9 @@ class ParjobsClient:
         self._starting = anyio.Lock()
         self._sender = sender
         self._timeout = timeout
+        self._submitted: OrderedDict[str, int] = OrderedDict()
+        """Jobs this client submitted and has not followed yet, with the connection (its count
+        of reconnections) their events queue had before: none of their events was missed."""
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -219,7 +225,14 @@ class ParjobsClient:
         command = SubmitJob(
             request=request, authorisation=authorisation, cheque=cheque, lifetime_s=lifetime_s
         )
-        return (await self._call("access", command, JobReply)).sheet
+        await self.start()  # the events queue consumes from before the job exists
+        connection = self._broker.reconnections
+        sheet = (await self._call("access", command, JobReply)).sheet
+        if sheet.seq == 1:  # created by this submission (or a resend of it), not found older
+            self._submitted[sheet.job_uid] = connection
+            while len(self._submitted) > SUBMITTED_KEPT:
+                self._submitted.popitem(last=False)
+        return sheet
 
     async def submit_paid(
         self,
@@ -262,16 +275,17 @@ class ParjobsClient:
         tracker.caught_up_on = connection
 
     async def _follow(
-        self, job_uid: str, *, created_on: int | None = None
+        self, job_uid: str
     ) -> AsyncGenerator[list[tuple[JobEvent, JobSheetState]], None]:
         """The job's events, each with its state after it, in seq order, in batches as they come
         (a catch-up brings many at once), until the one that ends it. Subscribed first, it catches
         up with one GetJob, unless the client has followed the job since it last caught up on
-        this connection, or the job has ended (its log is whole), or the job was submitted on
-        this connection (`created_on`: its count of reconnections before the submission)."""
+        this connection, or the job has ended (its log is whole), or this client submitted it on
+        this connection (its every event came on the events queue)."""
         await self.start()
         with self._inbox.following(job_uid) as tracker:
             connection = self._broker.reconnections
+            created_on = self._submitted.pop(job_uid, None)
             if not tracker.ended and tracker.caught_up_on != connection:
                 if created_on == connection and self._inbox.kept_every_event(job_uid):
                     # Created while this connection's events queue was consuming: every event
@@ -316,13 +330,12 @@ class ParjobsClient:
         states: frozenset[JobState],
         *,
         timeout: float = 120,  # noqa: ASYNC109 - a deadline for the whole wait
-        created_on: int | None = None,
     ) -> JobSheetState:
         """The job's state when it first reached one of `states`, or its end if it has ended
         (an end wins over a state the job already left); TimeoutError if neither comes within
         `timeout` seconds. Follows the job's events: no polling (`_follow`)."""
         with anyio.fail_after(timeout):
-            async with aclosing(self._follow(job_uid, created_on=created_on)) as batches:
+            async with aclosing(self._follow(job_uid)) as batches:
                 async for batch in batches:
                     if is_terminal(batch[-1][1].state):
                         return batch[-1][1]
@@ -342,20 +355,16 @@ class ParjobsClient:
 
         Submits the signed and paid job, then waits until storage and compute have contracted.
         """
-        await self.start()  # its events queue consumes from before the job exists
-        connection = self._broker.reconnections
         submitted = await self.submit_paid(
             request, account=account, max_spend=max_spend, lifetime_s=lifetime_s
         )
-        sheet, upload, run = await self.wait_ready(submitted.job_uid, created_on=connection)
+        sheet, upload, run = await self.wait_ready(submitted.job_uid)
         return sheet.job_uid, upload, run, sheet.expires_at
 
-    async def wait_ready(
-        self, job_uid: str, *, created_on: int | None = None
-    ) -> tuple[JobSheetState, PAR, PAR]:
+    async def wait_ready(self, job_uid: str) -> tuple[JobSheetState, PAR, PAR]:
         """The job's state once it is contracted, with its upload and run PARs; JobError if it
-        ended before. `created_on`: see `_follow`."""
-        sheet = await self.wait_until(job_uid, frozenset({JobState.READY}), created_on=created_on)
+        ended before."""
+        sheet = await self.wait_until(job_uid, frozenset({JobState.READY}))
         if sheet.state is not JobState.READY or sheet.upload_par is None or sheet.run_par is None:
             raise errors.JobError(
                 f"job {job_uid} ended {sheet.state.value} before it was ready: {sheet.reason or ''}"

@@ -1,6 +1,7 @@
 """`Job`: one running job, as `ParjobsClient.run` hands it back.
 
     job = await client.run("csv-summary", "data.csv", {"column": "rain_mm"}, max_spend=Decimal(2))
+    job.accepted                              # the start's answer: queued (place 3), or running
     async for event in job.events(): ...      # optional: each verified event as it comes
     sheet = await job.result()                # the completed job, or JobFailedError & co.
     paths = await job.fetch("out/")           # its outputs, each checked against its SHA-256
