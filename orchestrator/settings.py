@@ -154,7 +154,7 @@ class ServiceSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PARJOBS_", extra="ignore", frozen=True)
 
     data_root: str = ""
-    """Key prefix for everything parjobs keeps in the bucket (jobs, registry, runs)."""
+    """Key prefix for everything parjobs keeps in the bucket (jobs, registry, users, ledger)."""
     key_file: Path | None = None
     """This daemon's own role key file (`parjobs keys new`): it signs the role's replies and
     seals the events it appends; compute's also opens what is sealed for compute (bucket-write
