@@ -359,7 +359,7 @@ async def test_starts_beyond_the_slots_are_answered_queued_with_their_place_then
 ) -> None:
     services.compute.queue = RunQueue(1)
     starts = Starts(services)
-    first = await _uploaded(services, "sleep", {"seconds": 1})
+    first = await _uploaded(services, "sleep", {"seconds": 60})  # runs until it is stopped
     later = [await _uploaded(services) for _ in range(2)]
     ids = [uuid.uuid4().hex for _ in range(3)]
     async with anyio.create_task_group() as group:
@@ -367,12 +367,17 @@ async def test_starts_beyond_the_slots_are_answered_queued_with_their_place_then
         for (_, run_par), message_id in zip([first, *later], ids, strict=True):
             group.start_soon(starts.handle, run_par, message_id)
             answers.append(await starts.answer())
-        # Each answered as it came, before any slot freed: the first runs, the rest wait.
+        # Each answered as it came: the first runs, the rest wait.
         assert answers == [("running", None), ("queued", 1), ("queued", 2)]
         status = services.run_command("status", later[1][1])
         assert isinstance(status, GetRunStatus)
         reply = await services.compute.status(status, requester=services.user.fingerprint)
         assert (reply.state, reply.place) == ("queued", 2)
+        # The first run ends (stopped): the slot goes to the next in line, and so on.
+        _, cancelled = await services.compute.stop(
+            _stop(services, first[1]), requester=services.user.fingerprint
+        )
+        assert services.compute.on_cancelled(cancelled)
     # One after the other, in the order they came, each claimed by its own start message.
     started = [e for e in starts.published if isinstance(e.payload, RunStarted)]
     assert [e.job_uid for e in started] == [first[0], later[0][0], later[1][0]]
@@ -381,7 +386,12 @@ async def test_starts_beyond_the_slots_are_answered_queued_with_their_place_then
         events = await services.log.read(job_uid)
         assert [e.payload.type for e in events][3:] == ["queued", "run_started", "completed"]
         assert events[3].payload == Queued(start_message_id=message_id, place=place)
-    assert all(isinstance(end.payload, Completed) for end in starts.ends.values() if end)
+    ends = [starts.ends[message_id] for message_id in ids]
+    assert [type(end.payload) if end else None for end in ends] == [
+        Cancelled,
+        Completed,
+        Completed,
+    ]
     assert len(starts.ends) == 3
     assert (services.compute.queue.running, services.compute.queue.waiting) == (0, 0)
 
