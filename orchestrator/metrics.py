@@ -57,15 +57,20 @@ MESSAGE_LAG_SECONDS = Histogram(
 )
 HANDLERS_IN_FLIGHT = Gauge(
     "parjobs_handlers_in_flight",
-    "Deliveries being handled now; on compute's run queue, the run slots in use",
+    "Deliveries being handled now; on compute's run queue, the starts held (running or queued)",
     ["queue"],
 )
 HANDLER_SLOTS = Gauge(
     "parjobs_handler_slots",
-    "Deliveries a queue's consumer takes at once (its prefetch); on compute's run queue, its "
-    "run slots (PARJOBS_MAX_RUNS)",
+    "Deliveries a queue's consumer takes at once (its prefetch; on compute's run queue, "
+    "PARJOBS_MAX_QUEUED_RUNS)",
     ["queue"],
 )
+RUN_SLOTS = Gauge(
+    "parjobs_run_slots", "Calculations this compute daemon runs at once (PARJOBS_MAX_RUNS)"
+)
+RUN_SLOTS_IN_USE = Gauge("parjobs_run_slots_in_use", "Run slots taken by a running calculation now")
+RUNS_QUEUED = Gauge("parjobs_runs_queued", "Accepted starts waiting here for a run slot")
 JOB_TRANSITIONS = Counter(
     "parjobs_job_transitions",
     "Job events this daemon appended and published, by event type",

@@ -154,7 +154,7 @@ class ServiceSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PARJOBS_", extra="ignore", frozen=True)
 
     data_root: str = ""
-    """Key prefix for everything parjobs keeps in the bucket (jobs, registry, runs)."""
+    """Key prefix for everything parjobs keeps in the bucket (jobs, registry, users, ledger)."""
     key_file: Path | None = None
     """This daemon's own role key file (`parjobs keys new`): it signs the role's replies and
     seals the events it appends; compute's also opens what is sealed for compute (bucket-write
@@ -176,7 +176,10 @@ class ServiceSettings(BaseSettings):
     """How often at most compute overwrites a running job's progress snapshot (one object per
     job); the progress itself reaches the job's owner live, over the broker."""
     max_runs: int = Field(default=2, ge=1)
-    """Calculations one compute daemon runs at once (its run queue's prefetch)."""
+    """Calculations one compute daemon runs at once (its run queue's slots)."""
+    max_queued_runs: int = Field(default=1000, ge=1, le=2000)  # RabbitMQ caps a prefetch at 2000
+    """Starts one compute daemon takes at once (its prefetch on the run queue): each is answered
+    as accepted and waits, unacked, for one of the `max_runs` slots."""
     sandbox: Literal["bwrap", "none"] = "bwrap"
     """How compute runs calculations: `bwrap`, each in a bubblewrap sandbox (compute refuses to
     start if it cannot make one); `none`, unsandboxed with compute's own user and view of the

@@ -31,6 +31,7 @@ class JobState(StrEnum):
     SUBMITTED = "submitted"  # accepted and paid for; no service contracted yet
     STORAGE_CONTRACTED = "storage_contracted"  # upload and bucket-write PARs minted
     READY = "ready"  # run PAR minted too: waiting for the user's input and start
+    QUEUED = "queued"  # started, waiting for a free run slot (its start message holds the claim)
     RUNNING = "running"
     COMPLETED = "completed"
     FAILED = "failed"
@@ -148,8 +149,25 @@ class ComputeContracted(WireModel):
         return self
 
 
+class Queued(WireModel):
+    """A start accepted while every run slot was taken: the job waits its turn.
+
+    It is the run PAR's claim: only the start message `start_message_id` (or a redelivery of it)
+    may run the job; `place` is the job's place in the compute daemon's queue when it joined (1:
+    next to run)."""
+
+    type: Literal["queued"] = "queued"
+    start_message_id: Uid
+    place: int = Field(ge=1)
+
+
 class RunStarted(WireModel):
+    """The run begins. Unless a `queued` event holds it already, it is the run PAR's claim:
+    `start_message_id` is the start message's id (None only in logs from before claims were
+    logged)."""
+
     type: Literal["run_started"] = "run_started"
+    start_message_id: Uid | None = None
 
 
 class Progress(WireModel):
@@ -197,6 +215,7 @@ EventPayload = Annotated[
     Submitted
     | StorageContracted
     | ComputeContracted
+    | Queued
     | RunStarted
     | Progress
     | Completed
@@ -253,6 +272,8 @@ class JobSheetState(WireModel):
     upload_par: PARData | None = None
     output_par: PARData | None = None
     run_par: PARData | None = None
+    start_message_id: Uid | None = None  # the start message that claimed the run PAR
+    place: int | None = None  # while queued: its place in the run queue when it joined
     progress: str | None = None  # the last progress message
     fraction: float | None = None  # the last progress fraction reported
     outputs: tuple[OutputFile, ...] = ()

@@ -191,6 +191,7 @@ class RunReply(WireModel):
     state: str
     accepted: bool
     detail: str = ""
+    place: int | None = Field(default=None, ge=1)  # while queued: its place in the run queue
 
 
 ERROR_CODE_PATTERN = r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$"

@@ -5,14 +5,16 @@ sealed for the user) and appends `compute_contracted`, which carries the PAR's r
 command (start, stop, status) holds the run capability sealed for compute and bound to its job
 and requester (`orchestrator.core.run_commands`): it is opened, checked against the issuer's
 record (the capability's proof, not expired, not closed) and against the job's user. A start is
-claimed once with a conditional create, so a run PAR starts at most one run. The run happens in a
-sandboxed subprocess (`workers.calculations`; `check_sandbox` at start makes sure one can be
+answered as soon as it is claimed: the claim is the job's next event (`queued` if every run slot
+is taken, else `run_started`), a conditional create holding the start message's id, so a run PAR
+starts at most one run; queued starts wait their turn in the worker's `RunQueue`. The run happens
+in a sandboxed subprocess (`workers.calculations`; `check_sandbox` at start makes sure one can be
 made); its latest output line goes live to the job's owner as a signed `ProgressReport` (never an
 event of the log) and is kept as the job's progress snapshot, overwritten at most every
 `progress_snapshot_s`; its files are written through the job's bucket-write PAR, and the job ends
 completed (with a read PAR over its outputs, sealed for the user), failed or cancelled. A stop
-appends `cancelled`; the event reaches every compute daemon (`on_cancelled`), and the one running
-the job kills the run.
+appends `cancelled`; the event reaches every compute daemon (`on_cancelled`), and the one holding
+the job drops it from its queue or kills the run.
 """
 
 from __future__ import annotations
@@ -23,13 +25,14 @@ import re
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
 import httpx
 
-from orchestrator.core.jobstate import fold
+from orchestrator.core.jobstate import fold, is_terminal
 from orchestrator.core.keys import KeyPair, PublicKeys
 from orchestrator.core.layout import JobKeys
 from orchestrator.core.par_rules import capability_proof
@@ -38,7 +41,6 @@ from orchestrator.errors import (
     CalculationError,
     IllegalTransitionError,
     JobNotFoundError,
-    ObjectExistsError,
     PARExpiredError,
     ParjobsError,
     PARPermissionError,
@@ -63,6 +65,7 @@ from schemas.events import (
     JobState,
     OutputFile,
     Progress,
+    Queued,
     RunStarted,
     StorageContracted,
     Submitted,
@@ -86,6 +89,7 @@ from workers.calculations import (
     check_sandbox,
     run_calculation,
 )
+from workers.runqueue import RunQueue
 from workers.steps import due_step
 
 _RUN_URL = re.compile(r"^parjobs-run://[^/]+/(?P<uid>[0-9a-f]{32})\?token=[A-Za-z0-9_-]+$")
@@ -93,9 +97,27 @@ PROGRESS_INTERVAL = 0.5  # seconds: output lines are coalesced into one report a
 STOPPED = "stopped through the run PAR"
 log = logging.getLogger("parjobs.compute")
 
+_STOPPABLE = {
+    JobState.READY: "stopped before it started",
+    JobState.QUEUED: "stopped while it waited for a run slot",
+    JobState.RUNNING: STOPPED,
+}
+"""The states a stop cancels a job in, and the reason it gives."""
+
 Publish = Callable[[JobEvent], Awaitable[None]]
+Answer = Callable[[RunReply], Awaitable[None]]
 ReportProgress = Callable[[str, ProgressReport], Awaitable[None]]
 """Publish a progress report, signed by compute, to the job's owner (their registered name)."""
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A start's claim on the run PAR: the job after it, and the claiming event (`queued` or
+    `run_started`) if this start appended it now (None: this same start message claimed it
+    before, so this is a redelivery or a resend of it)."""
+
+    sheet: JobSheetState
+    event: JobEvent | None
 
 
 class ComputeWorker:
@@ -115,6 +137,7 @@ class ComputeWorker:
         http: httpx.AsyncClient | None = None,
         sandbox: SandboxMode = "bwrap",
         progress_snapshot_s: float = 30.0,
+        max_runs: int = 2,
     ) -> None:
         self._store = store
         self._log = log
@@ -131,6 +154,7 @@ class ComputeWorker:
         self._snapshots = ProgressSnapshots(store, keys)
         self._progress_snapshot_s = progress_snapshot_s
         self._running: dict[str, list[RunHandle]] = {}  # job uid -> its runs here
+        self.queue = RunQueue(max_runs)  # the starts waiting for one of this worker's run slots
 
     async def check_sandbox(self) -> None:
         """At start: ConfigurationError (naming the fix) if this worker's calculations cannot be
@@ -198,25 +222,37 @@ class ComputeWorker:
     async def status(self, command: GetRunStatus, *, requester: str) -> RunReply:
         sheet, _ = await self.authorise(command, requester=requester)
         detail = sheet.progress or ""  # a log from before progress left it
-        if sheet.state is not JobState.READY:
+        if sheet.state not in (JobState.READY, JobState.QUEUED):
             snapshot = await self._snapshots.load(sheet.job_uid)
             detail = detail if snapshot is None else snapshot.payload.message
+        return self.run_reply(sheet, detail=detail)
+
+    def run_reply(self, sheet: JobSheetState, *, detail: str = "") -> RunReply:
+        """The job's run as a reply; while queued, its place now (in this worker's queue, else as
+        logged when it joined one)."""
+        place = None
+        if sheet.state is JobState.QUEUED:
+            place = self.queue.place(sheet.job_uid) or sheet.place
         return RunReply(
-            job_uid=sheet.job_uid, state=sheet.state.value, accepted=True, detail=detail
+            job_uid=sheet.job_uid,
+            state=sheet.state.value,
+            accepted=True,
+            detail=detail,
+            place=place,
         )
 
     async def stop(
         self, command: StopRun, *, requester: str, redelivered: bool = False
     ) -> tuple[RunReply, JobEvent]:
-        """Cancel the job: before its start, or while it runs (the `cancelled` event, published,
-        reaches the compute daemon running it, which kills the run). A `redelivered` stop whose
-        `cancelled` is logged already returns that event, to publish again; any other stop of an
-        ended job is refused."""
+        """Cancel the job: before its start, while it waits in a run queue or while it runs (the
+        `cancelled` event, published, reaches the compute daemon holding it, which drops it from
+        its queue or kills the run). A `redelivered` stop whose `cancelled` is logged already
+        returns that event, to publish again; any other stop of an ended job is refused."""
         sheet, _ = await self.authorise(command, requester=requester)
         job_uid = sheet.job_uid
         step = step_event_id(job_uid, "cancelled")
-        if sheet.state in (JobState.READY, JobState.RUNNING):
-            reason = STOPPED if sheet.state is JobState.RUNNING else "stopped before it started"
+        if sheet.state in _STOPPABLE:
+            reason = _STOPPABLE[sheet.state]
             try:
                 event = await self._append(job_uid, Cancelled(reason=reason), step)
             except IllegalTransitionError:
@@ -228,34 +264,85 @@ class ComputeWorker:
         return RunReply(job_uid=job_uid, state="cancelled", accepted=True), event
 
     async def claim(
-        self, command: StartRun, *, requester: str, message_id: str
-    ) -> tuple[JobSheetState, str, JobEvent]:
-        """Check a start and claim the run PAR for it; returns (sheet, run PAR uid, run_started).
-
-        A run PAR starts one run: the claim is a conditional create holding the start message's
-        id, so only a redelivery of that same message (after a crash) may resume it.
+        self, command: StartRun, *, requester: str, message_id: str, place: int | None = None
+    ) -> Claim:
+        """Check a start and claim the run PAR for it: the job's next event, `queued` at `place`
+        (every run slot taken) or, with `place` None, `run_started`, each holding the start
+        message's id. The log's conditional append is the claim: a start of another message finds
+        it and is refused; this same message, delivered again, finds its own and resumes (a
+        `Claim` with no event). A start that claimed a job which has ended since is answered with
+        the end (no error: the start was accepted); any other start of an ended job is refused.
         """
         sheet, par_uid = await self.authorise(command, requester=requester, fresh=False)
         job_uid = sheet.job_uid
-        claimed_by: str | None = None  # whose claim it is, once known
         if sheet.state is JobState.READY:
             if await self._store.head(self._keys.input(job_uid)) is None:
                 raise RunRefusedError(f"job {job_uid} has no input yet: upload it first")
-            with contextlib.suppress(ObjectExistsError):  # someone's claim: read below
-                await self._store.put_if_absent(self._keys.run_claim(par_uid), message_id.encode())
-                claimed_by = message_id
-        elif sheet.state is not JobState.RUNNING:
-            raise RunRefusedError(f"job {job_uid} is {sheet.state.value}: it cannot start")
-        if claimed_by is None:
-            claimed_by = (await self._store.get(self._keys.run_claim(par_uid))).decode()
-        if claimed_by != message_id:
+            claim: Queued | RunStarted = (
+                RunStarted(start_message_id=message_id)
+                if place is None
+                else Queued(start_message_id=message_id, place=place)
+            )
+            try:
+                event = await self._append(job_uid, claim, _claim_event_id(job_uid, claim))
+            except IllegalTransitionError:
+                sheet = await self._log.load(job_uid)  # another start, or a stop, came first
+            else:
+                return Claim(fold(await self._log.read_through(job_uid, event.seq)), event)
+        if sheet.start_message_id == message_id:
+            return Claim(sheet, None)
+        if sheet.state in (JobState.QUEUED, JobState.RUNNING) or sheet.start_message_id:
             raise RunRefusedError(f"run PAR {par_uid} was already used to start job {job_uid}")
-        started = await self._append(job_uid, RunStarted(), step_event_id(job_uid, "run_started"))
-        return fold(await self._log.read_through(job_uid, started.seq)), par_uid, started
+        raise RunRefusedError(f"job {job_uid} is {sheet.state.value}: it cannot start")
 
-    @staticmethod
-    def started_reply(sheet: JobSheetState) -> RunReply:
-        return RunReply(job_uid=sheet.job_uid, state=sheet.state.value, accepted=True)
+    async def begin(self, sheet: JobSheetState) -> tuple[JobSheetState, JobEvent]:
+        """A queued job's turn came: append its `run_started` (the claim's message carried on);
+        IllegalTransitionError if it was stopped while it waited."""
+        started = RunStarted(start_message_id=sheet.start_message_id)
+        job_uid = sheet.job_uid
+        event = await self._append(job_uid, started, _claim_event_id(job_uid, started))
+        return fold(await self._log.read_through(job_uid, event.seq)), event
+
+    async def start(
+        self,
+        command: StartRun,
+        *,
+        requester: str,
+        message_id: str,
+        redelivered: bool,
+        answer: Answer,
+        publish: Publish,
+        report: ReportProgress,
+    ) -> JobEvent | None:
+        """Handle start message `message_id` from its claim to the end of its run: claim the run
+        PAR, `answer` at once (`queued` with its place, or `running`), wait for a run slot, run.
+        Returns the event that ended the job, or None if nothing ran here: a start of this same
+        message handled before (a resend, answered with the job as it is; a `redelivered` one
+        resumes the run, its handler having died), a job ended already, or a job stopped while it
+        waited.
+        """
+        job_uid = command.job_uid
+        with self.watching(job_uid) as handle, self.queue.ticket(job_uid) as ticket:
+            with anyio.CancelScope(shield=True):  # what is appended is published
+                claim = await self.claim(
+                    command, requester=requester, message_id=message_id, place=ticket.place
+                )
+                if claim.event is not None:
+                    await publish(claim.event)
+            await answer(self.run_reply(claim.sheet))
+            sheet = claim.sheet
+            if is_terminal(sheet.state) or not (claim.event or redelivered):
+                return None
+            if not await ticket.wait():
+                return None  # stopped while it waited: its `cancelled` ends it
+            if sheet.state is JobState.QUEUED:
+                try:
+                    with anyio.CancelScope(shield=True):
+                        sheet, started = await self.begin(sheet)
+                        await publish(started)
+                except IllegalTransitionError:
+                    return None  # stopped (or failed) as its turn came
+            return await self.run(sheet, handle, publish, report)
 
     # --- running ---------------------------------------------------------------------------------
 
@@ -275,13 +362,15 @@ class ComputeWorker:
                 del self._running[job_uid]
 
     def on_cancelled(self, event: JobEvent) -> bool:
-        """A job was cancelled: stop its run if it runs here; whether one did."""
+        """A job was cancelled: stop its run if it runs here, drop it if it waits here for a run
+        slot; whether it did either."""
         if not isinstance(event.payload, Cancelled):
             return False
+        dropped = self.queue.drop(event.job_uid)
         handles = self._running.get(event.job_uid, [])
         for handle in handles:
             handle.request_stop()
-        return bool(handles)
+        return dropped or bool(handles)
 
     async def run(
         self, sheet: JobSheetState, handle: RunHandle, publish: Publish, report: ReportProgress
@@ -447,3 +536,9 @@ class ComputeWorker:
             event = await self._append(job_uid, payload, event_id)
             await publish(event)
         return event
+
+
+def _claim_event_id(job_uid: str, claim: Queued | RunStarted) -> str:
+    """The id of a start's `queued` or `run_started`: one per start message, so a redelivery
+    finds its own event, and another start's append, which finds none, is judged (refused)."""
+    return step_event_id(job_uid, f"{claim.type}|{claim.start_message_id}")

@@ -14,6 +14,7 @@ redelivery, which finds the step done and returns its event.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from datetime import UTC, datetime, timedelta
 
@@ -41,6 +42,7 @@ from schemas.messages import (
     JobDeadline,
     JobReply,
     PARStateReply,
+    RunReply,
     StartRun,
     StopRun,
     SubmitJob,
@@ -185,6 +187,7 @@ async def setup_compute(context: ServiceContext, group: TaskGroup) -> None:
         http=context.http,
         sandbox=settings.sandbox,
         progress_snapshot_s=settings.progress_snapshot_s,
+        max_runs=settings.max_runs,
     )
     await worker.check_sandbox()  # refuse to start rather than run calculations unconfined
 
@@ -213,40 +216,45 @@ async def setup_compute(context: ServiceContext, group: TaskGroup) -> None:
         if worker.on_cancelled(envelope.body.event):
             log.info("stopping the run of job %s: it was cancelled", envelope.body.event.job_uid)
 
-    # Start messages being handled here, by message id. A second delivery of one while the first
-    # runs (a publisher's resend after a lost confirm) waits for it to end, then its claim finds
-    # the job ended, so it starts no second run (or resumes the job if the first was cancelled).
+    # Start messages being handled here, by message id. A redelivery of one while the first
+    # delivery is still handled here (its channel was lost) waits for it to end; then its claim
+    # finds the job ended and runs nothing. Any other copy (a client's resend) never waits: its
+    # claim is found made, and it is answered with the job as it is.
     starting: dict[str, anyio.Lock] = {}
 
     async def on_start(envelope: Envelope[StartRun], meta: IncomingMeta) -> None:
         lock = starting.setdefault(envelope.message_id, anyio.Lock())
+        waits = meta.redelivered or not lock.locked()
         try:
-            async with lock:
+            async with lock if waits else contextlib.nullcontext():
                 await start(envelope, meta)
         finally:
             if not lock.locked() and lock.statistics().tasks_waiting == 0:
                 starting.pop(envelope.message_id, None)
 
     async def start(envelope: Envelope[StartRun], meta: IncomingMeta) -> None:
-        # The message stays unacked for the whole run: if this daemon dies, the broker hands it
-        # to the next one, whose claim recognises the same message and runs the job again.
-        with worker.watching(envelope.body.job_uid) as handle:
-            with anyio.CancelScope(shield=True):  # what is appended is published
-                sheet, _, started = await worker.claim(
-                    envelope.body,
-                    requester=verified_requester().fingerprint,
-                    message_id=envelope.message_id,
-                )
-                await context.publish_event(started)
-            if meta.redelivered:
-                mark_answered()  # by the first delivery; what fails in the run below is retried
-                # The daemon that had it died: what it appended may never have been published
-                # (a progress, say). Publish the job's log again; subscribers de-duplicate.
-                for event in await context.log.read(sheet.job_uid):
-                    await context.publish_event(event)
-            else:
-                await context.reply(meta, worker.started_reply(sheet))
-            await worker.run(sheet, handle, context.publish_event, context.publish_progress)
+        # The message stays unacked while the job waits for a run slot and runs: if this daemon
+        # dies, the broker hands it to the next one, whose claim recognises the same message and
+        # runs the job there, once.
+        async def answer(reply: RunReply) -> None:
+            if not meta.redelivered:
+                await context.reply(meta, reply)
+                return
+            mark_answered()  # by the first delivery; what fails in the run below is retried
+            # The daemon that had it died: what it appended may never have been published (a
+            # progress, say). Publish the job's log again; subscribers de-duplicate.
+            for event in await context.log.read(envelope.body.job_uid):
+                await context.publish_event(event)
+
+        await worker.start(
+            envelope.body,
+            requester=verified_requester().fingerprint,
+            message_id=envelope.message_id,
+            redelivered=meta.redelivered,
+            answer=answer,
+            publish=context.publish_event,
+            report=context.publish_progress,
+        )
 
     identities = context.identities
     contracts, control, runs = identities.service_queues()[Role.COMPUTE]
@@ -256,7 +264,9 @@ async def setup_compute(context: ServiceContext, group: TaskGroup) -> None:
     await context.consume(stops, on_cancelled)
     await context.consume(contracts, on_contract)
     await context.consume(control, on_control)
-    await context.consume(runs, on_start, prefetch=settings.max_runs)
+    # Every start waiting for a run slot is a delivery held here (answered, unacked), up to the
+    # bound; the run queue lets `max_runs` of them run at once.
+    await context.consume(runs, on_start, prefetch=settings.max_queued_runs)
 
 
 async def run_daemon(role: str) -> None:

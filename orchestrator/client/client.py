@@ -20,6 +20,7 @@ progress comes the same way, as `ProgressReport`s compute signs and never logs (
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from collections.abc import AsyncGenerator, Mapping
 from contextlib import aclosing
 from datetime import datetime, timedelta
@@ -79,6 +80,17 @@ ENDED = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED, JobS
 _RUN_QUEUES: dict[RunAction, str] = {"start": "runs", "stop": "compute", "status": "compute"}
 _ROLES: dict[str, ServiceRole] = {"access": "access", "compute": "compute", "runs": "compute"}
 """Each RPC queue -> the service role whose signature its replies must carry."""
+SENDS = 3
+"""How many times a request in `RESENT` is sent (the same message each time) before the client
+gives up waiting for its answer."""
+SUBMITTED_KEPT = 4096
+"""Jobs submitted and not followed yet that `_submitted` remembers (the most recent)."""
+RESENT = frozenset(
+    {"submit_job", "get_job", "get_outputs", "get_par_state", "start_run", "get_run_status"}
+)
+"""Requests a service takes the same however often they come: reads, and those it recognises by
+message id (a submission's job derives from it; a start's claim holds it). A stop or a close is
+sent once: sent again after it took effect, it would be refused."""
 
 
 def raise_error_reply(reply: ErrorReply) -> None:
@@ -139,6 +151,9 @@ class ParjobsClient:
         self._starting = anyio.Lock()
         self._sender = sender
         self._timeout = timeout
+        self._submitted: OrderedDict[str, int] = OrderedDict()
+        """Jobs this client submitted and has not followed yet, with the connection (its count
+        of reconnections) their events queue had before: none of their events was missed."""
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -167,7 +182,10 @@ class ParjobsClient:
                 self._started = False
 
     async def _call(self, service: str, body: BaseModel, expected: type[R]) -> R:
-        await self.start()
+        return await self._send(service, self._signed(body), expected)
+
+    def _signed(self, body: BaseModel) -> Envelope[Any]:
+        """`body` as a request signed by the user (its message id fixed from here on)."""
         request = Envelope(sender=self._sender, body=body)
         signature = sign_message(
             self.user,
@@ -176,12 +194,19 @@ class ParjobsClient:
             sent_at=request.sent_at,
             body=body,
         )
+        return request.model_copy(update={"signature": signature})
+
+    async def _send(self, service: str, request: Envelope[Any], expected: type[R]) -> R:
+        """`request`'s reply from `service`: sent again as the same message while unanswered,
+        if it is one a service takes the same however often it comes (`RESENT`)."""
+        await self.start()
         reply = await self._inbox.call(
             service,
             _ROLES[service],
-            request.model_copy(update={"signature": signature}),
+            request,
             _replies(service).envelope,
             timeout=self._timeout,
+            sends=SENDS if request.body.type in RESENT else 1,
         )
         if isinstance(reply.body, ErrorReply):
             raise_error_reply(reply.body)
@@ -203,7 +228,14 @@ class ParjobsClient:
         command = SubmitJob(
             request=request, authorisation=authorisation, cheque=cheque, lifetime_s=lifetime_s
         )
-        return (await self._call("access", command, JobReply)).sheet
+        await self.start()  # the events queue consumes from before the job exists
+        connection = self._broker.reconnections
+        sheet = (await self._call("access", command, JobReply)).sheet
+        if sheet.seq == 1:  # created by this submission (or a resend of it), not found older
+            self._submitted[sheet.job_uid] = connection
+            while len(self._submitted) > SUBMITTED_KEPT:
+                self._submitted.popitem(last=False)
+        return sheet
 
     async def submit_paid(
         self,
@@ -254,14 +286,22 @@ class ParjobsClient:
         """The job's events, each with its state after it, in seq order, in batches as they come
         (a catch-up brings many at once), until the one that ends it. Subscribed first, it catches
         up with one GetJob, unless the client has followed the job since it last caught up on
-        this connection, or the job has ended (its log is whole).
+        this connection, or the job has ended (its log is whole), or this client submitted it on
+        this connection (its every event came on the events queue).
 
         With `progress`, also the run's latest progress report whenever a newer one came (once the
         event it follows is applied), and every state from then on shows it (`with_progress`)."""
         await self.start()
         with self._inbox.following(job_uid) as tracker:
-            if not tracker.ended and tracker.caught_up_on != self._broker.reconnections:
-                await self._catch_up(tracker)
+            connection = self._broker.reconnections
+            created_on = self._submitted.pop(job_uid, None)
+            if not tracker.ended and tracker.caught_up_on != connection:
+                if created_on == connection and self._inbox.kept_every_event(job_uid):
+                    # Created while this connection's events queue was consuming: every event
+                    # of the job came (or comes) there, and is here.
+                    tracker.caught_up_on = connection
+                else:
+                    await self._catch_up(tracker)
             shown, filled_at = 0, -1
             reported: ProgressReport | None = None
             while True:
@@ -323,7 +363,7 @@ class ParjobsClient:
     ) -> JobSheetState:
         """The job's state when it first reached one of `states`, or its end if it has ended
         (an end wins over a state the job already left); TimeoutError if neither comes within
-        `timeout` seconds. Follows the job's events: no polling."""
+        `timeout` seconds. Follows the job's events: no polling (`_follow`)."""
         with anyio.fail_after(timeout):
             async with aclosing(self._follow(job_uid)) as batches:
                 async for batch in batches:
@@ -409,7 +449,9 @@ class ParjobsClient:
     ) -> Job:
         """Submit a job of `calculation` on `input_data` (a file's path, or the bytes themselves),
         paid from `account` (default: the user's own) up to `max_spend`; upload the input through
-        the job's upload PAR and start it through its run PAR. The `Job` follows it from there.
+        the job's upload PAR and start it through its run PAR. Returns as soon as compute has
+        accepted the start (`Job.accepted`: `queued` with its place while every run slot is
+        taken, else `running`); the `Job` follows it from there.
 
         `transport` is the HTTP the PARs' transfers use (default: one per transfer).
         """
@@ -432,8 +474,15 @@ class ParjobsClient:
         else:
             await writer.set_object_from_file(input_data)
         control = run.execute(self.user, control=self)
-        await control.start()
-        return Job(self, job_uid, control=control, expires_at=expires_at, transport=transport)
+        accepted = await control.start()
+        return Job(
+            self,
+            job_uid,
+            control=control,
+            expires_at=expires_at,
+            accepted=accepted,
+            transport=transport,
+        )
 
     # --- PARControl and RunService ---------------------------------------------------------------
 
@@ -453,4 +502,22 @@ class ParjobsClient:
             requester=self.user.fingerprint,
             compute=self._inbox.keys.current("compute"),
         )
+        if action == "start":
+            return await self._start(job_uid, self._signed(command))
         return await self._call(_RUN_QUEUES[action], command, RunReply)
+
+    async def _start(self, job_uid: str, request: Envelope[Any]) -> RunReply:
+        """Compute's answer to the start `request`: accepted (`queued` with its place, or
+        `running`), or refused. Unanswered, it is sent again as the same message, which compute
+        never takes for a second start (it finds the claim that message made and answers with
+        the job as it is). Still unanswered, the job's log says whether it was accepted all the
+        same: its claim names this message."""
+        try:
+            return await self._send("runs", request, RunReply)
+        except errors.RequestTimeoutError:
+            sheet = (await self.job(job_uid)).sheet
+            if sheet.start_message_id != request.message_id:
+                raise
+            return RunReply(
+                job_uid=job_uid, state=sheet.state.value, accepted=True, place=sheet.place
+            )

@@ -9,9 +9,10 @@ A reply is used only if it is signed by the service role the request went to; an
 comes with the request's correlation id is dropped and logged, and the request keeps waiting for
 the genuine reply. An event goes to the `JobTracker` of its job, which verifies it, if the client
 follows that job (someone waits on it, or waited and it has not ended yet); events of other jobs
-are dropped (a follower catches up with GetJob). A run's progress report (`ProgressReport`, under
-the same routing key) is used only if compute signed it, within the reply window of this clock,
-and goes to its job's tracker likewise; others are dropped and logged.
+are kept a while (the first few of the most recent jobs): a job's first events may come before
+its submitter follows it. A run's progress report (`ProgressReport`, under the same routing key)
+is used only if compute signed it, within the reply window of this clock, and goes to its job's
+tracker likewise; others are dropped and logged.
 """
 
 from __future__ import annotations
@@ -54,6 +55,11 @@ REPLY_WINDOW = timedelta(minutes=5)
 ENDED_KEPT = 256
 """Trackers of ended jobs kept after their followers left (the most recent): a job that ended
 before the next wait on it began (a quick run) needs no catch-up, nor access, to be waited on."""
+EARLY_JOBS = 1024
+EARLY_EVENTS = 8
+"""Events of jobs nobody follows yet, kept for the most recent `EARLY_JOBS` jobs (the first
+`EARLY_EVENTS` of each): a job just submitted may have its first events come before its
+submitter follows it, and they need not be asked for again."""
 
 
 @dataclass(frozen=True)
@@ -82,6 +88,10 @@ class Inbox:
         """Followed jobs: their tracker and how many follow them now (0: kept while it lives)."""
         self._ended: OrderedDict[str, JobTracker] = OrderedDict()
         """Trackers of ended jobs nobody follows, least recently ended first."""
+        self._early: OrderedDict[str, list[JobEvent]] = OrderedDict()
+        """Events of jobs nobody follows yet, least recently come first (`EARLY_JOBS`)."""
+        self._early_lost: OrderedDict[str, None] = OrderedDict()
+        """Jobs some of whose early events were not kept (past `EARLY_EVENTS`, or dropped)."""
         self._subscriptions: list[Subscription] = []
 
     async def start(self) -> None:
@@ -111,30 +121,38 @@ class Inbox:
         replies: TypeAdapter[Envelope[Any]],
         *,
         timeout: float,  # noqa: ASYNC109 - it becomes RequestTimeoutError
+        sends: int = 1,
     ) -> Envelope[Any]:
-        """Send `request` to `service`'s RPC queue; its reply, signed by `role`."""
+        """Send `request` to `service`'s RPC queue; its reply, signed by `role`. Unanswered
+        within `timeout`, the very same request (same message id, same correlation id) is sent
+        again, up to `sends` times in all, and a reply to any of them answers it: for requests
+        that mean the same however often they come (a service recognises the message id)."""
         topology = self._broker.topology
         correlation_id = uuid.uuid4().hex
         reply: asyncio.Future[Envelope[Any]] = asyncio.get_running_loop().create_future()
         self._pending[correlation_id] = _Pending(role, replies, reply)
         try:
-            with anyio.fail_after(timeout):
-                await self._broker.publish(
-                    topology.commands,
-                    topology.rpc_routing_key(service),
-                    request,
-                    correlation_id=correlation_id,
-                    reply_to=self.reply_queue.name,
-                    message_id=request.message_id,
-                )
-                return await reply
-        except TimeoutError as exc:
-            raise RequestTimeoutError(
-                f"no reply signed by {role} within {timeout:g}s to the {request.body.type} "
-                f"request sent to {service}"
-            ) from exc
+            for _ in range(sends):
+                with anyio.fail_after(timeout):
+                    await self._broker.publish(
+                        topology.commands,
+                        topology.rpc_routing_key(service),
+                        request,
+                        correlation_id=correlation_id,
+                        reply_to=self.reply_queue.name,
+                        message_id=request.message_id,
+                    )
+                # Waited on without cancelling it: a late reply to an earlier send still counts.
+                if (await asyncio.wait({reply}, timeout=timeout))[0]:
+                    return reply.result()
+        except TimeoutError:
+            pass  # the publish itself took too long
         finally:
             self._pending.pop(correlation_id, None)
+        raise RequestTimeoutError(
+            f"no reply signed by {role} within {timeout:g}s to the {request.body.type} request "
+            f"sent to {service}" + (f" ({sends} times)" if sends > 1 else "")
+        )
 
     async def _on_reply(self, raw: JsonValue, meta: IncomingMeta) -> None:
         pending = self._pending.get(meta.correlation_id or "")
@@ -177,6 +195,8 @@ class Inbox:
             tracker, followers = self._ended.pop(job_uid), 0
         else:
             tracker, followers = JobTracker(job_uid, self.keys), 0
+            for event in self._early.pop(job_uid, []):
+                tracker.offer(event, source="the events queue, before it was followed")
         self._trackers[job_uid] = (tracker, followers + 1)
         try:
             yield tracker
@@ -196,6 +216,27 @@ class Inbox:
         while len(self._ended) > ENDED_KEPT:
             self._ended.popitem(last=False)
 
+    def kept_every_event(self, job_uid: str) -> bool:
+        """Whether every event of `job_uid` that came before anyone followed it was kept."""
+        return job_uid not in self._early_lost
+
+    def _keep_early(self, event: JobEvent) -> None:
+        """Keep an event of a job nobody follows (yet), within `EARLY_JOBS` and `EARLY_EVENTS`
+        (what is not kept is noted); it is checked when a tracker takes it."""
+        kept = self._early.setdefault(event.job_uid, [])
+        self._early.move_to_end(event.job_uid)
+        if len(kept) < EARLY_EVENTS:
+            kept.append(event)
+        else:
+            self._lost_early(event.job_uid)
+        while len(self._early) > EARLY_JOBS:
+            self._lost_early(self._early.popitem(last=False)[0])
+
+    def _lost_early(self, job_uid: str) -> None:
+        self._early_lost[job_uid] = None
+        while len(self._early_lost) > EARLY_JOBS:
+            self._early_lost.popitem(last=False)
+
     async def _on_event(self, raw: JsonValue, meta: IncomingMeta) -> None:
         try:
             envelope = JOB_UPDATES.envelope.validate_python(raw)
@@ -211,7 +252,7 @@ class Inbox:
     def _on_job_event(self, event: JobEvent, meta: IncomingMeta) -> None:
         followed = self._trackers.get(event.job_uid)
         if followed is None:
-            log.debug("dropped event %d of job %s: nobody follows it", event.seq, event.job_uid)
+            self._keep_early(event)
             return
         tracker, followers = followed
         tracker.offer(event, source=f"the events queue ({meta.routing_key})")

@@ -1,6 +1,7 @@
 """`Job`: one running job, as `ParjobsClient.run` hands it back.
 
     job = await client.run("csv-summary", "data.csv", {"column": "rain_mm"}, max_spend=Decimal(2))
+    job.accepted                              # the start's answer: queued (place 3), or running
     async for event in job.events(): ...      # optional: each verified event and progress report
     sheet = await job.result()                # the completed job, or JobFailedError & co.
     paths = await job.fetch("out/")           # its outputs, each checked against its SHA-256
@@ -46,6 +47,11 @@ def raise_unless_completed(sheet: JobSheetState) -> JobSheetState:
     return sheet
 
 
+def describe_run(reply: RunReply) -> str:
+    """A run's state as a person reads it: `queued (place 3)`, `running`..."""
+    return reply.state if reply.place is None else f"{reply.state} (place {reply.place})"
+
+
 class Job:
     """A job submitted, its input uploaded and its run started (`ParjobsClient.run`)."""
 
@@ -56,17 +62,21 @@ class Job:
         *,
         control: RunControl,
         expires_at: datetime,
+        accepted: RunReply,
         transport: PARTransport | None = None,
     ) -> None:
         self.uid = uid
         self.expires_at = expires_at
         """When the job's PARs, and the job if it has not ended by then, expire."""
+        self.accepted = accepted
+        """Compute's answer to the start: `queued` with its `place` (1: next to run) while every
+        run slot was taken, else `running` (or the job's end, if it came first)."""
         self._client = client
         self._control = control
         self._transport = transport
 
     def __repr__(self) -> str:
-        return f"Job({self.uid})"
+        return f"Job({self.uid}, {describe_run(self.accepted)})"
 
     async def events(self) -> AsyncIterator[JobEvent | ProgressReport]:
         """The job's events, each verified and chained, in seq order from its first to the one
@@ -98,6 +108,12 @@ class Job:
         """
         return await self._client.fetch(self.uid, directory, transport=self._transport)
 
+    async def status(self) -> RunReply:
+        """The run as compute has it now: its state, its place while queued, its last progress
+        message."""
+        return await self._control.status()
+
     async def cancel(self) -> RunReply:
-        """Stop the run through the run PAR; the job then ends cancelled."""
+        """Stop the run through the run PAR (or take it out of the run queue while it waits);
+        the job then ends cancelled."""
         return await self._control.stop()

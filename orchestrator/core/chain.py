@@ -44,6 +44,7 @@ EMITTERS: Mapping[str, frozenset[ServiceRole]] = MappingProxyType(
         "submitted": _ACCESS,  # on the user's behalf: its actor is `user:<name>`
         "storage_contracted": _STORAGE,
         "compute_contracted": _COMPUTE,
+        "queued": _COMPUTE,
         "run_started": _COMPUTE,
         "progress": _COMPUTE,
         "completed": _COMPUTE,

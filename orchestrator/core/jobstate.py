@@ -25,6 +25,7 @@ from schemas.events import (
     JobSheetState,
     JobState,
     Progress,
+    Queued,
     RunStarted,
     StorageContracted,
     Submitted,
@@ -40,20 +41,23 @@ class Rule:
 
 
 _BEFORE_RUN = frozenset({JobState.SUBMITTED, JobState.STORAGE_CONTRACTED, JobState.READY})
-_LIVE = _BEFORE_RUN | {JobState.RUNNING}
+_LIVE = _BEFORE_RUN | {JobState.QUEUED, JobState.RUNNING}
 
 TRANSITIONS: Mapping[str, Rule] = MappingProxyType(
     {
         "submitted": Rule(frozenset({None}), JobState.SUBMITTED),
         "storage_contracted": Rule(frozenset({JobState.SUBMITTED}), JobState.STORAGE_CONTRACTED),
         "compute_contracted": Rule(frozenset({JobState.STORAGE_CONTRACTED}), JobState.READY),
-        "run_started": Rule(frozenset({JobState.READY}), JobState.RUNNING),
+        # Started while every run slot is taken: it waits its turn (`_check_claim` holds it).
+        "queued": Rule(frozenset({JobState.READY}), JobState.QUEUED),
+        "run_started": Rule(frozenset({JobState.READY, JobState.QUEUED}), JobState.RUNNING),
         "progress": Rule(frozenset({JobState.RUNNING}), JobState.RUNNING),
         "completed": Rule(frozenset({JobState.RUNNING}), JobState.COMPLETED),
         # A service that cannot do its part fails the job at any live stage.
         "failed": Rule(_LIVE, JobState.FAILED),
         "cancelled": Rule(_LIVE, JobState.CANCELLED),
-        # A running job is bounded by its calculation's time limit (-> failed), not by expiry.
+        # A started job (queued or running) is bounded by its calculation's time limit (->
+        # failed), not by expiry: the user did their part.
         "expired": Rule(_BEFORE_RUN, JobState.EXPIRED),
     }
 )
@@ -108,6 +112,25 @@ def _next_state(sheet: JobSheetState | None, job_uid: str, payload: EventPayload
     return rule.target
 
 
+def _check_claim(sheet: JobSheetState | None, payload: EventPayload) -> None:
+    """A queued job's run is started only by the start message that queued it: its `queued`
+    event is the run PAR's claim, and no other start may take it over."""
+    if (
+        isinstance(payload, RunStarted)
+        and sheet is not None
+        and sheet.state is JobState.QUEUED
+        and payload.start_message_id != sheet.start_message_id
+    ):
+        raise IllegalTransitionError(
+            f"job {sheet.job_uid}: it is queued for start message {sheet.start_message_id}, so "
+            f"only that start may run it, not {payload.start_message_id}",
+            job_uid=sheet.job_uid,
+            state=sheet.state,
+            event_type=payload.type,
+            legal=legal_events(sheet.state),
+        )
+
+
 def _changes(event: JobEvent) -> dict[str, Any]:
     """The fields of the sheet `event` sets, besides state, seq and updated_at."""
     match event.payload:
@@ -127,6 +150,11 @@ def _changes(event: JobEvent) -> dict[str, Any]:
             return {"upload_par": upload_par, "output_par": output_par}
         case ComputeContracted(run_par=run_par):
             return {"run_par": run_par}
+        case Queued(start_message_id=start_message_id, place=place):
+            return {"start_message_id": start_message_id, "place": place}
+        case RunStarted(start_message_id=start_message_id):
+            # None only in logs from before runs were claimed in the log.
+            return {} if start_message_id is None else {"start_message_id": start_message_id}
         case Progress(message=message, fraction=fraction):
             # A line without a fraction (say, a log line) keeps the last fraction known.
             return {"progress": message} | ({} if fraction is None else {"fraction": fraction})
@@ -134,17 +162,20 @@ def _changes(event: JobEvent) -> dict[str, Any]:
             return {"outputs": outputs, "summary": summary, "cpu_seconds": cpu_seconds}
         case Failed(reason=reason) | Cancelled(reason=reason):
             return {"reason": reason}
-        case RunStarted() | Expired():
+        case Expired():
             return {}  # the new state is the whole change
 
 
 def apply(sheet: JobSheetState | None, event: JobEvent) -> JobSheetState:
     """The sheet after `event`; `sheet` is None before the first event. Never mutates `sheet`."""
     _check_follows(sheet, event)
+    state = _next_state(sheet, event.job_uid, event.payload)
+    _check_claim(sheet, event.payload)
     fields = {
-        "state": _next_state(sheet, event.job_uid, event.payload),
+        "state": state,
         "seq": event.seq,
         "updated_at": event.time,
+        "place": None,  # a place in the run queue is the queued state's alone
         **_changes(event),
     }
     if sheet is None:

@@ -54,7 +54,3 @@ class JobKeys:
     @property
     def ledger(self) -> str:
         return f"{self.root}ledger/"
-
-    def run_claim(self, run_par_uid: str) -> str:
-        """Created once when a run PAR is used, so it cannot start a second run."""
-        return f"{self.root}runs/{_UID.validate_python(run_par_uid)}/claim"

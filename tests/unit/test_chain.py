@@ -39,6 +39,7 @@ APPENDED_BY: dict[str, ServiceRole] = {
     "submitted": "access",
     "storage_contracted": "storage",
     "compute_contracted": "compute",
+    "queued": "compute",
     "run_started": "compute",
     "progress": "compute",
     "completed": "compute",

@@ -24,7 +24,7 @@ from pydantic import BaseModel
 from orchestrator.broker.base import IncomingMeta
 from orchestrator.broker.identities import Identities, Role
 from orchestrator.broker.memory import MemoryBroker, MemoryServer
-from orchestrator.client.client import ParjobsClient
+from orchestrator.client.client import SENDS, ParjobsClient
 from orchestrator.client.jobsheet import JobSheet
 from orchestrator.core.chain import seal_event
 from orchestrator.core.jobstate import fold
@@ -58,6 +58,7 @@ from schemas.events import (
     JobState,
     OutputFile,
     Progress,
+    Queued,
     StorageContracted,
     Submitted,
 )
@@ -161,6 +162,12 @@ class Services:
     """Payloads the log takes instead of the samples (real PARs, the outputs made), by type."""
     read_par: PARData | None = None
     """What access answers a GetOutputs with."""
+    start_reply: RunReply | None = None
+    """What compute answers a start with (None: running)."""
+    lost_start_replies: int = 0
+    """Deliveries of starts whose answers are lost (the first ones): the client hears nothing."""
+    claim_lost_starts: bool = False
+    """Whether compute claims the run for a start whose answer is lost (logs `queued` for it)."""
 
     @property
     def kinds(self) -> Counter[str]:
@@ -209,8 +216,17 @@ class Services:
 
     async def on_compute(self, envelope: Envelope[Any], meta: IncomingMeta) -> None:
         self.requests.append((envelope, meta))
+        if isinstance(envelope.body, StartRun) and self.lost_start_replies:
+            self.lost_start_replies -= 1
+            if self.claim_lost_starts and self.logs[JOB][-1].payload.type != "queued":
+                claim = Queued(start_message_id=envelope.message_id, place=4)
+                self.payloads["queued"] = claim
+                await self.extend("queued")
+            return
         state = "running" if isinstance(envelope.body, StartRun | GetRunStatus) else "cancelled"
         body = RunReply(job_uid=envelope.body.job_uid, state=state, accepted=True)
+        if isinstance(envelope.body, StartRun) and self.start_reply is not None:
+            body = self.start_reply
         await self._answer(self.compute, "compute", meta, body)
 
     async def extend(self, *types: str) -> None:
@@ -455,7 +471,8 @@ async def test_a_job_followed_since_it_was_ready_needs_no_access_to_be_waited_on
     await control.start()
     await services.extend("run_started", "progress", "completed")
     assert (await control.wait(timeout=5)).state == "completed"
-    assert services.kinds == Counter({"submit_job": 1, "get_job": 1, "start_run": 1})
+    # Submitted on this connection, its every event came on the events queue: no catch-up.
+    assert services.kinds == Counter({"submit_job": 1, "start_run": 1})
 
 
 async def test_after_a_reconnection_a_live_job_is_caught_up_again_an_ended_one_never(
@@ -466,7 +483,7 @@ async def test_after_a_reconnection_a_live_job_is_caught_up_again_an_ended_one_n
     await client.request_services(CHECKSUM, account="alice", max_spend=Decimal(1))
     alice.simulate_connection_loss()  # what was published meanwhile may be lost: ask again
     await client.wait_until(JOB, READY, timeout=5)
-    assert services.kinds["get_job"] == 2
+    assert services.kinds["get_job"] == 1
     await services.extend("expired")
     assert (await client.wait_until(JOB, frozenset(), timeout=5)).state is JobState.EXPIRED
     alice.simulate_connection_loss()
@@ -479,7 +496,7 @@ async def test_after_a_reconnection_a_live_job_is_caught_up_again_an_ended_one_n
         JobState.EXPIRED,
     ]
     assert (await client.wait_until(JOB, READY, timeout=5)).state is JobState.EXPIRED
-    assert services.kinds["get_job"] == 2
+    assert services.kinds["get_job"] == 1
 
 
 async def test_a_wait_with_no_events_times_out(services: Services, client: ParjobsClient) -> None:
@@ -500,6 +517,16 @@ async def test_request_services_returns_the_pars_once_contracted(
     assert run.uid == services.run.uid
     assert upload.kind is PARKind.OBJECT
     assert expires == SUBMITTED.expires_at
+    assert services.kinds == Counter({"submit_job": 1})  # its events came on the events queue
+
+
+async def test_a_job_submitted_whose_early_events_were_not_all_kept_is_caught_up(
+    services: Services, client: ParjobsClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("orchestrator.client.inbox.EARLY_EVENTS", 1)
+    services.on_submit = ["submitted", "storage_contracted", "compute_contracted"]
+    job_uid, *_ = await client.request_services(CHECKSUM, account="alice", max_spend=Decimal(1))
+    assert job_uid == JOB
     assert services.kinds == Counter({"submit_job": 1, "get_job": 1})
 
 
@@ -576,7 +603,7 @@ async def test_run_uploads_the_input_through_the_upload_par_and_starts_the_run(
     )
     assert job.uid == JOB
     assert await memory_store.get(f"jobs/{JOB}/input") == INPUT
-    assert minted.kinds == Counter({"submit_job": 1, "get_job": 1, "start_run": 1})
+    assert minted.kinds == Counter({"submit_job": 1, "start_run": 1})
     submitted = minted.requests[0][0].body
     assert isinstance(submitted, SubmitJob)
     assert submitted.request.input_sha256 == hashlib.sha256(INPUT).hexdigest()
@@ -625,7 +652,7 @@ async def test_a_job_yields_its_events_as_they_come_then_its_result_then_its_out
     assert sorted(path.relative_to(tmp_path / "out").as_posix() for path in written) == sorted(MADE)
     for key, data in MADE.items():
         assert (tmp_path / "out" / key).read_bytes() == data
-    assert minted.kinds["get_job"] == 2  # the catch-up at the start, and fetch's read of the log
+    assert minted.kinds["get_job"] == 1  # fetch's read of the log (no catch-up: see above)
     assert minted.kinds["get_outputs"] == 1  # the event handed no read PAR: access mints one
 
 
@@ -780,7 +807,7 @@ async def test_job_events_interleave_the_runs_progress_and_watch_shows_it(
         (JobState.COMPLETED, "nearly"),
     ]
     assert (await job.result(timeout=5)).state is JobState.COMPLETED
-    assert minted.kinds["get_job"] == 1  # progress asks nothing of access
+    assert minted.kinds["get_job"] == 0  # progress asks nothing of access (nor a catch-up)
 
 
 @pytest.mark.parametrize(
@@ -859,3 +886,56 @@ async def test_another_users_client_gets_none_of_a_jobs_progress(
     ]
     assert len(bob_seen) == 4  # the log the stand-in gave him; no progress reached him
     assert not any(isinstance(event, ProgressReport) for event in bob_seen)
+
+
+# --- queued runs: accepted at once, never an error for an accepted start --------------------------
+
+
+async def test_run_returns_once_the_start_is_accepted_and_the_job_shows_its_place(
+    minted: Services, client: ParjobsClient, par_transport: PARTransport
+) -> None:
+    minted.start_reply = RunReply(job_uid=JOB, state="queued", accepted=True, place=3)
+    job = await client.run("checksum", INPUT, max_spend=Decimal(1), transport=par_transport)
+    assert (job.accepted.state, job.accepted.place) == ("queued", 3)
+    assert repr(job) == f"Job({JOB}, queued (place 3))"
+    await minted.extend("queued", "run_started", "completed")
+    with anyio.fail_after(5):
+        seen = [event.payload.type async for event in job.events()]
+    assert seen[3:] == ["queued", "run_started", "completed"]
+    assert (await job.result(timeout=5)).state is JobState.COMPLETED
+
+
+@pytest.fixture
+async def impatient(world: tuple[Services, MemoryBroker]) -> AsyncIterator[ParjobsClient]:
+    """Alice's client, waiting only 0.3 s for each reply."""
+    async with ParjobsClient(world[1], ALICE, service_keys=SERVICE_KEYS, timeout=0.3) as alice:
+        yield alice
+
+
+async def test_an_unanswered_start_is_sent_again_as_the_same_message_and_any_answer_counts(
+    minted: Services, impatient: ParjobsClient, par_transport: PARTransport
+) -> None:
+    minted.lost_start_replies = SENDS - 1
+    job = await impatient.run("checksum", INPUT, max_spend=Decimal(1), transport=par_transport)
+    assert job.accepted.state == "running"
+    starts = [(e, meta) for e, meta in minted.requests if isinstance(e.body, StartRun)]
+    assert len(starts) == SENDS
+    assert len({envelope.message_id for envelope, _ in starts}) == 1  # one start, sent again
+    assert len({meta.correlation_id for _, meta in starts}) == 1  # any answer is its answer
+
+
+async def test_a_start_never_answered_but_claimed_is_accepted_not_an_error(
+    minted: Services, impatient: ParjobsClient, par_transport: PARTransport
+) -> None:
+    minted.lost_start_replies, minted.claim_lost_starts = SENDS, True
+    job = await impatient.run("checksum", INPUT, max_spend=Decimal(1), transport=par_transport)
+    assert (job.accepted.state, job.accepted.place) == ("queued", 4)
+    assert minted.kinds["start_run"] == SENDS
+
+
+async def test_a_start_never_answered_nor_claimed_is_a_timeout(
+    minted: Services, impatient: ParjobsClient, par_transport: PARTransport
+) -> None:
+    minted.lost_start_replies = SENDS
+    with pytest.raises(RequestTimeoutError, match="start_run"):
+        await impatient.run("checksum", INPUT, max_spend=Decimal(1), transport=par_transport)

@@ -26,6 +26,7 @@ from orchestrator.store.eventlog import EventLog
 from orchestrator.store.progress import ProgressSnapshots
 from orchestrator.store.registry import PARRegistry
 from schemas.events import (
+    Cancelled,
     Completed,
     ComputeContracted,
     Failed,
@@ -33,6 +34,7 @@ from schemas.events import (
     JobSheetState,
     JobState,
     Progress,
+    Queued,
     RunStarted,
 )
 from schemas.messages import (
@@ -43,6 +45,7 @@ from schemas.messages import (
     OutputsReply,
     RunAction,
     RunCommand,
+    RunReply,
     StartRun,
     StopRun,
 )
@@ -51,6 +54,7 @@ from tests._ticker import Ticker, last_line
 from tests.unit.test_services import Services
 from workers.calculations import CalculationRegistry
 from workers.compute import ComputeWorker
+from workers.runqueue import RunQueue
 
 
 @pytest.fixture
@@ -95,11 +99,14 @@ def _stop(services: Services, run_par: PAR) -> StopRun:
     return command
 
 
+FIRST, SECOND = "1" * 32, "2" * 32  # two start messages' ids
+
+
 async def _claim(services: Services, command: StartRun, message_id: str) -> JobSheetState:
-    sheet, _, _ = await services.compute.claim(
+    claim = await services.compute.claim(
         command, requester=services.user.fingerprint, message_id=message_id
     )
-    return sheet
+    return claim.sheet
 
 
 async def test_whole_job_through_the_services(services: Services, store: ObjectStore) -> None:
@@ -109,9 +116,10 @@ async def test_whole_job_through_the_services(services: Services, store: ObjectS
     )
     start = _start(services, run_par)
     with services.compute.watching(job_uid) as handle:
-        sheet, _, started = await services.compute.claim(
-            start, requester=services.user.fingerprint, message_id="m1"
+        claim = await services.compute.claim(
+            start, requester=services.user.fingerprint, message_id=FIRST
         )
+        sheet, started = claim.sheet, claim.event
         assert sheet.state is JobState.RUNNING
         published: list[JobEvent] = []
         final = await services.compute.run(
@@ -135,28 +143,30 @@ async def test_whole_job_through_the_services(services: Services, store: ObjectS
     summary = json.loads(await reader.get_object("summary.json"))
     assert summary["size_bytes"] == 12
     assert summary["lines"] == 2
+    assert started is not None
     assert started.seq == 4
+    assert started.payload == RunStarted(start_message_id=FIRST)  # the claim is the event
 
 
 async def test_run_par_starts_one_run_only(services: Services) -> None:
     _, upload, run_par = await _ready_job(services)
     await ObjectWriter(upload, services.user, transport=services.transport).set_object(b"x")
     start = _start(services, run_par)
-    await _claim(services, start, "first")
+    await _claim(services, start, FIRST)
     # A redelivery of the same start message may resume (after a crash) ...
-    await _claim(services, start, "first")
+    await _claim(services, start, FIRST)
     # ... a second start through the same PAR may not.
     with pytest.raises(RunRefusedError, match="already used"):
-        await _claim(services, start, "second")
+        await _claim(services, start, SECOND)
 
 
 async def test_start_before_upload_is_refused_without_using_the_par(services: Services) -> None:
     _, upload, run_par = await _ready_job(services)
     start = _start(services, run_par)
     with pytest.raises(RunRefusedError, match="upload it first"):
-        await _claim(services, start, "early")
+        await _claim(services, start, FIRST)
     await ObjectWriter(upload, services.user, transport=services.transport).set_object(b"x")
-    assert (await _claim(services, start, "later")).state is JobState.RUNNING
+    assert (await _claim(services, start, SECOND)).state is JobState.RUNNING
 
 
 def _sealed(services: Services, action: RunAction, run_url: str, job_uid: str) -> RunCommand:
@@ -175,14 +185,14 @@ async def test_forged_or_closed_run_capability_is_refused(services: Services) ->
     forged = _sealed(services, "start", run_url[:-4] + "AAAA", job_uid)
     assert isinstance(forged, StartRun)
     with pytest.raises(PARPermissionError, match="proof of possession"):
-        await _claim(services, forged, "m")
+        await _claim(services, forged, FIRST)
     elsewhere = _sealed(services, "start", "https://evil.example/run", job_uid)
     assert isinstance(elsewhere, StartRun)
     with pytest.raises(PARPermissionError, match="not a parjobs run capability"):
-        await _claim(services, elsewhere, "m")
+        await _claim(services, elsewhere, FIRST)
     await run_par.close(services.user, control=services.registry)
     with pytest.raises(PARClosedError):
-        await _claim(services, _start(services, run_par), "m")
+        await _claim(services, _start(services, run_par), FIRST)
 
 
 async def test_a_sealed_command_opens_only_for_its_job_requester_and_action(
@@ -195,19 +205,19 @@ async def test_a_sealed_command_opens_only_for_its_job_requester_and_action(
     assert b"token" not in start.model_dump_json().encode()  # nothing of it in the clear
     # Copied into a request about another job, or made another action, it does not open.
     with pytest.raises(PARPermissionError, match="does not open"):
-        await _claim(services, start.model_copy(update={"job_uid": other_uid}), "m")
+        await _claim(services, start.model_copy(update={"job_uid": other_uid}), FIRST)
     status = GetRunStatus(job_uid=job_uid, sealed=start.sealed)
     with pytest.raises(PARPermissionError, match="does not open"):
         await services.compute.status(status, requester=services.user.fingerprint)
     # Sent by someone else (another requester), it does not open either.
     with pytest.raises(PARPermissionError, match="does not open"):
-        await services.compute.claim(start, requester="e" * 64, message_id="m")
+        await services.compute.claim(start, requester="e" * 64, message_id=FIRST)
     # A capability of one job, sealed as a command about another: refused.
     own_capability = other_run_par.execute(services.user, control=services.registry).run_url
     crossed = _sealed(services, "start", own_capability, job_uid)
     assert isinstance(crossed, StartRun)
     with pytest.raises(PARPermissionError, match="not job"):
-        await _claim(services, crossed, "m")
+        await _claim(services, crossed, FIRST)
     assert (await services.log.load(job_uid)).state is JobState.READY
 
 
@@ -257,7 +267,7 @@ async def test_a_stop_reaches_the_run_as_its_cancelled_event(
     await ObjectWriter(upload, services.user, transport=services.transport).set_object(b"x")
     published: list[JobEvent] = []
     with services.compute.watching(job_uid) as handle:
-        sheet = await _claim(services, _start(services, run_par), "m")
+        sheet = await _claim(services, _start(services, run_par), FIRST)
         async with anyio.create_task_group() as group:
             group.start_soon(
                 services.compute.run,
@@ -416,3 +426,194 @@ async def test_compute_remembers_the_submission_and_contracts_reading_nothing(
     assert isinstance(ready.payload, ComputeContracted)
     assert (counting.lists, counting.gets) == ([], [])
     assert counting.creates == [log.event_key(submitted.job_uid, 3)]  # the event, no record
+
+
+# --- the run queue: answered at once, run in turn ------------------------------------------------
+
+
+class Starts:
+    """Start messages handled as the compute daemon handles them (`ComputeWorker.start`), with
+    the answers they give and the events they publish collected."""
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self.published: list[JobEvent] = []
+        self.ends: dict[str, JobEvent | None] = {}
+        self._send, self._answers = anyio.create_memory_object_stream[RunReply](100)
+
+    async def handle(
+        self,
+        run_par: PAR,
+        message_id: str,
+        *,
+        redelivered: bool = False,
+        worker: ComputeWorker | None = None,
+    ) -> JobEvent | None:
+        async def publish(event: JobEvent) -> None:
+            self.published.append(event)
+
+        end = await (worker or self.services.compute).start(
+            _start(self.services, run_par),
+            requester=self.services.user.fingerprint,
+            message_id=message_id,
+            redelivered=redelivered,
+            answer=self._send.send,
+            publish=publish,
+            report=self.services.report,
+        )
+        self.ends[message_id] = end
+        return end
+
+    async def answer(self) -> tuple[str, int | None]:
+        """The next answer given: (state, place)."""
+        with anyio.fail_after(10):
+            reply = await self._answers.receive()
+        return reply.state, reply.place
+
+
+async def _uploaded(
+    services: Services,
+    calculation: str = "checksum",
+    parameters: dict[str, JsonValue] | None = None,
+) -> tuple[str, PAR]:
+    job_uid, upload, run_par = await _ready_job(services, calculation, parameters)
+    await ObjectWriter(upload, services.user, transport=services.transport).set_object(b"x")
+    return job_uid, run_par
+
+
+async def _types(services: Services, job_uid: str) -> list[str]:
+    return [event.payload.type for event in await services.log.read(job_uid)]
+
+
+BUSY = "f" * 32  # a job holding the only run slot in the tests that need every slot taken
+
+
+async def test_starts_beyond_the_slots_are_answered_queued_with_their_place_then_run_in_turn(
+    services: Services,
+) -> None:
+    services.compute.queue = RunQueue(1)
+    starts = Starts(services)
+    first = await _uploaded(services, "sleep", {"seconds": 60})  # runs until it is stopped
+    later = [await _uploaded(services) for _ in range(2)]
+    ids = [uuid.uuid4().hex for _ in range(3)]
+    async with anyio.create_task_group() as group:
+        answers = []
+        for (_, run_par), message_id in zip([first, *later], ids, strict=True):
+            group.start_soon(starts.handle, run_par, message_id)
+            answers.append(await starts.answer())
+        # Each answered as it came: the first runs, the rest wait.
+        assert answers == [("running", None), ("queued", 1), ("queued", 2)]
+        status = services.run_command("status", later[1][1])
+        assert isinstance(status, GetRunStatus)
+        reply = await services.compute.status(status, requester=services.user.fingerprint)
+        assert (reply.state, reply.place) == ("queued", 2)
+        # The first run ends (stopped): the slot goes to the next in line, and so on.
+        _, cancelled = await services.compute.stop(
+            _stop(services, first[1]), requester=services.user.fingerprint
+        )
+        assert services.compute.on_cancelled(cancelled)
+    # One after the other, in the order they came, each claimed by its own start message.
+    started = [e for e in starts.published if isinstance(e.payload, RunStarted)]
+    assert [e.job_uid for e in started] == [first[0], later[0][0], later[1][0]]
+    assert [e.payload for e in started] == [RunStarted(start_message_id=i) for i in ids]
+    for (job_uid, _), message_id, place in zip(later, ids[1:], (1, 2), strict=True):
+        events = await services.log.read(job_uid)
+        assert [e.payload.type for e in events][3:] == ["queued", "run_started", "completed"]
+        assert events[3].payload == Queued(start_message_id=message_id, place=place)
+    ends = [starts.ends[message_id] for message_id in ids]
+    assert [type(end.payload) if end else None for end in ends] == [
+        Cancelled,
+        Completed,
+        Completed,
+    ]
+    assert len(starts.ends) == 3
+    assert (services.compute.queue.running, services.compute.queue.waiting) == (0, 0)
+
+
+async def test_a_second_start_is_refused_and_a_resend_answered_without_a_second_run(
+    services: Services,
+) -> None:
+    services.compute.queue = RunQueue(1)
+    starts = Starts(services)
+    job_uid, run_par = await _uploaded(services)
+    async with anyio.create_task_group() as group:
+        with services.compute.queue.ticket(BUSY):
+            group.start_soon(starts.handle, run_par, FIRST)
+            assert await starts.answer() == ("queued", 1)
+            with pytest.raises(RunRefusedError, match=f"already used to start job {job_uid}"):
+                await starts.handle(run_par, SECOND)
+            # The client's resend of the same message: answered as the job is, run nothing.
+            with anyio.fail_after(10):
+                assert await starts.handle(run_par, FIRST) is None
+            assert await starts.answer() == ("queued", 1)
+            assert services.compute.queue.waiting == 1
+    assert (await _types(services, job_uid))[3:] == ["queued", "run_started", "completed"]
+    # Once it has ended, a resend is answered with its end, not refused: it was accepted.
+    assert await starts.handle(run_par, FIRST) is None
+    assert await starts.answer() == ("completed", None)
+    with pytest.raises(RunRefusedError, match="already used"):
+        await starts.handle(run_par, SECOND)
+
+
+async def test_a_stop_while_queued_cancels_the_job_and_takes_it_out_of_the_queue(
+    services: Services,
+) -> None:
+    services.compute.queue = RunQueue(1)
+    starts = Starts(services)
+    job_uid, run_par = await _uploaded(services)
+    other_uid, other_par = await _uploaded(services)
+    async with anyio.create_task_group() as group:
+        with services.compute.queue.ticket(BUSY):
+            group.start_soon(starts.handle, run_par, FIRST)
+            assert await starts.answer() == ("queued", 1)
+            group.start_soon(starts.handle, other_par, SECOND)
+            assert await starts.answer() == ("queued", 2)
+            reply, cancelled = await services.compute.stop(
+                _stop(services, run_par), requester=services.user.fingerprint
+            )
+            assert (reply.state, cancelled.payload) == (
+                "cancelled",
+                Cancelled(reason="stopped while it waited for a run slot"),
+            )
+            # Its event reaches the daemon that holds the start: out of the queue it goes.
+            assert services.compute.on_cancelled(cancelled)
+            await anyio.wait_all_tasks_blocked()
+            assert starts.ends == {FIRST: None}
+            assert services.compute.queue.place(other_uid) == 1
+    assert (await _types(services, job_uid))[3:] == ["queued", "cancelled"]
+    assert (await _types(services, other_uid))[-1] == "completed"
+
+
+async def test_a_crash_while_queued_hands_the_start_to_another_daemon_which_runs_it_once(
+    services: Services, store: ObjectStore, http: httpx.AsyncClient
+) -> None:
+    services.compute.queue = RunQueue(1)
+    starts = Starts(services)
+    job_uid, run_par = await _uploaded(services)
+    async with anyio.create_task_group() as group:
+        with services.compute.queue.ticket(BUSY):
+            group.start_soon(starts.handle, run_par, FIRST)
+            assert await starts.answer() == ("queued", 1)
+            group.cancel_scope.cancel()  # the daemon dies; its start message goes back unacked
+    assert services.compute.queue.waiting == 0
+    # The broker hands the same message to another daemon (its own log, nothing remembered).
+    elsewhere = ComputeWorker(
+        store,
+        EventLog(store, services.keys.jobs),
+        PARIssuer(store, services.registry, name="compute"),
+        services.registry,
+        services.calculations,
+        services.keys,
+        services.compute_key,
+        http=http,
+    )
+    end = await starts.handle(run_par, FIRST, redelivered=True, worker=elsewhere)
+    assert end is not None
+    assert isinstance(end.payload, Completed)
+    assert await starts.answer() == ("queued", 1)  # as it was logged; it ran at once
+    events = await services.log.read(job_uid)
+    assert [e.payload.type for e in events][3:] == ["queued", "run_started", "completed"]
+    assert events[4].payload == RunStarted(start_message_id=FIRST)
+    # Delivered yet again (that daemon died before its ack): the job has ended, nothing runs.
+    assert await starts.handle(run_par, FIRST, redelivered=True, worker=elsewhere) is None
+    assert len(await services.log.read(job_uid)) == len(events)

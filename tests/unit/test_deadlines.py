@@ -137,7 +137,7 @@ async def test_a_deadline_for_a_started_or_ended_job_expires_nothing(services: S
     ).set_object(b"hello\n")
     start = _start(services, PAR(sheet.run_par))
     with services.compute.watching(submitted.job_uid) as handle:
-        running = await _claim(services, start, "m1")
+        running = await _claim(services, start, uuid.uuid4().hex)
         assert running.state is JobState.RUNNING
         published: list[JobEvent] = []
         # Started: its calculation's time limit bounds it, not its deadline.

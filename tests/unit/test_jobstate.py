@@ -25,6 +25,7 @@ from schemas.events import (
     JobState,
     OutputFile,
     Progress,
+    Queued,
     RunStarted,
     StorageContracted,
     Submitted,
@@ -34,6 +35,7 @@ from schemas.par import PARData, PARKind
 
 JOB = "a" * 32
 USER = "f" * 64
+START = "5" * 32  # the start message that claims the run
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
 
 
@@ -65,7 +67,8 @@ SAMPLES: dict[str, EventPayload] = {
     "submitted": SUBMITTED,
     "storage_contracted": StorageContracted(upload_par=UPLOAD, output_par=OUTPUT),
     "compute_contracted": ComputeContracted(run_par=RUN),
-    "run_started": RunStarted(),
+    "queued": Queued(start_message_id=START, place=2),
+    "run_started": RunStarted(start_message_id=START),
     "progress": Progress(message="half way", fraction=0.5),
     "completed": Completed(outputs=OUTPUTS, summary="1 file"),
     "failed": Failed(reason="calculation exited with status 3"),
@@ -78,7 +81,8 @@ LEGAL: dict[JobState | None, set[str]] = {
     None: {"submitted"},
     JobState.SUBMITTED: {"storage_contracted", "failed", "cancelled", "expired"},
     JobState.STORAGE_CONTRACTED: {"compute_contracted", "failed", "cancelled", "expired"},
-    JobState.READY: {"run_started", "failed", "cancelled", "expired"},
+    JobState.READY: {"queued", "run_started", "failed", "cancelled", "expired"},
+    JobState.QUEUED: {"run_started", "failed", "cancelled"},  # started: it no longer expires
     JobState.RUNNING: {"progress", "completed", "failed", "cancelled"},
     JobState.COMPLETED: set(),
     JobState.FAILED: set(),
@@ -89,6 +93,7 @@ TARGET = {
     "submitted": JobState.SUBMITTED,
     "storage_contracted": JobState.STORAGE_CONTRACTED,
     "compute_contracted": JobState.READY,
+    "queued": JobState.QUEUED,
     "run_started": JobState.RUNNING,
     "progress": JobState.RUNNING,
     "completed": JobState.COMPLETED,
@@ -102,6 +107,7 @@ PATHS: dict[JobState, list[str]] = {
     JobState.SUBMITTED: ["submitted"],
     JobState.STORAGE_CONTRACTED: ["submitted", "storage_contracted"],
     JobState.READY: _READY,
+    JobState.QUEUED: [*_READY, "queued"],
     JobState.RUNNING: [*_READY, "run_started"],
     JobState.COMPLETED: [*_READY, "run_started", "completed"],
     JobState.FAILED: ["submitted", "failed"],
@@ -160,7 +166,7 @@ def test_happy_path_to_completed_step_by_step() -> None:
     sheet = apply(sheet, event(3, SAMPLES["compute_contracted"], actor="compute"))
     assert (sheet.state, sheet.run_par) == (JobState.READY, RUN)
 
-    sheet = apply(sheet, event(4, RunStarted(), actor="compute"))
+    sheet = apply(sheet, event(4, RunStarted(start_message_id=START), actor="compute"))
     assert (sheet.state, sheet.progress, sheet.fraction) == (JobState.RUNNING, None, None)
 
     sheet = apply(sheet, event(5, Progress(message="reading", fraction=0.25)))
@@ -185,9 +191,11 @@ def test_happy_path_to_completed_step_by_step() -> None:
         (JobState.SUBMITTED, "failed", "calculation exited with status 3"),
         (JobState.STORAGE_CONTRACTED, "failed", "calculation exited with status 3"),
         (JobState.READY, "failed", "calculation exited with status 3"),
+        (JobState.QUEUED, "failed", "calculation exited with status 3"),
         (JobState.RUNNING, "failed", "calculation exited with status 3"),
         (JobState.SUBMITTED, "cancelled", "user stopped it"),
         (JobState.READY, "cancelled", "user stopped it"),
+        (JobState.QUEUED, "cancelled", "user stopped it"),
         (JobState.RUNNING, "cancelled", "user stopped it"),
         (JobState.SUBMITTED, "expired", None),
         (JobState.STORAGE_CONTRACTED, "expired", None),
@@ -201,6 +209,38 @@ def test_jobs_end_failed_cancelled_or_expired(
     ended = apply(sheet, event(sheet.seq + 1, SAMPLES[end]))
     assert (ended.state, ended.reason) == (TARGET[end], reason)
     assert ended.outputs == ()
+    assert ended.place is None
+
+
+def test_a_queued_job_holds_its_claim_and_place_until_its_run_starts() -> None:
+    queued = sheet_in(JobState.QUEUED)
+    assert (queued.state, queued.start_message_id, queued.place) == (JobState.QUEUED, START, 2)
+    running = apply(queued, event(queued.seq + 1, RunStarted(start_message_id=START)))
+    assert (running.state, running.start_message_id, running.place) == (
+        JobState.RUNNING,
+        START,
+        None,
+    )
+    # Started with a slot free, `run_started` is the claim itself.
+    direct = sheet_in(JobState.RUNNING)
+    assert (direct.start_message_id, direct.place) == (START, None)
+
+
+@pytest.mark.parametrize("other", ["6" * 32, None])
+def test_only_the_start_that_queued_a_job_may_run_it(other: str | None) -> None:
+    queued = sheet_in(JobState.QUEUED)
+    with pytest.raises(IllegalTransitionError, match=f"queued for start message {START}") as caught:
+        apply(queued, event(queued.seq + 1, RunStarted(start_message_id=other)))
+    assert (caught.value.state, caught.value.event_type) == (JobState.QUEUED, "run_started")
+
+
+def test_a_log_from_before_claims_were_logged_still_folds() -> None:
+    # `run_started` had no fields then: the wire form of such an event is read as it was.
+    wire = event(4, RunStarted()).model_dump(mode="json")
+    wire["payload"] = {"type": "run_started"}
+    old = [*history(_READY), JobEvent.model_validate(wire)]
+    sheet = fold([*old, event(5, SAMPLES["completed"])])
+    assert (sheet.state, sheet.start_message_id) == (JobState.COMPLETED, None)
 
 
 def test_apply_never_mutates_the_sheet_it_is_given() -> None:

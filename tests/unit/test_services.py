@@ -111,15 +111,15 @@ class Services:
             compute=self.compute_key.public,
         )
 
-    async def run(self, run_par: PAR, publish: Publish, *, message_id: str = "start") -> JobEvent:
+    async def run(self, run_par: PAR, publish: Publish, *, message_id: str = "5" * 32) -> JobEvent:
         """Start the run through `run_par` and run it to its end; its final event."""
         start = self.run_command("start", run_par)
         assert isinstance(start, StartRun)
         with self.compute.watching(start.job_uid) as handle:
-            sheet, _, _ = await self.compute.claim(
+            claim = await self.compute.claim(
                 start, requester=self.user.fingerprint, message_id=message_id
             )
-            return await self.compute.run(sheet, handle, publish, self.report)
+            return await self.compute.run(claim.sheet, handle, publish, self.report)
 
     def access_job_uid(self, message_id: str) -> str:
         """The job uid access derives from a submit's message id."""
