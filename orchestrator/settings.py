@@ -77,13 +77,27 @@ class S3Settings(BaseSettings):
         )
 
 
+def _amqp_node(url: str) -> tuple[str | None, str | None, str]:
+    """(user, password, virtual host) of one node's AMQP URL: what a cluster's nodes share."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
+        raise ValueError(
+            "PARJOBS_AMQP_URL must be an amqp:// or amqps:// URL with a host (or several, "
+            "separated by commas)"
+        )
+    return parts.username, parts.password, parts.path.lstrip("/") or "/"
+
+
 class AMQPSettings(BaseSettings):
     """Where RabbitMQ is and how parjobs uses it (`PARJOBS_AMQP_URL`, `PARJOBS_PREFIX`, ...)."""
 
     model_config = SettingsConfigDict(env_prefix="PARJOBS_", extra="ignore", frozen=True)
 
     amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
-    """A secret because it usually carries the password; `display_url` is the loggable form."""
+    """One node's URL, or the URLs of a cluster's nodes separated by commas (same user, password
+    and virtual host; they differ in host and port). A connection tries them in that order and,
+    when its node goes, moves to the next. A secret because it usually carries the password;
+    `display_url` is the loggable form."""
     prefix: str = "parjobs"
     """Every exchange, queue and stream name starts with `<prefix>.`, so deployments and test runs
     sharing one broker never collide."""
@@ -101,9 +115,15 @@ class AMQPSettings(BaseSettings):
     @field_validator("amqp_url")
     @classmethod
     def _amqp_url(cls, url: SecretStr) -> SecretStr:
-        if urlsplit(url.get_secret_value()).scheme not in ("amqp", "amqps"):
-            raise ValueError("PARJOBS_AMQP_URL must be an amqp:// or amqps:// URL")
-        return url
+        nodes = [part.strip() for part in url.get_secret_value().split(",")]
+        # Every node must be the same user in the same virtual host: a connection that moves
+        # must stay who it was (its `user_id` is checked on every publish).
+        if len({_amqp_node(node) for node in nodes}) > 1:
+            raise ValueError(
+                "the URLs in PARJOBS_AMQP_URL must share their user, password and virtual host "
+                "(they name the nodes of one cluster)"
+            )
+        return SecretStr(",".join(nodes))
 
     @field_validator("prefix")
     @classmethod
@@ -111,20 +131,30 @@ class AMQPSettings(BaseSettings):
         return check_prefix(prefix)
 
     @property
+    def urls(self) -> tuple[str, ...]:
+        """Each node's URL (secret values), in the order connections try them."""
+        return tuple(self.amqp_url.get_secret_value().split(","))
+
+    @property
     def username(self) -> str:
         """The broker user the URL connects as (aio-pika's default, `guest`, if it names none):
         every message this connection publishes carries it as its `user_id`."""
-        username = urlsplit(self.amqp_url.get_secret_value()).username
+        username = urlsplit(self.urls[0]).username
         return unquote(username) if username else "guest"
 
     @property
     def display_url(self) -> str:
-        """The URL with its password masked, for messages and logs."""
-        parts = urlsplit(self.amqp_url.get_secret_value())
-        if parts.password is None:
-            return parts.geturl()
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-        return parts._replace(netloc=netloc).geturl()
+        """The URL(s) with the password masked, for messages and logs."""
+        return ",".join(masked_url(url) for url in self.urls)
+
+
+def masked_url(url: str) -> str:
+    """`url` with its password masked, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return parts.geturl()
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
 
 
 class ManagementSettings(BaseSettings):

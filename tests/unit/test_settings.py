@@ -1,4 +1,5 @@
-"""S3Settings without a server: environment parsing, validation and the client config."""
+"""S3Settings and AMQPSettings without a server: environment parsing, validation, the S3 client
+config."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 from pydantic import SecretStr, ValidationError
 
 from orchestrator.errors import ConfigurationError
-from orchestrator.settings import S3Settings
+from orchestrator.settings import AMQPSettings, S3Settings
 
 
 @pytest.fixture(autouse=True)
@@ -59,3 +60,47 @@ def test_one_key_without_the_other_is_refused() -> None:
 def test_endpoint_must_be_http(url: str) -> None:
     with pytest.raises(ValidationError, match="http"):
         S3Settings(endpoint_url=url)
+
+
+# --- AMQPSettings: one node or a cluster's ------------------------------------------------------
+
+
+def test_one_amqp_url_is_one_node(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PARJOBS_AMQP_URL", "amqp://svc:s3cret@mq:5672/jobs")
+    settings = AMQPSettings()
+    assert settings.urls == ("amqp://svc:s3cret@mq:5672/jobs",)
+    assert settings.username == "svc"
+    assert settings.display_url == "amqp://svc:***@mq:5672/jobs"
+
+
+def test_a_comma_list_names_a_clusters_nodes_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(
+        "PARJOBS_AMQP_URL",
+        "amqp://svc:s3cret@mq1:5672/jobs, amqp://svc:s3cret@mq2:5673/jobs,"
+        "amqp://svc:s3cret@mq3/jobs",
+    )
+    settings = AMQPSettings()
+    assert settings.urls == (
+        "amqp://svc:s3cret@mq1:5672/jobs",
+        "amqp://svc:s3cret@mq2:5673/jobs",
+        "amqp://svc:s3cret@mq3/jobs",
+    )
+    assert settings.username == "svc"
+    assert "s3cret" not in settings.display_url
+    assert settings.display_url.count("svc:***@") == 3
+
+
+@pytest.mark.parametrize(
+    ("urls", "message"),
+    [
+        ("amqp://a:p@mq1/,amqp://b:p@mq2/", "share their user"),  # another user
+        ("amqp://a:p@mq1/,amqp://a:q@mq2/", "share their user"),  # another password
+        ("amqp://a:p@mq1/one,amqp://a:p@mq2/two", "share their user"),  # another vhost
+        ("amqp://a:p@mq1/,", "amqp:// or amqps://"),  # an empty node
+        ("amqp://a:p@mq1/,http://mq2/", "amqp:// or amqps://"),
+        ("amqp:///", "with a host"),
+    ],
+)
+def test_a_cluster_is_one_user_in_one_vhost(urls: str, message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        AMQPSettings(amqp_url=SecretStr(urls))
