@@ -1,0 +1,186 @@
+"""Failover on a RabbitMQ cluster: three nodes of the test's own (`tests/_rabbit_cluster.py`), the
+three daemons as processes given every node's URL, and a stream of jobs while the node the
+daemons are connected to is killed (SIGKILL), then — once that one is back — the node they moved
+to. Every job completes exactly once, is charged once, and nothing is dead-lettered.
+
+A quorum queue needs a majority of its members: with three nodes, one may be down at a time,
+which is why the first killed node is started again before the second kill.
+
+Slow (a cluster to start, two failovers): about two minutes on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import functools
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from decimal import Decimal
+
+import anyio
+import pytest
+from pydantic import SecretStr
+
+from orchestrator import KeyPair
+from orchestrator.broker.amqp import AMQPBroker
+from orchestrator.client.client import ParjobsClient
+from orchestrator.core.layout import JobKeys
+from orchestrator.services.accounts import Accounts
+from orchestrator.settings import AMQPSettings
+from orchestrator.store.base import ObjectStore
+from orchestrator.store.seaweed import LocalSeaweed
+from schemas.events import JobState
+from tests._rabbit_cluster import RabbitCluster
+from tests._waiting import eventually
+from tests.e2e.test_e2e import ACCOUNT, Harness, payload
+from workers.cluster import ROLES, LocalCluster
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+JOBS_AT_LEAST = 10
+JOBS_AT_MOST = 20
+
+
+@pytest.fixture
+async def rabbit() -> AsyncIterator[RabbitCluster]:
+    cluster = RabbitCluster()
+    try:
+        await cluster.start()
+        yield cluster
+    finally:
+        await cluster.stop()
+
+
+def reordered(settings: AMQPSettings, order: list[int]) -> AMQPSettings:
+    """`settings` with its nodes tried in `order`."""
+    urls = settings.urls
+    return settings.model_copy(update={"amqp_url": SecretStr(",".join(urls[i] for i in order))})
+
+
+async def test_client_connects_past_a_node_that_is_down(amqp_settings: AMQPSettings) -> None:
+    """The shared server as a 'cluster' whose first node refuses: the connection takes the next."""
+    closed = amqp_settings.urls[0].replace(":5672/", ":9/")
+    settings = amqp_settings.model_copy(
+        update={"amqp_url": SecretStr(f"{closed},{amqp_settings.urls[0]}")}
+    )
+    async with AMQPBroker(settings, name=f"cluster-{uuid.uuid4().hex[:8]}") as broker:
+        assert broker.node is not None
+        assert broker.node.endswith(":5672/")
+        assert broker.is_connected
+
+
+async def test_jobs_complete_exactly_once_while_the_daemons_node_is_killed_then_another(
+    rabbit: RabbitCluster,
+    seaweed: LocalSeaweed,
+    store: ObjectStore,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The operator's set-up (LocalCluster) reads PARJOBS_AMQP_URL: every node, the first first.
+    monkeypatch.setenv("PARJOBS_AMQP_URL", rabbit.amqp_urls())
+    tag = uuid.uuid4().hex[:10]
+    root = f"cluster-{tag}/"
+    daemons = LocalCluster(
+        seaweed.settings,
+        prefix=f"cluster-{tag}",
+        overrides={"PARJOBS_DATA_ROOT": root, "PARJOBS_MAX_RUNS": "4"},
+        management=rabbit.management,
+        ready_timeout=60,
+    )
+    user = KeyPair.generate("cluster-user")
+    try:
+        await daemons.start()
+        user_amqp = await daemons.add_user(ACCOUNT, user.public)
+        await Accounts(store, JobKeys(root)).deposit(ACCOUNT, Decimal(10_000))
+        # The user's client tries the nodes the other way round: it stays on the third node,
+        # which is never killed, so what is tested is the daemons' failover.
+        async with (
+            AMQPBroker(reordered(user_amqp, [2, 1, 0]), name=f"cluster-client-{tag}") as broker,
+            AMQPBroker(daemons.operator_amqp, name=f"cluster-operator-{tag}") as operator,
+            ParjobsClient(broker, user, service_keys=daemons.service_keys) as client,
+        ):
+            harness = Harness(daemons, broker, operator, client, store, root, user)
+            await _jobs_through_two_node_losses(harness, rabbit)
+    finally:
+        await daemons.stop()
+        await store.delete_prefix(root)
+
+
+async def _daemon_nodes(rabbit: RabbitCluster, daemons: LocalCluster) -> set[str]:
+    """The nodes the daemons' connections are on (each names its connection after its pid)."""
+    nodes = set()
+    for role in ROLES:
+        marker = f'{{"connection_name","parjobs-{role}-{daemons.pid(role)}"}}'
+        found = await rabbit.connection_nodes(marker)
+        assert len(found) == 1, f"{role}: {found}"
+        nodes.add(found[0][0])
+    return nodes
+
+
+async def _reconnected(harness: Harness, times: int) -> bool:
+    """Every daemon is ready again after `times` reconnections."""
+    for role in ROLES:
+        health = await harness.health(role)
+        if health["status"] != 200 or health["reconnections"] < times:
+            return False
+    return True
+
+
+async def _jobs_through_two_node_losses(harness: Harness, rabbit: RabbitCluster) -> None:
+    inputs: dict[str, bytes] = {}
+    finished: dict[str, str] = {}  # name -> job uid
+    chaos_done = anyio.Event()
+    killed: list[str] = []
+
+    async def one(name: str) -> None:
+        data = payload(500 + 37 * len(inputs), name)
+        inputs[name] = data
+        sheet = await harness.run_job(data, timeout=150)
+        assert sheet.state is JobState.COMPLETED, f"{name}: {sheet.state} {sheet.reason}"
+        finished[name] = sheet.job_uid
+
+    async def chaos() -> None:
+        await anyio.sleep(2)  # jobs in flight
+        for kill in (1, 2):
+            nodes = await _daemon_nodes(rabbit, harness.cluster)
+            assert len(nodes) == 1, nodes  # the daemons were given the same node order
+            node = rabbit.node_named(nodes.pop())
+            await rabbit.kill(node)
+            killed.append(node.name)
+            await eventually(
+                functools.partial(_reconnected, harness, kill),
+                f"every daemon ready again after losing {node.name}",
+                timeout=60,
+                interval=0.5,
+            )
+            moved = await _daemon_nodes(rabbit, harness.cluster)
+            assert node.name not in moved, moved
+            if kill == 1:
+                await rabbit.restart(node)  # back in the cluster: a majority survives kill 2
+        chaos_done.set()
+
+    with anyio.fail_after(240):
+        async with anyio.create_task_group() as group:
+            group.start_soon(chaos)
+            n = 0
+            while n < JOBS_AT_MOST and (n < JOBS_AT_LEAST or not chaos_done.is_set()):
+                group.start_soon(one, f"job-{n}")
+                n += 1
+                await anyio.sleep(0.5)
+
+    assert killed == [rabbit.nodes[0].name, rabbit.nodes[1].name], killed
+    assert len(finished) == n
+    assert len(set(finished.values())) == n
+
+    # Exactly once: one of each step per job in its log, and the checksum of its own input.
+    for name, job_uid in finished.items():
+        await harness.check_checksum_job(job_uid, inputs[name])
+
+    # Charged once: one hold and one settlement per job in the whole ledger; the books balance.
+    accounts = Accounts(harness.store, JobKeys(harness.root))
+    per_job = Counter((tx.job_uid, tx.kind) for tx in await accounts.ledger.read() if tx.job_uid)
+    for job_uid in finished.values():
+        assert (per_job[(job_uid, "hold")], per_job[(job_uid, "settle")]) == (1, 1), job_uid
+    assert await accounts.verify_books() == []
+
+    # Nothing dead-lettered.
+    assert await harness.operator.dead_letters() == []
