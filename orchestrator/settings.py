@@ -191,6 +191,9 @@ class ServiceSettings(BaseSettings):
     PARs, run commands)."""
     key_passphrase: SecretStr | None = None
     """The passphrase of the daemon's key file."""
+    key_passphrase_file: Path | None = None
+    """A file holding that passphrase instead (a container secret, e.g. compose's
+    `/run/secrets/...`): one trailing newline is dropped. Set one of the two, not both."""
     service_keys_file: Path | None = None
     """The operator's file of each service role's public keys (`ServiceKeys`): what replies and
     events are checked against, by services, clients and `parjobs replay`."""
@@ -225,10 +228,27 @@ class ServiceSettings(BaseSettings):
         return ServiceKeys.load(self.service_keys_file)
 
     def role_key(self, role: str) -> KeyPair:
-        """The daemon's own key pair (PARJOBS_KEY_FILE, PARJOBS_KEY_PASSPHRASE)."""
-        if self.key_file is None or self.key_passphrase is None:
+        """The daemon's own key pair (PARJOBS_KEY_FILE, and PARJOBS_KEY_PASSPHRASE or
+        PARJOBS_KEY_PASSPHRASE_FILE)."""
+        if self.key_file is None or (self.key_passphrase is None) == (
+            self.key_passphrase_file is None
+        ):
             raise ConfigurationError(
-                f"set PARJOBS_KEY_FILE and PARJOBS_KEY_PASSPHRASE to the {role} service's key "
-                "file (parjobs keys new) and its passphrase"
+                f"set PARJOBS_KEY_FILE to the {role} service's key file (parjobs keys new), and "
+                "its passphrase in PARJOBS_KEY_PASSPHRASE or a file named by "
+                "PARJOBS_KEY_PASSPHRASE_FILE (one of the two)"
             )
-        return KeyPair.load(self.key_file, self.key_passphrase.get_secret_value())
+        return KeyPair.load(self.key_file, self._passphrase())
+
+    def _passphrase(self) -> str:
+        if self.key_passphrase is not None:
+            return self.key_passphrase.get_secret_value()
+        assert self.key_passphrase_file is not None
+        try:
+            text = self.key_passphrase_file.read_text()
+        except OSError as exc:
+            raise ConfigurationError(
+                f"cannot read PARJOBS_KEY_PASSPHRASE_FILE {self.key_passphrase_file}: "
+                f"{exc.strerror}"
+            ) from exc
+        return text.removesuffix("\n")
