@@ -208,7 +208,8 @@ async def _jobs_through_two_node_losses(harness: Harness, rabbit: RabbitCluster)
                 timeout=60,
                 interval=0.5,
             )
-            timings.append(f"kill {kill} at {at - started:.1f}s, ready in {time.monotonic() - at:.1f}s")
+            ready_in = time.monotonic() - at
+            timings.append(f"kill {kill} at {at - started:.1f}s, ready again in {ready_in:.1f}s")
             moved = await _daemon_nodes(rabbit, harness.cluster)
             assert node.name not in moved, moved
             if kill == 1:
