@@ -31,7 +31,7 @@ from pydantic import SecretStr
 from orchestrator.settings import ManagementSettings
 
 RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")
-START_TIMEOUT_S = 60.0
+START_TIMEOUT_S = 90.0
 
 
 def _free_port() -> int:
@@ -43,6 +43,15 @@ def _free_port() -> int:
 
 class NodeCommandError(RuntimeError):
     """A `rabbitmqctl` command failed."""
+
+
+async def _listening(port: int) -> bool:
+    try:
+        stream = await anyio.connect_tcp("127.0.0.1", port)
+    except OSError:
+        return False
+    await stream.aclose()
+    return True
 
 
 @dataclass
@@ -82,7 +91,7 @@ class RabbitCluster:
             for n in range(1, size + 1)
         ]
         self.admin_user = f"pjc-admin-{tag}"
-        self.admin_password = SecretStr(secrets.token_urlsafe(24))
+        self.admin_password = SecretStr(secrets.token_hex(24))  # hex: never a leading "-"
 
     # --- what clients are given ------------------------------------------------------------------
 
@@ -174,7 +183,10 @@ class RabbitCluster:
                 except NodeCommandError:
                     await anyio.sleep(0.5)
                 else:
-                    return
+                    break
+            # The management listener may come a moment after the node says it has started.
+            while node.management_port is not None and not await _listening(node.management_port):
+                await anyio.sleep(0.2)
 
     async def ctl(self, node: Node, *args: str, timeout: float = 60) -> str:  # noqa: ASYNC109
         """`rabbitmqctl -n <node> args...` with the cluster's cookie; its output."""
@@ -215,6 +227,12 @@ class RabbitCluster:
         assert not node.up, f"{node.name} is still running"
         self._spawn(node)
         await self.await_startup(node)
+
+    async def heal(self) -> None:
+        """Start again every node a test left down (one that failed before restarting it)."""
+        for node in self.nodes:
+            if not node.up:
+                await self.restart(node)
 
     async def connection_nodes(self, marker: str) -> list[tuple[str, str]]:
         """(node, client properties) of each client connection whose properties hold `marker`

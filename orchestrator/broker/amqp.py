@@ -99,11 +99,16 @@ class AMQPBroker:
         connection = await connect_failover(self.settings, name=self.name)
         self._connection = connection
         connection.reconnect_callbacks.add(self._on_reconnect)
-        channel = connection.channel(publisher_confirms=True, on_return_raises=True)
-        await channel.initialize()
+
+        async def open_channel() -> AbstractRobustChannel:
+            channel = connection.channel(publisher_confirms=True, on_return_raises=True)
+            await channel.initialize()
+            return channel
+
         self._publisher = Publisher(
-            channel, timeout=self.settings.publish_timeout, user_id=self.settings.username
+            open_channel, timeout=self.settings.publish_timeout, user_id=self.settings.username
         )
+        await self._publisher.start()
 
     def _on_reconnect(self, connection: AbstractRobustConnection | None) -> None:
         self.reconnections += 1

@@ -3,7 +3,8 @@
 A broker given every node's URL goes on publishing and consuming while its node is killed
 (SIGKILL). Then the three daemons as processes, given every node's URL, and a stream of jobs
 while the node the daemons are connected to is killed, then — once that one is back — the node
-they moved to. Every job completes exactly once, is charged once, and nothing is dead-lettered.
+most of them moved to. Every job completes exactly once, is charged once, and nothing is
+dead-lettered.
 
 A quorum queue needs a majority of its members: with three nodes, one may be down at a time,
 which is why the first killed node is started again before the second kill.
@@ -43,7 +44,9 @@ from workers.cluster import ROLES, LocalCluster
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 JOBS_AT_LEAST = 10
-JOBS_AT_MOST = 20
+JOBS_AT_MOST = 30
+JOB_INTERVAL_S = 0.75
+"""A job starts every so often until both failovers are over: jobs are in flight at each."""
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +83,7 @@ async def test_publishing_and_consuming_go_on_through_the_loss_of_the_node(
 ) -> None:
     """Publishes in flight when the node dies are confirmed on another (none fails, none is
     lost); the consumer is restored there and gets every message."""
+    await rabbit.heal()
     prefix = f"cluster-{uuid.uuid4().hex[:10]}"
     settings = AMQPSettings(
         amqp_url=SecretStr(rabbit.amqp_urls()), prefix=prefix, reconnect_interval=0.3
@@ -108,17 +112,24 @@ async def test_publishing_and_consuming_go_on_through_the_loss_of_the_node(
             await rabbit.kill(node)
 
         async def moved() -> bool:
-            return broker.reconnections == 1 and broker.is_connected
+            # At least once: RabbitMQ 3.10 may close a fresh connection once more (541,
+            # INTERNAL_ERROR) while a quorum queue elects its leader; it moves on again.
+            where = broker.node
+            return (
+                broker.reconnections >= 1
+                and broker.is_connected
+                and where is not None
+                and f":{node.amqp_port}/" not in where
+            )
 
         await eventually(moved, "the connection restored on another node")
-        assert broker.node is not None
-        assert f":{node.amqp_port}/" not in broker.node
 
         async def all_seen() -> bool:
             return seen == set(range(300))
 
         await eventually(all_seen, "all 300 seen (duplicates allowed)")
         assert (await broker.check()).dead_letters == 0
+        print(f"reconnections: {broker.reconnections}")
         await rabbit.restart(node)
 
 
@@ -128,6 +139,7 @@ async def test_jobs_complete_exactly_once_while_the_daemons_node_is_killed_then_
     store: ObjectStore,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    await rabbit.heal()
     # The operator's set-up (LocalCluster) reads PARJOBS_AMQP_URL: every node, the first first.
     monkeypatch.setenv("PARJOBS_AMQP_URL", rabbit.amqp_urls())
     tag = uuid.uuid4().hex[:10]
@@ -140,8 +152,10 @@ async def test_jobs_complete_exactly_once_while_the_daemons_node_is_killed_then_
         ready_timeout=60,
     )
     user = KeyPair.generate("cluster-user")
+    started = time.monotonic()
     try:
         await daemons.start()
+        print(f"daemons ready in {time.monotonic() - started:.1f}s")
         user_amqp = await daemons.add_user(ACCOUNT, user.public)
         await Accounts(store, JobKeys(root)).deposit(ACCOUNT, Decimal(10_000))
         # The user's client tries the nodes the other way round: it stays on the third node,
@@ -158,31 +172,32 @@ async def test_jobs_complete_exactly_once_while_the_daemons_node_is_killed_then_
         await store.delete_prefix(root)
 
 
-async def _daemon_nodes(rabbit: RabbitCluster, daemons: LocalCluster) -> set[str]:
-    """The nodes the daemons' connections are on (each names its connection after its pid)."""
-    nodes = set()
+async def _daemon_nodes(rabbit: RabbitCluster, daemons: LocalCluster) -> dict[str, str | None]:
+    """The node each daemon's connection is on, by role (None: it has none right now); each
+    daemon names its connection after its pid."""
+    connections = await rabbit.connection_nodes('{"connection_name","parjobs-')
+    where: dict[str, str | None] = {}
     for role in ROLES:
         marker = f'{{"connection_name","parjobs-{role}-{daemons.pid(role)}"}}'
-        found = await rabbit.connection_nodes(marker)
-        assert len(found) == 1, f"{role}: {found}"
-        nodes.add(found[0][0])
-    return nodes
+        found = [node for node, properties in connections if marker in properties]
+        assert len(found) <= 1, f"{role} has {len(found)} connections: {found}"
+        where[role] = found[0] if found else None
+    return where
 
 
-async def _reconnected(harness: Harness, times: int) -> bool:
-    """Every daemon is ready again after `times` reconnections."""
+async def _moved_away(harness: Harness, rabbit: RabbitCluster, lost: str) -> bool:
+    """Every daemon is ready, connected to a node other than `lost`."""
     for role in ROLES:
-        health = await harness.health(role)
-        if health["status"] != 200 or health["reconnections"] < times:
+        if (await harness.health(role))["status"] != 200:
             return False
-    return True
+    where = await _daemon_nodes(rabbit, harness.cluster)
+    return all(node is not None and node != lost for node in where.values())
 
 
 async def _jobs_through_two_node_losses(harness: Harness, rabbit: RabbitCluster) -> None:
     inputs: dict[str, bytes] = {}
     finished: dict[str, str] = {}  # name -> job uid
     chaos_done = anyio.Event()
-    killed: list[str] = []
     timings: list[str] = []
     started = time.monotonic()
 
@@ -196,22 +211,23 @@ async def _jobs_through_two_node_losses(harness: Harness, rabbit: RabbitCluster)
     async def chaos() -> None:
         await anyio.sleep(2)  # jobs in flight
         for kill in (1, 2):
-            nodes = await _daemon_nodes(rabbit, harness.cluster)
-            assert len(nodes) == 1, nodes  # the daemons were given the same node order
-            node = rabbit.node_named(nodes.pop())
+            where = await _daemon_nodes(rabbit, harness.cluster)
+            if kill == 1:  # the daemons were all given the nodes in the same order
+                assert set(where.values()) == {rabbit.nodes[0].name}, where
+            # A failover may spread them (a node that refuses a restore is passed over too):
+            # the node most of them are on.
+            [(name, _)] = Counter(node for node in where.values() if node).most_common(1)
+            node = rabbit.node_named(name)
             await rabbit.kill(node)
-            killed.append(node.name)
             at = time.monotonic()
             await eventually(
-                functools.partial(_reconnected, harness, kill),
-                f"every daemon ready again after losing {node.name}",
+                functools.partial(_moved_away, harness, rabbit, node.name),
+                f"every daemon ready on another node than {node.name}",
                 timeout=60,
                 interval=0.5,
             )
             ready_in = time.monotonic() - at
             timings.append(f"kill {kill} at {at - started:.1f}s, ready again in {ready_in:.1f}s")
-            moved = await _daemon_nodes(rabbit, harness.cluster)
-            assert node.name not in moved, moved
             if kill == 1:
                 await rabbit.restart(node)  # back in the cluster: a majority survives kill 2
         chaos_done.set()
@@ -223,11 +239,10 @@ async def _jobs_through_two_node_losses(harness: Harness, rabbit: RabbitCluster)
             while n < JOBS_AT_MOST and (n < JOBS_AT_LEAST or not chaos_done.is_set()):
                 group.start_soon(one, f"job-{n}")
                 n += 1
-                await anyio.sleep(0.5)
+                await anyio.sleep(JOB_INTERVAL_S)
 
-    timings.append(f"{n} jobs done at {time.monotonic() - started:.1f}s")
+    timings.append(f"{n} jobs, done at {time.monotonic() - started:.1f}s")
     print("; ".join(timings))
-    assert killed == [rabbit.nodes[0].name, rabbit.nodes[1].name], killed
     assert len(finished) == n
     assert len(set(finished.values())) == n
 
@@ -244,3 +259,4 @@ async def _jobs_through_two_node_losses(harness: Harness, rabbit: RabbitCluster)
 
     # Nothing dead-lettered.
     assert await harness.operator.dead_letters() == []
+    print(f"checked at {time.monotonic() - started:.1f}s")
