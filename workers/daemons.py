@@ -45,7 +45,7 @@ from schemas.messages import (
 )
 from workers.calculations import CalculationRegistry
 from workers.compute import ComputeWorker
-from workers.middleware import bind_log_context, mark_answered, verified_requester
+from workers.middleware import bind_log_context, verified_requester
 from workers.runtime import ServiceContext, serve
 from workers.storage import StorageWorker
 
@@ -212,13 +212,14 @@ async def setup_compute(context: ServiceContext, group: TaskGroup) -> None:
                 )
                 await context.publish_event(started)
             if meta.redelivered:
-                mark_answered()  # by the first delivery; what fails in the run below is retried
                 # The daemon that had it died: what it appended may never have been published
                 # (a progress, say). Publish the job's log again; subscribers de-duplicate.
                 for event in await context.log.read(sheet.job_uid):
                     await context.publish_event(event)
-            else:
-                await context.reply(meta, worker.started_reply(sheet))
+            # Answered again when redelivered: the first reply may never have gone out (its
+            # daemon's node died first); a requester that has its answer drops a second one.
+            # Answered, what fails in the run below is retried, not answered.
+            await context.reply(meta, worker.started_reply(sheet))
             await worker.run(sheet, handle, context.publish_event)
 
     identities = context.identities
