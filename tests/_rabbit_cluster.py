@@ -95,12 +95,12 @@ class RabbitCluster:
 
     # --- what clients are given ------------------------------------------------------------------
 
-    def amqp_urls(self, order: list[int] | None = None) -> str:
-        """The administrator's PARJOBS_AMQP_URL: each node's URL, in `order` (node indexes)."""
+    def amqp_urls(self) -> str:
+        """The administrator's PARJOBS_AMQP_URL: every node's URL, the first node's first."""
         password = self.admin_password.get_secret_value()
         return ",".join(
-            f"amqp://{self.admin_user}:{password}@127.0.0.1:{self.nodes[i].amqp_port}/"
-            for i in (order if order is not None else range(len(self.nodes)))
+            f"amqp://{self.admin_user}:{password}@127.0.0.1:{node.amqp_port}/"
+            for node in self.nodes
         )
 
     @property

@@ -51,7 +51,7 @@ JOB_INTERVAL_S = 0.75
 
 @pytest.fixture(scope="module")
 async def rabbit() -> AsyncIterator[RabbitCluster]:
-    """The module's cluster; a test that kills a node starts it again before it ends."""
+    """The module's cluster; each test starts again any node an earlier one left down."""
     cluster = RabbitCluster()
     try:
         await cluster.start()
