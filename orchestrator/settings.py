@@ -77,13 +77,27 @@ class S3Settings(BaseSettings):
         )
 
 
+def _amqp_node(url: str) -> tuple[str | None, str | None, str]:
+    """(user, password, virtual host) of one node's AMQP URL: what a cluster's nodes share."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
+        raise ValueError(
+            "PARJOBS_AMQP_URL must be an amqp:// or amqps:// URL with a host (or several, "
+            "separated by commas)"
+        )
+    return parts.username, parts.password, parts.path.lstrip("/") or "/"
+
+
 class AMQPSettings(BaseSettings):
     """Where RabbitMQ is and how parjobs uses it (`PARJOBS_AMQP_URL`, `PARJOBS_PREFIX`, ...)."""
 
     model_config = SettingsConfigDict(env_prefix="PARJOBS_", extra="ignore", frozen=True)
 
     amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
-    """A secret because it usually carries the password; `display_url` is the loggable form."""
+    """One node's URL, or the URLs of a cluster's nodes separated by commas (same user, password
+    and virtual host; they differ in host and port). A connection tries them in that order and,
+    when its node goes, moves to the next. A secret because it usually carries the password;
+    `display_url` is the loggable form."""
     prefix: str = "parjobs"
     """Every exchange, queue and stream name starts with `<prefix>.`, so deployments and test runs
     sharing one broker never collide."""
@@ -101,9 +115,15 @@ class AMQPSettings(BaseSettings):
     @field_validator("amqp_url")
     @classmethod
     def _amqp_url(cls, url: SecretStr) -> SecretStr:
-        if urlsplit(url.get_secret_value()).scheme not in ("amqp", "amqps"):
-            raise ValueError("PARJOBS_AMQP_URL must be an amqp:// or amqps:// URL")
-        return url
+        nodes = [part.strip() for part in url.get_secret_value().split(",")]
+        # Every node must be the same user in the same virtual host: a connection that moves
+        # must stay who it was (its `user_id` is checked on every publish).
+        if len({_amqp_node(node) for node in nodes}) > 1:
+            raise ValueError(
+                "the URLs in PARJOBS_AMQP_URL must share their user, password and virtual host "
+                "(they name the nodes of one cluster)"
+            )
+        return SecretStr(",".join(nodes))
 
     @field_validator("prefix")
     @classmethod
@@ -111,20 +131,30 @@ class AMQPSettings(BaseSettings):
         return check_prefix(prefix)
 
     @property
+    def urls(self) -> tuple[str, ...]:
+        """Each node's URL (secret values), in the order connections try them."""
+        return tuple(self.amqp_url.get_secret_value().split(","))
+
+    @property
     def username(self) -> str:
         """The broker user the URL connects as (aio-pika's default, `guest`, if it names none):
         every message this connection publishes carries it as its `user_id`."""
-        username = urlsplit(self.amqp_url.get_secret_value()).username
+        username = urlsplit(self.urls[0]).username
         return unquote(username) if username else "guest"
 
     @property
     def display_url(self) -> str:
-        """The URL with its password masked, for messages and logs."""
-        parts = urlsplit(self.amqp_url.get_secret_value())
-        if parts.password is None:
-            return parts.geturl()
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-        return parts._replace(netloc=netloc).geturl()
+        """The URL(s) with the password masked, for messages and logs."""
+        return ",".join(masked_url(url) for url in self.urls)
+
+
+def masked_url(url: str) -> str:
+    """`url` with its password masked, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return parts.geturl()
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
 
 
 class ManagementSettings(BaseSettings):
@@ -161,6 +191,9 @@ class ServiceSettings(BaseSettings):
     PARs, run commands)."""
     key_passphrase: SecretStr | None = None
     """The passphrase of the daemon's key file."""
+    key_passphrase_file: Path | None = None
+    """A file holding that passphrase instead (a container secret, e.g. compose's
+    `/run/secrets/...`): one trailing newline is dropped. Set one of the two, not both."""
     service_keys_file: Path | None = None
     """The operator's file of each service role's public keys (`ServiceKeys`): what replies and
     events are checked against, by services, clients and `parjobs replay`."""
@@ -202,10 +235,27 @@ class ServiceSettings(BaseSettings):
         return ServiceKeys.load(self.service_keys_file)
 
     def role_key(self, role: str) -> KeyPair:
-        """The daemon's own key pair (PARJOBS_KEY_FILE, PARJOBS_KEY_PASSPHRASE)."""
-        if self.key_file is None or self.key_passphrase is None:
+        """The daemon's own key pair (PARJOBS_KEY_FILE, and PARJOBS_KEY_PASSPHRASE or
+        PARJOBS_KEY_PASSPHRASE_FILE)."""
+        if self.key_file is None or (self.key_passphrase is None) == (
+            self.key_passphrase_file is None
+        ):
             raise ConfigurationError(
-                f"set PARJOBS_KEY_FILE and PARJOBS_KEY_PASSPHRASE to the {role} service's key "
-                "file (parjobs keys new) and its passphrase"
+                f"set PARJOBS_KEY_FILE to the {role} service's key file (parjobs keys new), and "
+                "its passphrase in PARJOBS_KEY_PASSPHRASE or a file named by "
+                "PARJOBS_KEY_PASSPHRASE_FILE (one of the two)"
             )
-        return KeyPair.load(self.key_file, self.key_passphrase.get_secret_value())
+        return KeyPair.load(self.key_file, self._passphrase())
+
+    def _passphrase(self) -> str:
+        if self.key_passphrase is not None:
+            return self.key_passphrase.get_secret_value()
+        assert self.key_passphrase_file is not None
+        try:
+            text = self.key_passphrase_file.read_text()
+        except OSError as exc:
+            raise ConfigurationError(
+                f"cannot read PARJOBS_KEY_PASSPHRASE_FILE {self.key_passphrase_file}: "
+                f"{exc.strerror}"
+            ) from exc
+        return text.removesuffix("\n")

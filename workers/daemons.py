@@ -49,7 +49,7 @@ from schemas.messages import (
 )
 from workers.calculations import CalculationRegistry
 from workers.compute import ComputeWorker
-from workers.middleware import bind_log_context, mark_answered, verified_requester
+from workers.middleware import bind_log_context, verified_requester
 from workers.runtime import ServiceContext, serve
 from workers.storage import StorageWorker
 
@@ -237,14 +237,15 @@ async def setup_compute(context: ServiceContext, group: TaskGroup) -> None:
         # dies, the broker hands it to the next one, whose claim recognises the same message and
         # runs the job there, once.
         async def answer(reply: RunReply) -> None:
-            if not meta.redelivered:
-                await context.reply(meta, reply)
-                return
-            mark_answered()  # by the first delivery; what fails in the run below is retried
-            # The daemon that had it died: what it appended may never have been published (a
-            # progress, say). Publish the job's log again; subscribers de-duplicate.
-            for event in await context.log.read(envelope.body.job_uid):
-                await context.publish_event(event)
+            if meta.redelivered:
+                # The daemon that had it died: what it appended may never have been published (a
+                # progress, say). Publish the job's log again; subscribers de-duplicate.
+                for event in await context.log.read(envelope.body.job_uid):
+                    await context.publish_event(event)
+            # Answered again when redelivered: the first reply may never have gone out (its
+            # daemon's node died first); a requester that has its answer drops a second one.
+            # Answered, what fails in the run below is retried, not answered.
+            await context.reply(meta, reply)
 
         await worker.start(
             envelope.body,

@@ -29,8 +29,9 @@ ENABLE_COMMAND = "rabbitmq-plugins enable rabbitmq_management"
 
 
 def vhost_of(amqp_url: str) -> str:
-    """The virtual host an AMQP URL names, as aio-pika reads it (no path or `/`: `/`)."""
-    path = urlsplit(amqp_url).path
+    """The virtual host an AMQP URL names, as aio-pika reads it (no path or `/`: `/`); of a
+    cluster's comma-separated URLs, the first's (AMQPSettings checks they all name the same)."""
+    path = urlsplit(amqp_url.split(",", 1)[0]).path
     return "/" if path in ("", "/") else unquote(path[1:])
 
 
@@ -47,14 +48,18 @@ class Credentials:
     password: SecretStr
 
     def amqp_url(self, base: str | SecretStr) -> SecretStr:
-        """`base` (e.g. PARJOBS_AMQP_URL) with these credentials in place of its own, quoted:
-        usernames hold `:` and `@`, which a URL's user part must escape."""
-        url = base.get_secret_value() if isinstance(base, SecretStr) else base
-        parts = urlsplit(url)
-        host = parts.netloc.rpartition("@")[2]
+        """`base` (e.g. PARJOBS_AMQP_URL, one URL or a cluster's, comma-separated) with these
+        credentials in place of its own, quoted: usernames hold `:` and `@`, which a URL's user
+        part must escape."""
+        urls = base.get_secret_value() if isinstance(base, SecretStr) else base
         user = quote(self.username, safe="")
         password = quote(self.password.get_secret_value(), safe="")
-        return SecretStr(parts._replace(netloc=f"{user}:{password}@{host}").geturl())
+        nodes = []
+        for url in urls.split(","):
+            parts = urlsplit(url)
+            host = parts.netloc.rpartition("@")[2]
+            nodes.append(parts._replace(netloc=f"{user}:{password}@{host}").geturl())
+        return SecretStr(",".join(nodes))
 
 
 class BrokerAdmin:

@@ -1,9 +1,9 @@
 """`AMQPBroker`: the `Broker` seam on RabbitMQ.
 
-One robust
-connection (aio-pika restores channels, queues, bindings and consumers after the broker drops
-it); one publishing channel with publisher confirms; one channel per consumer, whose prefetch is
-its number of concurrent handlers.
+One robust connection (aio-pika restores channels, queues, bindings and consumers after the
+broker drops it; given a cluster's nodes, it moves to the next node when its own goes:
+`_failover`); one publishing channel with publisher confirms; one channel per consumer, whose
+prefetch is its number of concurrent handlers.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from typing import TYPE_CHECKING, Any, Literal, Self, TypeVar
 
-import aio_pika
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS, AMQPError, ChannelNotFoundEntity
 
 from orchestrator.broker import _dlq, _streams
 from orchestrator.broker._consumer import Consumer
+from orchestrator.broker._failover import FailoverConnection, connect_failover
 from orchestrator.broker._publish import Publisher, outgoing
 from orchestrator.broker._rpc import ReplyQueue
 from orchestrator.broker.base import BrokerHealth, finish_handlers
@@ -71,7 +71,7 @@ class AMQPBroker:
         self.name = name
         self.username = self.settings.username
         """The broker user this connection is: the `user_id` of everything it publishes."""
-        self._connection: aio_pika.RobustConnection | None = None
+        self._connection: FailoverConnection | None = None
         self._publisher: Publisher | None = None
         self._setup_channel: AbstractRobustChannel | None = None
         self._consumers: list[Consumer[Any]] = []
@@ -95,29 +95,31 @@ class AMQPBroker:
         await self.close()
 
     async def connect(self) -> None:
-        """Connect (BrokerUnavailableError if RabbitMQ does not answer) and open the publisher."""
-        try:
-            connection = await aio_pika.connect_robust(
-                self.settings.amqp_url.get_secret_value(),
-                client_properties={"connection_name": self.name},
-                timeout=self.settings.connect_timeout,
-                reconnect_interval=self.settings.reconnect_interval,
-            )
-        except (TimeoutError, *CONNECTION_EXCEPTIONS) as exc:
-            raise BrokerUnavailableError(
-                f"RabbitMQ not reachable at {self.settings.display_url}: {exc}"
-            ) from exc
+        """Connect to the first node that answers (BrokerUnavailableError if none does) and open
+        the publisher; when that node goes, the connection moves to the next (`_failover`)."""
+        connection = await connect_failover(self.settings, name=self.name)
         self._connection = connection
         connection.reconnect_callbacks.add(self._on_reconnect)
-        channel = connection.channel(publisher_confirms=True, on_return_raises=True)
-        await channel.initialize()
-        self._publisher = Publisher(
-            channel, timeout=self.settings.publish_timeout, user_id=self.settings.username
-        )
 
-    def _on_reconnect(self, _: AbstractRobustConnection | None) -> None:
+        async def open_channel() -> AbstractRobustChannel:
+            channel = connection.channel(publisher_confirms=True, on_return_raises=True)
+            await channel.initialize()
+            return channel
+
+        self._publisher = Publisher(
+            open_channel, timeout=self.settings.publish_timeout, user_id=self.settings.username
+        )
+        await self._publisher.start()
+
+    def _on_reconnect(self, connection: AbstractRobustConnection | None) -> None:
         self.reconnections += 1
-        log.warning("reconnected to %s; channels and consumers restored", self.settings.display_url)
+        node = connection.node if isinstance(connection, FailoverConnection) else "RabbitMQ"
+        log.warning("reconnected to %s; channels and consumers restored", node)
+
+    @property
+    def node(self) -> str | None:
+        """The node URL (password masked) the connection is on or tries next; None if closed."""
+        return None if self._connection is None else self._connection.node
 
     async def drain(self, timeout: float) -> bool:  # noqa: ASYNC109 - the grace period is the API
         """Stop consuming, let in-flight handlers finish for up to `timeout` seconds, then cancel
@@ -177,7 +179,7 @@ class AMQPBroker:
             reconnections=self.reconnections,
         )
 
-    def _require(self) -> aio_pika.RobustConnection:
+    def _require(self) -> FailoverConnection:
         if self._connection is None:
             raise BrokerError("the broker is not connected: use `async with AMQPBroker(...)`")
         return self._connection

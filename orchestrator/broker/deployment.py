@@ -12,9 +12,9 @@ import itertools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import aio_pika
 from pydantic import SecretStr
 
+from orchestrator.broker._failover import connect_failover
 from orchestrator.broker.amqp import AMQPBroker
 from orchestrator.broker.identities import Identities, Role
 from orchestrator.broker.topology import Topology
@@ -82,7 +82,7 @@ async def delete_topology(settings: AMQPSettings) -> None:
     topology = Topology(settings.prefix, settings.delivery_limit)
     service_queues = Identities(topology).service_queues().values()
     queues = [*topology.shared_queues, *itertools.chain(*service_queues)]
-    connection = await aio_pika.connect(settings.amqp_url.get_secret_value())
+    connection = await connect_failover(settings, name=f"{settings.prefix}-teardown")
     async with connection, connection.channel() as channel:
         for queue in queues:
             await channel.queue_delete(queue.name)

@@ -24,6 +24,7 @@ from orchestrator.settings import ManagementSettings
         ("amqp://guest:guest@127.0.0.1:5672", "/"),
         ("amqps://u:p@broker/prod", "prod"),
         ("amqp://u:p@broker/%2Fprod", "/prod"),
+        ("amqp://u:p@mq1/prod,amqp://u:p@mq2/prod", "prod"),  # a cluster's nodes
     ],
 )
 def test_the_vhost_is_read_from_the_amqp_url_as_aio_pika_reads_it(url: str, vhost: str) -> None:
@@ -39,6 +40,12 @@ def test_credentials_replace_the_urls_own_and_survive_quoting() -> None:
     assert "guest" not in url
     without_credentials = credentials.amqp_url("amqp://broker/").get_secret_value()
     assert URL(without_credentials).user == "user:alice.x@acme:prod"
+
+
+def test_credentials_replace_those_of_every_node_of_a_cluster() -> None:
+    credentials = Credentials("svc", SecretStr("pw"))
+    urls = credentials.amqp_url("amqp://guest:guest@mq1:5672/v,amqp://mq2:5673/v")
+    assert urls.get_secret_value() == "amqp://svc:pw@mq1:5672/v,amqp://svc:pw@mq2:5673/v"
 
 
 def test_fresh_passwords_are_long_and_never_repeat() -> None:

@@ -1,19 +1,24 @@
-"""S3Settings without a server: environment parsing, validation and the client config."""
+"""Settings without a server: environment parsing and validation (S3, AMQP, the daemons' key)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 from pydantic import SecretStr, ValidationError
 
+from orchestrator.core.keys import KeyPair
 from orchestrator.errors import ConfigurationError
-from orchestrator.settings import S3Settings
+from orchestrator.settings import AMQPSettings, S3Settings, ServiceSettings
 
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The developer's own PARJOBS_S3_* variables must not leak into these tests."""
+    """The developer's own PARJOBS_* variables must not leak into these tests."""
     for name in S3Settings.model_fields:
         monkeypatch.delenv(f"PARJOBS_S3_{name.upper()}", raising=False)
+    for name in ServiceSettings.model_fields:
+        monkeypatch.delenv(f"PARJOBS_{name.upper()}", raising=False)
 
 
 def test_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -59,3 +64,82 @@ def test_one_key_without_the_other_is_refused() -> None:
 def test_endpoint_must_be_http(url: str) -> None:
     with pytest.raises(ValidationError, match="http"):
         S3Settings(endpoint_url=url)
+
+
+# --- AMQPSettings: one node or a cluster's ------------------------------------------------------
+
+
+def test_one_amqp_url_is_one_node(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PARJOBS_AMQP_URL", "amqp://svc:s3cret@mq:5672/jobs")
+    settings = AMQPSettings()
+    assert settings.urls == ("amqp://svc:s3cret@mq:5672/jobs",)
+    assert settings.username == "svc"
+    assert settings.display_url == "amqp://svc:***@mq:5672/jobs"
+
+
+def test_a_comma_list_names_a_clusters_nodes_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(
+        "PARJOBS_AMQP_URL",
+        "amqp://svc:s3cret@mq1:5672/jobs, amqp://svc:s3cret@mq2:5673/jobs,"
+        "amqp://svc:s3cret@mq3/jobs",
+    )
+    settings = AMQPSettings()
+    assert settings.urls == (
+        "amqp://svc:s3cret@mq1:5672/jobs",
+        "amqp://svc:s3cret@mq2:5673/jobs",
+        "amqp://svc:s3cret@mq3/jobs",
+    )
+    assert settings.username == "svc"
+    assert "s3cret" not in settings.display_url
+    assert settings.display_url.count("svc:***@") == 3
+
+
+@pytest.mark.parametrize(
+    ("urls", "message"),
+    [
+        ("amqp://a:p@mq1/,amqp://b:p@mq2/", "share their user"),  # another user
+        ("amqp://a:p@mq1/,amqp://a:q@mq2/", "share their user"),  # another password
+        ("amqp://a:p@mq1/one,amqp://a:p@mq2/two", "share their user"),  # another vhost
+        ("amqp://a:p@mq1/,", "amqp:// or amqps://"),  # an empty node
+        ("amqp://a:p@mq1/,http://mq2/", "amqp:// or amqps://"),
+        ("amqp:///", "with a host"),
+    ],
+)
+def test_a_cluster_is_one_user_in_one_vhost(urls: str, message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        AMQPSettings(amqp_url=SecretStr(urls))
+
+
+# --- ServiceSettings: the role key's passphrase, from the environment or a secret file ----------
+
+
+@pytest.fixture
+def role_key_file(tmp_path: Path) -> Path:
+    path = tmp_path / "access.key"
+    KeyPair.generate("access").save(path, "pass phrase")
+    return path
+
+
+def test_the_passphrase_may_come_from_a_secret_file(tmp_path: Path, role_key_file: Path) -> None:
+    secret = tmp_path / "key-passphrase"
+    secret.write_text("pass phrase\n")  # as `echo ... > file` writes it
+    settings = ServiceSettings(key_file=role_key_file, key_passphrase_file=secret)
+    assert settings.role_key("access").public == KeyPair.load(role_key_file, "pass phrase").public
+
+
+@pytest.mark.parametrize("how", ["neither", "both"])
+def test_exactly_one_passphrase_source(tmp_path: Path, role_key_file: Path, how: str) -> None:
+    secret = tmp_path / "key-passphrase"
+    secret.write_text("pass phrase")
+    sources: dict[str, object] = (
+        {} if how == "neither" else {"key_passphrase": "pass phrase", "key_passphrase_file": secret}
+    )
+    settings = ServiceSettings.model_validate({"key_file": role_key_file, **sources})
+    with pytest.raises(ConfigurationError, match="PARJOBS_KEY_PASSPHRASE_FILE"):
+        settings.role_key("access")
+
+
+def test_an_unreadable_passphrase_file_is_named(tmp_path: Path, role_key_file: Path) -> None:
+    settings = ServiceSettings(key_file=role_key_file, key_passphrase_file=tmp_path / "missing")
+    with pytest.raises(ConfigurationError, match="missing: No such file"):
+        settings.role_key("access")
