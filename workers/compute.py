@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import tempfile
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -67,7 +66,9 @@ from workers.calculations import (
     RunHandle,
     RunOutcome,
     SandboxMode,
+    SandboxPool,
     Stream,
+    Workspace,
     check_sandbox,
     run_calculation,
 )
@@ -96,6 +97,7 @@ class ComputeWorker:
         memory_limit_bytes: int = 2**30,
         http: httpx.AsyncClient | None = None,
         sandbox: SandboxMode = "bwrap",
+        warm_sandboxes: int = 0,
     ) -> None:
         self._store = store
         self._log = log
@@ -109,6 +111,10 @@ class ComputeWorker:
         self._memory_limit_bytes = memory_limit_bytes
         self._http = http  # for presigned URLs; None: a client of each run's own
         self._sandbox: SandboxMode = sandbox
+        # Spawned ahead while `sandboxes.serve` runs (the daemon starts it); one job each.
+        self.sandboxes = SandboxPool(
+            sandbox, size=warm_sandboxes, memory_limit_bytes=memory_limit_bytes
+        )
         self._running: dict[str, list[RunHandle]] = {}  # job uid -> its runs here
 
     async def check_sandbox(self) -> None:
@@ -256,10 +262,8 @@ class ComputeWorker:
         A stop (`on_cancelled`) has already ended the job: its `cancelled` event is the end.
         """
         job_uid = sheet.job_uid
-        with tempfile.TemporaryDirectory(prefix=f"parjobs-run-{job_uid[:8]}-") as scratch:
-            workdir = Path(scratch)
-            input_path, output_dir = workdir / "input", workdir / "output"
-            output_dir.mkdir()
+        async with self.sandboxes.workspace() as space:
+            input_path, output_dir = space.input_dir / "input", space.output_dir
             url = await self._store.presign_get(self._keys.input(job_uid), 300)
             async with PARTransport(self._http) as transport:
                 await transport.download_to_file(
@@ -272,7 +276,7 @@ class ComputeWorker:
                 output_dir=output_dir,
             )
             outcome = await self._run_watched(
-                job_uid, invocation, workdir / "run", input_path, output_dir, handle, publish
+                job_uid, invocation, space, input_path, output_dir, handle, publish
             )
             final = (
                 None if outcome.stopped else await self._final_payload(sheet, outcome, output_dir)
@@ -294,7 +298,7 @@ class ComputeWorker:
         self,
         job_uid: str,
         invocation: Invocation,
-        workdir: Path,
+        space: Workspace,
         input_path: Path,
         output_dir: Path,
         handle: RunHandle,
@@ -318,15 +322,14 @@ class ComputeWorker:
                     except IllegalTransitionError:
                         return  # a stop ended the job; the run is being stopped
 
-        await anyio.Path(workdir).mkdir()
         async with anyio.create_task_group() as group:
             group.start_soon(report_progress)
             outcome = await run_calculation(
                 list(invocation.argv),
-                workdir=workdir,
+                workdir=space.workdir,
                 output_dir=output_dir,
                 inputs=(input_path,),
-                sandbox=self._sandbox,
+                sandbox=space.sandbox,
                 time_limit_s=self._time_limit_s,
                 memory_limit_bytes=self._memory_limit_bytes,
                 on_output=on_output,

@@ -145,7 +145,7 @@ async def setup_storage(context: ServiceContext, group: TaskGroup) -> None:
 
 
 async def setup_compute(context: ServiceContext, group: TaskGroup) -> None:
-    settings = context.settings
+    settings, warm = context.settings, context.settings.warm_sandboxes
     worker = ComputeWorker(
         context.store,
         context.log,
@@ -158,8 +158,10 @@ async def setup_compute(context: ServiceContext, group: TaskGroup) -> None:
         memory_limit_bytes=settings.memory_limit_bytes,
         http=context.http,
         sandbox=settings.sandbox,
+        warm_sandboxes=settings.max_runs if warm is None else warm,
     )
     await worker.check_sandbox()  # refuse to start rather than run calculations unconfined
+    await group.start(worker.sandboxes.serve)
 
     async def on_contract(envelope: Envelope[EventPublished], meta: IncomingMeta) -> None:
         with anyio.CancelScope(shield=True):  # what is appended is published

@@ -29,6 +29,8 @@ from workers.calculations._sandbox import (
     SANDBOX_UID,
     SCRIPTS_DIR,
     clean_environment,
+    job_request,
+    sandbox_view,
     sandboxed_argv,
 )
 
@@ -47,19 +49,14 @@ async def keep_nothing(stream: str, line: str) -> None:
 # --- the argv -------------------------------------------------------------------------------------
 
 
-def build(tmp_path: Path, **env: str) -> list[str]:
+def build(tmp_path: Path) -> list[str]:
     workdir = tmp_path / "run"
-    return sandboxed_argv(
-        [sys.executable, "-I", str(SCRIPTS_DIR / "_builtin_sleep.py"), "1", str(workdir / "out")],
-        env=clean_environment(workdir, env),
-        workdir=workdir,
+    view = sandbox_view(
+        memory_limit_bytes=1 << 28,
         writable=(workdir, workdir / "out"),
         readable=(tmp_path / "input",),
-        memory_limit_bytes=1 << 28,
-        cpu_limit_s=7,
-        info_fd=11,
-        report_fd=12,
     )
+    return sandboxed_argv(view, workdir=workdir, info_fd=11, report_fd=12, job_fd=13)
 
 
 def options(argv: list[str]) -> list[str]:
@@ -117,7 +114,7 @@ def test_a_root_worker_hands_the_run_to_an_unprivileged_user(tmp_path: Path, as_
     added = [bwrap[at + 1] for at, arg in enumerate(bwrap) if arg == "--cap-add"]
     assert sorted(added) == ["CAP_DAC_OVERRIDE", "CAP_SETGID", "CAP_SETUID"]
     supervisor = argv[argv.index("--") + 6 :]  # after python -I -S -c <script>
-    assert supervisor[:4] == ["12", str(SANDBOX_UID), str(1 << 28), "7"]
+    assert supervisor == ["12", "13", str(SANDBOX_UID)]  # report fd, job fd, the uid to become
 
 
 def test_the_environment_is_only_the_run_s_own(
@@ -125,17 +122,23 @@ def test_the_environment_is_only_the_run_s_own(
 ) -> None:
     for name, value in WORKER_SECRETS.items():
         monkeypatch.setenv(name, value)
-    argv = build(tmp_path, EXTRA="yes")
+    argv = build(tmp_path)
     bwrap = options(argv)
-    assert SECRET not in json.dumps(argv)
-    start = bwrap.index("--clearenv")
-    given = {}
-    at = start + 1
-    while bwrap[at] == "--setenv":
-        given[bwrap[at + 1]] = bwrap[at + 2]
-        at += 3
-    assert given == clean_environment(tmp_path / "run", {"EXTRA": "yes"})
-    assert bwrap.count("--setenv") == len(given)
+    assert "--clearenv" in bwrap  # the supervisor starts with nothing, the job brings the rest
+    assert "--setenv" not in bwrap
+    workdir = tmp_path / "run"
+    job = job_request(
+        [sys.executable, "-I", "-u", str(SCRIPTS_DIR / "_builtin_sleep.py"), "1", str(workdir)],
+        program=sys.executable,
+        env=clean_environment(workdir, {"EXTRA": "yes"}),
+        workdir=workdir,
+        memory_limit_bytes=1 << 28,
+        cpu_limit_s=7,
+    )
+    assert SECRET not in json.dumps(argv) + job.decode()
+    given = json.loads(job)["env"]
+    assert set(given) == {"PATH", "LANG", "HOME", "TMPDIR", "PWD", "PYTHONUNBUFFERED", "EXTRA"}
+    assert (given["HOME"], given["TMPDIR"]) == (str(workdir), str(workdir / "tmp"))
 
 
 def test_only_the_run_directories_are_writable_and_little_else_is_visible(
