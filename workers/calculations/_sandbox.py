@@ -108,15 +108,20 @@ def to_all(sig):
         pass
 
 def inline(argv):
+    script = argv[3]
     sys.argv = argv[3:]
     for stream in (sys.stdout, sys.stderr):
         stream.reconfigure(line_buffering=True)  # as -u: each line as it is printed
-    code = 0
+    main = sys.modules["__main__"] = type(sys)("__main__")
+    main.__file__ = script
     try:
-        runpy.run_path(argv[3], run_name="__main__")
+        with open(script, "rb") as source:
+            exec(compile(source.read(), script, "exec"), main.__dict__)
+        code = 0
     except SystemExit as exc:
         code = exc.code
     except BaseException:
+        import traceback
         traceback.print_exc()
         code = 1
     if not isinstance(code, int):
@@ -150,7 +155,7 @@ if uid >= 0:
     os.setgid(uid)
     os.setuid(uid)
 ctypes.CDLL(None).prctl(4, 0)
-import argparse, collections, csv, hashlib, math, pathlib, runpy, time, traceback  # the built-ins'
+import argparse, collections, hashlib, math, pathlib, time  # what the built-in scripts import
 with open(job_fd, "rb") as pipe:
     request = pipe.read()
 if not request:
@@ -161,6 +166,7 @@ if program == 0:
     try:
         run(job)
     except BaseException:
+        import traceback
         traceback.print_exc()
     os._exit(127)
 exited = os.pidfd_open(program)
