@@ -609,7 +609,7 @@ async def bench(args: Namespace) -> None:
     }
     pipelines = (
         pipeline_row("raw-hops: aio-pika, same hops", raw, args.jobs),
-        pipeline_row("raw-durable: + S3 writes, transfers", raw_durable, args.jobs),
+        pipeline_row("raw-durable: + S3, transfers", raw_durable, args.jobs),
         pipeline_row("parjobs: 3 daemons + SeaweedFS", parjobs, args.jobs),
     )
     extra = [ratio_row(pipelines[-1], pipelines[:-1])]

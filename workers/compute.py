@@ -263,7 +263,8 @@ class ComputeWorker:
         """
         job_uid = sheet.job_uid
         async with self.sandboxes.workspace() as space:
-            input_path, output_dir = space.input_dir / "input", space.output_dir
+            # Named by its job: which job a sandbox runs shows from outside (ps, the e2e tests).
+            input_path, output_dir = space.input_dir / job_uid, space.output_dir
             url = await self._store.presign_get(self._keys.input(job_uid), 300)
             async with PARTransport(self._http) as transport:
                 await transport.download_to_file(
