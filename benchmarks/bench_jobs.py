@@ -1,17 +1,20 @@
-"""Whole jobs through the three daemons: jobs/s, latency and AMQP messages per job, vs raw aio-pika.
+"""Whole jobs through the three daemons: jobs/s, latency, messages, S3 requests and CPU per job,
+against two raw references in the same run.
 
 parjobs: LocalCluster (access, storage, compute subprocesses, each its own broker user) on a
 private LocalSeaweed, own broker prefix; a registered user's client (their broker user, their key)
 runs each job: `request_services` (submit, then follow the job's events until ready) -> upload
 through the upload PAR -> `run_control.start()` -> `wait()` (follows events until it ends),
-calculation `checksum`. raw, same process: the same hops with aio-pika alone (persistent,
+calculation `checksum`. raw-hops, same process: the same hops with aio-pika alone (persistent,
 mandatory, publisher confirms, the same quorum queues with manual ack, the events stream, an
 exclusive reply queue), a connection per service, a trivial handler per hop; its client hears
-"ready"/"completed" as events. ratio = parjobs / raw: the cost of everything parjobs adds (event
-log on S3, signatures, PARs, transfers, subprocess). See README.md.
+"ready"/"completed" as events. raw-durable: raw-hops plus as many conditional creates a job as
+parjobs made (bare aiobotocore) and the same three presigned transfers (httpx). ratio = parjobs /
+a reference. `--burst N`: then N parjobs jobs at once. See README.md.
 
     [PARJOBS_MAX_RUNS=2] .venv/bin/python benchmarks/bench_jobs.py [--jobs 50] [--concurrency 10]
     .venv/bin/python benchmarks/bench_jobs.py --jobs 20 --concurrency 1 --json   # one JSON per row
+    .venv/bin/python benchmarks/bench_jobs.py --jobs 10 --burst 200    # and 200 jobs at once
 """
 
 from __future__ import annotations
