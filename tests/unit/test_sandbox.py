@@ -613,3 +613,18 @@ async def test_spares_end_and_leave_nothing_when_the_pool_stops() -> None:
     assert pool.spares == 0
     assert not any(root.exists() for root in roots)
     assert not any(Path(f"/proc/{pid}").exists() for pid in pids)
+
+
+async def test_unsandboxed_the_pool_keeps_nothing_and_runs_as_before() -> None:
+    pool = SandboxPool("none", size=2, memory_limit_bytes=1 << 30)
+    async with anyio.create_task_group() as group:
+        await group.start(pool.serve)
+        assert pool.spares == 0
+        async with pool.workspace() as space:
+            assert space.sandbox == "none"
+            (space.input_dir / "input").write_text("mine")
+            outcome, said = await run_in(space, python("import os; print(os.getppid())"))
+            assert outcome.succeeded, said
+            assert said == [str(os.getpid())]  # the worker's own child: no sandbox between
+        assert not space.input_dir.parent.exists()
+        group.cancel_scope.cancel()
