@@ -615,3 +615,23 @@ async def test_a_python_script_runs_in_the_supervisor_s_child_as_if_started_on_i
             assert lines.arrived[1] < lines.arrived[2] - 0.4  # each line as it is printed
             if ending == "fail":
                 assert lines.of("stderr")[-1] == "RuntimeError: as asked"
+
+
+async def test_a_run_the_spare_cannot_show_gets_a_sandbox_of_its_own(tmp_path: Path) -> None:
+    # An input outside the spare's scratch directory: a spawned sandbox cannot bind it now.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_text("outside")
+    async with spare_workspace() as space:
+        assert isinstance(space.sandbox, Sandbox)
+        lines = Lines()
+        code = "import sys; print(open(sys.argv[1]).read())"
+        outcome = await run(
+            python(code, str(elsewhere)),
+            space.workdir,
+            lines,
+            inputs=[elsewhere],
+            sandbox=space.sandbox,
+        )
+        assert outcome.succeeded, lines.seen
+        assert lines.of("stdout") == ["outside"]
+        assert space.sandbox.waiting  # not used: the run had one of its own
