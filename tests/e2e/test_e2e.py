@@ -63,7 +63,8 @@ pytestmark = pytest.mark.integration
 
 ENVELOPE = TypeAdapter(Envelope)
 PROCESSES_PER_RUN = 3
-"""What one sandboxed run is on this machine: bwrap, the sandbox's supervisor, the calculation."""
+"""What one sandboxed run is on this machine: bwrap, the sandbox's supervisor, the calculation
+(a built-in's script runs in the supervisor's forked child)."""
 HAPPY_PATH = ("submitted", "storage_contracted", "compute_contracted", "run_started", "completed")
 
 
