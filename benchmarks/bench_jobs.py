@@ -1,23 +1,27 @@
-"""Whole jobs through the three daemons: jobs/s, latency and AMQP messages per job, vs raw aio-pika.
+"""Whole jobs through the three daemons: jobs/s, latency, messages, S3 requests and CPU per job,
+against two raw references in the same run.
 
 parjobs: LocalCluster (access, storage, compute subprocesses, each its own broker user) on a
 private LocalSeaweed, own broker prefix; a registered user's client (their broker user, their key)
 runs each job: `request_services` (submit, then follow the job's events until ready) -> upload
 through the upload PAR -> `run_control.start()` -> `wait()` (follows events until it ends),
-calculation `checksum`. raw, same process: the same hops with aio-pika alone (persistent,
+calculation `checksum`. raw-hops, same process: the same hops with aio-pika alone (persistent,
 mandatory, publisher confirms, the same quorum queues with manual ack, the events stream, an
 exclusive reply queue), a connection per service, a trivial handler per hop; its client hears
-"ready"/"completed" as events. ratio = parjobs / raw: the cost of everything parjobs adds (event
-log on S3, signatures, PARs, transfers, subprocess). See README.md.
+"ready"/"completed" as events. raw-durable: raw-hops plus as many conditional creates a job as
+parjobs made (bare aiobotocore) and the same three presigned transfers (httpx). ratio = parjobs /
+a reference. `--burst N`: then N parjobs jobs at once. See README.md.
 
     [PARJOBS_MAX_RUNS=2] .venv/bin/python benchmarks/bench_jobs.py [--jobs 50] [--concurrency 10]
     .venv/bin/python benchmarks/bench_jobs.py --jobs 20 --concurrency 1 --json   # one JSON per row
+    .venv/bin/python benchmarks/bench_jobs.py --jobs 10 --burst 200    # and 200 jobs at once
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import json
 import math
@@ -42,6 +46,7 @@ import psutil
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from pamqp.common import FieldTable
 from pydantic import TypeAdapter
+from types_aiobotocore_s3 import S3Client
 
 from orchestrator import KeyPair, ObjectWriter
 from orchestrator.broker._memory import topic_matches
@@ -53,7 +58,7 @@ from orchestrator.core.layout import JobKeys
 from orchestrator.par.transfer import PARTransport
 from orchestrator.services.accounts import Accounts
 from orchestrator.settings import AMQPSettings, S3Settings, ServiceSettings
-from orchestrator.store.s3 import S3ObjectStore
+from orchestrator.store.s3 import S3ObjectStore, create_s3_client
 from orchestrator.store.seaweed import LocalSeaweed, pick_ports
 from schemas.events import JobRequest
 from schemas.messages import Envelope, EventPublished
@@ -66,6 +71,7 @@ from benchmarks.s3_counter import COUNTS_PATH, KINDS
 BINDINGS = ("#", "job.*.submitted", "job.*.storage_contracted")
 RAW_CLIENT = ("job.*.compute_contracted", "job.*.completed")  # the raw client's queue: no polling
 RAW_QUEUES = "dlq events.stream rpc.access rpc.runs storage compute client".split()  # noqa: SIM905
+RECORD = b"x" * 1024  # a raw-durable write's body, and its output: about a stored event's size
 MARKS = "client submit,submitted,storage_contracted,compute_contracted,client ready,client uploaded"
 MARKS += ",run_started,completed,client saw it"  # a parjobs job's timeline, in order
 NOTES = """
@@ -192,9 +198,40 @@ class CountingBroker(AMQPBroker):
         return await super().publish(*args, **kwargs)
 
 
-async def run_raw(args: Namespace, prefix: str, runs_prefetch: int) -> Result:
-    """parjobs' hops with aio-pika alone: a connection per service, a trivial handler per hop."""
+class Durable(NamedTuple):
+    """What the raw-durable pipeline adds to the hops: bare aiobotocore and httpx."""
+
+    s3: S3Client
+    http: httpx.AsyncClient
+    bucket: str
+    writes: int  # conditional creates per job: as many as parjobs made, per job, in this run
+    counts_url: str  # the S3 counting proxy's, as parjobs'
+    seaweedfs: psutil.Process
+
+
+def durable_steps(writes: int) -> dict[str, tuple[str, ...]]:
+    """Where the raw-durable pipeline's conditional creates go, as parjobs places its 12: the
+    submit (nonce, hold, event 1), storage (two PAR records, its event), compute's contract (a
+    PAR record, its event), the start (the run claim, run_started), the end (completed and the
+    settlement, which raw has no hop for); any other count adds or takes at the end."""
+    split = {"access": 3, "storage": 3, "compute": 2, "run": 2}
+    split["completed"] = max(0, writes - sum(split.values()))
+    return {hop: (f"write:{n}",) if n else () for hop, n in split.items()}
+
+
+async def run_raw(
+    args: Namespace, prefix: str, runs_prefetch: int, durable: Durable | None = None
+) -> Result:
+    """parjobs' hops with aio-pika alone: a connection per service, a trivial handler per hop.
+    With `durable`, also parjobs' conditional creates (bare aiobotocore) and its three transfers
+    (presigned URLs, httpx): the input's upload by the client, its download and the output's
+    upload by compute."""
     settings, t = AMQPSettings(prefix=prefix), Topology(prefix)
+    writes = durable_steps(durable.writes if durable else 0)
+    if not durable:
+        writes = dict.fromkeys(writes, ())
+    written, payload = itertools.count(), os.urandom(args.input_kib * 1024)
+    counts_url = durable.counts_url if durable else None
     events, reply_to = t.events.name, t.reply_queue(uuid.uuid4().hex).name
     published, queued = Counter[str](), Counter[str]()
     waiting: dict[str | None, asyncio.Future[None]] = {}
@@ -225,7 +262,11 @@ async def run_raw(args: Namespace, prefix: str, runs_prefetch: int) -> Result:
             async def handle(msg: AbstractIncomingMessage, todo: tuple[str, ...] = todo) -> None:
                 job = msg.body.decode()
                 for step in todo:
-                    if step == "reply":
+                    if step.startswith("write:"):
+                        await write(job, int(step.removeprefix("write:")))
+                    elif step == "transfers":
+                        await transfer(job)
+                    elif step == "reply":
                         to, cid = msg.reply_to or "", msg.correlation_id
                         await send(publisher, "", to, "", correlation_id=cid)
                     else:
@@ -240,9 +281,42 @@ async def run_raw(args: Namespace, prefix: str, runs_prefetch: int) -> Result:
     async def on_reply(message: AbstractIncomingMessage) -> None:
         waiting.pop(message.correlation_id).set_result(None)
 
+    def key(job: str, name: str) -> str:
+        return f"{prefix}/{job}/{name}"
+
+    async def write(job: str, count: int) -> None:  # parjobs' appends: one after another
+        assert durable is not None
+        for _ in range(count):
+            name = f"w{next(written)}"
+            await durable.s3.put_object(
+                Bucket=durable.bucket, Key=key(job, name), Body=RECORD, IfNoneMatch="*"
+            )
+
+    async def upload_input(job: str) -> None:  # the client, through a presigned PUT
+        assert durable is not None
+        params = {"Bucket": durable.bucket, "Key": key(job, "input")}
+        url = await durable.s3.generate_presigned_url("put_object", Params=params, ExpiresIn=300)
+        (await durable.http.put(url, content=payload)).raise_for_status()
+
+    async def transfer(job: str) -> None:  # compute: the input down, the output up (POST policy)
+        assert durable is not None
+        params = {"Bucket": durable.bucket, "Key": key(job, "input")}
+        url = await durable.s3.generate_presigned_url("get_object", Params=params, ExpiresIn=300)
+        (await durable.http.get(url)).raise_for_status()
+        post = await durable.s3.generate_presigned_post(
+            Bucket=durable.bucket,
+            Key=key(job, "output/${filename}"),
+            Conditions=[["content-length-range", 0, 1 << 20]],
+            ExpiresIn=300,
+        )
+        files = {"file": ("summary.json", RECORD)}
+        (await durable.http.post(post["url"], data=post["fields"], files=files)).raise_for_status()
+
     async def job() -> None:  # submit, hear compute_contracted; start, hear completed
         job, loop, commands = uuid.uuid4().hex, asyncio.get_running_loop(), t.commands.name
         for service, event in (("access", "compute_contracted"), ("runs", "completed")):
+            if service == "runs" and durable:
+                await upload_input(job)
             heard = waiting[f"job.{job}.{event}"] = loop.create_future()
             reply = waiting[cid := uuid.uuid4().hex] = loop.create_future()
             props = {"correlation_id": cid, "reply_to": reply_to}
@@ -250,39 +324,72 @@ async def run_raw(args: Namespace, prefix: str, runs_prefetch: int) -> Result:
             await asyncio.gather(reply, heard)
 
     processes = {"client (every hop)": psutil.Process()}
+    if durable:
+        processes["seaweedfs"] = durable.seaweedfs
     if (broker_vm := rabbitmq()) is not None:
         processes["rabbitmq (shared)"] = broker_vm
     meter = CPUMeter(processes)
     async with contextlib.AsyncExitStack() as stack:
         client = await serve("client", {t.work_queue("client", events=RAW_CLIENT): ()})
         await (await client.declare_queue(reply_to, exclusive=True)).consume(on_reply, no_ack=True)
-        await serve("access", {t.rpc_queue("access"): ("submitted", "reply")})
+        await serve("access", {t.rpc_queue("access"): (*writes["access"], "submitted", "reply")})
         storage = t.work_queue("storage", events=[BINDINGS[1]])
-        await serve("storage", {storage: ("storage_contracted",)})
+        await serve("storage", {storage: (*writes["storage"], "storage_contracted")})
         compute, runs = t.work_queue("compute", events=[BINDINGS[2]]), t.rpc_queue("runs")
-        run = ("run_started", "reply", "completed")  # as parjobs, the run holds the start message
-        await serve("compute", {compute: ("compute_contracted",), runs: run})
+        # As parjobs: the run holds the start message; claimed and started, then it runs.
+        run = (*writes["run"], "run_started", "reply")
+        run += ("transfers",) if durable else ()
+        run += (*writes["completed"], "completed")
+        await serve("compute", {compute: (*writes["compute"], "compute_contracted"), runs: run})
         await drive(job, args.warmup, args.concurrency)
         published.clear()
         queued.clear()
+        s3_before = await s3_counts(counts_url) if counts_url else Counter[str]()
         meter.start()
         wall, *latencies = await drive(job, args.jobs, args.concurrency)
         cpu = meter.stop()
-    return Result(wall, latencies, published, queued, Counter(), cpu)
+        s3_requests = await s3_counts(counts_url) - s3_before if counts_url else Counter[str]()
+    return Result(wall, latencies, published, queued, s3_requests, cpu)
 
 
-async def run_parjobs(args: Namespace, prefix: str) -> tuple[Result, list[Timeline], int]:
-    """The result, each job's timeline, and the warnings in the daemons' logs."""
+class Burst(NamedTuple):
+    """`--burst`: jobs submitted all at once."""
+
+    wall: float
+    latencies: list[float]  # of the jobs that completed
+    errors: Counter[str]  # the others: what the client raised (an error's code), by kind
+
+
+async def burst(job: Callable[[], Awaitable[None]], count: int) -> Burst:
+    errors, start = Counter[str](), time.perf_counter()
+
+    async def one() -> float | None:
+        begin = time.perf_counter()
+        try:
+            await job()
+        except Exception as exc:  # counted, as a user would see them
+            errors[getattr(exc, "code", None) or type(exc).__name__] += 1
+            return None
+        return time.perf_counter() - begin
+
+    ended = await asyncio.gather(*(one() for _ in range(count)))
+    latencies = [seconds for seconds in ended if seconds is not None]
+    return Burst(time.perf_counter() - start, latencies, errors)
+
+
+async def run_parjobs(
+    args: Namespace, prefix: str, s3_settings: S3Settings, counts_url: str, seaweed: psutil.Process
+) -> tuple[Result, list[Timeline], int, Burst | None]:
+    """The result, each job's timeline, the warnings in the daemons' logs and, with `--burst`,
+    the burst's figures."""
     user = KeyPair.generate("bench")
     async with (
-        LocalSeaweed() as s3,
-        s3_counting_proxy(s3.settings) as (s3_settings, counts_url),
         # PARJOBS_* come from os.environ; the cluster removes its topology and broker users.
         LocalCluster(s3_settings, prefix=prefix, delete_topology=True) as cluster,
         S3ObjectStore(s3_settings) as store,
     ):
         processes = {name: psutil.Process(cluster.pid(name)) for name in cluster.instances}
-        processes |= {"seaweedfs": psutil.Process(s3.pid), "client": psutil.Process()}
+        processes |= {"seaweedfs": seaweed, "client": psutil.Process()}
         if (broker_vm := rabbitmq()) is not None:
             processes["rabbitmq (shared)"] = broker_vm
         meter = CPUMeter(processes)
@@ -295,7 +402,7 @@ async def run_parjobs(args: Namespace, prefix: str) -> tuple[Result, list[Timeli
         ):
             payload, marks = os.urandom(args.input_kib * 1024), dict[str, Timeline]()
 
-            async def job() -> None:
+            async def job(timed: bool = True) -> None:
                 mark = {"client submit": time.time()}
                 request = JobRequest(calculation="checksum")
                 uid, upload, run, _ = await client.request_services(
@@ -308,7 +415,8 @@ async def run_parjobs(args: Namespace, prefix: str) -> tuple[Result, list[Timeli
                 await control.start()
                 if (reply := await control.wait(timeout=600)).state != "completed":
                     raise RuntimeError(f"job {uid} ended {reply.state}: {reply.detail}")
-                marks[uid] = mark | {"client saw it": time.time()}
+                if timed:
+                    marks[uid] = mark | {"client saw it": time.time()}
 
             await drive(job, args.warmup, args.concurrency)
             marks.clear()
@@ -317,9 +425,11 @@ async def run_parjobs(args: Namespace, prefix: str) -> tuple[Result, list[Timeli
             meter.start()
             wall, *latencies = await drive(job, args.jobs, args.concurrency)
             requests = broker.requests.copy()
-        await asyncio.sleep(1)  # a job's log may show `completed` before its publish is confirmed
-        cpu = meter.stop()  # (the jobs' tail: their last publishes, the sweep's)
-        s3_requests = await s3_counts(counts_url) - s3_before
+            await asyncio.sleep(1)  # a job's log may show `completed` before its publish is out
+            cpu = meter.stop()  # (the jobs' tail: their last publishes, the sweep's)
+            s3_requests = await s3_counts(counts_url) - s3_before
+            untimed = functools.partial(job, timed=False)
+            burst_figures = await burst(untimed, args.burst) if args.burst else None
         published = requests + Counter(reply=requests.total())
         queued = published.copy()  # a request or a reply: one queue
         bindings = parjobs_bindings(cluster, user.name)
@@ -335,7 +445,7 @@ async def run_parjobs(args: Namespace, prefix: str) -> tuple[Result, list[Timeli
         logs = (cluster.log_path(role).read_text() for role in ROLES)
         warnings = sum(log.count('"level": "warning"') for log in logs)
     result = Result(wall, latencies, published, queued, s3_requests, cpu)
-    return result, list(marks.values()), warnings
+    return result, list(marks.values()), warnings, burst_figures
 
 
 Row = dict[str, Any]
@@ -371,27 +481,51 @@ def stage_rows(lines: list[Timeline]) -> list[Row]:
     return rows
 
 
-def print_table(run: Row, raw: Row, ours: Row, stages: list[Row]) -> None:
+def burst_row(figures: Burst, jobs: int) -> Row:
+    done = figures.latencies
+    return {
+        "row": "burst",
+        "jobs": jobs,
+        "completed": len(done),
+        "errors": dict(figures.errors),
+        "wall_s": figures.wall,
+        "jobs_per_s": len(done) / figures.wall,
+        **{key: 1000 * pct(done, LATENCIES[key]) if done else None for key in ("p50_ms", "p99_ms")},
+        "max_ms": 1000 * max(done) if done else None,
+    }
+
+
+def ratio_row(ours: Row, references: tuple[Row, ...]) -> Row:
+    """parjobs' jobs/s over each reference's (the issue's ">= 0.7x raw-durable")."""
+    ratios = {row["pipeline"]: ours["jobs_per_s"] / row["jobs_per_s"] for row in references}
+    return {"row": "ratio", "jobs_per_s_parjobs_over": ratios}
+
+
+def print_table(run: Row, pipelines: tuple[Row, ...], stages: list[Row], extra: list[Row]) -> None:
+    *references, ours = pipelines
     print(f"command: {run['command']}")
     print(
         f"{run['jobs']} jobs, {run['concurrency']} in flight, after {run['warmup']} untimed "
         f"warm-up job(s); checksum of {run['input_kib']} KiB; runs at once: {run['runs']} "
         f"(PARJOBS_MAX_RUNS; raw: its runs queue's prefetch); {run['cpus']} CPUs, python "
-        f"{run['python']}\n"
+        f"{run['python']}; raw-durable: {run['durable_writes']} conditional creates a job\n"
     )
     head = f"{'pipeline':<32}{'jobs/s':>8}" + "".join(
         f"{key.replace('_ms', ' ms'):>8}" for key in LATENCIES
     )
     print(f"{head}{'msgs/job':>10}{'queued':>10}\n{'-' * (len(head) + 20)}")
-    for row in (raw, ours):
+    for row in pipelines:
         cells = "".join(f"{row[key]:>8.0f}" for key in LATENCIES)
         per_job = f"{row['msgs_per_job']:>10.1f}{row['queued_per_job']:>10.1f}"
         print(f"{row['pipeline']:<32}{row['jobs_per_s']:>8.2f}{cells}{per_job}")
-    ratios = "".join(f"{ours[key] / raw[key]:>7.1f}x" for key in LATENCIES)
-    print(f"{'ratio parjobs / raw':<32}{ours['jobs_per_s'] / raw['jobs_per_s']:>8.3f}{ratios}")
+    for raw in references:
+        ratios = "".join(f"{ours[key] / raw[key]:>7.1f}x" for key in LATENCIES)
+        name = f"ratio parjobs / {raw['pipeline'].split(':')[0]}"
+        print(f"{name:<32}{ours['jobs_per_s'] / raw['jobs_per_s']:>8.3f}{ratios}")
     kinds = ""
-    for name, row in (("raw:", raw), ("parjobs:", ours)):
+    for row in pipelines:
         counts = ", ".join(f"{k} {n:.2f}" for k, n in row["msgs_per_job_by_kind"].items())
+        name = row["pipeline"].split(":")[0] + ":"
         kinds += "\n" + textwrap.fill(f"{name} {counts}", 98, subsequent_indent="    ")
     print(NOTES.format(kinds=textwrap.indent(kinds, "  ")))
     print(f"{'stage':<48}{'p50 ms':>8}{'p90 ms':>8}{'max ms':>8}")
@@ -400,7 +534,7 @@ def print_table(run: Row, raw: Row, ours: Row, stages: list[Row]) -> None:
         print(f"{stage['stage']:<48}{cells}")
     print(f"\nwarnings in the daemons' logs: {run['warnings']}")
     print("\nper job, over the timed jobs (S3 counted by the proxy all S3 traffic goes through):")
-    for row in (raw, ours):
+    for row in pipelines:
         s3 = ", ".join(f"{k} {n:.2f}" for k, n in row["s3_per_job_by_type"].items() if n)
         cpu = ", ".join(f"{k} {ms:.0f}" for k, ms in row["cpu_ms_per_job_by_process"].items())
         print(f"{row['pipeline']}:")
@@ -420,20 +554,49 @@ def print_table(run: Row, raw: Row, ours: Row, stages: list[Row]) -> None:
                 subsequent_indent="    ",
             )
         )
+    for row in extra:
+        if row["row"] == "burst":
+            errors = ", ".join(f"{k} {n}" for k, n in row["errors"].items()) or "none"
+            latency = "-"
+            if row["completed"]:
+                latency = ", ".join(
+                    f"{k[:3]} {row[k]:.0f} ms" for k in ("p50_ms", "p99_ms", "max_ms")
+                )
+            print(
+                f"\nburst: {row['jobs']} jobs submitted at once (parjobs): {row['completed']} "
+                f"completed in {row['wall_s']:.1f} s ({row['jobs_per_s']:.2f} jobs/s); "
+                f"submit -> completed {latency}; client errors: {errors}"
+            )
 
 
 async def bench(args: Namespace) -> None:
     prefix, runs = f"bench-jobs-{uuid.uuid4().hex[:8]}", ServiceSettings().max_runs
     try:
-        raw = await run_raw(args, prefix + "-raw", runs)
-        parjobs, timelines, warnings = await run_parjobs(args, prefix)
-    finally:  # delete what the raw pipeline declared (LocalCluster removes its own)
+        async with (
+            LocalSeaweed() as seaweed,
+            s3_counting_proxy(seaweed.settings) as (s3_settings, counts_url),
+        ):
+            weed = psutil.Process(seaweed.pid)
+            raw = await run_raw(args, prefix + "-raw", runs)
+            parjobs, timelines, warnings, burst_figures = await run_parjobs(
+                args, prefix, s3_settings, counts_url, weed
+            )
+            # As many conditional creates a job as parjobs made, in this run.
+            writes = round(parjobs.s3_requests["conditional PUT"] / args.jobs)
+            async with (
+                create_s3_client(s3_settings) as s3,
+                httpx.AsyncClient() as http,  # one, as parjobs' client and compute keep theirs
+            ):
+                durable = Durable(s3, http, s3_settings.bucket, writes, counts_url, weed)
+                raw_durable = await run_raw(args, prefix + "-durable", runs, durable)
+    finally:  # delete what the raw pipelines declared (LocalCluster removes its own)
         url = AMQPSettings().amqp_url.get_secret_value()
         async with await aio_pika.connect(url) as connection, connection.channel() as channel:
-            for queue in RAW_QUEUES:
-                await channel.queue_delete(f"{prefix}-raw.{queue}")
-            for exchange in Topology(prefix + "-raw").exchanges:
-                await channel.exchange_delete(exchange.name)
+            for raw_prefix in (f"{prefix}-raw", f"{prefix}-durable"):
+                for queue in RAW_QUEUES:
+                    await channel.queue_delete(f"{raw_prefix}.{queue}")
+                for exchange in Topology(raw_prefix).exchanges:
+                    await channel.exchange_delete(exchange.name)
     run: Row = {
         "row": "run",
         "command": shlex.join(sys.orig_argv),
@@ -445,17 +608,22 @@ async def bench(args: Namespace) -> None:
         "cpus": os.cpu_count(),
         "python": sys.version.split()[0],
         "warnings": warnings,
+        "durable_writes": writes,
     }
-    rows = (
-        pipeline_row("raw aio-pika, same hops", raw, args.jobs),
+    pipelines = (
+        pipeline_row("raw-hops: aio-pika, same hops", raw, args.jobs),
+        pipeline_row("raw-durable: + S3, transfers", raw_durable, args.jobs),
         pipeline_row("parjobs: 3 daemons + SeaweedFS", parjobs, args.jobs),
     )
+    extra = [ratio_row(pipelines[-1], pipelines[:-1])]
+    if burst_figures is not None:
+        extra.append(burst_row(burst_figures, args.burst))
     stages = stage_rows(timelines)
     if args.json:
-        for row in (run, *rows, *stages):
+        for row in (run, *pipelines, *extra, *stages):
             print(json.dumps(row))
     else:
-        print_table(run, *rows, stages)
+        print_table(run, pipelines, stages, extra)
 
 
 def main() -> None:
@@ -465,6 +633,13 @@ def main() -> None:
     parser.add_argument("--input-kib", type=int, default=4, help="each job's input (KiB)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed jobs first, per pipeline")
     parser.add_argument("--json", action="store_true", help="one JSON object per row, no table")
+    parser.add_argument(
+        "--burst",
+        type=int,
+        default=0,
+        metavar="N",
+        help="then N parjobs jobs submitted at once: p50/p99 submit -> completed, client errors",
+    )
     asyncio.run(bench(parser.parse_args()))
 
 

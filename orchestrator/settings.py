@@ -224,6 +224,9 @@ class ServiceSettings(BaseSettings):
     health_host: str = "127.0.0.1"
     """The address the health port binds: 0.0.0.0 in a container, for its healthcheck and
     Prometheus to reach it from outside."""
+    warm_sandboxes: int | None = Field(default=None, ge=0)
+    """Sandboxes compute keeps spawned ahead of need, one job each, so a run does not wait for
+    one to start (`bwrap` only); None: as many as `max_runs`; 0: each run starts its own."""
 
     def service_keys(self) -> ServiceKeys:
         """The operator's service keys (PARJOBS_SERVICE_KEYS_FILE), or ConfigurationError."""

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -85,7 +84,9 @@ from workers.calculations import (
     RunHandle,
     RunOutcome,
     SandboxMode,
+    SandboxPool,
     Stream,
+    Workspace,
     check_sandbox,
     run_calculation,
 )
@@ -138,6 +139,7 @@ class ComputeWorker:
         sandbox: SandboxMode = "bwrap",
         progress_snapshot_s: float = 30.0,
         max_runs: int = 2,
+        warm_sandboxes: int = 0,
     ) -> None:
         self._store = store
         self._log = log
@@ -153,6 +155,10 @@ class ComputeWorker:
         self._sandbox: SandboxMode = sandbox
         self._snapshots = ProgressSnapshots(store, keys)
         self._progress_snapshot_s = progress_snapshot_s
+        # Spawned ahead while `sandboxes.serve` runs (the daemon starts it); one job each.
+        self.sandboxes = SandboxPool(
+            sandbox, size=warm_sandboxes, memory_limit_bytes=memory_limit_bytes
+        )
         self._running: dict[str, list[RunHandle]] = {}  # job uid -> its runs here
         self.queue = RunQueue(max_runs)  # the starts waiting for one of this worker's run slots
 
@@ -381,10 +387,9 @@ class ComputeWorker:
         A stop (`on_cancelled`) has already ended the job: its `cancelled` event is the end.
         """
         job_uid = sheet.job_uid
-        with tempfile.TemporaryDirectory(prefix=f"parjobs-run-{job_uid[:8]}-") as scratch:
-            workdir = Path(scratch)
-            input_path, output_dir = workdir / "input", workdir / "output"
-            output_dir.mkdir()
+        async with self.sandboxes.workspace() as space:
+            # Named by its job: which job a sandbox runs shows from outside (ps, the e2e tests).
+            input_path, output_dir = space.input_dir / job_uid, space.output_dir
             url = await self._store.presign_get(self._keys.input(job_uid), 300)
             async with PARTransport(self._http) as transport:
                 await transport.download_to_file(
@@ -397,7 +402,7 @@ class ComputeWorker:
                 output_dir=output_dir,
             )
             outcome = await self._run_watched(
-                sheet, invocation, workdir / "run", input_path, output_dir, handle, report
+                sheet, invocation, space, input_path, output_dir, handle, report
             )
             final = (
                 None if outcome.stopped else await self._final_payload(sheet, outcome, output_dir)
@@ -419,7 +424,7 @@ class ComputeWorker:
         self,
         sheet: JobSheetState,
         invocation: Invocation,
-        workdir: Path,
+        space: Workspace,
         input_path: Path,
         output_dir: Path,
         handle: RunHandle,
@@ -472,15 +477,14 @@ class ComputeWorker:
                 if time.monotonic() - saved_at >= self._progress_snapshot_s:
                     await save()
 
-        await anyio.Path(workdir).mkdir()
         async with anyio.create_task_group() as group:
             group.start_soon(report_progress)
             outcome = await run_calculation(
                 list(invocation.argv),
-                workdir=workdir,
+                workdir=space.workdir,
                 output_dir=output_dir,
                 inputs=(input_path,),
-                sandbox=self._sandbox,
+                sandbox=space.sandbox,
                 time_limit_s=self._time_limit_s,
                 memory_limit_bytes=self._memory_limit_bytes,
                 on_output=on_output,

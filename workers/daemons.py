@@ -173,7 +173,7 @@ async def setup_storage(context: ServiceContext, group: TaskGroup) -> None:
 
 
 async def setup_compute(context: ServiceContext, group: TaskGroup) -> None:
-    settings = context.settings
+    settings, warm = context.settings, context.settings.warm_sandboxes
     worker = ComputeWorker(
         context.store,
         context.log,
@@ -188,8 +188,10 @@ async def setup_compute(context: ServiceContext, group: TaskGroup) -> None:
         sandbox=settings.sandbox,
         progress_snapshot_s=settings.progress_snapshot_s,
         max_runs=settings.max_runs,
+        warm_sandboxes=settings.max_runs if warm is None else warm,
     )
     await worker.check_sandbox()  # refuse to start rather than run calculations unconfined
+    await group.start(worker.sandboxes.serve)
 
     async def on_contract(envelope: Envelope[EventPublished], meta: IncomingMeta) -> None:
         with anyio.CancelScope(shield=True):  # what is appended is published

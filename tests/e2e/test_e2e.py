@@ -14,6 +14,7 @@ import json
 import os
 import secrets
 import signal
+import tempfile
 import time
 import uuid
 from collections import Counter
@@ -62,7 +63,8 @@ pytestmark = pytest.mark.integration
 
 ENVELOPE = TypeAdapter(Envelope)
 PROCESSES_PER_RUN = 3
-"""What one sandboxed run is on this machine: bwrap, the sandbox's supervisor, the calculation."""
+"""What one sandboxed run is on this machine: bwrap, the sandbox's supervisor, the calculation
+(a built-in's script runs in the supervisor's forked child)."""
 HAPPY_PATH = ("submitted", "storage_contracted", "compute_contracted", "run_started", "completed")
 MAY_WAIT = ("queued",)
 """Between `compute_contracted` and `run_started` when its compute daemon's run slots are taken."""
@@ -257,27 +259,38 @@ async def harness(seaweed: LocalSeaweed, store: ObjectStore) -> AsyncIterator[Ha
 # --- helpers ------------------------------------------------------------------------------------
 
 
+_RUN_DIRS: dict[str, set[str]] = {}
+"""Job uid -> the scratch directories its runs had (a directory goes with its run)."""
+
+
 def run_processes(job_uid: str) -> set[int]:
-    """Pids of live (not zombie) calculation processes of `job_uid` on this machine.
+    """Pids of live (not zombie) processes of `job_uid`'s runs on this machine.
 
-    The compute worker runs each job in a scratch directory named `parjobs-run-<uid[:8]>-...`,
-    which the calculation's argv names.
+    Compute runs a job in a sandbox spawned ahead, in a scratch directory of its own
+    (`parjobs-run-...`) where it puts the job's input as `input/<job uid>`: bwrap's argv binds
+    that directory, and the sandbox's supervisor and the calculation work in it.
     """
-    marker = f"parjobs-run-{job_uid[:8]}-".encode()
-    pids = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and _is_live(entry, marker):
-            pids.add(int(entry.name))
-    return pids
+    found = Path(tempfile.gettempdir()).glob(f"parjobs-run-*/input/{job_uid}")
+    roots = _RUN_DIRS.setdefault(job_uid, set())
+    roots |= {str(path.parents[1]) for path in found}
+    return {
+        int(entry.name)
+        for entry in Path("/proc").iterdir()
+        if entry.name.isdigit() and _is_live(entry, roots)
+    }
 
 
-def _is_live(proc: Path, marker: bytes) -> bool:
+def _is_live(proc: Path, roots: set[str]) -> bool:
+    if not roots:
+        return False
     try:
         cmdline = (proc / "cmdline").read_bytes()
+        cwd = os.readlink(proc / "cwd")
         state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
         return False
-    return marker in cmdline and state != "Z"
+    inside = [f"{root}/" for root in roots]
+    return state != "Z" and any(cwd.startswith(r) or r.encode() in cmdline for r in inside)
 
 
 async def ready_messages(harness: Harness, queue: str) -> int:
@@ -940,8 +953,8 @@ async def test_sigkilled_compute_mid_run_loses_no_job(
 
 
 async def _none_alive(pids: set[int], job_uid: str) -> bool:
-    marker = f"parjobs-run-{job_uid[:8]}-".encode()
-    return not any(_is_live(Path(f"/proc/{pid}"), marker) for pid in pids)
+    roots = _RUN_DIRS.get(job_uid, set())
+    return not any(_is_live(Path(f"/proc/{pid}"), roots) for pid in pids)
 
 
 async def test_sigkilled_storage_between_submit_and_contract_loses_no_job(

@@ -7,6 +7,7 @@ PID namespace they are in.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -14,6 +15,7 @@ import signal
 import sys
 import textwrap
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
@@ -28,9 +30,12 @@ from workers.calculations import (
     RunHandle,
     RunOutcome,
     SandboxMode,
+    SandboxPool,
     Stream,
+    Workspace,
     run_calculation,
 )
+from workers.calculations._launch import Sandbox
 
 MiB = 1 << 20
 
@@ -538,3 +543,95 @@ async def test_a_missing_program_is_a_clear_error(tmp_path: Path, sandbox: Sandb
         )
     with anyio.fail_after(1):
         await handle.stop()  # returns: the run is over, even though it never started
+
+
+# --- sandboxes spawned ahead (the pool itself: test_sandbox.py) ---------------------------------
+
+
+@contextlib.asynccontextmanager
+async def spare_workspace() -> AsyncIterator[Workspace]:
+    """A workspace of a sandbox spawned ahead, and given time to be ready."""
+    pool = SandboxPool("bwrap", size=1, memory_limit_bytes=256 * MiB)
+    async with anyio.create_task_group() as group:
+        await group.start(pool.serve)
+        async with pool.workspace() as space:
+            yield space
+        group.cancel_scope.cancel()
+
+
+async def test_a_built_in_runs_the_same_in_a_sandbox_spawned_ahead() -> None:
+    data = b"hello\nworld\n"
+    registry = CalculationRegistry.from_entry_points()
+    async with spare_workspace() as space:
+        input_path = space.input_dir / "input"
+        input_path.write_bytes(data)
+        invocation = registry.invocation(
+            "checksum", {}, input_path=input_path, output_dir=space.output_dir
+        )
+        lines = Lines()
+        outcome = await run(
+            list(invocation.argv),
+            space.workdir,
+            lines,
+            output_dir=space.output_dir,
+            inputs=[input_path],
+            sandbox=space.sandbox,
+        )
+        assert outcome.succeeded, lines.seen
+        assert outcome.outputs == ("summary.json",)
+        summary = json.loads((space.output_dir / "summary.json").read_text())
+        assert summary["sha256"] == hashlib.sha256(data).hexdigest()
+        assert isinstance(space.sandbox, Sandbox)
+        assert space.sandbox.process.returncode == 0  # the spare ran it (and was reaped)
+
+
+_SCRIPT = """\
+import os, sys, time
+print(open("/proc/self/cmdline", "rb").read().split(b"\\0")[1:3])
+print(sys.argv, os.getcwd(), os.environ["HOME"])
+time.sleep(0.5)
+print("later")
+if sys.argv[1] == "fail":
+    raise RuntimeError("as asked")
+sys.exit(int(sys.argv[1]))
+"""
+
+
+async def test_a_python_script_runs_in_the_supervisor_s_child_as_if_started_on_its_own() -> None:
+    # `python -I -u script` (how the built-ins run) starts no second interpreter: the supervisor
+    # imported what they need ahead and runs the script in its forked child.
+    for ending, expected in (("3", 3), ("fail", 1)):
+        async with spare_workspace() as space:
+            script = space.input_dir / "script.py"
+            script.write_text(_SCRIPT)
+            argv = [sys.executable, "-I", "-u", str(script), ending]
+            lines = Lines()
+            outcome = await run(argv, space.workdir, lines, inputs=[script], sandbox=space.sandbox)
+            assert outcome.exit_code == expected, lines.seen
+            cmdline, args, later = lines.of("stdout")
+            assert cmdline == "[b'-I', b'-S']"  # the supervisor's flags: no new interpreter
+            assert args == f"{[str(script), ending]} {space.workdir} {space.workdir}"
+            assert later == "later"
+            assert lines.arrived[1] < lines.arrived[2] - 0.4  # each line as it is printed
+            if ending == "fail":
+                assert lines.of("stderr")[-1] == "RuntimeError: as asked"
+
+
+async def test_a_run_the_spare_cannot_show_gets_a_sandbox_of_its_own(tmp_path: Path) -> None:
+    # An input outside the spare's scratch directory: a spawned sandbox cannot bind it now.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_text("outside")
+    async with spare_workspace() as space:
+        assert isinstance(space.sandbox, Sandbox)
+        lines = Lines()
+        code = "import sys; print(open(sys.argv[1]).read())"
+        outcome = await run(
+            python(code, str(elsewhere)),
+            space.workdir,
+            lines,
+            inputs=[elsewhere],
+            sandbox=space.sandbox,
+        )
+        assert outcome.succeeded, lines.seen
+        assert lines.of("stdout") == ["outside"]
+        assert space.sandbox.waiting  # not used: the run had one of its own

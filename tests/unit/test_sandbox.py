@@ -7,28 +7,42 @@ tried unsandboxed, where it succeeds, so the sandboxed refusals cannot pass by a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import signal
 import socket
 import sys
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 from pydantic import ValidationError
 
 from orchestrator.errors import CalculationLaunchError, ConfigurationError
 from orchestrator.settings import ServiceSettings
 from tests._processes import gone, new_marker, python
-from workers.calculations import SandboxMode, check_sandbox, run_calculation
+from workers.calculations import (
+    RunOutcome,
+    SandboxMode,
+    SandboxPool,
+    Workspace,
+    check_sandbox,
+    run_calculation,
+)
+from workers.calculations._launch import Sandbox
 from workers.calculations._sandbox import (
     SANDBOX_UID,
     SCRIPTS_DIR,
     clean_environment,
+    job_request,
+    sandbox_view,
     sandboxed_argv,
 )
 
@@ -47,19 +61,14 @@ async def keep_nothing(stream: str, line: str) -> None:
 # --- the argv -------------------------------------------------------------------------------------
 
 
-def build(tmp_path: Path, **env: str) -> list[str]:
+def build(tmp_path: Path) -> list[str]:
     workdir = tmp_path / "run"
-    return sandboxed_argv(
-        [sys.executable, "-I", str(SCRIPTS_DIR / "_builtin_sleep.py"), "1", str(workdir / "out")],
-        env=clean_environment(workdir, env),
-        workdir=workdir,
+    view = sandbox_view(
+        memory_limit_bytes=1 << 28,
         writable=(workdir, workdir / "out"),
         readable=(tmp_path / "input",),
-        memory_limit_bytes=1 << 28,
-        cpu_limit_s=7,
-        info_fd=11,
-        report_fd=12,
     )
+    return sandboxed_argv(view, workdir=workdir, info_fd=11, report_fd=12, job_fd=13)
 
 
 def options(argv: list[str]) -> list[str]:
@@ -117,7 +126,7 @@ def test_a_root_worker_hands_the_run_to_an_unprivileged_user(tmp_path: Path, as_
     added = [bwrap[at + 1] for at, arg in enumerate(bwrap) if arg == "--cap-add"]
     assert sorted(added) == ["CAP_DAC_OVERRIDE", "CAP_SETGID", "CAP_SETUID"]
     supervisor = argv[argv.index("--") + 6 :]  # after python -I -S -c <script>
-    assert supervisor[:4] == ["12", str(SANDBOX_UID), str(1 << 28), "7"]
+    assert supervisor == ["12", "13", str(SANDBOX_UID)]  # report fd, job fd, the uid to become
 
 
 def test_the_environment_is_only_the_run_s_own(
@@ -125,17 +134,23 @@ def test_the_environment_is_only_the_run_s_own(
 ) -> None:
     for name, value in WORKER_SECRETS.items():
         monkeypatch.setenv(name, value)
-    argv = build(tmp_path, EXTRA="yes")
+    argv = build(tmp_path)
     bwrap = options(argv)
-    assert SECRET not in json.dumps(argv)
-    start = bwrap.index("--clearenv")
-    given = {}
-    at = start + 1
-    while bwrap[at] == "--setenv":
-        given[bwrap[at + 1]] = bwrap[at + 2]
-        at += 3
-    assert given == clean_environment(tmp_path / "run", {"EXTRA": "yes"})
-    assert bwrap.count("--setenv") == len(given)
+    assert "--clearenv" in bwrap  # the supervisor starts with nothing, the job brings the rest
+    assert "--setenv" not in bwrap
+    workdir = tmp_path / "run"
+    job = job_request(
+        [sys.executable, "-I", "-u", str(SCRIPTS_DIR / "_builtin_sleep.py"), "1", str(workdir)],
+        program=sys.executable,
+        env=clean_environment(workdir, {"EXTRA": "yes"}),
+        workdir=workdir,
+        memory_limit_bytes=1 << 28,
+        cpu_limit_s=7,
+    )
+    assert SECRET not in json.dumps(argv) + job.decode()
+    given = json.loads(job)["env"]
+    assert set(given) == {"PATH", "LANG", "HOME", "TMPDIR", "PWD", "PYTHONUNBUFFERED", "EXTRA"}
+    assert (given["HOME"], given["TMPDIR"]) == (str(workdir), str(workdir / "tmp"))
 
 
 def test_only_the_run_directories_are_writable_and_little_else_is_visible(
@@ -449,3 +464,167 @@ async def test_the_sandbox_ends_even_processes_that_left_the_session(tmp_path: P
     )
     assert outcome.succeeded
     assert await gone(marker)
+
+
+# --- sandboxes spawned ahead ---------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def served(size: int, memory_limit_bytes: int = 1 << 30) -> AsyncIterator[SandboxPool]:
+    pool = SandboxPool("bwrap", size=size, memory_limit_bytes=memory_limit_bytes)
+    async with anyio.create_task_group() as group:
+        await group.start(pool.serve)
+        yield pool
+        group.cancel_scope.cancel()
+
+
+async def run_in(space: Workspace, argv: list[str], **options: Any) -> tuple[RunOutcome, list[str]]:
+    said: list[str] = []
+
+    async def keep(stream: str, line: str) -> None:
+        said.append(line)
+
+    options.setdefault("time_limit_s", 10)
+    outcome = await run_calculation(
+        argv,
+        workdir=space.workdir,
+        output_dir=space.output_dir,
+        inputs=[space.input_dir / "input"],
+        on_output=keep,
+        sandbox=space.sandbox,
+        **options,
+    )
+    return outcome, said
+
+
+def spawned_ahead(space: Workspace) -> Sandbox:
+    assert isinstance(space.sandbox, Sandbox)
+    return space.sandbox
+
+
+async def test_a_sandbox_spawned_ahead_runs_one_job_only() -> None:
+    async with served(1) as pool, pool.workspace() as space:
+        sandbox = spawned_ahead(space)
+        pid = sandbox.process.pid
+        (space.input_dir / "input").write_text("mine")
+        outcome, said = await run_in(space, python("print(open('../input/input').read())"))
+        assert outcome.succeeded, said
+        assert said == ["mine"]
+        assert sandbox.process.returncode is not None  # it ran the job, was reaped: it is gone
+        assert not Path(f"/proc/{pid}").exists()
+        with pytest.raises(CalculationLaunchError, match="one job only"):
+            await run_in(space, python("print('again')"))
+
+
+async def test_one_job_cannot_see_another_s_files(listener: int) -> None:
+    code = """
+        import json, os, socket, sys
+        report = {}
+        for name in sys.argv[1:]:
+            try:
+                with open(name) as file:
+                    report[name] = file.read()
+            except OSError as exc:
+                report[name] = type(exc).__name__
+        try:
+            socket.create_connection(("127.0.0.1", int(os.environ["PORT"])), timeout=2).close()
+            report["network"] = "connected"
+        except OSError as exc:
+            report["network"] = type(exc).__name__
+        report["tmp"] = os.listdir("/tmp")
+        print(json.dumps(report))
+    """
+    async with served(2) as pool, pool.workspace() as other, pool.workspace() as mine:
+        theirs = [other.input_dir / "input", other.output_dir / "result", other.workdir / "notes"]
+        for path in theirs:
+            path.write_text(SECRET)
+        (mine.input_dir / "input").write_text("mine")
+        targets = [str(path) for path in (*theirs, mine.input_dir / "input")]
+        outcome, said = await run_in(mine, python(code, *targets), env={"PORT": str(listener)})
+        assert outcome.succeeded, said
+        report = json.loads(said[-1])
+        assert [report[str(path)] for path in theirs] == ["FileNotFoundError"] * 3
+        assert report[str(mine.input_dir / "input")] == "mine"  # the control: its own is there
+        assert report["network"] != "connected"
+        assert report["tmp"] == [Path(mine.workdir).parts[2]]  # a fresh /tmp: its own dir only
+        # Its input is read-only to the run, as a per-run sandbox's inputs are.
+        write = python("open(__import__('sys').argv[1], 'w').write('changed')", targets[0])
+        refused, said = await run_in(other, write)
+        assert not refused.succeeded
+        assert "Read-only file system" in said[-1]
+        assert theirs[0].read_text() == SECRET
+
+
+async def test_the_limits_apply_in_a_sandbox_spawned_ahead() -> None:
+    allocate = "x = bytearray(512 * 1024 * 1024); print('allocated')"
+    async with served(2) as pool:
+        async with pool.workspace() as space:
+            started = time.monotonic()
+            outcome, _ = await run_in(
+                space, python("import time; time.sleep(30)"), time_limit_s=0.5
+            )
+            assert outcome.timed_out
+            assert time.monotonic() - started < 5
+        async with pool.workspace() as space:
+            outcome, said = await run_in(space, python(allocate), memory_limit_bytes=256 << 20)
+            assert outcome.memory_exceeded, said
+            assert "allocated" not in said
+        async with pool.workspace() as space:
+            spin = "while True: pass"
+            outcome, _ = await run_in(space, python(spin), time_limit_s=10, cpu_limit_s=1)
+            assert outcome.signal == signal.SIGXCPU
+
+
+async def test_the_pool_refills_and_never_hands_out_a_dead_sandbox() -> None:
+    async with served(2) as pool:
+        assert pool.spares == 2
+        async with pool.workspace() as first:
+            await anyio.lowlevel.checkpoint()  # the refill runs once the job awaits anything
+            assert pool.spares == 2
+            async with (
+                pool.workspace() as second,
+                pool.workspace() as third,
+                pool.workspace() as fourth,  # none spare left: spawned on the spot
+            ):
+                assert pool.spares == 0
+                spaces = (second, third, fourth)
+                ran = [await run_in(space, python("print('ok')")) for space in spaces]
+                assert [said for _, said in ran] == [["ok"]] * 3
+            killed = spawned_ahead(first)
+            os.killpg(killed.process.pid, signal.SIGKILL)
+        for _ in range(100):
+            if pool.spares == 2:
+                break
+            await anyio.sleep(0.01)
+        assert pool.spares == 2
+        spare = pool._spares[0][0]
+        os.killpg(spare.process.pid, signal.SIGKILL)  # dies waiting: never given a job
+        await anyio.sleep(0.1)
+        async with pool.workspace() as space:
+            assert space.sandbox is not spare
+            _, said = await run_in(space, python("print('fresh')"))
+            assert said == ["fresh"]
+
+
+async def test_spares_end_and_leave_nothing_when_the_pool_stops() -> None:
+    async with served(2) as pool:
+        roots = [root for _, root in pool._spares]
+        pids = [sandbox.process.pid for sandbox, _ in pool._spares]
+    assert pool.spares == 0
+    assert not any(root.exists() for root in roots)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in pids)
+
+
+async def test_unsandboxed_the_pool_keeps_nothing_and_runs_as_before() -> None:
+    pool = SandboxPool("none", size=2, memory_limit_bytes=1 << 30)
+    async with anyio.create_task_group() as group:
+        await group.start(pool.serve)
+        assert pool.spares == 0
+        async with pool.workspace() as space:
+            assert space.sandbox == "none"
+            (space.input_dir / "input").write_text("mine")
+            outcome, said = await run_in(space, python("import os; print(os.getppid())"))
+            assert outcome.succeeded, said
+            assert said == [str(os.getpid())]  # the worker's own child: no sandbox between
+        assert not space.input_dir.parent.exists()
+        group.cancel_scope.cancel()

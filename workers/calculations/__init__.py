@@ -1,7 +1,8 @@
 """Calculations a compute worker can run, and the runner that runs them in a child process.
 
 A `Calculation` validates its parameters and describes its run as an argv; `run_calculation`
-runs that argv in a sandbox, with limits, a clean environment and streamed output. Built-ins and
+runs that argv in a sandbox, with limits, a clean environment and streamed output; a `SandboxPool`
+keeps single-use sandboxes spawned ahead, so a run does not wait for one to start. Built-ins and
 third-party calculations are found through the `parjobs.calculations` entry-point group.
 """
 
@@ -24,6 +25,7 @@ from workers.calculations._runner import (
     run_calculation,
 )
 from workers.calculations._sandbox import DEFAULT_MEMORY_LIMIT, SandboxMode
+from workers.calculations._warm import SandboxPool, Workspace
 
 __all__ = [
     "DEFAULT_MEMORY_LIMIT",
@@ -42,7 +44,9 @@ __all__ = [
     "RunHandle",
     "RunOutcome",
     "SandboxMode",
+    "SandboxPool",
     "Stream",
+    "Workspace",
     "check_sandbox",
     "run_calculation",
 ]

@@ -13,7 +13,6 @@ resource usage, and the CPU seconds are what a run is charged for. Reaping it ou
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import resource
@@ -27,13 +26,16 @@ from typing import IO, Literal, NamedTuple
 import anyio
 from pydantic import BaseModel, ConfigDict
 
+from workers.calculations._launch import Sandbox, SandboxLink, popen
 from workers.calculations._sandbox import (
     DEFAULT_MEMORY_LIMIT,
     SandboxMode,
     clean_environment,
     hand_over,
+    job_request,
     limited_argv,
-    sandboxed_argv,
+    resolve_program,
+    sandbox_view,
 )
 
 Stream = Literal["stdout", "stderr"]
@@ -129,7 +131,7 @@ async def run_calculation(
     env: Mapping[str, str] | None = None,
     output_dir: Path | None = None,
     inputs: Sequence[Path] = (),
-    sandbox: SandboxMode = "bwrap",
+    sandbox: SandboxMode | Sandbox = "bwrap",
     handle: RunHandle | None = None,
 ) -> RunOutcome:
     """Run `argv` in `workdir` (created if needed, with `tmp/` for TMPDIR) and report the outcome.
@@ -140,6 +142,9 @@ async def run_calculation(
     `inputs` are readable besides the system, the interpreter and the program. Cancelling the
     caller kills every process of the run at once; so does an exception from `on_output`, which
     then propagates (in an ExceptionGroup).
+
+    `sandbox` may be a `Sandbox` spawned ahead (`SandboxPool.workspace`): the run is handed to it
+    if it shows the run's paths, else it runs in a sandbox of its own, as with `bwrap`.
     """
     handle = handle or RunHandle()
     try:
@@ -166,7 +171,7 @@ async def run_calculation(
         timed_out=ending.timed_out,
         stopped=ending.stopped,
         memory_exceeded=ending.memory_exceeded,
-        cpu_seconds=ending.usage.ru_utime + ending.usage.ru_stime,
+        cpu_seconds=ending.cpu_seconds,
         wall_seconds=ending.at - started,
         outputs=_regular_files(child.output_dir),
     )
@@ -181,11 +186,9 @@ def _spawn(
     env: Mapping[str, str] | None,
     memory_limit_bytes: int,
     cpu_limit_s: int,
-    sandbox: SandboxMode,
+    sandbox: SandboxMode | Sandbox,
 ) -> _Child:
-    # Synchronous and on the event loop's thread on purpose: mkdir and fork+exec take about a
-    # millisecond, and the child's PR_SET_PDEATHSIG fires when the *thread* that forked it ends,
-    # so spawning from a pooled worker thread would kill the child when that thread retires.
+    # Synchronous and on the event loop's thread on purpose (see `Sandbox`).
     workdir = workdir.absolute()
     output_dir = (output_dir or workdir / "output").absolute()
     for directory in (workdir, workdir / "tmp", output_dir):
@@ -194,119 +197,28 @@ def _spawn(
     limits = {"memory_limit_bytes": memory_limit_bytes, "cpu_limit_s": cpu_limit_s}
     if sandbox == "none":
         command = limited_argv(argv, env=child_env, **limits)
-        return _Child(_popen(command, workdir, child_env), output_dir, None)
+        return _Child(popen(command, workdir, child_env), output_dir, None)
     hand_over((workdir, workdir / "tmp", output_dir))
-    link = _SandboxLink()
-    try:
-        command = sandboxed_argv(
-            argv,
-            env=child_env,
-            workdir=workdir,
-            writable=(workdir, output_dir),
-            readable=inputs,
-            info_fd=link.info_fd,
-            report_fd=link.report_fd,
-            **limits,
+    program = resolve_program(argv[0], child_env)
+    readable, writable = (Path(program), *inputs), (workdir, output_dir)
+    if not (isinstance(sandbox, Sandbox) and sandbox.shows(readable=readable, writable=writable)):
+        # None spawned ahead, or it cannot show what this run needs: one of the run's own.
+        view = sandbox_view(
+            memory_limit_bytes=memory_limit_bytes, writable=writable, readable=readable
         )
-        process = _popen(command, workdir, child_env, pass_fds=(link.info_fd, link.report_fd))
-    except BaseException:
-        link.close()
-        raise
-    link.close_child_ends()
-    return _Child(process, output_dir, link)
-
-
-def _popen(
-    command: list[str], workdir: Path, env: Mapping[str, str], pass_fds: tuple[int, ...] = ()
-) -> subprocess.Popen[bytes]:
-    # Not a shell, and the argv comes from a Calculation, never from the user directly.
-    return subprocess.Popen(  # noqa: S603
-        command,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        cwd=workdir,
-        env=env,
-        start_new_session=True,
-        pass_fds=pass_fds,
-    )
-
-
-class _SandboxLink:
-    """The worker's end of one bubblewrap launch: bwrap's info pipe, which names the sandbox's
-    PID 1 (the supervisor), and the supervisor's report pipe, which says how the program ended."""
-
-    def __init__(self) -> None:
-        self._info, self.info_fd = os.pipe()
-        self._report, self.report_fd = os.pipe()
-        os.set_blocking(self._report, False)
-        self._supervisor: int | None = None  # its pidfd, once known
-        self.located = anyio.Event()
-
-    def close_child_ends(self) -> None:
-        """After the spawn: from now on only the child holds them (so EOF means it is gone)."""
-        os.close(self.info_fd)
-        os.close(self.report_fd)
-        self.info_fd = self.report_fd = -1
-
-    async def locate(self, bwrap_pid: int) -> None:
-        """Open a pidfd on the supervisor, which bwrap names right after creating it."""
-        try:
-            info = b""
-            while True:
-                await anyio.wait_readable(self._info)
-                if not (chunk := os.read(self._info, 4096)):
-                    break
-                info += chunk
-            if info:
-                self._supervisor = _pidfd_of_child(json.loads(info)["child-pid"], bwrap_pid)
-        finally:
-            self.located.set()
-
-    def signal(self, sig: signal.Signals) -> bool:
-        """Send `sig` to the supervisor; False if it is not known (bwrap failed before it)."""
-        if self._supervisor is None:
-            return False
-        with contextlib.suppress(ProcessLookupError):
-            signal.pidfd_send_signal(self._supervisor, sig)
-        return True
-
-    def reported_status(self) -> int | None:
-        """The program's wait status, once bwrap has exited; None if the supervisor did not
-        get to report it (it was killed, or never started)."""
-        try:
-            report = os.read(self._report, 64)
-        except BlockingIOError:
-            return None
-        return int(report) if report else None
-
-    def close(self) -> None:
-        for fd in (self._info, self.info_fd, self._report, self.report_fd, self._supervisor):
-            if fd is not None and fd >= 0:
-                os.close(fd)
-
-
-def _pidfd_of_child(pid: int, parent: int) -> int | None:
-    """A pidfd on `pid` if it is still `parent`'s child: a pid is only a name until a pidfd holds
-    it, and this one's process may have ended (and its number gone to another) meanwhile."""
+        sandbox = Sandbox(view, workdir=workdir)
     try:
-        pidfd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return None
-    try:  # after the pidfd: whichever process it is, it is the one held now
-        parent_now = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except FileNotFoundError:  # reaped meanwhile
-        parent_now = None
-    if parent_now == parent:
-        return pidfd
-    os.close(pidfd)
-    return None
+        sandbox.start(job_request(argv, program=program, env=child_env, workdir=workdir, **limits))
+    except BaseException:
+        sandbox.discard()
+        raise
+    return _Child(sandbox.process, output_dir, sandbox.link)
 
 
 class _Ending(NamedTuple):
     exit_code: int | None
     signal: int | None
-    usage: resource.struct_rusage
+    cpu_seconds: float
     at: float  # time.monotonic() when reaped
     timed_out: bool
     stopped: bool
@@ -318,7 +230,7 @@ class _Child:
     to the sandbox's supervisor."""
 
     def __init__(
-        self, process: subprocess.Popen[bytes], output_dir: Path, sandbox: _SandboxLink | None
+        self, process: subprocess.Popen[bytes], output_dir: Path, sandbox: SandboxLink | None
     ) -> None:
         self._process = process
         self.output_dir = output_dir
@@ -359,9 +271,9 @@ class _Child:
                 with anyio.CancelScope(shield=True):
                     await self._kill()
                     self._reap()
-        exit_code, ended_by = self._how_it_ended(status)
+        exit_code, ended_by, cpu_seconds = self._how_it_ended(status, usage)
         return _Ending(
-            exit_code, ended_by, usage, reaped_at, timed_out, stopped, self._memory_exceeded
+            exit_code, ended_by, cpu_seconds, reaped_at, timed_out, stopped, self._memory_exceeded
         )
 
     async def _stop_on_request(self, handle: RunHandle) -> None:
@@ -412,18 +324,22 @@ class _Child:
         self._process.returncode = os.waitstatus_to_exitcode(status)  # Popen must not reap again
         return status, usage
 
-    def _how_it_ended(self, status: int) -> tuple[int | None, int | None]:
-        """(exit code, signal) of the program, from its wait status or, sandboxed, from the
-        supervisor's report; without one, bwrap's exit code says 128 + the ending signal."""
+    def _how_it_ended(
+        self, status: int, usage: resource.struct_rusage
+    ) -> tuple[int | None, int | None, float]:
+        """(exit code, signal, CPU seconds) of the program, from its wait status and usage or,
+        sandboxed, from the supervisor's report (which leaves out the sandbox's own start);
+        without one, bwrap's exit code says 128 + the ending signal."""
+        cpu_seconds = usage.ru_utime + usage.ru_stime
         if self._sandbox is not None:
-            reported = self._sandbox.reported_status()
+            reported = self._sandbox.report()
             if reported is not None:
-                status = reported
+                status, cpu_seconds = reported
             elif os.WIFEXITED(status) and os.WEXITSTATUS(status) > 128:
-                return None, os.WEXITSTATUS(status) - 128
+                return None, os.WEXITSTATUS(status) - 128, cpu_seconds
         if os.WIFSIGNALED(status):
-            return None, os.WTERMSIG(status)
-        return os.WEXITSTATUS(status), None
+            return None, os.WTERMSIG(status), cpu_seconds
+        return os.WEXITSTATUS(status), None, cpu_seconds
 
     def _stop_waiting_for_pipes_after(self, seconds: float) -> None:
         # Once the group is dead its pipes end at once, unless a process that left the session

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import os
 import shutil
 import sys
@@ -52,13 +53,12 @@ _ETC = ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "alternatives", "localtime"
 # Top-level directories that are links into /usr on merged-/usr systems, or real ones elsewhere.
 _SYSTEM_DIRS = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
 
-# Shared by both launch scripts: the limits, then the program in place of this process.
-_EXEC_LIMITED = """\
-def exec_limited(memory, cpu, program, argv):
+# Shared by both launch scripts: the limits, set on the process that then becomes the program.
+_LIMIT = """\
+def limit(memory, cpu):
     resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    os.execv(program, argv)
 """
 
 # Unsandboxed. argv after -c: parent pid, memory bytes, CPU seconds, resolved program, then the
@@ -67,39 +67,86 @@ def exec_limited(memory, cpu, program, argv):
 # before the prctl.
 _SHIM = (
     "import ctypes, os, resource, sys\n"
-    + _EXEC_LIMITED
+    + _LIMIT
     + """
 parent, memory, cpu = (int(arg) for arg in sys.argv[1:4])
 ctypes.CDLL(None).prctl(1, 9)
 if os.getppid() != parent:
     os._exit(137)
-exec_limited(memory, cpu, sys.argv[4], sys.argv[5:])
+limit(memory, cpu)
+os.execv(sys.argv[4], sys.argv[5:])
 """
 )
 
-# The sandbox's PID 1 (bwrap --as-pid-1). argv after -c: report fd, uid to become (-1: stay),
-# memory bytes, CPU seconds, resolved program, then the child's argv.
-# - It runs the program as its child and, once that has exited, kills and reaps whatever is left:
-#   reaped processes' CPU time adds up into its own, which bwrap reaps, which the worker reaps.
-#   (bwrap's own PID 1 would lose it: it exits without being waited for.)
-# - It writes the program's wait status to the report fd: bwrap can only say 128 + signal.
+# The sandbox's PID 1 (bwrap --as-pid-1). argv after -c: report fd, job fd, uid to become (-1:
+# stay). It can be spawned ahead of need (see `_warm`): it waits for its one job, a JSON object
+# (`job_request`) read to EOF from the job fd, runs it and exits; EOF with nothing means "not
+# needed" and it exits at once.
+# - It runs the program as its child and, once that has exited, kills and reaps whatever is left,
+#   then reports the program's wait status and the CPU seconds of everything it reaped (the run's
+#   cost, without its own start) to the report fd: bwrap can only say 128 + signal.
+# - Python scripts (`python -I -u script.py ...`, a path) run in the forked child itself: the
+#   modules they use are imported here, ahead of the job, so no second interpreter starts. Any
+#   other program is exec'd.
 # - SIGTERM from the worker goes on to every process of the sandbox (a stop with a grace period);
 #   SIGUSR1 kills them all. PID 1 gets no other signal: the kernel drops those it has no handler
 #   for, so a program cannot kill it either.
 # - The report fd doubles as a lifeline: POLLERR on it means the worker's end closed, that is
-#   the worker died (even before bwrap's --die-with-parent was in place): everything ends.
+#   the worker died (even before bwrap's --die-with-parent was in place): everything ends. While
+#   it waits, the job fd's EOF is the same sign.
 # - PR_SET_DUMPABLE (4) = 0 keeps the program from reaching its descriptors through /proc/1/fd.
 _SUPERVISOR = (
-    "import ctypes, os, resource, select, signal, sys\n"
-    + _EXEC_LIMITED
+    "import ctypes, json, os, resource, select, signal, sys\n"
+    + _LIMIT
     + """
-report, uid, memory, cpu = (int(arg) for arg in sys.argv[1:5])
+report, job_fd, uid = (int(arg) for arg in sys.argv[1:4])
 
 def to_all(sig):
     try:
         os.kill(-1, sig)  # every process of the sandbox but its PID 1
     except ProcessLookupError:
         pass
+
+def inline(argv):
+    script = argv[3]
+    sys.argv = argv[3:]
+    for stream in (sys.stdout, sys.stderr):
+        stream.reconfigure(line_buffering=True)  # as -u: each line as it is printed
+    main = sys.modules["__main__"] = type(sys)("__main__")
+    main.__file__ = script
+    try:
+        with open(script, "rb") as source:
+            exec(compile(source.read(), script, "exec"), main.__dict__)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    except BaseException:
+        import traceback
+        traceback.print_exc()
+        code = 1
+    if not isinstance(code, int):
+        if code is not None:
+            print(code, file=sys.stderr)
+        code = 0 if code is None else 1
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(code & 255)
+
+def run(job):
+    os.close(report)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+    os.chdir(job["cwd"])
+    os.environ.clear()
+    os.environ.update(job["env"])
+    limit(job["memory"], job["cpu"])
+    argv, program = job["argv"], job["program"]
+    python = os.path.realpath(program) == os.path.realpath(sys.executable)
+    if python and argv[1:3] == ["-I", "-u"] and len(argv) > 3 and argv[3][:1] != "-":
+        inline(argv)  # a script's path; anything else (-c, -m) is for a real interpreter
+    os.execv(program, argv)
 
 signal.signal(signal.SIGTERM, lambda *_: to_all(signal.SIGTERM))
 signal.signal(signal.SIGUSR1, lambda *_: to_all(signal.SIGKILL))
@@ -108,10 +155,20 @@ if uid >= 0:
     os.setgid(uid)
     os.setuid(uid)
 ctypes.CDLL(None).prctl(4, 0)
+import argparse, collections, hashlib, math, pathlib, time  # what the built-in scripts import
+with open(job_fd, "rb") as pipe:
+    request = pipe.read()
+if not request:
+    os._exit(0)
+job = json.loads(request)
 program = os.fork()
 if program == 0:
-    os.close(report)
-    exec_limited(memory, cpu, sys.argv[5], sys.argv[6:])
+    try:
+        run(job)
+    except BaseException:
+        import traceback
+        traceback.print_exc()
+    os._exit(127)
 exited = os.pidfd_open(program)
 watch = select.poll()
 watch.register(exited, select.POLLIN)
@@ -127,7 +184,8 @@ while True:
         break
     if pid == program:
         ended = status
-os.write(report, b"%d" % ended)
+usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+os.write(report, b"%d %.6f" % (ended, usage.ru_utime + usage.ru_stime))
 """
 )
 
@@ -150,7 +208,7 @@ def clean_environment(workdir: Path, extra: Mapping[str, str] | None = None) -> 
     return env
 
 
-def _resolve_program(program: str, env: Mapping[str, str]) -> str:
+def resolve_program(program: str, env: Mapping[str, str]) -> str:
     """`program` found on `env`'s PATH now, so a missing one is a clear error here rather than
     a traceback from the child."""
     found = shutil.which(program, path=env.get("PATH", os.defpath))
@@ -165,7 +223,7 @@ def limited_argv(
     argv: Sequence[str], *, env: Mapping[str, str], memory_limit_bytes: int, cpu_limit_s: int
 ) -> list[str]:
     """Unsandboxed: `argv` wrapped in the shim that applies the limits."""
-    program = _resolve_program(argv[0], env)
+    program = resolve_program(argv[0], env)
     limits = (str(os.getpid()), str(memory_limit_bytes), str(cpu_limit_s))
     # -I -S: ignore PYTHON* variables and site-packages; the shim needs only the standard library.
     return [sys.executable, "-I", "-S", "-c", _SHIM, *limits, program, *argv]
@@ -184,35 +242,53 @@ def hand_over(directories: Sequence[Path]) -> None:
             os.chown(directory, uid, uid)
 
 
-def sandboxed_argv(
+def sandbox_view(
+    *, memory_limit_bytes: int, writable: Sequence[Path], readable: Sequence[Path]
+) -> View:
+    """What one sandbox shows: the common view, plus `readable` (read-only) and `writable`."""
+    view = copy.copy(_common_view(memory_limit_bytes))
+    for path in readable:
+        view.bind(path.absolute())
+    for path in writable:
+        view.bind(path.absolute(), writable=True)
+    return view
+
+
+def job_request(
     argv: Sequence[str],
     *,
+    program: str,
     env: Mapping[str, str],
     workdir: Path,
-    writable: Sequence[Path],
-    readable: Sequence[Path],
     memory_limit_bytes: int,
     cpu_limit_s: int,
-    info_fd: int,
-    report_fd: int,
-) -> list[str]:
-    """`argv` run by the supervisor as PID 1 of a bubblewrap sandbox.
+) -> bytes:
+    """The one job a sandbox's supervisor reads: `argv` run as `program` in `workdir`, with
+    exactly `env` and the limits."""
+    job = {
+        "argv": list(argv),
+        "program": program,
+        "env": dict(env),
+        "cwd": str(workdir.absolute()),
+        "memory": memory_limit_bytes,
+        "cpu": cpu_limit_s,
+    }
+    return json.dumps(job).encode()
 
-    `workdir` is the working directory; `writable` (the run and output directories) and
-    `readable` (the run's inputs) are bound at their own paths. bwrap writes the host pid of the
-    sandbox's PID 1 to `info_fd`; the supervisor writes the program's wait status to `report_fd`.
-    Both must be passed to the child (`pass_fds`).
+
+def sandboxed_argv(
+    view: View, *, workdir: Path, info_fd: int, report_fd: int, job_fd: int
+) -> list[str]:
+    """A bubblewrap sandbox showing `view`, its supervisor as PID 1, waiting for its job.
+
+    Everything is bound at its own path, so a job's paths mean the same inside. bwrap writes the
+    host pid of the sandbox's PID 1 to `info_fd`; the supervisor reads its job from `job_fd` and
+    writes how it ended to `report_fd`. All three must be passed to the child (`pass_fds`).
     """
     bwrap = shutil.which("bwrap")
     if bwrap is None:
         raise CalculationLaunchError(f"bwrap not found: {INSTALL_HINT}")
-    program = _resolve_program(argv[0], env)
     uid = sandbox_user()
-    view = copy.deepcopy(_common_view(memory_limit_bytes))
-    for path in (Path(program), *readable):
-        view.bind(path.absolute())
-    for path in writable:
-        view.bind(path.absolute(), writable=True)
     namespaces = ["--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts"]
     namespaces.append("--unshare-cgroup-try")
     if uid is None:  # an unprivileged worker: a user namespace, with no capabilities in it
@@ -223,11 +299,7 @@ def sandboxed_argv(
         user = ["--cap-drop", "ALL"]
         for capability in ("CAP_DAC_OVERRIDE", "CAP_SETUID", "CAP_SETGID"):
             user += ["--cap-add", capability]
-    environment = ["--clearenv"]
-    for name, value in env.items():
-        environment += ["--setenv", name, value]
-    supervisor = [str(report_fd), str(-1 if uid is None else uid)]
-    supervisor += [str(memory_limit_bytes), str(cpu_limit_s), program]
+    supervisor = [str(report_fd), str(job_fd), str(-1 if uid is None else uid)]
     return [
         bwrap,
         *namespaces,
@@ -235,7 +307,7 @@ def sandboxed_argv(
         "--die-with-parent",  # bwrap and the sandbox die with the worker
         "--new-session",  # no way back to a terminal (TIOCSTI)
         "--as-pid-1",  # the supervisor, not bwrap's own init: see _SUPERVISOR
-        *environment,
+        "--clearenv",  # nothing of the worker's; the job brings the program's environment
         *view.args,
         "--chdir",
         str(workdir.absolute()),
@@ -248,22 +320,21 @@ def sandboxed_argv(
         "-c",
         _SUPERVISOR,
         *supervisor,
-        *argv,
     ]
 
 
 @functools.cache
-def _common_view(tmp_bytes: int) -> _View:
+def _common_view(tmp_bytes: int) -> View:
     """What every run sees: the system, a fresh /tmp, the interpreter, the built-in scripts. The
     same for every run of a worker, so made once (a few milliseconds of path lookups)."""
-    view = _View(tmp_bytes=tmp_bytes)
+    view = View(tmp_bytes=tmp_bytes)
     for prefix in sorted({sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix}):
         view.bind(Path(prefix))
     view.bind(SCRIPTS_DIR)
     return view
 
 
-class _View:
+class View:
     """The sandbox's file system as bwrap arguments. Everything is bound at its own path, so the
     argv's paths mean the same inside; the parents bwrap would make owner-only are made 0755."""
 
@@ -288,6 +359,13 @@ class _View:
             self.args += ["--perms", "1777", "--size", str(tmp_bytes), "--tmpfs", str(tmp)]
             self._made.add(tmp)
 
+    def __copy__(self) -> View:
+        # What a bind changes: its lists and set (their items are immutable). A deep copy of
+        # every Path took a couple of milliseconds of the worker's CPU per sandbox.
+        view = object.__new__(View)
+        view.args, view._binds, view._made = list(self.args), list(self._binds), set(self._made)
+        return view
+
     def bind(self, path: Path, *, writable: bool = False) -> None:
         """Bind `path` (read-only unless `writable`) unless a bind already shows it as such."""
         if self._shown(path, writable):
@@ -298,6 +376,10 @@ class _View:
                 self._made.add(parent)
         self.args += ["--bind" if writable else "--ro-bind", str(path), str(path)]
         self._binds.append((path, path.resolve(), writable))
+
+    def shows(self, path: Path, *, writable: bool = False) -> bool:
+        """Whether `path` is visible (and writable, if asked) at its own path in the sandbox."""
+        return self._shown(path.absolute(), writable)
 
     def _shown(self, path: Path, writable: bool) -> bool:
         # By its own path or, through links bound too (a venv's python), by where it leads.
