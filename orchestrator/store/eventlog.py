@@ -45,6 +45,8 @@ from schemas.signing import ServiceRole
 
 DEFAULT_MAX_ATTEMPTS = 20  # 8 writers hammering one job needed up to 12 on SeaweedFS
 _CACHED_JOBS = 4096  # logs kept in memory (least recently read dropped first)
+_CACHED_ENDED = 256  # of which ended: a daemon seldom needs an ended job's log again
+_TRIM_EVERY = 128  # new logs between two drops of ended ones (a walk of every log kept)
 _UID = TypeAdapter(Uid)
 
 
@@ -124,6 +126,7 @@ class EventLog:
         self._store = store
         self._root = validate_prefix(root)
         self._logs: OrderedDict[str, _JobLog] = OrderedDict()  # job uid -> its log
+        self._new_logs = 0  # since ended logs were last dropped
         self._sealer = sealer  # None: appended events are not sealed (tests of the log alone)
         self._keys = keys  # None: events are read unverified (replay verifies them itself)
 
@@ -141,8 +144,19 @@ class EventLog:
             log = self._logs[job_uid] = _JobLog(self._store, self.events_prefix(job_uid), job_uid)
             while len(self._logs) > _CACHED_JOBS:
                 self._logs.popitem(last=False)
+            self._new_logs += 1
+            if self._new_logs >= _TRIM_EVERY:
+                self._drop_ended()
         self._logs.move_to_end(job_uid)
         return log
+
+    def _drop_ended(self) -> None:
+        """Keep the `_CACHED_ENDED` most recently used ended logs: a daemon's memory then grows
+        with the jobs in flight, not with every job it has seen (~20 KiB each)."""
+        self._new_logs = 0
+        ended = [uid for uid, log in self._logs.items() if log.ended]  # least recent first
+        for uid in ended[: max(0, len(ended) - _CACHED_ENDED)]:
+            del self._logs[uid]
 
     async def job_uids(self, *, starting: str = "") -> list[str]:
         """Every job that has a log here (whose uid starts with `starting`), sorted."""

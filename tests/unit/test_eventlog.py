@@ -22,7 +22,7 @@ from orchestrator.errors import (
     JobNotFoundError,
 )
 from orchestrator.store.base import ObjectStore
-from orchestrator.store.eventlog import EventLog, EventSealer
+from orchestrator.store.eventlog import _CACHED_ENDED, _TRIM_EVERY, EventLog, EventSealer
 from schemas.events import (
     EventPayload,
     Failed,
@@ -387,3 +387,21 @@ async def test_an_ended_log_whose_end_fails_its_checks_stays_unreadable(
     for _ in range(2):  # the second read must not take the verified events for the whole log
         with pytest.raises(EventLogCorruptError, match="event 3"):
             await reader.read(job)
+
+
+async def test_memory_keeps_the_jobs_in_flight_and_only_the_latest_ended_ones(
+    store: ObjectStore, root: str
+) -> None:
+    log = EventLog(store, root)
+    ended = []
+    for _ in range(_CACHED_ENDED + _TRIM_EVERY):
+        job = await running_job(log)
+        await log.transition(job, "compute", Failed(reason="x"))
+        ended.append(job)
+    running = [await running_job(log) for _ in range(_TRIM_EVERY)]
+    kept = set(log._logs)  # what this daemon remembers
+    assert set(running) <= kept  # in flight: never dropped for an ended one
+    assert set(ended[-_CACHED_ENDED:]) <= kept
+    assert not kept & set(ended[:_TRIM_EVERY])  # the oldest ended ones went
+    # A dropped log is read again on demand, whole.
+    assert (await log.load(ended[0])).state is JobState.FAILED
