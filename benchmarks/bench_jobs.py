@@ -128,6 +128,27 @@ class CPUMeter:
 
 
 @contextlib.asynccontextmanager
+async def peak_rss(processes: dict[str, psutil.Process]) -> AsyncIterator[dict[str, float]]:
+    """Each process's highest resident set (MiB) while the block runs, sampled every 0.2 s."""
+    peaks = dict.fromkeys(processes, 0.0)
+
+    async def sample() -> None:
+        while True:
+            for name, process in processes.items():
+                with contextlib.suppress(psutil.Error):
+                    peaks[name] = max(peaks[name], process.memory_info().rss / 2**20)
+            await asyncio.sleep(0.2)
+
+    sampler = asyncio.create_task(sample())
+    try:
+        yield peaks
+    finally:
+        sampler.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sampler
+
+
+@contextlib.asynccontextmanager
 async def s3_counting_proxy(upstream: S3Settings) -> AsyncIterator[tuple[S3Settings, str]]:
     """`upstream`'s settings pointed at a counting proxy (s3_counter.py, its own process), and
     the URL its counts are read from."""
@@ -358,9 +379,12 @@ class Burst(NamedTuple):
     wall: float
     latencies: list[float]  # of the jobs that completed
     errors: Counter[str]  # the others: what the client raised (an error's code), by kind
+    peak_rss_mib: dict[str, float]  # each daemon's, through the timed jobs and the burst
 
 
-async def burst(job: Callable[[], Awaitable[None]], count: int) -> Burst:
+async def burst(
+    job: Callable[[], Awaitable[None]], count: int, peak_rss_mib: dict[str, float]
+) -> Burst:
     errors, start = Counter[str](), time.perf_counter()
 
     async def one() -> float | None:
@@ -374,7 +398,7 @@ async def burst(job: Callable[[], Awaitable[None]], count: int) -> Burst:
 
     ended = await asyncio.gather(*(one() for _ in range(count)))
     latencies = [seconds for seconds in ended if seconds is not None]
-    return Burst(time.perf_counter() - start, latencies, errors)
+    return Burst(time.perf_counter() - start, latencies, errors, peak_rss_mib)
 
 
 async def run_parjobs(
@@ -422,14 +446,16 @@ async def run_parjobs(
             marks.clear()
             broker.requests.clear()
             s3_before = await s3_counts(counts_url)
-            meter.start()
-            wall, *latencies = await drive(job, args.jobs, args.concurrency)
-            requests = broker.requests.copy()
-            await asyncio.sleep(1)  # a job's log may show `completed` before its publish is out
-            cpu = meter.stop()  # (the jobs' tail: their last publishes, the sweep's)
-            s3_requests = await s3_counts(counts_url) - s3_before
-            untimed = functools.partial(job, timed=False)
-            burst_figures = await burst(untimed, args.burst) if args.burst else None
+            daemons = {role: processes[role] for role in cluster.instances}
+            async with peak_rss(daemons) as peaks:
+                meter.start()
+                wall, *latencies = await drive(job, args.jobs, args.concurrency)
+                requests = broker.requests.copy()
+                await asyncio.sleep(1)  # a job's log may show `completed` before it is published
+                cpu = meter.stop()  # (the jobs' tail: their last publishes, the sweep's)
+                s3_requests = await s3_counts(counts_url) - s3_before
+                untimed = functools.partial(job, timed=False)
+                burst_figures = await burst(untimed, args.burst, peaks) if args.burst else None
         published = requests + Counter(reply=requests.total())
         queued = published.copy()  # a request or a reply: one queue
         bindings = parjobs_bindings(cluster, user.name)
@@ -492,6 +518,7 @@ def burst_row(figures: Burst, jobs: int) -> Row:
         "jobs_per_s": len(done) / figures.wall,
         **{key: 1000 * pct(done, LATENCIES[key]) if done else None for key in ("p50_ms", "p99_ms")},
         "max_ms": 1000 * max(done) if done else None,
+        "peak_rss_mib": figures.peak_rss_mib,
     }
 
 
@@ -562,10 +589,12 @@ def print_table(run: Row, pipelines: tuple[Row, ...], stages: list[Row], extra: 
                 latency = ", ".join(
                     f"{k[:3]} {row[k]:.0f} ms" for k in ("p50_ms", "p99_ms", "max_ms")
                 )
+            rss = ", ".join(f"{k} {mib:.0f}" for k, mib in row["peak_rss_mib"].items())
             print(
                 f"\nburst: {row['jobs']} jobs submitted at once (parjobs): {row['completed']} "
                 f"completed in {row['wall_s']:.1f} s ({row['jobs_per_s']:.2f} jobs/s); "
-                f"submit -> completed {latency}; client errors: {errors}"
+                f"submit -> completed {latency}; client errors: {errors}; peak RSS MiB "
+                f"(timed jobs and burst): {rss}"
             )
 
 

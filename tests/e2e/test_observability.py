@@ -23,6 +23,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from orchestrator.settings import ServiceSettings
 from orchestrator.store.base import ObjectStore
 from orchestrator.store.seaweed import LocalSeaweed
 from schemas.events import JobState
@@ -161,8 +162,13 @@ async def test_each_daemon_serves_metrics_of_what_it_did_for_a_job(harness: Harn
     # Access holds the job's price and settles it: two ledger appends at least.
     assert total(scraped["access"], "parjobs_ledger_appends_total") >= 2
     runs = harness.topology.rpc_queue("runs").name
-    assert total(scraped["compute"], "parjobs_handler_slots", queue=runs) == MAX_RUNS
+    # Compute holds up to PARJOBS_MAX_QUEUED_RUNS starts; MAX_RUNS of them run at once.
+    queued_runs = ServiceSettings().max_queued_runs
+    assert total(scraped["compute"], "parjobs_handler_slots", queue=runs) == queued_runs
     assert total(scraped["compute"], "parjobs_handlers_in_flight", queue=runs) == 0
+    assert total(scraped["compute"], "parjobs_run_slots") == MAX_RUNS
+    assert total(scraped["compute"], "parjobs_run_slots_in_use") == 0
+    assert total(scraped["compute"], "parjobs_runs_queued") == 0
     assert total(scraped["compute"], "parjobs_handler_seconds_count", queue=runs) >= 1
     depths = {
         sample.labels["queue"]: sample.value
