@@ -105,11 +105,17 @@ def cpu_seconds(process: psutil.Process) -> float:
     return times.user + times.system + times.children_user + times.children_system
 
 
-def rabbitmq() -> psutil.Process | None:
-    """The broker's Erlang VM on this host, if it runs here (shared: others' work counts too)."""
+def rabbitmq(amqp_url: str) -> psutil.Process | None:
+    """The Erlang VM of the broker at `amqp_url` (the one listening on its port), if it runs on
+    this host (shared: others' work counts too). Other nodes on this host are not it."""
+    port = urlsplit(amqp_url.split(",")[0]).port or 5672
     for process in psutil.process_iter(["name"]):
-        if process.info["name"] in ("beam.smp", "beam"):
-            return process
+        if process.info["name"] not in ("beam.smp", "beam"):
+            continue
+        with contextlib.suppress(psutil.Error):
+            listening = (c.laddr.port for c in process.net_connections("tcp") if not c.raddr)
+            if port in listening:
+                return process
     return None
 
 
@@ -347,7 +353,7 @@ async def run_raw(
     processes = {"client (every hop)": psutil.Process()}
     if durable:
         processes["seaweedfs"] = durable.seaweedfs
-    if (broker_vm := rabbitmq()) is not None:
+    if (broker_vm := rabbitmq(AMQPSettings().amqp_url.get_secret_value())) is not None:
         processes["rabbitmq (shared)"] = broker_vm
     meter = CPUMeter(processes)
     async with contextlib.AsyncExitStack() as stack:
@@ -414,7 +420,7 @@ async def run_parjobs(
     ):
         processes = {name: psutil.Process(cluster.pid(name)) for name in cluster.instances}
         processes |= {"seaweedfs": seaweed, "client": psutil.Process()}
-        if (broker_vm := rabbitmq()) is not None:
+        if (broker_vm := rabbitmq(AMQPSettings().amqp_url.get_secret_value())) is not None:
             processes["rabbitmq (shared)"] = broker_vm
         meter = CPUMeter(processes)
         amqp = await cluster.add_user(user.name, user.public)  # registered, own broker user
