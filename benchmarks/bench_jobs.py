@@ -45,6 +45,7 @@ import httpx
 import psutil
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from pamqp.common import FieldTable
+from prometheus_client.parser import text_string_to_metric_families
 from pydantic import TypeAdapter
 from types_aiobotocore_s3 import S3Client
 
@@ -76,14 +77,14 @@ MARKS = "client submit,submitted,storage_contracted,compute_contracted,client re
 MARKS += ",run_started,completed,client saw it"  # a parjobs job's timeline, in order
 NOTES = """
 ratio: the cost of all parjobs adds to the bare hops: S3 event-log appends (conditional creates),
-PAR registry records, the ledger, signing and checking every request, reply and event, PAR minting
-and HPKE sealing, the client's one catch-up GetJob a job, upload, input download, subprocess,
-output upload.
+the ledger, the nonce, signing and checking every request, reply and event, PAR minting and HPKE
+sealing, the deadline, upload, input download, a sandboxed run, output upload.
 
 per job: msgs = AMQP messages published, queued = their copies routed into queues{kinds}
   parjobs: the client's requests counted by its Broker, one reply each; events read back from the
   events stream, each queued in every queue bound to it (the stream, the service queues, compute's
-  stop queue, the client's own events queue): the client follows them, it does not poll.
+  stop queue, the client's own events queue): the client follows them, it does not poll; the
+  deadlines and progress reports as the daemons count them (their /metrics).
   raw: counted as sent; its client's queue gets compute_contracted and completed: no polling.
 
 where a parjobs job's time goes (an event's time: when it was built, before its PUT)"""
@@ -194,6 +195,20 @@ def parjobs_bindings(cluster: LocalCluster, user: str) -> tuple[str, ...]:
     queues.append(identities.events_queue(identities.user_username(user), "bench"))
     events = topology.events.name
     return tuple(b.routing_key for q in queues for b in q.bindings if b.exchange == events)
+
+
+async def daemon_publishes(cluster: LocalCluster) -> Counter[str]:
+    """What the daemons say they published, by kind (their `/metrics`): for the publishes no
+    one else sees, the deadlines and progress reports."""
+    counts = Counter[str]()
+    async with httpx.AsyncClient(timeout=10) as http:
+        for name in cluster.instances:
+            url = f"http://127.0.0.1:{cluster.health_ports[name]}/metrics"
+            for family in text_string_to_metric_families((await http.get(url)).text):
+                for sample in family.samples:
+                    if sample.name == "parjobs_messages_published_total":
+                        counts[sample.labels["kind"]] += int(sample.value)
+    return counts
 
 
 def pct(values: list[float], q: float) -> float:
@@ -452,6 +467,7 @@ async def run_parjobs(
             marks.clear()
             broker.requests.clear()
             s3_before = await s3_counts(counts_url)
+            published_before = await daemon_publishes(cluster)
             daemons = {role: processes[role] for role in cluster.instances}
             async with peak_rss(daemons) as peaks:
                 meter.start()
@@ -460,9 +476,13 @@ async def run_parjobs(
                 await asyncio.sleep(1)  # a job's log may show `completed` before it is published
                 cpu = meter.stop()  # (the jobs' tail: their last publishes, the sweep's)
                 s3_requests = await s3_counts(counts_url) - s3_before
+                by_daemons = await daemon_publishes(cluster) - published_before
                 untimed = functools.partial(job, timed=False)
                 burst_figures = await burst(untimed, args.burst, peaks) if args.burst else None
         published = requests + Counter(reply=requests.total())
+        for kind in ("deadline", "progress"):  # seen by no one but their daemon and recipient
+            if by_daemons[kind]:
+                published[kind] = by_daemons[kind]
         queued = published.copy()  # a request or a reply: one queue
         bindings = parjobs_bindings(cluster, user.name)
         # The stream as the operator reads it (a user's broker user may not).
