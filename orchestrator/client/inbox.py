@@ -114,10 +114,13 @@ class Inbox:
         self._catch_up = catch_up
         """Offers a tracker its job's log as access has it (after a reconnection)."""
         self._catching_up: set[asyncio.Task[None]] = set()
+        self._hooked = False
 
     async def start(self) -> None:
         """Declare both queues and consume them."""
-        self._broker.on_reconnect(self._on_reconnect)
+        if not self._hooked:  # the broker keeps its callbacks: once, though started again
+            self._broker.on_reconnect(self._on_reconnect)
+            self._hooked = True
         await self._broker.declare(self.reply_queue, self.events_queue, shared=False)
         self._subscriptions = [
             await self._broker.consume(self.reply_queue, ANY_JSON, self._on_reply),
@@ -211,6 +214,8 @@ class Inbox:
     def _on_reconnect(self) -> None:
         """The connection was restored (its queues with it): what came to them meanwhile is
         lost. Requests still waiting are sent again, trackers of live jobs catch up."""
+        if not self._subscriptions:
+            return  # closed
         for pending in self._pending.values():
             pending.reconnected.set()
         trackers = [tracker for tracker, _ in self._trackers.values() if not tracker.ended]

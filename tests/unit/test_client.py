@@ -581,6 +581,24 @@ async def test_a_reply_lost_while_the_connection_was_down_is_answered_when_it_is
     assert len({meta.correlation_id for _, meta in gets}) == 1
 
 
+async def test_a_closed_client_does_not_catch_up_after_a_reconnection(
+    world: tuple[Services, MemoryBroker], client: ParjobsClient
+) -> None:
+    services, alice = world
+    services.on_submit = ["submitted", "storage_contracted", "compute_contracted"]
+    await client.request_services(CHECKSUM, account="alice", max_spend=Decimal(1))
+    await client.aclose()
+    await client.start()
+    await client.aclose()  # started twice: hooked to the broker once
+    alice.simulate_connection_loss()
+    await anyio.wait_all_tasks_blocked()
+    assert services.kinds["get_job"] == 0
+    await client.start()
+    alice.simulate_connection_loss()
+    await anyio.wait_all_tasks_blocked()
+    assert services.kinds["get_job"] == 1  # the job it kept following, once
+
+
 async def test_a_wait_with_no_events_times_out(services: Services, client: ParjobsClient) -> None:
     services.logs[JOB] = sealed(["submitted"])
     with pytest.raises(TimeoutError):
