@@ -2,10 +2,11 @@
 
 A broker given every node's URL goes on publishing and consuming while its node is killed
 (SIGKILL). Then the three daemons as processes and a user's client, all given every node's URL in
-the same order, and a stream of jobs while the node they are connected to is killed, then — once
-that one is back — the node most of the daemons moved to. Every job completes exactly once as the
-client sees it, within its timeout (the client catches up after each move of its own connection),
-is charged once, and nothing is dead-lettered.
+the same order (the client with a dead node second, so its own move takes seconds), and a stream
+of jobs while the node they are connected to is killed, then — once that one is back — the node
+most of the daemons moved to. Every job completes exactly once as the client sees it, within its
+timeout (the client catches up after each move of its own connection), is charged once, and
+nothing is dead-lettered.
 
 A quorum queue needs a majority of its members: with three nodes, one may be down at a time,
 which is why the first killed node is started again before the second kill.
@@ -25,6 +26,7 @@ from decimal import Decimal
 import anyio
 import pytest
 from pydantic import SecretStr
+from yarl import URL
 
 from orchestrator import KeyPair
 from orchestrator.broker.amqp import AMQPBroker
@@ -51,6 +53,9 @@ JOB_INTERVAL_S = 0.75
 JOB_TIMEOUT_S = 90
 """How long the client waits for each job to end: a job whose last event its connection lost
 while moving would wait that long, and fail the test, were it not caught up at the move."""
+CLIENT_RECONNECT_S = 3.0
+"""The client's pause after a failed attempt: with a dead node second in its list, its connection
+is down about that long after its first node is killed, and events of several jobs are lost."""
 
 
 @pytest.fixture(scope="module")
@@ -156,10 +161,11 @@ async def test_jobs_complete_exactly_once_while_the_daemons_node_is_killed_then_
         print(f"daemons ready in {time.monotonic() - started:.1f}s")
         user_amqp = await daemons.add_user(ACCOUNT, user.public)
         await Accounts(store, JobKeys(root)).deposit(ACCOUNT, Decimal(10_000))
-        # The user's client tries the nodes in the daemons' order: its node is killed with
-        # theirs, and its reply and events queues are lost with it while jobs run.
+        # The user's client tries the nodes in the daemons' order, with a dead one second: its
+        # node is killed with theirs, and its reply and events queues are gone for seconds
+        # while jobs run and end.
         async with (
-            AMQPBroker(user_amqp, name=f"cluster-client-{tag}") as broker,
+            AMQPBroker(with_a_dead_node_second(user_amqp), name=f"cluster-client-{tag}") as broker,
             AMQPBroker(daemons.operator_amqp, name=f"cluster-operator-{tag}") as operator,
             ParjobsClient(broker, user, service_keys=daemons.service_keys) as client,
         ):
@@ -181,6 +187,19 @@ async def _daemon_nodes(rabbit: RabbitCluster, daemons: LocalCluster) -> dict[st
         assert len(found) <= 1, f"{role} has {len(found)} connections: {found}"
         where[role] = found[0] if found else None
     return where
+
+
+def with_a_dead_node_second(settings: AMQPSettings) -> AMQPSettings:
+    """`settings` with a node that never answers second in the list, and `CLIENT_RECONNECT_S`
+    between attempts."""
+    urls = settings.urls
+    dead = str(URL(urls[0]).with_port(9))
+    return settings.model_copy(
+        update={
+            "amqp_url": SecretStr(",".join([urls[0], dead, *urls[1:]])),
+            "reconnect_interval": CLIENT_RECONNECT_S,
+        }
+    )
 
 
 async def _client_node(rabbit: RabbitCluster, harness: Harness) -> str | None:
