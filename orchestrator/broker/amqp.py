@@ -79,6 +79,7 @@ class AMQPBroker:
         self._replies_lock = asyncio.Lock()
         self.reconnections = 0
         """Times the connection was lost and restored (channels, queues, consumers with it)."""
+        self._reconnect_callbacks: list[Callable[[], object]] = []
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -112,9 +113,20 @@ class AMQPBroker:
         await self._publisher.start()
 
     def _on_reconnect(self, connection: AbstractRobustConnection | None) -> None:
+        # aio-pika calls this once every channel (its queues, bindings, consumers) is restored.
         self.reconnections += 1
         node = connection.node if isinstance(connection, FailoverConnection) else "RabbitMQ"
         log.warning("reconnected to %s; channels and consumers restored", node)
+        for callback in self._reconnect_callbacks:
+            try:
+                callback()
+            except Exception:
+                log.exception("a reconnect callback failed")
+
+    def on_reconnect(self, callback: Callable[[], object]) -> None:
+        """Call `callback` after each reconnection, once channels, queues, bindings and
+        consumers are restored on the new connection; it must not block."""
+        self._reconnect_callbacks.append(callback)
 
     @property
     def node(self) -> str | None:

@@ -197,6 +197,13 @@ class Broker(Protocol):
         """Connected now (False while reconnecting)."""
         ...
 
+    def on_reconnect(self, callback: Callable[[], object]) -> None:
+        """Call `callback` after each reconnection, once the queues, bindings and consumers are
+        restored on the new connection (what is published from then on reaches them). What was
+        published to an exclusive queue while it was gone is lost: the callback is where a
+        consumer of one asks again. It must not block (start a task for the work)."""
+        ...
+
     async def check(self) -> BrokerHealth:
         """A round trip to the server; raises if it cannot be made (TopologyError if the
         dead-letter queue is missing)."""

@@ -18,8 +18,9 @@ queue's dead-letter route, request/reply with correlation ids, streams read from
 re-drive.
 
 What it does not model: persistence across processes, a chunk for the stream offset "last" (it is
-the last message), a consumer on a stream, and lost connections other than by
-`simulate_connection_loss`. Several brokers share a server with `MemoryBroker(server=...)`.
+the last message), a consumer on a stream, and lost connections other than by `drop_connection`
+and `restore_connection` (both at once: `simulate_connection_loss`). Several brokers share a
+server with `MemoryBroker(server=...)`.
 """
 
 from __future__ import annotations
@@ -97,6 +98,7 @@ class _MemoryConsumer(Generic[T]):
         """Deliveries not yet settled, on the current connection."""
         self.in_flight: set[asyncio.Task[None]] = set()
         """Handlers running, including those whose delivery a lost connection handed back."""
+        self._cancelled = False
 
     @property
     def queue(self) -> str:
@@ -124,7 +126,7 @@ class _MemoryConsumer(Generic[T]):
         """Consume the queue again if it exists again (as a robust channel does); whether it
         does now."""
         queue = self._broker.server.queues.get(self.queue)
-        if not isinstance(queue, MemoryQueue):
+        if self._cancelled or not isinstance(queue, MemoryQueue):
             return False
         if queue is not self._queue:
             self._queue = queue
@@ -134,6 +136,7 @@ class _MemoryConsumer(Generic[T]):
 
     async def cancel(self) -> None:
         """Stop receiving; handlers in flight go on."""
+        self._cancelled = True
         if self in self._queue.consumers:
             self._queue.consumers.remove(self)
 
@@ -264,8 +267,14 @@ class MemoryBroker:
         """The broker user this connection is: the `user_id` of everything it publishes."""
         self.server = server if server is not None else MemoryServer()
         self.reconnections = 0
-        """Times `simulate_connection_loss` dropped the connection (restored at once)."""
+        """Times the connection was dropped and restored (`drop_connection`)."""
         self._connected = False
+        self._up = asyncio.Event()
+        """Set while the connection is up: a publish waits for it, as on a robust connection."""
+        self._up.set()
+        self._lost_queues: list[QueueSpec] = []
+        """The exclusive queues the dropped connection took with it, declared again on restore."""
+        self._reconnect_callbacks: list[Callable[[], object]] = []
         self._consumers: list[_MemoryConsumer[Any]] = []
         self._reply_queue: str | None = None
         self._pending: dict[str, asyncio.Future[StoredMessage]] = {}
@@ -328,16 +337,58 @@ class MemoryBroker:
             reconnections=self.reconnections,
         )
 
+    def on_reconnect(self, callback: Callable[[], object]) -> None:
+        """Call `callback` after each reconnection (`restore_connection`), once the exclusive
+        queues are declared again and consumed; it must not block."""
+        self._reconnect_callbacks.append(callback)
+
     def simulate_connection_loss(self) -> None:
-        """Drop the connection and restore it at once, as a robust connection does after the
-        server closed it: unsettled deliveries go back to their queues (handlers still running
-        can no longer settle them), and the consumers resume."""
+        """Drop the connection and restore it at once (`drop_connection`, `restore_connection`)."""
+        self.drop_connection()
+        self.restore_connection()
+
+    def drop_connection(self) -> None:
+        """Lose the connection, as when the server (or its node) closed it: unsettled deliveries
+        go back to their queues (handlers still running can no longer settle them), the
+        exclusive queues go with what is in them, and what is published to them meanwhile is
+        lost (or unroutable); publishes through this broker wait until `restore_connection`."""
         self._require()
+        if not self._up.is_set():
+            return
         dropped = [delivery for each in self._consumers for delivery in each.forget_deliveries()]
         for queue, message in dropped:  # failed, as a quorum queue counts a consumer lost
             self.server.hand_back(queue, message, failed=True)
+        self._lost_queues = [
+            queue.spec
+            for queue in self.server.queues.values()
+            if isinstance(queue, MemoryQueue) and queue.owner is self
+        ]
+        self.server.delete_queues_of(self)
+        self._up.clear()
+        log.warning("connection %s lost", self.name)
+
+    def restore_connection(self) -> None:
+        """Reconnect, as a robust connection does: the exclusive queues are declared again
+        (empty), the consumers resume, then the `on_reconnect` callbacks run."""
+        self._require()
+        if self._up.is_set():
+            return
+        for spec in self._lost_queues:
+            queue = self.server.declare_queue(spec, owner=self)
+            if spec.name == self._reply_queue:
+                assert isinstance(queue, MemoryQueue)
+                queue.sink = self._on_reply
+        self._lost_queues = []
+        for consumer in self._consumers:
+            consumer.resume()
         self.reconnections += 1
-        log.warning("connection %s lost and restored; consumers restored", self.name)
+        self._up.set()
+        log.warning("connection %s restored; queues and consumers restored", self.name)
+        for callback in self._reconnect_callbacks:
+            try:
+                callback()
+            except Exception:
+                log.exception("a reconnect callback failed")
 
     def _require(self) -> None:
         if not self._connected:
@@ -366,12 +417,14 @@ class MemoryBroker:
         message_id: str | None = None,
         expiration: timedelta | None = None,
     ) -> str:
-        """Enqueue `message` as JSON in every queue it routes to; its message id.
+        """Enqueue `message` as JSON in every queue it routes to; its message id (once the
+        connection is up, if it was dropped).
 
         Raises UnroutableError if no queue is bound for the routing key (or there is no such
         exchange), PublishNackedError if a full queue refuses it.
         """
         self._require()
+        await self._up.wait()
         stored = self._outgoing(
             _name(exchange),
             routing_key,

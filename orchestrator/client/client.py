@@ -12,9 +12,10 @@ own events queue (subscribed when the client starts), after one GetJob to catch 
 before; each event is verified and applied in seq order (`JobTracker`). The client goes on
 following a job it waited on until the job ends, so the next wait on it (`RunControl.wait` after
 `request_services`) needs no catch-up, and no answer from access. A gap in the seqs (an event not
-come yet, or lost) is filled by one more GetJob, asked for because an event showed it. A run's
-progress comes the same way, as `ProgressReport`s compute signs and never logs (`updates`,
-`watch`).
+come yet, or lost) is filled by one more GetJob, asked for because an event showed it; so is
+what a lost connection took with its events queue (every live job followed catches up once the
+connection is restored, `Inbox`). A run's progress comes the same way, as `ProgressReport`s
+compute signs and never logs (`updates`, `watch`).
 """
 
 from __future__ import annotations
@@ -146,7 +147,7 @@ class ParjobsClient:
         self.user = user
         self._broker = broker
         keys = service_keys if service_keys is not None else ServiceSettings().service_keys()
-        self._inbox = Inbox(broker, keys)
+        self._inbox = Inbox(broker, keys, catch_up=self._catch_up)
         self._started = False
         self._starting = anyio.Lock()
         self._sender = sender

@@ -13,6 +13,12 @@ are kept a while (the first few of the most recent jobs): a job's first events m
 its submitter follows it. A run's progress report (`ProgressReport`, under the same routing key)
 is used only if compute signed it, within the reply window of this clock, and goes to its job's
 tracker likewise; others are dropped and logged.
+
+Both queues are the connection's: when it is lost (its node goes, say), what is published to them
+until the connection is restored, on whichever node, is lost. So after each reconnection (once the
+queues are restored) every request still waiting is sent again at once if it may be, and every
+tracker of a live job catches up with one GetJob (`catch_up`, a few at once); a catch-up that
+fails is logged, and the job is caught up again at its next gap or its next follow.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import asyncio
 import logging
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -38,6 +44,7 @@ from orchestrator.core.service_keys import ServiceKeys
 from orchestrator.errors import (
     BrokerError,
     ForgedSignatureError,
+    ParjobsError,
     RequestTimeoutError,
     SignatureError,
 )
@@ -60,6 +67,8 @@ EARLY_EVENTS = 8
 """Events of jobs nobody follows yet, kept for the most recent `EARLY_JOBS` jobs (the first
 `EARLY_EVENTS` of each): a job just submitted may have its first events come before its
 submitter follows it, and they need not be asked for again."""
+CATCH_UPS_AT_ONCE = 8
+"""GetJobs in flight at once while the trackers catch up after a reconnection."""
 
 
 @dataclass(frozen=True)
@@ -69,12 +78,21 @@ class _Pending:
     role: ServiceRole
     replies: TypeAdapter[Envelope[Any]]
     reply: asyncio.Future[Envelope[Any]]
+    reconnected: asyncio.Event
+    """Set when the connection was restored: a reply sent meanwhile may be lost."""
 
 
 class Inbox:
     """The client's reply queue and events queue, and what waits on them."""
 
-    def __init__(self, broker: Broker, keys: ServiceKeys, *, window: timedelta = REPLY_WINDOW):
+    def __init__(
+        self,
+        broker: Broker,
+        keys: ServiceKeys,
+        *,
+        window: timedelta = REPLY_WINDOW,
+        catch_up: Callable[[JobTracker], Awaitable[None]] | None = None,
+    ):
         identities = Identities(broker.topology)
         instance = uuid.uuid4().hex
         self._broker = broker
@@ -93,9 +111,16 @@ class Inbox:
         self._early_lost: OrderedDict[str, None] = OrderedDict()
         """Jobs some of whose early events were not kept (past `EARLY_EVENTS`, or dropped)."""
         self._subscriptions: list[Subscription] = []
+        self._catch_up = catch_up
+        """Offers a tracker its job's log as access has it (after a reconnection)."""
+        self._catching_up: set[asyncio.Task[None]] = set()
+        self._hooked = False
 
     async def start(self) -> None:
         """Declare both queues and consume them."""
+        if not self._hooked:  # the broker keeps its callbacks: once, though started again
+            self._broker.on_reconnect(self._on_reconnect)
+            self._hooked = True
         await self._broker.declare(self.reply_queue, self.events_queue, shared=False)
         self._subscriptions = [
             await self._broker.consume(self.reply_queue, ANY_JSON, self._on_reply),
@@ -107,6 +132,10 @@ class Inbox:
         subscriptions, self._subscriptions = self._subscriptions, []
         for subscription in subscriptions:
             await subscription.cancel()
+        catching_up, self._catching_up = self._catching_up, set()
+        for task in catching_up:
+            task.cancel()
+        await asyncio.gather(*catching_up, return_exceptions=True)
         for pending in self._pending.values():
             if not pending.reply.done():
                 pending.reply.set_exception(BrokerError("the parjobs client was closed"))
@@ -126,13 +155,18 @@ class Inbox:
         """Send `request` to `service`'s RPC queue; its reply, signed by `role`. Unanswered
         within `timeout`, the very same request (same message id, same correlation id) is sent
         again, up to `sends` times in all, and a reply to any of them answers it: for requests
-        that mean the same however often they come (a service recognises the message id)."""
+        that mean the same however often they come (a service recognises the message id). Such
+        a request is also sent again at once after a reconnection (not counted in `sends`): its
+        reply may have been lost with the reply queue."""
         topology = self._broker.topology
         correlation_id = uuid.uuid4().hex
         reply: asyncio.Future[Envelope[Any]] = asyncio.get_running_loop().create_future()
-        self._pending[correlation_id] = _Pending(role, replies, reply)
+        pending = _Pending(role, replies, reply, asyncio.Event())
+        self._pending[correlation_id] = pending
         try:
-            for _ in range(sends):
+            resend, sent = sends > 1, 0
+            while sent < sends:
+                pending.reconnected.clear()
                 with anyio.fail_after(timeout):
                     await self._broker.publish(
                         topology.commands,
@@ -142,9 +176,12 @@ class Inbox:
                         reply_to=self.reply_queue.name,
                         message_id=request.message_id,
                     )
+                sent += 1
                 # Waited on without cancelling it: a late reply to an earlier send still counts.
-                if (await asyncio.wait({reply}, timeout=timeout))[0]:
+                if await self._reply_or_reconnection(pending, timeout, resend=resend):
                     return reply.result()
+                if resend and pending.reconnected.is_set():
+                    sent -= 1  # sent again for the reconnection, not for a timeout
         except TimeoutError:
             pass  # the publish itself took too long
         finally:
@@ -153,6 +190,62 @@ class Inbox:
             f"no reply signed by {role} within {timeout:g}s to the {request.body.type} request "
             f"sent to {service}" + (f" ({sends} times)" if sends > 1 else "")
         )
+
+    @staticmethod
+    async def _reply_or_reconnection(
+        pending: _Pending,
+        timeout: float,  # noqa: ASYNC109 - one send's wait
+        *,
+        resend: bool,
+    ) -> bool:
+        """Wait up to `timeout` for the reply, or (if it may be sent again) for a reconnection;
+        whether the reply came."""
+        waits: set[asyncio.Future[Any]] = {pending.reply}
+        reconnected = asyncio.ensure_future(pending.reconnected.wait()) if resend else None
+        if reconnected is not None:
+            waits.add(reconnected)
+        try:
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if reconnected is not None:
+                reconnected.cancel()
+        return pending.reply.done()
+
+    def _on_reconnect(self) -> None:
+        """The connection was restored (its queues with it): what came to them meanwhile is
+        lost. Requests still waiting are sent again, trackers of live jobs catch up."""
+        if not self._subscriptions:
+            return  # closed
+        for pending in self._pending.values():
+            pending.reconnected.set()
+        trackers = [tracker for tracker, _ in self._trackers.values() if not tracker.ended]
+        if trackers and self._catch_up is not None:
+            log.info("reconnected: catching up %d jobs followed", len(trackers))
+            task = asyncio.get_running_loop().create_task(self._catch_up_all(trackers))
+            self._catching_up.add(task)
+            task.add_done_callback(self._catching_up.discard)
+
+    async def _catch_up_all(self, trackers: list[JobTracker]) -> None:
+        """Catch each tracker up, `CATCH_UPS_AT_ONCE` at a time; a failure is logged (the job
+        catches up at its next gap or follow), never raised."""
+        assert self._catch_up is not None
+        catch_up = self._catch_up
+        limit = anyio.Semaphore(CATCH_UPS_AT_ONCE)
+
+        async def one(tracker: JobTracker) -> None:
+            async with limit:
+                try:
+                    await catch_up(tracker)
+                except ParjobsError as exc:
+                    log.warning(
+                        "job %s not caught up after the reconnection: %s", tracker.job_uid, exc
+                    )
+                    return
+            self._release_if_ended(tracker)
+
+        async with anyio.create_task_group() as group:
+            for tracker in trackers:
+                group.start_soon(one, tracker)
 
     async def _on_reply(self, raw: JsonValue, meta: IncomingMeta) -> None:
         pending = self._pending.get(meta.correlation_id or "")
@@ -254,10 +347,13 @@ class Inbox:
         if followed is None:
             self._keep_early(event)
             return
-        tracker, followers = followed
-        tracker.offer(event, source=f"the events queue ({meta.routing_key})")
-        if tracker.ended and not followers:
-            del self._trackers[event.job_uid]
+        followed[0].offer(event, source=f"the events queue ({meta.routing_key})")
+        self._release_if_ended(followed[0])
+
+    def _release_if_ended(self, tracker: JobTracker) -> None:
+        """A kept tracker (nobody follows it) whose job ended goes among the ended."""
+        if tracker.ended and self._trackers.get(tracker.job_uid) == (tracker, 0):
+            del self._trackers[tracker.job_uid]
             self._keep(tracker)
 
     def _on_progress(

@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from datetime import timedelta
-from typing import TYPE_CHECKING, Annotated, Literal, Protocol
+from typing import Annotated, Literal, Protocol
 
 import pytest
 from pydantic import Field, TypeAdapter
 
 from orchestrator.broker.base import Broker, DeadLetter, DeadLetterReason, IncomingMeta
+from orchestrator.broker.topology import Binding, ClassicQueueArgs, QueueSpec
 from orchestrator.errors import (
     InvalidMessageError,
     PoisonMessageError,
@@ -29,9 +31,6 @@ from orchestrator.errors import (
 )
 from schemas._base import WireModel
 from tests._waiting import eventually
-
-if TYPE_CHECKING:
-    from orchestrator.broker.topology import QueueSpec
 
 
 class Ping(WireModel):
@@ -62,6 +61,10 @@ class Outside(Protocol):
 
     async def ready_count(self, queue: str) -> int:
         """Messages waiting in `queue`."""
+        ...
+
+    async def close_connection(self, broker: Broker) -> None:
+        """Close `broker`'s connection from the server's side (it reconnects by itself)."""
         ...
 
 
@@ -104,6 +107,41 @@ async def letters(broker: Broker, count: int) -> list[DeadLetter]:
 
 class BrokerContract:
     """Every test here runs on each `Broker` implementation."""
+
+    # --- a lost connection ----------------------------------------------------------------------
+
+    async def test_on_reconnect_runs_once_the_exclusive_queues_are_consumed_again(
+        self, broker: Broker, outside: Outside
+    ) -> None:
+        events = QueueSpec(
+            broker.topology.reply_queue(uuid.uuid4().hex).name,
+            ClassicQueueArgs(),
+            (Binding(broker.topology.events.name, "job.reconnect.#"),),
+            exclusive=True,
+        )
+        await broker.declare(events, shared=False)
+        inbox = Inbox()
+        await broker.consume(events, MESSAGES, inbox)
+        reconnected: list[int] = []
+        publishing: list[asyncio.Task[None]] = []
+        sent = asyncio.Event()
+        body = Ping(n=2).model_dump_json().encode()
+
+        async def publish_from_outside() -> None:
+            await outside.publish_bytes(broker.topology.events.name, "job.reconnect.x", body)
+            sent.set()
+
+        def on_reconnect() -> None:
+            reconnected.append(broker.reconnections)
+            # Not mandatory: were the queue or its consumer not back yet, the ping would be lost.
+            publishing.append(asyncio.get_running_loop().create_task(publish_from_outside()))
+
+        broker.on_reconnect(on_reconnect)
+        await outside.close_connection(broker)
+        message, _ = await inbox.next()
+        assert message == Ping(n=2)
+        assert reconnected == [1]
+        await asyncio.wait_for(sent.wait(), 5)
 
     # --- delays: a message's own TTL, then its queue's dead-letter route ------------------------
 

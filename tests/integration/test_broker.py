@@ -56,10 +56,11 @@ async def raw_channel(amqp_settings: AMQPSettings) -> AsyncIterator[AbstractChan
 
 
 class _ChannelView:
-    """`Outside` on a plain aio-pika channel."""
+    """`Outside` on a plain aio-pika channel (and the server's `rabbitmqctl`)."""
 
-    def __init__(self, channel: AbstractChannel) -> None:
+    def __init__(self, channel: AbstractChannel, rabbitmqctl: RabbitMQCtl) -> None:
         self._channel = channel
+        self._rabbitmqctl = rabbitmqctl
 
     async def publish_bytes(
         self, exchange: str, routing_key: str, body: bytes, *, message_id: str | None = None
@@ -71,10 +72,14 @@ class _ChannelView:
         declared = await self._channel.declare_queue(queue, passive=True)
         return declared.declaration_result.message_count or 0
 
+    async def close_connection(self, broker: Broker) -> None:
+        closed = await self._rabbitmqctl.close_connections(broker.name, "test: server-side close")
+        assert closed == 1
+
 
 @pytest.fixture
-def outside(raw_channel: AbstractChannel) -> Outside:
-    return _ChannelView(raw_channel)
+def outside(raw_channel: AbstractChannel, rabbitmqctl: RabbitMQCtl) -> Outside:
+    return _ChannelView(raw_channel, rabbitmqctl)
 
 
 @pytest.mark.integration

@@ -1,10 +1,12 @@
 """Failover on a RabbitMQ cluster of three nodes of the module's own (`tests/_rabbit_cluster.py`).
 
 A broker given every node's URL goes on publishing and consuming while its node is killed
-(SIGKILL). Then the three daemons as processes, given every node's URL, and a stream of jobs
-while the node the daemons are connected to is killed, then — once that one is back — the node
-most of them moved to. Every job completes exactly once, is charged once, and nothing is
-dead-lettered.
+(SIGKILL). Then the three daemons as processes and a user's client, all given every node's URL in
+the same order (the client with a dead node second, so its own move takes seconds), and a stream
+of jobs while the node they are connected to is killed, then — once that one is back — the node
+most of the daemons moved to. Every job completes exactly once as the client sees it, within its
+timeout (the client catches up after each move of its own connection), is charged once, and
+nothing is dead-lettered.
 
 A quorum queue needs a majority of its members: with three nodes, one may be down at a time,
 which is why the first killed node is started again before the second kill.
@@ -24,6 +26,7 @@ from decimal import Decimal
 import anyio
 import pytest
 from pydantic import SecretStr
+from yarl import URL
 
 from orchestrator import KeyPair
 from orchestrator.broker.amqp import AMQPBroker
@@ -47,6 +50,12 @@ JOBS_AT_LEAST = 10
 JOBS_AT_MOST = 30
 JOB_INTERVAL_S = 0.75
 """A job starts every so often until both failovers are over: jobs are in flight at each."""
+JOB_TIMEOUT_S = 90
+"""How long the client waits for each job to end: a job whose last event its connection lost
+while moving would wait that long, and fail the test, were it not caught up at the move."""
+CLIENT_RECONNECT_S = 3.0
+"""The client's pause after a failed attempt: with a dead node second in its list, its connection
+is down about that long after its first node is killed, and events of several jobs are lost."""
 
 
 @pytest.fixture(scope="module")
@@ -58,12 +67,6 @@ async def rabbit() -> AsyncIterator[RabbitCluster]:
         yield cluster
     finally:
         await cluster.stop()
-
-
-def reordered(settings: AMQPSettings, order: list[int]) -> AMQPSettings:
-    """`settings` with its nodes tried in `order`."""
-    urls = settings.urls
-    return settings.model_copy(update={"amqp_url": SecretStr(",".join(urls[i] for i in order))})
 
 
 async def test_client_connects_past_a_node_that_is_down(amqp_settings: AMQPSettings) -> None:
@@ -158,10 +161,11 @@ async def test_jobs_complete_exactly_once_while_the_daemons_node_is_killed_then_
         print(f"daemons ready in {time.monotonic() - started:.1f}s")
         user_amqp = await daemons.add_user(ACCOUNT, user.public)
         await Accounts(store, JobKeys(root)).deposit(ACCOUNT, Decimal(10_000))
-        # The user's client tries the nodes the other way round: it stays on the third node,
-        # which is never killed, so what is tested is the daemons' failover.
+        # The user's client tries the nodes in the daemons' order, with a dead one second: its
+        # node is killed with theirs, and its reply and events queues are gone for seconds
+        # while jobs run and end.
         async with (
-            AMQPBroker(reordered(user_amqp, [2, 1, 0]), name=f"cluster-client-{tag}") as broker,
+            AMQPBroker(with_a_dead_node_second(user_amqp), name=f"cluster-client-{tag}") as broker,
             AMQPBroker(daemons.operator_amqp, name=f"cluster-operator-{tag}") as operator,
             ParjobsClient(broker, user, service_keys=daemons.service_keys) as client,
         ):
@@ -185,6 +189,26 @@ async def _daemon_nodes(rabbit: RabbitCluster, daemons: LocalCluster) -> dict[st
     return where
 
 
+def with_a_dead_node_second(settings: AMQPSettings) -> AMQPSettings:
+    """`settings` with a node that never answers second in the list, and `CLIENT_RECONNECT_S`
+    between attempts."""
+    urls = settings.urls
+    dead = str(URL(urls[0]).with_port(9))
+    return settings.model_copy(
+        update={
+            "amqp_url": SecretStr(",".join([urls[0], dead, *urls[1:]])),
+            "reconnect_interval": CLIENT_RECONNECT_S,
+        }
+    )
+
+
+async def _client_node(rabbit: RabbitCluster, harness: Harness) -> str | None:
+    """The node the client's connection is on (None: it has none right now)."""
+    name = harness.broker.name
+    found = await rabbit.connection_nodes(f'{{"connection_name","{name}"}}')
+    return found[0][0] if found else None
+
+
 async def _moved_away(harness: Harness, rabbit: RabbitCluster, lost: str) -> bool:
     """Every daemon is ready, connected to a node other than `lost`."""
     for role in ROLES:
@@ -204,7 +228,7 @@ async def _jobs_through_two_node_losses(harness: Harness, rabbit: RabbitCluster)
     async def one(name: str) -> None:
         data = payload(500 + 37 * len(inputs), name)
         inputs[name] = data
-        sheet = await harness.run_job(data, timeout=150)
+        sheet = await harness.run_job(data, timeout=JOB_TIMEOUT_S)
         assert sheet.state is JobState.COMPLETED, f"{name}: {sheet.state} {sheet.reason}"
         finished[name] = sheet.job_uid
 
@@ -212,8 +236,9 @@ async def _jobs_through_two_node_losses(harness: Harness, rabbit: RabbitCluster)
         await anyio.sleep(2)  # jobs in flight
         for kill in (1, 2):
             where = await _daemon_nodes(rabbit, harness.cluster)
-            if kill == 1:  # the daemons were all given the nodes in the same order
+            if kill == 1:  # the daemons and the client were all given the nodes in one order
                 assert set(where.values()) == {rabbit.nodes[0].name}, where
+                assert await _client_node(rabbit, harness) == rabbit.nodes[0].name
             # A failover may spread them (a node that refuses a restore is passed over too):
             # the node most of them are on.
             [(name, _)] = Counter(node for node in where.values() if node).most_common(1)
@@ -227,7 +252,11 @@ async def _jobs_through_two_node_losses(harness: Harness, rabbit: RabbitCluster)
                 interval=0.5,
             )
             ready_in = time.monotonic() - at
-            timings.append(f"kill {kill} at {at - started:.1f}s, ready again in {ready_in:.1f}s")
+            client_on = await _client_node(rabbit, harness)
+            timings.append(
+                f"kill {kill} at {at - started:.1f}s, ready again in {ready_in:.1f}s, "
+                f"client on {client_on}"
+            )
             if kill == 1:
                 await rabbit.restart(node)  # back in the cluster: a majority survives kill 2
         chaos_done.set()
@@ -242,9 +271,11 @@ async def _jobs_through_two_node_losses(harness: Harness, rabbit: RabbitCluster)
                 await anyio.sleep(JOB_INTERVAL_S)
 
     timings.append(f"{n} jobs, done at {time.monotonic() - started:.1f}s")
+    timings.append(f"client reconnections: {harness.broker.reconnections}")
     print("; ".join(timings))
     assert len(finished) == n
     assert len(set(finished.values())) == n
+    assert harness.broker.reconnections >= 1  # the client's connection moved too
 
     # Exactly once: one of each step per job in its log, and the checksum of its own input.
     for name, job_uid in finished.items():

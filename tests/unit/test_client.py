@@ -8,6 +8,7 @@ with what comes, forged or genuine, is what is under test.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -482,6 +483,8 @@ async def test_after_a_reconnection_a_live_job_is_caught_up_again_an_ended_one_n
     services.on_submit = ["submitted", "storage_contracted", "compute_contracted"]
     await client.request_services(CHECKSUM, account="alice", max_spend=Decimal(1))
     alice.simulate_connection_loss()  # what was published meanwhile may be lost: ask again
+    await anyio.wait_all_tasks_blocked()
+    assert services.kinds["get_job"] == 1  # at once, for the job kept followed
     await client.wait_until(JOB, READY, timeout=5)
     assert services.kinds["get_job"] == 1
     await services.extend("expired")
@@ -497,6 +500,103 @@ async def test_after_a_reconnection_a_live_job_is_caught_up_again_an_ended_one_n
     ]
     assert (await client.wait_until(JOB, READY, timeout=5)).state is JobState.EXPIRED
     assert services.kinds["get_job"] == 1
+
+
+async def test_a_job_whose_last_event_came_while_the_connection_was_down_ends_at_the_reconnection(
+    world: tuple[Services, MemoryBroker],
+    minted: Services,
+    client: ParjobsClient,
+    par_transport: PARTransport,
+) -> None:
+    alice = world[1]
+    job = await client.run("checksum", INPUT, max_spend=Decimal(1), transport=par_transport)
+    await minted.extend("run_started", "progress")
+    results: list[JobSheetState] = []
+    async with anyio.create_task_group() as group:
+
+        async def wait() -> None:
+            results.append(await job.result(timeout=5))
+
+        group.start_soon(wait)
+        await anyio.wait_all_tasks_blocked()
+        alice.drop_connection()
+        await minted.extend("completed")  # lost with alice's events queue
+        await anyio.wait_all_tasks_blocked()
+        assert results == []
+        restored = anyio.current_time()
+        alice.restore_connection()
+    assert [sheet.state for sheet in results] == [JobState.COMPLETED]
+    assert anyio.current_time() - restored < 1  # at the reconnection, not at the timeout
+    assert minted.kinds["get_job"] == 1  # one catch-up, for the reconnection
+
+
+async def test_a_catch_up_that_fails_after_a_reconnection_is_logged_and_the_wait_goes_on(
+    world: tuple[Services, MemoryBroker],
+    impatient: ParjobsClient,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    services, alice = world
+    services.logs[JOB] = sealed(["submitted"])
+    results: list[JobSheetState] = []
+    async with anyio.create_task_group() as group:
+
+        async def wait() -> None:
+            results.append(await impatient.wait_until(JOB, READY, timeout=10))
+
+        group.start_soon(wait)
+        await anyio.wait_all_tasks_blocked()
+        services.access_answers = False
+        alice.simulate_connection_loss()
+        with anyio.fail_after(5):
+            while "not caught up after the reconnection" not in caplog.text:
+                await anyio.sleep(0.05)
+        assert results == []
+        services.access_answers = True
+        await services.extend("storage_contracted", "compute_contracted")
+    assert [sheet.state for sheet in results] == [JobState.READY]
+    assert services.kinds["get_job"] == 1 + SENDS  # the follow's, then the failed catch-up's
+
+
+async def test_a_reply_lost_while_the_connection_was_down_is_answered_when_it_is_restored(
+    world: tuple[Services, MemoryBroker], client: ParjobsClient
+) -> None:
+    services, alice = world
+    services.logs[JOB] = sealed(["submitted"])
+    lost: list[IncomingMeta] = []
+
+    async def lose_the_first_reply(meta: IncomingMeta) -> None:
+        if not lost:  # the connection goes before the reply comes, and comes back soon after
+            lost.append(meta)
+            alice.drop_connection()
+            asyncio.get_running_loop().call_later(0.1, alice.restore_connection)
+
+    services.forge = lose_the_first_reply
+    started = anyio.current_time()
+    reply = await client.job(JOB)
+    assert reply.sheet.state is JobState.SUBMITTED
+    assert anyio.current_time() - started < 1  # the client's timeout is 2 s
+    gets = [(envelope, meta) for envelope, meta in services.requests]
+    assert len(gets) == 2  # sent again at the reconnection, as the same message
+    assert len({envelope.message_id for envelope, _ in gets}) == 1
+    assert len({meta.correlation_id for _, meta in gets}) == 1
+
+
+async def test_a_closed_client_does_not_catch_up_after_a_reconnection(
+    world: tuple[Services, MemoryBroker], client: ParjobsClient
+) -> None:
+    services, alice = world
+    services.on_submit = ["submitted", "storage_contracted", "compute_contracted"]
+    await client.request_services(CHECKSUM, account="alice", max_spend=Decimal(1))
+    await client.aclose()
+    await client.start()
+    await client.aclose()  # started twice: hooked to the broker once
+    alice.simulate_connection_loss()
+    await anyio.wait_all_tasks_blocked()
+    assert services.kinds["get_job"] == 0
+    await client.start()
+    alice.simulate_connection_loss()
+    await anyio.wait_all_tasks_blocked()
+    assert services.kinds["get_job"] == 1  # the job it kept following, once
 
 
 async def test_a_wait_with_no_events_times_out(services: Services, client: ParjobsClient) -> None:

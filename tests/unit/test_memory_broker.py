@@ -12,7 +12,7 @@ from orchestrator.broker._memory import topic_matches
 from orchestrator.broker.base import Broker, IncomingMeta
 from orchestrator.broker.memory import MemoryBroker, MemoryServer
 from orchestrator.broker.topology import QueueSpec, QuorumQueueArgs
-from orchestrator.errors import BrokerError, PublishNackedError, TopologyError
+from orchestrator.errors import BrokerError, PublishNackedError, TopologyError, UnroutableError
 from tests.contract.broker import (
     MESSAGES,
     PONG,
@@ -43,6 +43,10 @@ class _ServerView:
 
     async def ready_count(self, queue: str) -> int:
         return self._server.ready_count(queue)
+
+    async def close_connection(self, broker: Broker) -> None:
+        assert isinstance(broker, MemoryBroker)
+        broker.simulate_connection_loss()
 
 
 @pytest.fixture
@@ -168,6 +172,37 @@ async def test_a_lost_connection_hands_deliveries_back_and_restores_consumers(
     await memory_broker.publish(memory_broker.topology.events, "job.x", Ping(n=2))
     await asyncio.sleep(0)
     assert len(deliveries) == 3  # consuming goes on
+
+
+async def test_a_dropped_connection_loses_its_exclusive_queues_until_restored(
+    amqp_settings: AMQPSettings,
+) -> None:
+    server = MemoryServer()
+    async with (
+        MemoryBroker(amqp_settings, server=server, name="client") as client,
+        MemoryBroker(amqp_settings, server=server, name="service") as service,
+    ):
+        await service.declare()
+        mine = client.topology.reply_queue("mine")
+        await client.declare(mine, shared=False)
+        inbox = Inbox()
+        await client.consume(mine, MESSAGES, inbox)
+        seen_on_reconnect: list[tuple[int, bool]] = []
+        client.on_reconnect(
+            lambda: seen_on_reconnect.append((client.reconnections, mine.name in server.queues))
+        )
+        client.drop_connection()
+        with pytest.raises(UnroutableError):  # its exclusive queue went with it
+            await service.publish("", mine.name, Ping(n=1))
+        waiting = asyncio.create_task(client.publish("", mine.name, Ping(n=2)))
+        await asyncio.sleep(0.01)
+        assert not waiting.done()  # a publish waits for the connection
+        client.restore_connection()
+        assert seen_on_reconnect == [(1, True)]  # called once the queue was back
+        await waiting
+        message, _ = await inbox.next()
+        assert message == Ping(n=2)  # consumed again; the ping sent meanwhile is lost
+        assert inbox.received.empty()
 
 
 async def test_a_full_queue_refuses_the_publish(memory_broker: MemoryBroker) -> None:
