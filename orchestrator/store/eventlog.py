@@ -237,6 +237,11 @@ class EventLog:
                 return events
         return await self.read(trigger.job_uid)
 
+    def forget(self, job_uid: str) -> None:
+        """Drop what is remembered of `job_uid`, for a daemon done with the job (storage, once
+        it has contracted it); a later read reads the log again."""
+        self._logs.pop(job_uid, None)
+
     def remembered(self, starting: str) -> list[list[JobEvent]]:
         """The events remembered (and verified) of each job whose uid starts with `starting`,
         as `read_through` would answer them; no I/O."""
