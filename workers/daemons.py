@@ -158,12 +158,17 @@ async def setup_storage(context: ServiceContext, group: TaskGroup) -> None:
     )
 
     async def handle(envelope: Envelope[EventPublished], meta: IncomingMeta) -> None:
-        with anyio.CancelScope(shield=True):  # what is appended is published
-            contracted = await worker.on_submitted(
-                envelope.body.event, redelivered=meta.redelivered
-            )
-            if contracted is not None:
-                await context.publish_event(contracted)
+        job_uid = envelope.body.event.job_uid
+        try:
+            with anyio.CancelScope(shield=True):  # what is appended is published
+                contracted = await worker.on_submitted(
+                    envelope.body.event, redelivered=meta.redelivered
+                )
+                if contracted is not None:
+                    await context.publish_event(contracted)
+        finally:
+            # Storage's part ends here: remembering the job would grow with every job it saw.
+            context.log.forget(job_uid)
 
     (queue,) = context.identities.service_queues()[Role.STORAGE]
     await context.consume(queue, handle)

@@ -42,13 +42,6 @@ class StorageWorker:
         (to publish again); None if the job has moved on without us (expired, cancelled)."""
         if not isinstance(event.payload, Submitted):
             return None
-        try:
-            return await self._contract(event, redelivered=redelivered)
-        finally:
-            # Storage's part ends here: remembering the job would only grow with every job seen.
-            self._log.forget(event.job_uid)
-
-    async def _contract(self, event: JobEvent, *, redelivered: bool) -> JobEvent | None:
         job_uid = event.job_uid
         step = await due_step(
             self._log, event, JobState.SUBMITTED, "storage_contracted", redelivered=redelivered

@@ -403,6 +403,21 @@ async def test_events_are_sealed_by_their_role_and_routed_by_their_owner() -> No
             assert verify_event(body.event, SERVICE_KEYS) == role
 
 
+async def test_storage_forgets_a_job_it_has_contracted_and_published() -> None:
+    """Its memory grows with the jobs it is contracting, not with every job it has seen."""
+    async with running_world() as world:
+        alice = await world.user("alice")
+        job_uid = (await world.submit(alice)).sheet.job_uid
+        stream = world.server.stream(world.ids.topology.events_stream.name)
+
+        async def contracted() -> bool:
+            return len(stream.records) == 2
+
+        await eventually(contracted, "storage_contracted is published", timeout=5)
+        await anyio.wait_all_tasks_blocked()
+        assert world.contexts["storage"].log.remembered(job_uid) == []
+
+
 async def test_a_forged_event_is_refused_by_its_consumer_and_acts_on_nothing() -> None:
     async with running_world() as world:
         alice = await world.user("alice")

@@ -210,25 +210,6 @@ async def test_storage_contracts_once_even_when_redelivered(services: Services) 
     assert sheet.output_par.expires_at <= sheet.expires_at
 
 
-async def test_storage_remembers_no_job_it_has_contracted(
-    services: Services, store: ObjectStore
-) -> None:
-    """Its memory grows with the jobs it is contracting, not with every job it has seen."""
-    submitted = (
-        await services.access.submit(services.submit_command(), message_id=uuid.uuid4().hex)
-    ).events[0]
-    log = EventLog(store, services.keys.jobs)
-    issuer = PARIssuer(store, services.registry, name="storage")
-    storage = StorageWorker(log, issuer, services.compute_key.public, services.keys)
-    assert await storage.on_submitted(submitted) is not None
-    assert log.remembered(submitted.job_uid) == []
-    # A redelivery still finds the step done (reading the log), and forgets it again.
-    again = await storage.on_submitted(submitted, redelivered=True)
-    assert again is not None
-    assert isinstance(again.payload, StorageContracted)
-    assert log.remembered(submitted.job_uid) == []
-
-
 async def test_a_redelivery_to_a_daemon_that_never_saw_the_job_mints_nothing(
     services: Services, store: ObjectStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
