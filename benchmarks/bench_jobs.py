@@ -252,13 +252,15 @@ class Durable(NamedTuple):
 
 
 def durable_steps(writes: int) -> dict[str, tuple[str, ...]]:
-    """Where the raw-durable pipeline's conditional creates go, as parjobs places its 12: the
-    submit (nonce, hold, event 1), storage (two PAR records, its event), compute's contract (a
-    PAR record, its event), the start (the run claim, run_started), the end (completed and the
-    settlement, which raw has no hop for); any other count adds or takes at the end."""
-    split = {"access": 3, "storage": 3, "compute": 2, "run": 2}
-    split["completed"] = max(0, writes - sum(split.values()))
-    return {hop: (f"write:{n}",) if n else () for hop, n in split.items()}
+    """Where the raw-durable pipeline's conditional creates go, as parjobs places its 8: the
+    submit (nonce, hold, event 1), storage's event, compute's contract event, the start's claim
+    (run_started), the end (completed and the settlement, which raw has no hop for); fewer are
+    taken from the end of that list, more added at the end."""
+    places = ["access"] * 3 + ["storage", "compute", "run"] + ["completed"] * 2
+    placed = places[:writes] + ["completed"] * max(0, writes - len(places))
+    split = Counter(placed)
+    hops = ("access", "storage", "compute", "run", "completed")
+    return {hop: (f"write:{split[hop]}",) if split[hop] else () for hop in hops}
 
 
 async def run_raw(
