@@ -546,7 +546,13 @@ async def test_one_job_cannot_see_another_s_files(listener: int) -> None:
         assert [report[str(path)] for path in theirs] == ["FileNotFoundError"] * 3
         assert report[str(mine.input_dir / "input")] == "mine"  # the control: its own is there
         assert report["network"] != "connected"
-        assert report["tmp"] == [Path(mine.workdir).parts[2]]  # a fresh /tmp: its own dir only
+        # A fresh /tmp: its own dir, and the way to what the sandbox binds from the host (the
+        # interpreter, the project) when those live under /tmp, as in a CI clone; no other job's.
+        bound = (sys.prefix, sys.base_prefix, Path(__file__).resolve().parents[2])
+        host = {Path(path).parts[2] for path in bound if Path(path).parts[1:2] == ("tmp",)}
+        assert Path(mine.workdir).parts[2] in report["tmp"]
+        assert set(report["tmp"]) <= {Path(mine.workdir).parts[2], *host}
+        assert Path(other.workdir).parts[2] not in report["tmp"]
         # Its input is read-only to the run, as a per-run sandbox's inputs are.
         write = python("open(__import__('sys').argv[1], 'w').write('changed')", targets[0])
         refused, said = await run_in(other, write)
