@@ -435,11 +435,13 @@ class ComputeWorker:
         as it ends; `handle` stops it. Progress is advisory: a report or a snapshot that fails is
         logged, and the run goes on."""
         latest: list[str] = []
+        printed = anyio.Event()  # a line came since the last report: a silent run never wakes us
         saved_at = -float("inf")  # monotonic time of the last snapshot
         unsaved: ProgressReport | None = None
 
         async def on_output(stream: Stream, line: str) -> None:
             latest.append(f"{stream}: {line}"[:500])
+            printed.set()
 
         def take_latest() -> ProgressReport | None:
             if not latest:
@@ -464,9 +466,11 @@ class ComputeWorker:
             unsaved = None  # (a save cut short as the run ends is left to the last one)
 
         async def report_progress() -> None:
-            nonlocal unsaved
+            nonlocal unsaved, printed
             while True:
-                await anyio.sleep(PROGRESS_INTERVAL)
+                await printed.wait()
+                await anyio.sleep(PROGRESS_INTERVAL)  # the lines meanwhile coalesce into one
+                printed = anyio.Event()
                 if (taken := take_latest()) is None:
                     continue
                 unsaved = taken
